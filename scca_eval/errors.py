@@ -1,0 +1,20 @@
+"""Errors that reach the user as one line.
+
+Anything the user can fix (a bad option, a missing file, a pattern that does
+not parse) is raised as :class:`UserError`; the CLI prints its message on one
+line and exits with status 2, without a traceback.
+"""
+
+
+class UserError(ValueError):
+    """Bad input: the message says what is wrong and what to do."""
+
+
+class MissingDependency(UserError):
+    """An optional package is needed; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str, purpose: str):
+        super().__init__(
+            f"{purpose} needs the package '{package}': install it with "
+            f"pip install 'scca-eval[{extra}]' (or pip install {package})"
+        )
