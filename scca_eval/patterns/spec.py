@@ -66,6 +66,20 @@ class PatternSpec:
             rules.extend([rule] * (end - begin))
         return rules
 
+    def head_groups(self, n: int, num_heads: int) -> list[tuple[int, int, Rule]]:
+        """Contiguous runs of heads that share a rule: ``[(first, end, rule), ...]``.
+
+        Groups that received no head are left out, and neighbouring groups with
+        the same rule are merged, so each run can be computed in one batch.
+        """
+        runs: list[tuple[int, int, Rule]] = []
+        for head, rule in enumerate(self.head_rules(n, num_heads)):
+            if runs and runs[-1][2] == rule:
+                runs[-1] = (runs[-1][0], head + 1, rule)
+            else:
+                runs.append((head, head + 1, rule))
+        return runs
+
     # -- description -----------------------------------------------------------
     def canonical(self) -> str:
         """Text form of the groups in the pattern syntax (for records and help)."""

@@ -1,0 +1,19 @@
+"""scca-eval: perplexity of long-context language models under sparse attention patterns."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "evaluate", "load_model"]
+
+
+def __getattr__(name):
+    # Imported lazily so that `scca-eval --help` and the table commands start fast
+    # and need no model stack.
+    if name == "evaluate":
+        from .api import evaluate
+
+        return evaluate
+    if name == "load_model":
+        from .models import load_model
+
+        return load_model
+    raise AttributeError(name)

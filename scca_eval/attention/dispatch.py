@@ -1,0 +1,101 @@
+"""Pick the attention backend for one call of a pattern.
+
+Backends (all take q [B, H, N, D], k, v [B, H_kv, N, D] and return [B, H, N, D]):
+
+- ``reference``: the dense boolean mask and plain softmax (slow; for tests).
+- ``chunked``:   plain torch on any device (attention/chunked.py).
+- ``flex``:      FlexAttention block masks (attention/flex.py).
+- ``flash``:     the chunked layout run by the flash-attn package's kernel
+                 (optional: ``pip install 'scca-eval[flash]'``).
+- ``auto``:      SDPA for the full pattern, ``flex`` on CUDA, ``chunked`` elsewhere.
+
+A per-process counter records which backend ran, so that callers can check
+that a pattern really took effect (``call_counts()``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MissingDependency, UserError
+from ..patterns.masks import build_mask
+from ..patterns.spec import PatternSpec
+from .chunked import chunked_pattern_attention
+from .reference import masked_attention
+
+BACKENDS = ("auto", "reference", "chunked", "flex", "flash", "sdpa")
+
+_calls: Counter = Counter()
+
+
+def call_counts() -> dict[str, int]:
+    """How many times each backend ran in this process (keys: backend names)."""
+    return dict(_calls)
+
+
+def reset_call_counts() -> None:
+    _calls.clear()
+
+
+def full_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Ordinary causal attention through SDPA (grouped-query heads shared natively)."""
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, **gqa)
+
+
+def resolve_backend(spec: PatternSpec, device: torch.device, backend: str = "auto") -> str:
+    """The backend that ``pattern_attention`` will use for ``spec`` on ``device``."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "sdpa" and not spec.is_full:
+        raise UserError(f"the sdpa backend runs only the full pattern, not {spec.name!r}; "
+                        "use --attention-backend auto")
+    if backend != "auto":
+        return backend
+    if spec.is_full:
+        return "sdpa"
+    if device.type == "cuda" and importlib.util.find_spec(f"{__package__}.flex") is not None:
+        return "flex"
+    return "chunked"
+
+
+def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
+                      scaling: float, backend: str = "auto") -> torch.Tensor:
+    """Attention of ``spec`` for q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D]."""
+    chosen = resolve_backend(spec, q.device, backend)
+    if chosen == "sdpa":
+        out = full_causal_attention(q, k, v, scaling)
+    elif chosen == "chunked":
+        out = chunked_pattern_attention(q, k, v, spec, scaling)
+    elif chosen == "reference":
+        mask = build_mask(spec, q.shape[2], q.shape[1], device=q.device)
+        out = masked_attention(q, k, v, mask, scaling)
+    elif chosen == "flex":
+        from .flex import flex_pattern_attention  # imported late: it compiles kernels
+
+        out = flex_pattern_attention(q, k, v, spec, scaling)
+    else:
+        out = chunked_pattern_attention(q, k, v, spec, scaling, block_attention=_flash_blocks())
+    _calls[chosen] += 1
+    return out
+
+
+def _flash_blocks():
+    """The flash-attn kernel in the chunked layout's block contract."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        raise MissingDependency("flash-attn", "flash", "the flash attention backend") from None
+
+    def blocks(q, k, v, causal: bool, scaling: float) -> torch.Tensor:
+        # flash-attn wants [B, L, h, D]; every call here has as many keys as queries,
+        # so its bottom-right causal alignment equals the top-left one we mean.
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              softmax_scale=scaling, causal=causal)
+        return out.transpose(1, 2)
+
+    return blocks

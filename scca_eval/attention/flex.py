@@ -1,0 +1,314 @@
+"""Pattern attention through FlexAttention: one kernel call, block-sparse.
+
+Every head rule of docs/patterns.md fits one formula with five per-head
+parameters (see ``_rule_parameters``), so a single ``mask_mod`` serves every
+head of a layer: it looks its head's parameters up in small tensors. The
+kernel only calls ``mask_mod`` inside *partial* blocks; blocks that a rule
+allows completely run unmasked and blocks it forbids are skipped. Which block
+is which is worked out once per (pattern, length, heads, device, block size)
+straight from :meth:`Rule.allows` and cached.
+
+Dilated rules touch every block in natural order. When a pattern has them, the
+tokens are reordered by residue (``p mod R``, then ``p // R``, with R the least
+common multiple of the dilation rates), which makes ``dilated(r, j)`` a few
+dense triangles again; ``mask_mod`` reads the original positions through the
+reordering, and the output is put back in natural order. With
+``split_layouts=True`` the heads are split instead into runs that do and do
+not need the reordering, one kernel call each, so chunk heads keep the cheaper
+natural layout.
+
+On CUDA the kernel is compiled (``torch.compile``); elsewhere FlexAttention's
+eager implementation runs, which materializes the scores: fine for tests and
+short windows, and still exact.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..patterns.rules import Rule
+from ..patterns.spec import PatternSpec
+
+# Kernel options used unless the caller passes its own. ROWS_GUARANTEED_SAFE is
+# true for every pattern: each query attends at least itself (docs/patterns.md,
+# property 2), so the kernel may skip its empty-row guard.
+DEFAULT_KERNEL_OPTIONS: dict = {"ROWS_GUARANTEED_SAFE": True}
+DEFAULT_BLOCK_SIZE = 128
+
+# Cached plans (block masks and reorderings); a 32k plan for 32 heads is ~20 MB.
+_PLAN_CACHE_SIZE = 32
+# Elements of the [rows, N] rule tile evaluated at once when blocks are classified.
+_TILE_ELEMENTS = 1 << 24
+
+
+# -- per-head parameters --------------------------------------------------------
+def _rule_parameters(rules: list[Rule], chunk: int, n: int) -> torch.Tensor:
+    """int32 [5, H]: chunk, shift, distance, rate, offset of each head.
+
+    One formula covers every rule (``_allowed``):
+      chunk_ok:   c(q) == c(k) with c(p) = (p + shift) // chunk, or for cross,
+                  c(k) == c(q) - distance where that chunk exists;
+      dilated_ok: (q - k) mod rate == offset, or q < offset and k == q.
+    ``causal`` and ``dilated`` heads get a chunk longer than the window (so
+    chunk_ok always holds); chunk heads get rate 1, offset 0 (dilated_ok holds).
+    """
+    rows = []
+    for rule in rules:
+        if rule.kind in ("causal", "dilated"):
+            row = (n + 1, 0, 0, 1, 0)
+        else:
+            shift = rule.shift_for(chunk) if rule.kind == "shifted" else 0
+            distance = rule.distance if rule.kind == "cross" else 0
+            row = (chunk, shift, distance, 1, 0)
+        if rule.kind == "dilated":
+            row = row[:3] + (rule.rate, rule.offset)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int32).T.contiguous()
+
+
+def _allowed(q, k, chunk, shift, distance, rate, offset):
+    """The rule formula of ``_rule_parameters`` (elementwise; works inside mask_mod)."""
+    chunk_q = (q + shift) // chunk
+    chunk_k = (k + shift) // chunk
+    chunk_ok = torch.where(chunk_q >= distance, chunk_k == chunk_q - distance, chunk_k == chunk_q)
+    dist = q - k
+    dilated_ok = ((dist % rate) == offset) | ((q < offset) & (dist == 0))
+    return (k <= q) & chunk_ok & dilated_ok
+
+
+def _make_mask_mod(params: torch.Tensor, positions: torch.Tensor, first_head: int):
+    """mask_mod(b, h, q_idx, kv_idx) for heads ``first_head + h``.
+
+    ``positions[i]`` is the original position of the token at layout index i
+    (padded past N with positions after every real query, so padded keys are
+    never allowed).
+    """
+    chunk, shift, distance, rate, offset = (params[i, first_head:].contiguous() for i in range(5))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q = positions[q_idx]
+        k = positions[kv_idx]
+        return _allowed(q, k, chunk[h], shift[h], distance[h], rate[h], offset[h])
+
+    return mask_mod
+
+
+# -- block classification -------------------------------------------------------
+def _rule_blocks(rule: Rule, positions: torch.Tensor, chunk: int, block_q: int, block_k: int):
+    """(partial, full) bool [nq, nk] for one rule in the layout given by ``positions``.
+
+    A block is full when the rule allows every (query, key) pair of it that lies
+    inside the window, partial when it allows some. Evaluated with Rule.allows,
+    a tile of rows at a time.
+    """
+    n = positions.numel()
+    nq, nk = -(-n // block_q), -(-n // block_k)
+    counts = torch.zeros(nq, nk, dtype=torch.int64, device=positions.device)
+    rows_per_tile = block_q * max(1, _TILE_ELEMENTS // (block_q * nk * block_k))
+    keys = positions[None, :]
+    for start in range(0, n, rows_per_tile):
+        queries = positions[start:start + rows_per_tile]
+        allowed = rule.allows(queries[:, None], keys, chunk).to(torch.int32)
+        rows = queries.numel()
+        padded_rows = -(-rows // block_q) * block_q
+        allowed = torch.nn.functional.pad(allowed, (0, nk * block_k - n, 0, padded_rows - rows))
+        tile = allowed.view(padded_rows // block_q, block_q, nk, block_k).sum(dim=(1, 3))
+        counts[start // block_q:start // block_q + tile.shape[0]] = tile
+    valid_q = (n - torch.arange(nq, device=positions.device) * block_q).clamp(max=block_q)
+    valid_k = (n - torch.arange(nk, device=positions.device) * block_k).clamp(max=block_k)
+    area = valid_q[:, None] * valid_k[None, :]
+    full = counts == area
+    return (counts > 0) & ~full, full
+
+
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [..., nk] -> (count int32 [...], indices int32 [..., nk]) with the True columns first."""
+    count = dense.sum(dim=-1, dtype=torch.int32)
+    indices = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count, indices
+
+
+# -- plans ----------------------------------------------------------------------
+@dataclass
+class _Part:
+    """One kernel call: heads [first, end) in one token layout."""
+
+    first: int
+    end: int
+    order: torch.Tensor | None  # layout index -> position (None: natural order)
+    inverse: torch.Tensor | None  # position -> layout index
+    block_mask: BlockMask
+
+
+@dataclass
+class _Plan:
+    parts: list[_Part]
+
+
+def _residue_order(n: int, modulus: int, device) -> torch.Tensor:
+    """Positions ordered by residue mod ``modulus`` (p mod R, then p // R)."""
+    return torch.cat([torch.arange(a, n, modulus, device=device) for a in range(modulus)])
+
+
+def _layout_modulus(rules: list[Rule]) -> int:
+    rates = {rule.rate for rule in rules if rule.kind == "dilated" and rule.rate > 1}
+    return math.lcm(*rates) if rates else 1
+
+
+def _build_part(spec: PatternSpec, n: int, rules: list[Rule], params: torch.Tensor, first: int, end: int,
+                block_size: tuple[int, int], device: torch.device) -> _Part:
+    block_q, block_k = block_size
+    part_rules = rules[first:end]
+    modulus = _layout_modulus(part_rules)
+    if modulus > 1:
+        order = _residue_order(n, modulus, device)
+        inverse = torch.argsort(order)
+    else:
+        order = inverse = None
+    positions = order if order is not None else torch.arange(n, device=device)
+    chunk = spec.chunk_for(n)
+
+    distinct = list(dict.fromkeys(part_rules))
+    partial, full = zip(*(_rule_blocks(rule, positions, chunk, block_q, block_k) for rule in distinct))
+    head_index = torch.tensor([distinct.index(rule) for rule in part_rules], device=device)
+    partial = torch.stack(partial)[head_index][None]  # [1, h, nq, nk]
+    full = torch.stack(full)[head_index][None]
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+
+    # Pad the position lookup so that mask_mod never indexes past it, whatever
+    # the kernel does in a last, partial block; padded positions come after
+    # every real one, so causality masks them.
+    padded = -(-n // max(block_size)) * max(block_size) + max(block_size)
+    lookup = torch.cat([positions, torch.arange(n, padded, device=device)]).to(torch.int32)
+    mask_mod = _make_mask_mod(params.to(device), lookup, first)
+    block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                          mask_mod=mask_mod, seq_lengths=(n, n))
+    return _Part(first, end, order, inverse, block_mask)
+
+
+def _split_points(rules: list[Rule], per_kv: int) -> list[tuple[int, int]]:
+    """Head runs that need the residue layout and runs that do not.
+
+    A run boundary must fall on a key/value head boundary (grouped-query
+    attention), otherwise the heads stay in one call.
+    """
+    runs: list[tuple[int, int]] = []
+    for head, rule in enumerate(rules):
+        dilated = rule.kind == "dilated"
+        if runs and (rules[runs[-1][0]].kind == "dilated") == dilated:
+            runs[-1] = (runs[-1][0], head + 1)
+        else:
+            runs.append((head, head + 1))
+    if any(first % per_kv for first, _ in runs):
+        return [(0, len(rules))]
+    return runs
+
+
+_plans: OrderedDict = OrderedDict()
+_plans_lock = threading.Lock()
+
+
+def _plan(spec: PatternSpec, n: int, num_heads: int, per_kv: int, device: torch.device,
+          block_size: tuple[int, int], split_layouts: bool) -> _Plan:
+    key = (spec, n, num_heads, per_kv, str(device), block_size, split_layouts)
+    with _plans_lock:
+        if key in _plans:
+            _plans.move_to_end(key)
+            return _plans[key]
+    rules = spec.head_rules(n, num_heads)
+    params = _rule_parameters(rules, spec.chunk_for(n), n)
+    bounds = _split_points(rules, per_kv) if split_layouts else [(0, num_heads)]
+    plan = _Plan([_build_part(spec, n, rules, params, first, end, block_size, device)
+                  for first, end in bounds])
+    with _plans_lock:
+        _plans[key] = plan
+        while len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
+
+
+def clear_cache() -> None:
+    """Forget every cached block mask (e.g. between benchmark runs)."""
+    with _plans_lock:
+        _plans.clear()
+
+
+# -- the kernel -----------------------------------------------------------------
+_compiled = None
+
+
+def _compiled_flex():
+    """flex_attention compiled once per process (fixed shapes: no dynamic kernels)."""
+    global _compiled
+    if _compiled is None:
+        # Each (length, kernel options) pair is one compiled entry; the default
+        # limit of 8 would silently fall back to the eager kernel, which
+        # materializes [H, N, N] scores and runs out of memory at long lengths.
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 64))
+        _compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    return _compiled
+
+
+def _eager_flex(*args, **kwargs):
+    with warnings.catch_warnings():
+        # The eager kernel warns that it is unfused; on CPU that is expected.
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        kwargs.pop("kernel_options", None)
+        return flex_attention(*args, **kwargs)
+
+
+def _as_pair(block_size) -> tuple[int, int]:
+    if isinstance(block_size, int):
+        return (block_size, block_size)
+    return tuple(int(b) for b in block_size)
+
+
+def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
+                           scaling: float, *, block_size: int | tuple[int, int] | None = None,
+                           kernel_options: dict | None = None, split_layouts: bool = False,
+                           compile: bool | None = None) -> torch.Tensor:
+    """Attention of ``spec`` for q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D].
+
+    block_size:     sparse block size (int or (query, key)); default 128.
+    kernel_options: FlexAttention kernel options (default DEFAULT_KERNEL_OPTIONS).
+    split_layouts:  one call for the dilated heads (residue layout) and one for
+                    the others (natural layout) instead of one call for all.
+    compile:        compile the kernel (default: on CUDA only).
+    """
+    batch, num_heads, n, _ = q.shape
+    kv_heads = k.shape[1]
+    if k.shape[2] != n or v.shape[2] != n:
+        raise ValueError(f"pattern attention needs as many keys as queries, got {n} queries and {k.shape[2]} keys")
+    if num_heads % kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads evenly")
+    per_kv = num_heads // kv_heads
+    if compile is None:
+        compile = q.device.type == "cuda"
+    kernel = _compiled_flex() if compile else _eager_flex
+    options = dict(DEFAULT_KERNEL_OPTIONS if kernel_options is None else kernel_options)
+    block = _as_pair(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+
+    plan = _plan(spec, n, num_heads, per_kv, q.device, block, split_layouts)
+    outputs = []
+    for part in plan.parts:
+        kv_first, kv_end = part.first // per_kv, -(-part.end // per_kv)
+        pq, pk, pv = q[:, part.first:part.end], k[:, kv_first:kv_end], v[:, kv_first:kv_end]
+        if part.order is not None:
+            pq, pk, pv = (x.index_select(2, part.order) for x in (pq, pk, pv))
+        out = kernel(pq, pk, pv, block_mask=part.block_mask, scale=scaling,
+                     enable_gqa=per_kv > 1, kernel_options=options)
+        if part.inverse is not None:
+            out = out.index_select(2, part.inverse)
+        outputs.append(out)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

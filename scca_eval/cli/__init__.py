@@ -1,0 +1,67 @@
+"""The `scca-eval` command line: thin click commands over the Python API.
+
+Every user error leaves as one line on stderr and exit status 2; Ctrl-C exits
+with 130. Tracebacks are only for bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import UserError
+from .bench import bench
+from .patterns_cmd import patterns
+from .ppl import ppl
+from .report import table
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="scca-eval")
+def cli():
+    """Perplexity of long-context language models under sparse attention patterns.
+
+    \b
+    Quick start (offline, embedded SmolLM2-135M, bundled PG19/Proof-pile samples):
+      scca-eval ppl --ctx 1024,2048 --max-tokens 16384
+      scca-eval ppl --pattern longmixed --ctx 8192
+      scca-eval table results/runs
+    """
+
+
+cli.add_command(ppl)
+cli.add_command(table)
+cli.add_command(patterns)
+cli.add_command(bench)
+
+
+def _fail(message: str, status: int = 2) -> None:
+    click.echo(f"scca-eval: error: {message}", err=True)
+    sys.exit(status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script and of `python -m scca_eval`."""
+    try:
+        status = cli.main(args=argv, prog_name="scca-eval", standalone_mode=False)
+    except UserError as error:
+        _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except click.exceptions.NoArgsIsHelp as error:  # pragma: no cover - click >= 8.2
+        click.echo(error.ctx.get_help() if error.ctx else str(error))
+        sys.exit(0)
+    except click.UsageError as error:
+        command = error.ctx.command_path if error.ctx else "scca-eval"
+        _fail(f"{error.format_message()} (see '{command} --help')")
+    except click.ClickException as error:
+        _fail(error.format_message(), error.exit_code or 1)
+    except click.exceptions.Abort:
+        click.echo("scca-eval: interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("scca-eval: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. `scca-eval table ... | head`
+        sys.exit(0)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -1,0 +1,402 @@
+"""Tokenizing a task once per tokenizer, with an on-disk cache.
+
+The cache key is (tokenizer fingerprint, data fingerprint): the tokenizer's serialized
+form plus whether a BOS token is prepended, and a hash over the documents' ids and texts.
+Every ctx of a run, and every later run with the same tokenizer and data, reuses the ids.
+
+Besides the ids, each document keeps what bits per byte and word perplexity need for any
+prefix of it (``--max-tokens`` evaluates prefixes): for every token, the UTF-8 bytes and
+the words of the text up to the end of that token. Words are counted as
+lm-evaluation-harness counts them, ``len(re.split(r"\\s+", text))``; bytes are
+``len(text.encode("utf-8"))``. A prefix that ends inside a character (a byte-level token
+boundary) counts that whole character.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from .sources import Document, iter_file_chunks, read_documents, read_token_stream
+from .tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_WHITESPACE_RUN = re.compile(r"\s+")
+# Tokenize in batches of about this many characters: the tokenizer works on a batch in
+# parallel, and memory stays bounded on large datasets.
+_BATCH_CHARS = 8_000_000
+
+
+def default_cache_dir() -> Path:
+    """``$SCCA_EVAL_CACHE/tokens`` when that is set, else ``~/.cache/scca-eval/tokens``."""
+    root = os.environ.get("SCCA_EVAL_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "scca-eval"
+    return base / "tokens"
+
+
+# ---------------------------------------------------------------- counting words and bytes
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word perplexity."""
+    return len(_WHITESPACE_RUN.split(text))
+
+
+def count_bytes(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def prefix_counts(text: str, char_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes and words of ``text[:e]`` for every ``e`` in ``char_ends``.
+
+    ``re.split(r"\\s+", s)`` has one more piece than ``s`` has whitespace runs, and a
+    prefix ``text[:e]`` holds exactly the runs of ``text`` that start before ``e`` (a run
+    cut by the end is still one run), so words(e) = 1 + runs starting before e.
+    """
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    char_bytes = 1 + (code_points >= 0x80).astype(np.int64) + (code_points >= 0x800) + (code_points >= 0x10000)
+    bytes_before = np.zeros(len(text) + 1, dtype=np.int64)
+    np.cumsum(char_bytes, out=bytes_before[1:])
+    run_starts = np.fromiter((m.start() for m in _WHITESPACE_RUN.finditer(text)), dtype=np.int64)
+    words = 1 + np.searchsorted(run_starts, char_ends, side="left")
+    return bytes_before[char_ends], words.astype(np.int64)
+
+
+# ---------------------------------------------------------------- fingerprints
+
+def tokenizer_fingerprint(tokenizer, add_bos: bool = False) -> str:
+    """sha256 of the tokenizer's serialized form, and of the BOS choice."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode("utf-8"))
+    else:  # a tokenizer without a `tokenizers` backend (e.g. sentencepiece only)
+        digest.update(type(tokenizer).__name__.encode())
+        sp_model = getattr(tokenizer, "sp_model", None)
+        if sp_model is not None and hasattr(sp_model, "serialized_model_proto"):
+            digest.update(sp_model.serialized_model_proto())
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    bos = tokenizer.bos_token_id if add_bos else None
+    digest.update(f"|add_bos={bool(add_bos)}|bos={bos}".encode())
+    return digest.hexdigest()
+
+
+def _document_digest(doc: Document) -> bytes:
+    digest = hashlib.sha256()
+    ident = doc.id.encode("utf-8")
+    text = doc.text.encode("utf-8")
+    digest.update(len(ident).to_bytes(8, "little") + ident + len(text).to_bytes(8, "little") + text)
+    return digest.digest()
+
+
+def _combine(digests: Sequence[bytes]) -> str:
+    digest = hashlib.sha256()
+    for item in digests:
+        digest.update(item)
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter_file_chunks(path):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass(frozen=True, eq=False)
+class TokenizedDoc:
+    """A document's token ids and its size in bytes and words (None when unknown)."""
+
+    id: str
+    ids: np.ndarray  # int32
+    bytes: int | None
+    words: int | None
+    # Per token i: bytes / words of the text up to the end of token i (None: unknown).
+    prefix_bytes: np.ndarray | None = field(default=None, repr=False)
+    prefix_words: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def prefix_stats(self, length: int) -> tuple[int | None, int | None]:
+        """(bytes, words) of the text covered by the first ``length`` tokens."""
+        if not 1 <= length <= len(self.ids):
+            raise ValueError(f"prefix length {length} outside 1..{len(self.ids)}")
+        if length == len(self.ids):
+            return self.bytes, self.words
+        if self.prefix_bytes is None or self.prefix_words is None:
+            return None, None
+        return int(self.prefix_bytes[length - 1]), int(self.prefix_words[length - 1])
+
+
+@dataclass(frozen=True, eq=False)
+class TokenizedTask:
+    """A task's selected documents as token ids, with the fingerprints that identify them."""
+
+    task: TaskSpec
+    docs: list[TokenizedDoc]
+    skipped: list[str]            # ids of selected documents with fewer than 2 tokens
+    data_fingerprint: str         # sha256 over the selected documents (ids and texts), or the .bin bytes
+    tokenizer_fingerprint: str
+    flat: bool = False            # True for a LongLoRA token stream (one long "document")
+    add_bos: bool = False
+    documents_read: int = 0       # documents read from the source (before min_tokens / sample)
+    below_min_tokens: int = 0     # of those, how many min_tokens left out
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(len(d.ids) for d in self.docs))
+
+    def describe(self) -> dict:
+        """The task as it was evaluated, for the result record."""
+        return {
+            **self.task.to_dict(),
+            "flat_stream": self.flat,
+            "add_bos": self.add_bos,
+            "documents_read": self.documents_read,
+            "below_min_tokens": self.below_min_tokens,
+            "documents": len(self.docs),
+            "skipped_documents": len(self.skipped),
+            "tokens": self.tokens,
+        }
+
+
+# ---------------------------------------------------------------- the cache file
+
+def _cache_path(cache_dir: Path, tokenizer_fp: str, source_fp: str) -> Path:
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{tokenizer_fp}|{source_fp}".encode()).hexdigest()[:40]
+    return cache_dir / f"{key}.npz"
+
+
+@dataclass
+class _Tokenized:
+    """Every document of the source, tokenized (what the cache file holds)."""
+
+    ids: list[np.ndarray]
+    prefix_bytes: list[np.ndarray] | None
+    prefix_words: list[np.ndarray] | None
+    bytes: list[int]
+    words: list[int]
+
+
+def _write_cache(path: Path, meta: dict, tokenized: _Tokenized) -> None:
+    bounds = np.zeros(len(tokenized.ids) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in tokenized.ids], out=bounds[1:])
+    ids = np.concatenate(tokenized.ids) if tokenized.ids else np.zeros(0, np.int32)
+    arrays = {"ids": ids.astype(np.int32, copy=False), "bounds": bounds}
+    if tokenized.prefix_bytes is not None:
+        arrays["prefix_bytes"] = np.concatenate(tokenized.prefix_bytes).astype(np.int64, copy=False)
+        arrays["prefix_words"] = np.concatenate(tokenized.prefix_words).astype(np.int64, copy=False)
+    meta = {**meta, "bytes": tokenized.bytes, "words": tokenized.words,
+            "ids_sha256": hashlib.sha256(arrays["ids"].tobytes()).hexdigest()}
+    arrays["meta"] = np.array(json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary file in the same folder, then rename: a reader never sees a
+    # half-written cache file, even if this process is killed.
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False)
+    try:
+        with handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def _read_cache(path: Path, expected: dict) -> _Tokenized | None:
+    """The cached tokens, or None when the file is missing, foreign or damaged."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            ids = data["ids"]
+            bounds = data["bounds"]
+            has_prefix = "prefix_bytes" in data.files
+            prefix_bytes = data["prefix_bytes"] if has_prefix else None
+            prefix_words = data["prefix_words"] if has_prefix else None
+        n_docs = len(expected["doc_ids"])
+        problems = [
+            any(meta.get(k) != v for k, v in expected.items()),
+            ids.dtype != np.int32 or bounds.shape != (n_docs + 1,),
+            bounds[0] != 0 or bounds[-1] != len(ids) or bool(np.any(np.diff(bounds) < 0)),
+            len(meta["bytes"]) != n_docs or len(meta["words"]) != n_docs,
+            has_prefix and (len(prefix_bytes) != len(ids) or len(prefix_words) != len(ids)),
+            hashlib.sha256(ids.tobytes()).hexdigest() != meta["ids_sha256"],
+        ]
+        if any(problems):
+            raise ValueError("contents do not match their description")
+    except Exception as error:  # a damaged zip, bad JSON, missing arrays, wrong shapes ...
+        log.warning("token cache %s is damaged (%s); tokenizing again", path, str(error).splitlines()[0][:120])
+        return None
+    cuts = bounds[1:-1]
+    return _Tokenized(
+        ids=np.split(ids, cuts),
+        prefix_bytes=np.split(prefix_bytes, cuts) if has_prefix else None,
+        prefix_words=np.split(prefix_words, cuts) if has_prefix else None,
+        bytes=list(meta["bytes"]),
+        words=list(meta["words"]),
+    )
+
+
+# ---------------------------------------------------------------- tokenizing
+
+def _batches(documents: Sequence[Document]) -> list[list[int]]:
+    batches, current, chars = [], [], 0
+    for index, doc in enumerate(documents):
+        current.append(index)
+        chars += len(doc.text)
+        if chars >= _BATCH_CHARS:
+            batches.append(current)
+            current, chars = [], 0
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _tokenize(documents: Sequence[Document], tokenizer, add_bos: bool,
+              progress: Callable[[int, int], None] | None) -> _Tokenized:
+    with_offsets = bool(getattr(tokenizer, "is_fast", False))
+    bos = tokenizer.bos_token_id if add_bos else None
+    out = _Tokenized(ids=[], prefix_bytes=[] if with_offsets else None,
+                     prefix_words=[] if with_offsets else None, bytes=[], words=[])
+    done = 0
+    for batch in _batches(documents):
+        texts = [documents[i].text for i in batch]
+        kwargs = {"add_special_tokens": False, "return_attention_mask": False, "verbose": False}
+        encoded = tokenizer(texts, return_offsets_mapping=with_offsets, **kwargs)
+        for position, text in enumerate(texts):
+            ids = np.asarray(encoded["input_ids"][position], dtype=np.int32)
+            if with_offsets:
+                offsets = np.asarray(encoded["offset_mapping"][position], dtype=np.int64).reshape(-1, 2)
+                # A token's text ends at the furthest offset so far: byte-level tokens inside
+                # one character repeat that character's span, and some tokenizers report
+                # (0, 0) for tokens without text.
+                char_ends = np.maximum.accumulate(offsets[:, 1]) if len(offsets) else offsets[:, 1]
+                n_bytes, n_words = prefix_counts(text, np.minimum(char_ends, len(text)))
+            if bos is not None:
+                ids = np.concatenate([np.array([bos], dtype=np.int32), ids])
+                if with_offsets:  # the BOS token covers no text
+                    n_bytes = np.concatenate([[0], n_bytes])
+                    n_words = np.concatenate([[count_words("")], n_words])
+            out.ids.append(ids)
+            if with_offsets:
+                out.prefix_bytes.append(n_bytes)
+                out.prefix_words.append(n_words)
+            out.bytes.append(count_bytes(text))
+            out.words.append(count_words(text))
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(documents))
+    return out
+
+
+def _select(task: TaskSpec, lengths: Sequence[int], add_bos: bool) -> tuple[list[int], int]:
+    """Indices of the documents the task's selection keeps, and how many min_tokens dropped."""
+    selection = task.selection
+    chosen = list(range(len(lengths)))
+    below = 0
+    if selection.min_tokens is not None:
+        own = [n - (1 if add_bos else 0) for n in lengths]  # BOS does not count
+        chosen = [i for i in chosen if own[i] >= selection.min_tokens]
+        below = len(lengths) - len(chosen)
+        if not chosen:
+            raise UserError(f"{task.label}: no document has at least {selection.min_tokens} tokens "
+                            f"(of {len(lengths)} read); lower selection.min_tokens")
+    if selection.sample is not None:
+        if selection.sample > len(chosen):
+            raise UserError(f"{task.label}: selection.sample is {selection.sample} but only {len(chosen)} "
+                            "documents are eligible; lower sample (or min_tokens)")
+        if selection.sample_method == "first":
+            chosen = chosen[: selection.sample]
+        else:
+            rng = np.random.default_rng(selection.seed)
+            picks = rng.choice(len(chosen), size=selection.sample, replace=False)
+            chosen = [chosen[i] for i in sorted(int(p) for p in picks)]
+    return chosen, below
+
+
+def tokenize_task(task: TaskSpec, tokenizer, *, add_bos: bool = False, cache_dir: str | Path | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> TokenizedTask:
+    """The task's selected documents as token ids, from the cache when it has them.
+
+    Documents are tokenized without special tokens; with ``add_bos`` the tokenizer's BOS
+    id is put in front of each (the BOS is never a scored target: the engine never scores
+    a document's first token). Documents with fewer than two tokens cannot be scored:
+    they are listed in ``skipped``. A LongLoRA ``.bin`` stream is returned as one flat
+    document (``flat=True``) without byte or word counts; ``add_bos`` does not apply to it.
+    ``progress(done, total)`` is called after each batch of documents is tokenized.
+    """
+    if task.source.type == "longlora_bin":
+        return _token_stream_task(task, tokenizer)
+    if add_bos and tokenizer.bos_token_id is None:
+        raise UserError("the tokenizer has no BOS token; evaluate without --bos")
+    documents = read_documents(task)
+    tokenizer_fp = tokenizer_fingerprint(tokenizer, add_bos)
+    digests = [_document_digest(doc) for doc in documents]
+    source_fp = _combine(digests)
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = _cache_path(cache_dir, tokenizer_fp, source_fp)
+    expected = {"format": CACHE_FORMAT, "tokenizer_fingerprint": tokenizer_fp,
+                "source_fingerprint": source_fp, "doc_ids": [d.id for d in documents]}
+
+    tokenized = _read_cache(path, expected)
+    if tokenized is None:
+        tokenized = _tokenize(documents, tokenizer, add_bos, progress)
+        try:
+            _write_cache(path, expected, tokenized)
+        except OSError as error:  # a read-only or full disk costs speed, not the run
+            log.warning("could not write the token cache %s (%s); continuing without it", path, error)
+
+    chosen, below = _select(task, [len(a) for a in tokenized.ids], add_bos)
+    docs, skipped = [], []
+    for i in chosen:
+        if len(tokenized.ids[i]) < 2:
+            skipped.append(documents[i].id)
+            continue
+        docs.append(TokenizedDoc(
+            id=documents[i].id, ids=tokenized.ids[i], bytes=tokenized.bytes[i], words=tokenized.words[i],
+            prefix_bytes=tokenized.prefix_bytes[i] if tokenized.prefix_bytes is not None else None,
+            prefix_words=tokenized.prefix_words[i] if tokenized.prefix_words is not None else None,
+        ))
+    if not docs:
+        raise UserError(f"{task.label}: no document has two or more tokens; the data holds (almost) no text")
+    return TokenizedTask(
+        task=task, docs=docs, skipped=skipped,
+        data_fingerprint=_combine([digests[i] for i in chosen]),
+        tokenizer_fingerprint=tokenizer_fp, flat=False, add_bos=add_bos,
+        documents_read=len(documents), below_min_tokens=below,
+    )
+
+
+def _token_stream_task(task: TaskSpec, tokenizer) -> TokenizedTask:
+    stream = read_token_stream(task)
+    path = task.source.path
+    vocab = len(tokenizer)
+    largest = int(stream.max())
+    if largest >= vocab:
+        raise UserError(f"{path}: token id {largest} is beyond the tokenizer's {vocab} ids; the file was "
+                        "made with another tokenizer: evaluate it with the model it was made for")
+    if len(stream) < 2:
+        raise UserError(f"{path}: the stream holds {len(stream)} token; at least two are needed")
+    doc = TokenizedDoc(id=path.name, ids=np.asarray(stream, dtype=np.int32), bytes=None, words=None)
+    return TokenizedTask(
+        task=task, docs=[doc], skipped=[], data_fingerprint=file_fingerprint(path),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer, False), flat=True, add_bos=False,
+        documents_read=1,
+    )

@@ -1,0 +1,85 @@
+"""Where scca-eval keeps converted models and file digests, and how it writes there.
+
+The cache root is ``$SCCA_EVAL_CACHE`` when set, else ``$XDG_CACHE_HOME/scca-eval``
+(``~/.cache/scca-eval``). Everything written there is published atomically: a file or
+folder is completed under a temporary name in the same parent folder and then renamed
+into place, so a killed process never leaves a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """The scca-eval cache folder (not created here)."""
+    configured = os.environ.get("SCCA_EVAL_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "scca-eval"
+
+
+def models_cache_dir() -> Path:
+    """Folder of converted models (one sub-folder per source file and content hash)."""
+    return cache_root() / "models"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+# Temporary folders older than this are leftovers of a killed process.
+_STALE_SECONDS = 6 * 3600
+
+
+@contextmanager
+def publish_folder(final: Path):
+    """Build a folder under a temporary name, then rename it to ``final``.
+
+    Yields the temporary folder to fill. On success it becomes ``final``; on any
+    error it is removed. If another process published ``final`` first, its copy is
+    kept and ours discarded (both were made from the same content).
+    """
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(parent, final.name)
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
+    try:
+        yield partial
+        try:
+            os.replace(partial, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # Lost the race to another process (rename onto a non-empty folder fails).
+            shutil.rmtree(partial, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _remove_stale_partials(parent: Path, name: str) -> None:
+    now = time.time()
+    for leftover in parent.glob(f".{name}.*.partial"):
+        try:
+            if now - leftover.stat().st_mtime > _STALE_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass

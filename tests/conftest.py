@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random LLaMA with a real (small) BPE tokenizer, saved as a
+model folder, and small text slices of the bundled samples."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "tasks" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    # Tests never touch the user's cache, except for the converted default model,
+    # which is expensive to make and safe to share (keyed by the GGUF's hash).
+    os.environ.setdefault("SCCA_EVAL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+
+
+def _train_tokenizer(texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def sample_slice(relative: str, chars: int) -> str:
+    return (SAMPLES / relative).read_text(encoding="utf-8")[:chars]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random LlamaForCausalLM (4 heads, 2 kv heads) with its tokenizer, saved to a folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    texts = [sample_slice("pg19_sample/carroll_alice.txt", 20000),
+             sample_slice("proof_pile_sample/coq_stdlib_arith.v", 20000)]
+    tokenizer = _train_tokenizer(texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir(tmp_path_factory) -> Path:
+    """Two short documents (a book slice and a proof slice) as a folder of .txt files."""
+    folder = tmp_path_factory.mktemp("sample-slice")
+    (folder / "alice.txt").write_text(sample_slice("pg19_sample/carroll_alice.txt", 6000), encoding="utf-8")
+    (folder / "arith.txt").write_text(sample_slice("proof_pile_sample/coq_stdlib_arith.v", 5000), encoding="utf-8")
+    return folder

@@ -1,0 +1,220 @@
+"""The FlexAttention fast path against a dense reference written here.
+
+The reference is built straight from Rule.allows and PatternSpec.head_rules and
+plain float64 softmax, so it shares no code with the fast path beyond the rule
+table itself.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction as F
+
+import pytest
+import torch
+
+from scca_eval.attention import flex
+from scca_eval.attention.flex import flex_pattern_attention
+from scca_eval.patterns import PatternSpec, Rule, preset
+
+PRESETS = ["full", "s2", "scca_fixed", "scca_flow", "sda", "longmixed"]
+
+# Mixed rates (lcm 6), a non-default shift, a distant cross and a causal head.
+CUSTOM = PatternSpec("custom", (
+    (F(1, 4), Rule("shifted", shift=3)),
+    (F(1, 4), Rule("cross", distance=2)),
+    (F(1, 8), Rule("dilated", rate=3, offset=2)),
+    (F(1, 8), Rule("dilated", rate=2, offset=1)),
+    (F(1, 4), Rule("causal")),
+), chunk_size=24)
+
+
+def spec_named(name: str) -> PatternSpec:
+    if name == "custom":
+        return CUSTOM
+    if name == "sda4":
+        return preset("sda", dilation=4)
+    return preset(name)
+
+
+def dense_mask(spec: PatternSpec, n: int, num_heads: int) -> torch.Tensor:
+    pos = torch.arange(n)
+    chunk = spec.chunk_for(n)
+    return torch.stack([rule.allows(pos[:, None], pos[None, :], chunk) for rule in spec.head_rules(n, num_heads)])
+
+
+def dense_attention(q, k, v, mask, scaling):
+    """float64 softmax attention; query head h uses key/value head h // (H // H_kv)."""
+    per_kv = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(per_kv, dim=1)
+    v = v.double().repeat_interleave(per_kv, dim=1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def random_qkv(batch, heads, kv_heads, n, dim, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(batch, heads, n, dim, generator=gen, device=device, dtype=dtype)
+    k = torch.randn(batch, kv_heads, n, dim, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(batch, kv_heads, n, dim, generator=gen, device=device, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
+@pytest.mark.parametrize("n,heads,kv_heads", [(200, 8, 4), (131, 9, 3)])
+def test_matches_dense_reference_fp32(name, n, heads, kv_heads):
+    spec = spec_named(name)
+    q, k, v = random_qkv(2, heads, kv_heads, n, 16, seed=n + heads)
+    out = flex_pattern_attention(q, k, v, spec, 0.3, block_size=32)
+    ref = dense_attention(q, k, v, dense_mask(spec, n, heads), 0.3)
+    assert out.shape == (2, heads, n, 16) and out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["longmixed", "custom"])
+def test_split_layouts_gives_the_same_output(name):
+    spec = spec_named(name)
+    q, k, v = random_qkv(1, 16, 4, 160, 8, seed=3)
+    ref = dense_attention(q, k, v, dense_mask(spec, 160, 16), 0.5)
+    out = flex_pattern_attention(q, k, v, spec, 0.5, block_size=32, split_layouts=True)
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_transformers_memory_layout_is_accepted():
+    # transformers hands attention [B, N, H, D] tensors transposed to [B, H, N, D].
+    spec = preset("longmixed")
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in random_qkv(1, 8, 8, 96, 8, seed=5))
+    out = flex_pattern_attention(q, k, v, spec, 0.4, block_size=32)
+    assert torch.allclose(out.double(), dense_attention(q, k, v, dense_mask(spec, 96, 8), 0.4), atol=1e-5)
+
+
+def kernel_view(block_mask, n: int) -> torch.Tensor:
+    """The [H, N, N] mask the compiled kernel applies: full blocks unmasked,
+    partial blocks through mask_mod, every other block skipped."""
+    block_q, block_k = block_mask.BLOCK_SIZE
+    _, heads, nq = block_mask.kv_num_blocks.shape
+    pos = torch.arange(n)
+    mask = torch.zeros(heads, n, n, dtype=torch.bool)
+    for h in range(heads):
+        exact = block_mask.mask_mod(0, torch.tensor(h), pos[:, None], pos[None, :])
+        for i in range(nq):
+            rows = slice(i * block_q, (i + 1) * block_q)
+            for count, indices, is_full in ((block_mask.full_kv_num_blocks, block_mask.full_kv_indices, True),
+                                            (block_mask.kv_num_blocks, block_mask.kv_indices, False)):
+                for j in indices[0, h, i, :count[0, h, i]].tolist():
+                    cols = slice(j * block_k, (j + 1) * block_k)
+                    assert not mask[h, rows, cols].any(), "a block listed twice"
+                    mask[h, rows, cols] = True if is_full else exact[rows, cols]
+    return mask
+
+
+@pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
+@pytest.mark.parametrize("n,heads,block", [(256, 8, 32), (150, 9, 16), (192, 4, (32, 64))])
+def test_block_mask_reproduces_the_pattern(name, n, heads, block):
+    """Skipped, full and partial blocks together give exactly the pattern.
+
+    The eager kernel on CPU ignores the block structure, so this checks what the
+    compiled kernel would compute."""
+    spec = spec_named(name)
+    block = (block, block) if isinstance(block, int) else block
+    plan = flex._plan(spec, n, heads, 1, torch.device("cpu"), block, False)
+    (part,) = plan.parts
+    mask = kernel_view(part.block_mask, n)
+    expected = dense_mask(spec, n, heads)
+    if part.order is not None:  # the kernel works in the residue layout
+        expected = expected[:, part.order][:, :, part.order]
+    assert torch.equal(mask, expected)
+
+
+def test_sparse_patterns_skip_blocks():
+    # A block mask that lists every block would be correct but slow.
+    n, heads = 1024, 8
+    for name, most in [("s2", 0.35), ("scca_fixed", 0.45), ("sda", 0.6), ("longmixed", 0.5)]:
+        plan = flex._plan(preset(name), n, heads, 1, torch.device("cpu"), (64, 64), False)
+        bm = plan.parts[0].block_mask
+        listed = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
+        causal_blocks = heads * (n // 64) * (n // 64 + 1) // 2
+        assert listed <= most * causal_blocks, name
+
+
+def test_residue_layout_only_for_dilated_rules():
+    plan = flex._plan(preset("s2"), 256, 8, 1, torch.device("cpu"), (32, 32), False)
+    assert plan.parts[0].order is None
+    plan = flex._plan(preset("longmixed"), 256, 8, 1, torch.device("cpu"), (32, 32), False)
+    order = plan.parts[0].order
+    assert order[:4].tolist() == [0, 4, 8, 12] and order[64:66].tolist() == [1, 5]  # lcm(2, 4) = 4
+
+
+def test_plans_are_cached_per_length_and_heads():
+    flex.clear_cache()
+    q, k, v = random_qkv(1, 4, 4, 64, 8)
+    flex_pattern_attention(q, k, v, preset("s2"), 1.0, block_size=16)
+    flex_pattern_attention(q, k, v, preset("s2"), 1.0, block_size=16)
+    assert len(flex._plans) == 1
+    q, k, v = random_qkv(1, 4, 4, 80, 8)
+    flex_pattern_attention(q, k, v, preset("s2"), 1.0, block_size=16)
+    assert len(flex._plans) == 2
+
+
+def test_rejects_mismatched_shapes():
+    q, k, v = random_qkv(1, 6, 4, 32, 8)
+    with pytest.raises(ValueError, match="share"):
+        flex_pattern_attention(q, k, v, preset("s2"), 1.0)
+    with pytest.raises(ValueError, match="as many keys"):
+        flex_pattern_attention(q, k[:, :, :16], v[:, :, :16], preset("s2"), 1.0)
+
+
+@pytest.mark.slow
+def test_compiled_kernel_on_cpu():
+    """The compiled kernel (which does use the block mask) on CPU; ~1 minute to compile."""
+    for name in ("s2", "longmixed"):
+        spec = preset(name)
+        q, k, v = random_qkv(1, 8, 4, 256, 16, seed=7)
+        out = flex_pattern_attention(q, k, v, spec, 0.25, compile=True)
+        ref = dense_attention(q, k, v, dense_mask(spec, 256, 8), 0.25)
+        assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
+
+
+# -- GPU ------------------------------------------------------------------------
+# Tolerance in bf16: the relative error ||out - ref|| / ||ref|| against the
+# float64 reference must stay below BF16_REL_TOL, and within BF16_SDPA_FACTOR
+# times the error that PyTorch's own SDPA makes on full causal attention with
+# the same bf16 inputs (the yardstick of what bf16 attention normally loses).
+BF16_REL_TOL = 1e-2
+BF16_SDPA_FACTOR = 2.0
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def relative_error(out, ref):
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
+@pytest.mark.parametrize("n", [2048, 1000])
+def test_gpu_bf16_matches_reference(name, n):
+    spec = spec_named(name)
+    heads, kv_heads, dim = 32, 8, 128
+    q, k, v = random_qkv(1, heads, kv_heads, n, dim, dtype=torch.bfloat16, device="cuda", seed=n)
+    scaling = dim ** -0.5
+    ref = dense_attention(q, k, v, dense_mask(spec, n, heads).cuda(), scaling)
+    out = flex_pattern_attention(q, k, v, spec, scaling)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    causal = dense_attention(q, k, v, dense_mask(preset("full"), n, heads).cuda(), scaling)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    error, sdpa_error = relative_error(out, ref), relative_error(sdpa, causal)
+    assert error < BF16_REL_TOL, (error, sdpa_error)
+    assert error < BF16_SDPA_FACTOR * sdpa_error, (error, sdpa_error)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_fp32_matches_reference():
+    spec = preset("longmixed")
+    q, k, v = random_qkv(1, 8, 8, 1024, 64, device="cuda", seed=1)
+    ref = dense_attention(q, k, v, dense_mask(spec, 1024, 8).cuda(), 0.125)
+    out = flex_pattern_attention(q, k, v, spec, 0.125)
+    # the kernel's fp32 dot products may run in tf32 on the GPU: 1e-3 relative
+    assert relative_error(out, ref) < 1e-3

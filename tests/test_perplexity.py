@@ -1,0 +1,76 @@
+"""scca-eval's perplexity against an independent, plain Hugging Face loop.
+
+The reference is the sliding-window recipe of the transformers perplexity guide:
+one window at a time, the model's own loss with labels = -100 on context tokens.
+It shares no code with scca_eval beyond the tokenizer call.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def reference_perplexity(model, tokenizer, texts, ctx, stride):
+    nll_sum, scored = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+        length = ids.shape[1]
+        prev_end = 0
+        for begin in range(0, length, stride):
+            end = min(begin + ctx, length)
+            target_len = end - prev_end
+            inputs = ids[:, begin:end]
+            labels = inputs.clone()
+            labels[:, :-target_len] = -100
+            with torch.no_grad():
+                loss = model(input_ids=inputs, labels=labels).loss
+            count = int((labels[:, 1:] != -100).sum())
+            nll_sum += float(loss) * count
+            scored += count
+            prev_end = end
+            if end == length:
+                break
+    return math.exp(nll_sum / scored), scored
+
+
+def _texts(folder: Path):
+    return [p.read_text(encoding="utf-8") for p in sorted(folder.iterdir())]
+
+
+@pytest.mark.parametrize("ctx,stride", [(256, 256), (256, 96), (200, 200)])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_tiny_model_matches_plain_loop(tiny_model_dir, sample_data_dir, ctx, stride, batch_size):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scca_eval import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected, expected_tokens = reference_perplexity(model, tokenizer, _texts(sample_data_dir), ctx, stride)
+
+    (record,) = evaluate(str(tiny_model_dir), data=[str(sample_data_dir)], ctx=ctx, stride=stride,
+                         batch_size=batch_size, device="cpu")
+    assert record["metrics"]["tokens"] == expected_tokens
+    assert record["metrics"]["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_default_model_matches_plain_loop(sample_data_dir):
+    from scca_eval import evaluate, load_model
+
+    model, tokenizer = load_model("default", device="cpu")
+    texts = [t[:2500] for t in _texts(sample_data_dir)]
+    folder = sample_data_dir.parent / "default-slice"
+    folder.mkdir(exist_ok=True)
+    for i, text in enumerate(texts):
+        (folder / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    for ctx, stride, batch in [(256, 256, 2), (256, 128, 1), (300, 100, 3)]:
+        expected, tokens = reference_perplexity(model, tokenizer, texts, ctx, stride)
+        (record,) = evaluate("default", data=[str(folder)], ctx=ctx, stride=stride,
+                             batch_size=batch, loaded=(model, tokenizer))
+        assert record["metrics"]["tokens"] == tokens
+        assert record["metrics"]["perplexity"] == pytest.approx(expected, rel=1e-4)
