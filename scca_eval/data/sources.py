@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import MissingDependency, UserError
-from .tasks import SourceSpec, TaskSpec, _is_jsonl, _visible_files
+from .tasks import SourceSpec, TaskSpec, is_jsonl_file, visible_files
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _data_files(task: TaskSpec, accept, kind: str) -> list[Path]:
     path = task.source.path
     if path.is_file():
         return [path]
-    files = [p for p in _visible_files(path) if accept(p)]
+    files = [p for p in visible_files(path) if accept(p)]
     if not files:
         raise UserError(f"{task.label}: no {kind} files under {path}; put some there or fix source.path")
     return files
@@ -126,8 +126,15 @@ def _record_text(record, task: TaskSpec, where: str) -> tuple[str, str | None]:
     return text, doc_id
 
 
+def _file_label(task: TaskSpec, path: Path) -> str:
+    """How document ids name a data file: its path inside the source folder, or its name."""
+    root = task.source.path
+    return path.relative_to(root).as_posix() if root.is_dir() else path.name
+
+
 def _read_jsonl(task: TaskSpec) -> Iterator[Document]:
-    for path in _data_files(task, _is_jsonl, "JSON lines (.jsonl, .jsonl.gz)"):
+    for path in _data_files(task, is_jsonl_file, "JSON lines (.jsonl, .jsonl.gz)"):
+        label = _file_label(task, path)
         opener = gzip.open if path.name.endswith(".gz") else open
         try:
             with opener(path, "rb") as handle:
@@ -140,7 +147,7 @@ def _read_jsonl(task: TaskSpec) -> Iterator[Document]:
                     except json.JSONDecodeError as error:
                         raise UserError(f"{where}: not valid JSON ({error.msg}); fix or remove the line") from None
                     text, doc_id = _record_text(record, task, where)
-                    yield Document(doc_id if doc_id is not None else f"{path.name}:{number}", text)
+                    yield Document(doc_id if doc_id is not None else f"{label}:{number}", text)
         except (OSError, EOFError, zlib.error) as error:
             raise UserError(f"{path}: cannot be read ({error}); the file may be truncated or not gzip") from None
 
@@ -152,6 +159,7 @@ def _read_parquet(task: TaskSpec) -> Iterator[Document]:
         raise MissingDependency("pyarrow", "hub", "Reading .parquet files") from None
     source = task.source
     for path in _data_files(task, lambda p: p.suffix == ".parquet", "parquet"):
+        label = _file_label(task, path)
         try:
             parquet = pq.ParquetFile(path)
         except Exception as error:  # pyarrow raises its own exception types for broken files
@@ -171,7 +179,7 @@ def _read_parquet(task: TaskSpec) -> Iterator[Document]:
                 if not isinstance(text, str):
                     raise UserError(f"{where}: column '{source.text_field}' holds {type(text).__name__}, "
                                     "not text; set text_field to a text column")
-                doc_id = str(data[source.id_field][i]) if source.id_field else f"{path.name}:{row}"
+                doc_id = str(data[source.id_field][i]) if source.id_field else f"{label}:{row}"
                 yield Document(doc_id, text)
                 row += 1
 

@@ -288,6 +288,7 @@ def _resolve_path(value: str, origin: Path, where: str, *, must_be_file: bool = 
     path = Path(value).expanduser()
     if not path.is_absolute():
         path = origin.parent / path
+    path = path.resolve()
     if not path.exists():
         raise _fail(origin, where, f"{path} does not exist",
                     "fix the path (relative paths are relative to the task file)")
@@ -367,11 +368,11 @@ def task_from_mapping(raw: dict, *, origin: Path) -> TaskSpec:
 
 # ---------------------------------------------------------------- --data PATH
 
-def _is_jsonl(path: Path) -> bool:
+def is_jsonl_file(path: Path) -> bool:
     return path.name.endswith(_JSONL_SUFFIXES)
 
 
-def _visible_files(folder: Path) -> list[Path]:
+def visible_files(folder: Path) -> list[Path]:
     return sorted(
         (p for p in folder.rglob("*")
          if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
@@ -403,7 +404,7 @@ def task_from_data_path(path: str | Path) -> TaskSpec:
         raise UserError(f"--data {given}: no such file or folder; check the path")
     label = f"--data {given}"
     if path.is_file():
-        if _is_jsonl(path):
+        if is_jsonl_file(path):
             kind = "jsonl"
         elif path.suffix == ".parquet":
             kind = "parquet"
@@ -412,10 +413,10 @@ def task_from_data_path(path: str | Path) -> TaskSpec:
         else:
             kind = "text"
     elif path.is_dir():
-        files = _visible_files(path)
+        files = visible_files(path)
         if not files:
             raise UserError(f"{label}: the folder holds no files; put text files (one document each) in it")
-        if all(_is_jsonl(f) for f in files):
+        if all(is_jsonl_file(f) for f in files):
             kind = "jsonl"
         elif all(f.suffix == ".parquet" for f in files):
             kind = "parquet"

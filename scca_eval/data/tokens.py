@@ -5,8 +5,9 @@ form plus whether a BOS token is prepended, and a hash over the documents' ids a
 Every ctx of a run, and every later run with the same tokenizer and data, reuses the ids.
 
 Besides the ids, each document keeps what bits per byte and word perplexity need for any
-prefix of it (``--max-tokens`` evaluates prefixes): for every token, the UTF-8 bytes and
-the words of the text up to the end of that token. Words are counted as
+prefix of it (``--max-tokens`` evaluates prefixes): for every token, the UTF-8 bytes of
+text it adds and the whitespace runs that start in that text (two small integers), so
+the bytes and words of any prefix are sums over its tokens. Words are counted as
 lm-evaluation-harness counts them, ``len(re.split(r"\\s+", text))``; bytes are
 ``len(text.encode("utf-8"))``. A prefix that ends inside a character (a byte-level token
 boundary) counts that whole character.
@@ -32,7 +33,7 @@ from .tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _WHITESPACE_RUN = re.compile(r"\s+")
 # Tokenize in batches of about this many characters: the tokenizer works on a batch in
 # parallel, and memory stays bounded on large datasets.
@@ -124,22 +125,28 @@ class TokenizedDoc:
     ids: np.ndarray  # int32
     bytes: int | None
     words: int | None
-    # Per token i: bytes / words of the text up to the end of token i (None: unknown).
-    prefix_bytes: np.ndarray | None = field(default=None, repr=False)
-    prefix_words: np.ndarray | None = field(default=None, repr=False)
+    # Per token: UTF-8 bytes of the text the token adds, and whitespace runs starting in
+    # it (None when the tokenizer gives no character offsets).
+    token_bytes: np.ndarray | None = field(default=None, repr=False)
+    token_runs: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def prefix_stats(self, length: int) -> tuple[int | None, int | None]:
-        """(bytes, words) of the text covered by the first ``length`` tokens."""
+        """(bytes, words) of the text covered by the first ``length`` tokens.
+
+        For the whole document these are exactly lm-evaluation-harness's counts of its
+        text; a prefix counts the text up to the end of its last token.
+        """
         if not 1 <= length <= len(self.ids):
             raise ValueError(f"prefix length {length} outside 1..{len(self.ids)}")
         if length == len(self.ids):
             return self.bytes, self.words
-        if self.prefix_bytes is None or self.prefix_words is None:
+        if self.token_bytes is None or self.token_runs is None:
             return None, None
-        return int(self.prefix_bytes[length - 1]), int(self.prefix_words[length - 1])
+        runs = int(self.token_runs[:length].sum(dtype=np.int64))
+        return int(self.token_bytes[:length].sum(dtype=np.int64)), count_words("") + runs
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,10 +193,16 @@ class _Tokenized:
     """Every document of the source, tokenized (what the cache file holds)."""
 
     ids: list[np.ndarray]
-    prefix_bytes: list[np.ndarray] | None
-    prefix_words: list[np.ndarray] | None
+    token_bytes: list[np.ndarray] | None
+    token_runs: list[np.ndarray] | None
     bytes: list[int]
     words: list[int]
+
+
+def _small_ints(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate per-token counts as uint16 (a token adds a few bytes), wider only if needed."""
+    joined = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return joined.astype(np.uint16 if joined.size == 0 or joined.max() < 1 << 16 else np.int64)
 
 
 def _write_cache(path: Path, meta: dict, tokenized: _Tokenized) -> None:
@@ -197,9 +210,9 @@ def _write_cache(path: Path, meta: dict, tokenized: _Tokenized) -> None:
     np.cumsum([len(a) for a in tokenized.ids], out=bounds[1:])
     ids = np.concatenate(tokenized.ids) if tokenized.ids else np.zeros(0, np.int32)
     arrays = {"ids": ids.astype(np.int32, copy=False), "bounds": bounds}
-    if tokenized.prefix_bytes is not None:
-        arrays["prefix_bytes"] = np.concatenate(tokenized.prefix_bytes).astype(np.int64, copy=False)
-        arrays["prefix_words"] = np.concatenate(tokenized.prefix_words).astype(np.int64, copy=False)
+    if tokenized.token_bytes is not None:
+        arrays["token_bytes"] = _small_ints(tokenized.token_bytes)
+        arrays["token_runs"] = _small_ints(tokenized.token_runs)
     meta = {**meta, "bytes": tokenized.bytes, "words": tokenized.words,
             "ids_sha256": hashlib.sha256(arrays["ids"].tobytes()).hexdigest()}
     arrays["meta"] = np.array(json.dumps(meta))
@@ -227,16 +240,16 @@ def _read_cache(path: Path, expected: dict) -> _Tokenized | None:
             meta = json.loads(str(data["meta"]))
             ids = data["ids"]
             bounds = data["bounds"]
-            has_prefix = "prefix_bytes" in data.files
-            prefix_bytes = data["prefix_bytes"] if has_prefix else None
-            prefix_words = data["prefix_words"] if has_prefix else None
+            has_sizes = "token_bytes" in data.files
+            token_bytes = data["token_bytes"] if has_sizes else None
+            token_runs = data["token_runs"] if has_sizes else None
         n_docs = len(expected["doc_ids"])
         problems = [
             any(meta.get(k) != v for k, v in expected.items()),
             ids.dtype != np.int32 or bounds.shape != (n_docs + 1,),
             bounds[0] != 0 or bounds[-1] != len(ids) or bool(np.any(np.diff(bounds) < 0)),
             len(meta["bytes"]) != n_docs or len(meta["words"]) != n_docs,
-            has_prefix and (len(prefix_bytes) != len(ids) or len(prefix_words) != len(ids)),
+            has_sizes and (len(token_bytes) != len(ids) or len(token_runs) != len(ids)),
             hashlib.sha256(ids.tobytes()).hexdigest() != meta["ids_sha256"],
         ]
         if any(problems):
@@ -247,8 +260,8 @@ def _read_cache(path: Path, expected: dict) -> _Tokenized | None:
     cuts = bounds[1:-1]
     return _Tokenized(
         ids=np.split(ids, cuts),
-        prefix_bytes=np.split(prefix_bytes, cuts) if has_prefix else None,
-        prefix_words=np.split(prefix_words, cuts) if has_prefix else None,
+        token_bytes=np.split(token_bytes, cuts) if has_sizes else None,
+        token_runs=np.split(token_runs, cuts) if has_sizes else None,
         bytes=list(meta["bytes"]),
         words=list(meta["words"]),
     )
@@ -273,8 +286,8 @@ def _tokenize(documents: Sequence[Document], tokenizer, add_bos: bool,
               progress: Callable[[int, int], None] | None) -> _Tokenized:
     with_offsets = bool(getattr(tokenizer, "is_fast", False))
     bos = tokenizer.bos_token_id if add_bos else None
-    out = _Tokenized(ids=[], prefix_bytes=[] if with_offsets else None,
-                     prefix_words=[] if with_offsets else None, bytes=[], words=[])
+    out = _Tokenized(ids=[], token_bytes=[] if with_offsets else None,
+                     token_runs=[] if with_offsets else None, bytes=[], words=[])
     done = 0
     for batch in _batches(documents):
         texts = [documents[i].text for i in batch]
@@ -288,16 +301,19 @@ def _tokenize(documents: Sequence[Document], tokenizer, add_bos: bool,
                 # one character repeat that character's span, and some tokenizers report
                 # (0, 0) for tokens without text.
                 char_ends = np.maximum.accumulate(offsets[:, 1]) if len(offsets) else offsets[:, 1]
-                n_bytes, n_words = prefix_counts(text, np.minimum(char_ends, len(text)))
+                prefix_bytes, prefix_words = prefix_counts(text, np.minimum(char_ends, len(text)))
+                # What each token adds (the empty text has 0 bytes and count_words("") words).
+                token_bytes = np.diff(prefix_bytes, prepend=0)
+                token_runs = np.diff(prefix_words, prepend=count_words(""))
             if bos is not None:
                 ids = np.concatenate([np.array([bos], dtype=np.int32), ids])
                 if with_offsets:  # the BOS token covers no text
-                    n_bytes = np.concatenate([[0], n_bytes])
-                    n_words = np.concatenate([[count_words("")], n_words])
+                    token_bytes = np.concatenate([[0], token_bytes])
+                    token_runs = np.concatenate([[0], token_runs])
             out.ids.append(ids)
             if with_offsets:
-                out.prefix_bytes.append(n_bytes)
-                out.prefix_words.append(n_words)
+                out.token_bytes.append(token_bytes)
+                out.token_runs.append(token_runs)
             out.bytes.append(count_bytes(text))
             out.words.append(count_words(text))
         done += len(batch)
@@ -371,8 +387,8 @@ def tokenize_task(task: TaskSpec, tokenizer, *, add_bos: bool = False, cache_dir
             continue
         docs.append(TokenizedDoc(
             id=documents[i].id, ids=tokenized.ids[i], bytes=tokenized.bytes[i], words=tokenized.words[i],
-            prefix_bytes=tokenized.prefix_bytes[i] if tokenized.prefix_bytes is not None else None,
-            prefix_words=tokenized.prefix_words[i] if tokenized.prefix_words is not None else None,
+            token_bytes=tokenized.token_bytes[i] if tokenized.token_bytes is not None else None,
+            token_runs=tokenized.token_runs[i] if tokenized.token_runs is not None else None,
         ))
     if not docs:
         raise UserError(f"{task.label}: no document has two or more tokens; the data holds (almost) no text")
