@@ -1,0 +1,64 @@
+"""Attention alone, per pattern, against SDPA causal attention (issue: Speed).
+
+    python benchmarks/attention.py --n 8192,32768 --variants flex,flex-tma --json out.json --markdown out.md
+
+Backends: flex (the default FlexAttention settings), chunked, strided, auto, and
+the FlexAttention variants named below (kernel options and layouts tried while
+tuning; each compiles its own kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from scca_eval.bench import attention_bench, markdown_attention, write_json  # noqa: E402
+
+SAFE = {"ROWS_GUARANTEED_SAFE": True}
+VARIANTS = {
+    "flex-nosafe": {"kernel_options": {}},
+    "flex-n128": {"kernel_options": {**SAFE, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
+    "flex-m64": {"kernel_options": {**SAFE, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+    "flex-tma": {"kernel_options": {**SAFE, "USE_TMA": True}},
+    "flex-split": {"split_layouts": True},
+    "flex-b64": {"block_size": 64, "kernel_options": {**SAFE, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4,
+                                                      "num_stages": 3}},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", default="8192,32768")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--patterns", default="s2,scca_fixed,scca_flow,sda,sda-r4,longmixed")
+    parser.add_argument("--backends", default="flex,chunked,strided")
+    parser.add_argument("--variants", default="", help=f"extra FlexAttention variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None)
+    args = parser.parse_args()
+
+    variants = {name: VARIANTS[name] for name in filter(None, args.variants.split(","))}
+    backends = [name for name in args.backends.split(",") if name] + list(variants)
+    result = attention_bench([int(n) for n in args.n.split(",")], args.heads, args.head_dim,
+                             args.patterns.split(","), torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                             kv_heads=args.kv_heads, backends=backends, flex_variants=variants,
+                             repeats=args.repeats)
+    table = markdown_attention(result)
+    print(table)
+    if args.json:
+        write_json(result, args.json)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(table)
+
+
+if __name__ == "__main__":
+    main()

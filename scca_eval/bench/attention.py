@@ -1,0 +1,228 @@
+"""Attention alone: each pattern's fast paths against SDPA's full causal attention.
+
+For every length N and pattern this times each backend (FlexAttention, the
+chunked SDPA layout, or named FlexAttention variants) on the tensors a
+transformers model hands to its attention function, and divides the time by
+the pattern's *ideal* time: its share of causal attention's FLOPs times the
+time SDPA takes for full causal attention, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..patterns.masks import density
+from ..patterns.parse import resolve_pattern
+from ..patterns.spec import PatternSpec
+from .timing import synchronize, time_ms
+
+DEFAULT_PATTERNS = ("s2", "scca_fixed", "scca_flow", "sda", "sda-r4", "longmixed")
+BACKENDS = ("flex", "chunked", "strided", "auto")
+
+_SDA_RATE = re.compile(r"^sda[-_]r(\d+)$")
+
+
+def pattern_from_label(label: str) -> PatternSpec:
+    """A pattern name or mix; ``sda-rN`` is ``sda`` with dilation N."""
+    match = _SDA_RATE.match(label.strip().lower())
+    if match:
+        return resolve_pattern("sda", dilation=int(match.group(1)))
+    return resolve_pattern(label)
+
+
+@dataclass
+class AttentionRow:
+    n: int
+    pattern: str
+    backend: str
+    flop_share: float  # share of causal attention's (query, key) pairs the pattern keeps
+    ms: float | None  # median time of one call; None when the backend failed
+    ideal_ms: float  # flop_share * SDPA causal time
+    ratio: float | None  # ms / ideal_ms
+    rel_error: float | None  # ||out - ref|| / ||ref|| against a float32 run of the chunked path
+    first_call_s: float | None = None  # the first call, compilation and block masks included
+    error: str | None = None
+
+
+def _qkv(batch: int, heads: int, kv_heads: int, n: int, head_dim: int, dtype, device, seed: int = 0):
+    """Random q, k, v in the memory layout transformers uses ([B, N, H, D] seen as [B, H, N, D])."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def make(h):
+        x = torch.randn(batch, n, h, head_dim, generator=gen, device=device, dtype=dtype)
+        return x.transpose(1, 2)
+
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+def _sdpa_causal(q, k, v, scaling):
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, **gqa)
+
+
+def _sdpa_backend_times(q, k, v, scaling, device, warmup, repeats) -> dict[str, float | None]:
+    """Causal SDPA time with each kernel forced (None where a kernel refuses the inputs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    times: dict[str, float | None] = {}
+    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        try:
+            with sdpa_kernel(backend):
+                times[name.lower()] = time_ms(lambda: _sdpa_causal(q, k, v, scaling), device,
+                                              warmup=warmup, repeats=repeats)
+        except RuntimeError:
+            times[name.lower()] = None
+    return times
+
+
+def _backend_fn(name: str, flex_variants: dict[str, dict]) -> Callable:
+    from ..attention.chunked import chunked_pattern_attention
+    from ..attention.dispatch import pattern_attention
+
+    if name == "chunked":
+        return chunked_pattern_attention
+    if name == "strided":
+        from .strided import strided_pattern_attention
+
+        return strided_pattern_attention
+    if name == "auto":
+        return lambda q, k, v, spec, scaling: pattern_attention(q, k, v, spec, scaling, backend="auto")
+    if name == "flex" or name in flex_variants:
+        from ..attention.flex import flex_pattern_attention
+
+        options = flex_variants.get(name, {})
+        return lambda q, k, v, spec, scaling: flex_pattern_attention(q, k, v, spec, scaling, **options)
+    raise UserError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS + tuple(flex_variants))}")
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def attention_bench(ns: Sequence[int] = (8192, 32768), heads: int = 32, head_dim: int = 128,
+                    patterns: Sequence[str] | None = None, dtype: torch.dtype = torch.bfloat16, *,
+                    kv_heads: int | None = None, batch: int = 1, backends: Sequence[str] = ("flex", "chunked"),
+                    flex_variants: dict[str, dict] | None = None, device: torch.device | str | None = None,
+                    warmup: int = 3, repeats: int = 20, check: bool = True,
+                    log: Callable[[str], None] | None = print) -> dict:
+    """Time each pattern's fast paths at each length against SDPA causal attention.
+
+    patterns:      labels for ``pattern_from_label`` (default: every sparse preset,
+                   ``sda`` with r = 2 and r = 4).
+    backends:      ``flex``, ``chunked``, ``auto`` (what the model would use) and the
+                   names of ``flex_variants`` ({name: keyword arguments of
+                   flex_pattern_attention}, e.g. other block sizes or kernel options).
+    check:         also compare every output with a float32 run of the chunked path.
+    Returns a dict with the settings, SDPA's causal times per length and one row
+    per (length, pattern, backend) (see AttentionRow); ``markdown_attention``
+    turns it into tables.
+    """
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    kv_heads = heads if kv_heads is None else kv_heads
+    flex_variants = dict(flex_variants or {})
+    labels = list(patterns or DEFAULT_PATTERNS)
+    specs = {label: pattern_from_label(label) for label in labels}
+    fns = {name: _backend_fn(name, flex_variants) for name in backends}
+    scaling = head_dim ** -0.5
+    say = log or (lambda _text: None)
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""), "batch": batch, "heads": heads, "kv_heads": kv_heads,
+        "head_dim": head_dim, "torch": torch.__version__, "layout": "[B, N, H, D] transposed (as transformers)",
+        "flex_variants": {name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}
+                          for name, opts in flex_variants.items()},
+        "sdpa_causal_ms": {}, "sdpa_backends_ms": {}, "rows": [],
+    }
+    for n in ns:
+        q, k, v = _qkv(batch, heads, kv_heads, n, head_dim, dtype, device, seed=n)
+        causal_ms = time_ms(lambda: _sdpa_causal(q, k, v, scaling), device, warmup=warmup, repeats=repeats)
+        result["sdpa_causal_ms"][n] = causal_ms
+        if device.type == "cuda":
+            result["sdpa_backends_ms"][n] = _sdpa_backend_times(q, k, v, scaling, device, warmup, repeats)
+        say(f"N={n}: SDPA causal {causal_ms:.3f} ms")
+        for label, spec in specs.items():
+            share = density(spec, n, heads)
+            ideal = share * causal_ms
+            reference = None
+            if check:
+                from ..attention.chunked import chunked_pattern_attention
+
+                reference = chunked_pattern_attention(q.float(), k.float(), v.float(), spec, scaling)
+            for name, fn in fns.items():
+                row = AttentionRow(n, label, name, share, None, ideal, None, None)
+                try:
+                    begin = time.perf_counter()
+                    out = fn(q, k, v, spec, scaling)
+                    synchronize(device)
+                    row.first_call_s = time.perf_counter() - begin
+                    if reference is not None:
+                        row.rel_error = _relative_error(out, reference)
+                    del out
+                    row.ms = time_ms(lambda: fn(q, k, v, spec, scaling), device, warmup=warmup, repeats=repeats)
+                    row.ratio = row.ms / ideal
+                except Exception as error:  # a kernel that fails to compile or run is reported, not fatal
+                    row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                result["rows"].append(asdict(row))
+                shown = (f"{row.ms:.3f} ms = {row.ratio:.2f}x ideal (first call {row.first_call_s:.1f} s, "
+                         f"rel. error {row.rel_error if row.rel_error is not None else float('nan'):.1e})"
+                         if row.ms is not None else row.error)
+                say(f"  {label:<11} {name:<14} share {share:.3f}  {shown}")
+            del reference
+        del q, k, v
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def best_rows(result: dict) -> list[dict]:
+    """The fastest backend of each (length, pattern)."""
+    best: dict[tuple, dict] = {}
+    for row in result["rows"]:
+        if row["ms"] is None:
+            continue
+        key = (row["n"], row["pattern"])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    return list(best.values())
+
+
+def markdown_attention(result: dict) -> str:
+    """One table per length: rows = patterns, a column per backend (ms and x ideal)."""
+    backends = list(dict.fromkeys(row["backend"] for row in result["rows"]))
+    lines = [f"Attention alone: batch {result['batch']}, {result['heads']} heads "
+             f"({result['kv_heads']} key/value), head dim {result['head_dim']}, {result['dtype']}, "
+             f"{result['device']}, torch {result['torch']}. Cells: median ms (time / ideal time).", ""]
+    for n, causal in result["sdpa_causal_ms"].items():
+        extra = result["sdpa_backends_ms"].get(n, {})
+        forced = ", ".join(f"{name} {ms:.3f}" for name, ms in extra.items() if ms is not None)
+        lines.append(f"N = {n}: SDPA full causal {causal:.3f} ms" + (f" (forced kernels: {forced} ms)" if forced else ""))
+        lines.append("")
+        lines.append("| pattern | FLOP share | ideal ms | " + " | ".join(backends) + " | best |")
+        lines.append("| --- | ---: | ---: | " + " | ".join("---:" for _ in backends) + " | --- |")
+        rows = [row for row in result["rows"] if row["n"] == n]
+        for pattern in dict.fromkeys(row["pattern"] for row in rows):
+            cells = {row["backend"]: row for row in rows if row["pattern"] == pattern}
+            first = next(iter(cells.values()))
+            shown = []
+            for backend in backends:
+                row = cells.get(backend)
+                shown.append("–" if row is None or row["ms"] is None else f"{row['ms']:.3f} ({row['ratio']:.2f}x)")
+            timed = [row for row in cells.values() if row["ms"] is not None]
+            best = min(timed, key=lambda row: row["ms"]) if timed else None
+            best_text = f"{best['backend']} {best['ratio']:.2f}x" if best else "–"
+            lines.append(f"| {pattern} | {first['flop_share']:.3f} | {first['ideal_ms']:.3f} | "
+                         + " | ".join(shown) + f" | {best_text} |")
+        lines.append("")
+    return "\n".join(lines)

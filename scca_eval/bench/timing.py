@@ -1,0 +1,65 @@
+"""Timing on the device the work runs on, and the matrix-multiply peak to compare with."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    On CUDA each call is bracketed by CUDA events (kernels run asynchronously,
+    so a host clock would measure the launch, not the work); elsewhere by the
+    host clock. ``warmup`` calls first keep compilation and caches out of it.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def time_wall_s(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 3) -> float:
+    """Median seconds of ``fn()`` including host work (for whole evaluation loops)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        begin = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192,
+                       repeats: int = 10) -> float:
+    """TFLOP/s of one size x size x size matrix product on random data (the reachable peak)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    ms = time_ms(lambda: a @ b, device, warmup=3, repeats=repeats)
+    return 2 * size**3 / (ms * 1e-3) / 1e12

@@ -1,0 +1,150 @@
+"""`scca-eval bench`: attention alone per pattern, and whole-model throughput."""
+
+from __future__ import annotations
+
+import click
+
+from .options import INT_LIST, NAME_LIST
+
+CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"], case_sensitive=False)
+ATTENTION_PATTERNS = "s2,scca_fixed,scca_flow,sda,sda-r4,longmixed"
+MODEL_PATTERNS = "full,s2,scca_fixed,scca_flow,sda,longmixed"
+# Without a GPU the attention benchmark runs at these lengths, so it finishes in seconds.
+CPU_LENGTHS = [512, 1024]
+
+
+@click.group()
+def bench():
+    """Benchmarks: attention alone per pattern, and evaluation throughput of a whole model.
+
+    \b
+    scca-eval bench attention --n 8192,32768
+    scca-eval bench model --shape llama2-7b --ctx 8192,32768 --pattern full,s2,sda --json bench.json
+    """
+
+
+def _write_outputs(result: dict, markdown: str, json_path: str | None, markdown_path: str | None) -> None:
+    from ..bench import write_json
+
+    click.echo(markdown)
+    if json_path:
+        write_json(result, json_path)
+        click.echo(f"wrote {json_path}")
+    if markdown_path:
+        with open(markdown_path, "w", encoding="utf-8") as handle:
+            handle.write(markdown)
+        click.echo(f"wrote {markdown_path}")
+
+
+def _check_positive(values, option: str, least: int = 1) -> None:
+    from ..errors import UserError
+
+    for value in values:
+        if value < least:
+            raise UserError(f"{option} must be at least {least} (got {value})")
+
+
+@bench.command("attention")
+@click.option("--n", "ns", type=INT_LIST, default=None,
+              help="Sequence lengths, comma-separated. Default: 8192,32768 on a GPU; "
+                   f"{','.join(map(str, CPU_LENGTHS))} on CPU.")
+@click.option("--heads", type=int, default=32, show_default=True, help="Query heads.")
+@click.option("--kv-heads", type=int, default=None, help="Key/value heads (grouped-query). Default: --heads.")
+@click.option("--head-dim", type=int, default=128, show_default=True, help="Head dimension.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size.")
+@click.option("--pattern", "patterns", type=NAME_LIST, default=ATTENTION_PATTERNS, show_default=True,
+              help="Patterns, comma-separated: preset names, sda-rN for sda with dilation N.")
+@click.option("--backend", "backends", type=NAME_LIST, default="flex,chunked", show_default=True,
+              help="Backends to time: flex, chunked, strided (chunked with strided views), "
+                   "auto (what a model would use).")
+@click.option("--dtype", type=CHOICE_DTYPES, default=None,
+              help="Default: bfloat16 on a GPU, float32 on CPU.")
+@click.option("--repeats", type=int, default=None, help="Timed calls per cell (median). Default: 20 on GPU, 3 on CPU.")
+@click.option("--no-check", is_flag=True, help="Skip the comparison with a float32 run of the chunked path.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the tables as markdown.")
+def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, dtype, repeats, no_check,
+                      json_path, markdown_path):
+    """Time each pattern's attention against SDPA full causal attention.
+
+    For each length and pattern: the pattern's share of causal attention's FLOPs,
+    the time of each backend, and that time over the ideal time (the share times
+    SDPA's causal time, measured in the same run). Without a GPU it runs on CPU
+    at small lengths, to check the command, not to measure speed.
+    """
+    import torch
+
+    from ..bench import attention_bench, markdown_attention
+    from ..models import parse_dtype
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        click.echo(f"No CUDA GPU here: running on CPU at N = {ns or CPU_LENGTHS} (timings only check the command).")
+    ns = ns or ([8192, 32768] if cuda else CPU_LENGTHS)
+    _check_positive(ns, "--n", 2)
+    _check_positive([heads, head_dim, batch], "--heads, --head-dim and --batch")
+    if kv_heads is not None:
+        _check_positive([kv_heads], "--kv-heads")
+        if heads % kv_heads:
+            from ..errors import UserError
+
+            raise UserError(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
+    device = torch.device("cuda" if cuda else "cpu")
+    result = attention_bench(ns, heads, head_dim, patterns, parse_dtype(dtype, device), kv_heads=kv_heads,
+                             batch=batch, backends=backends, device=device,
+                             repeats=repeats or (20 if cuda else 3), warmup=3 if cuda else 1,
+                             check=not no_check, log=click.echo)
+    _write_outputs(result, markdown_attention(result), json_path, markdown_path)
+
+
+@bench.command("model")
+@click.option("--shape", default="llama2-7b", show_default=True,
+              help="llama2-7b, llama2-13b or smollm2-135m (random weights), a config .json file "
+                   "(random weights), or a real model as for `ppl --model`.")
+@click.option("--ctx", "ctxs", type=INT_LIST, default="8192,32768", show_default=True,
+              help="Window lengths, comma-separated.")
+@click.option("--pattern", "patterns", type=NAME_LIST, default=MODEL_PATTERNS, show_default=True,
+              help="Patterns, comma-separated (sda-rN for sda with dilation N).")
+@click.option("--backend", "backends", type=NAME_LIST, default="auto", show_default=True,
+              help="Attention backends for the sparse patterns (auto, flex, chunked); full always uses SDPA.")
+@click.option("--batch-size", "-b", type=int, default=None,
+              help="Windows per forward pass. Default: the engine's automatic choice.")
+@click.option("--tokens-per-run", type=int, default=32768, show_default=True,
+              help="About this many tokens per timed run (at least one window).")
+@click.option("--repeats", type=int, default=2, show_default=True, help="Timed runs after one warm-up (median).")
+@click.option("--no-plain", is_flag=True, help="Skip the plain transformers loop.")
+@click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
+@click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the table as markdown.")
+def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, repeats, no_plain, layers,
+                  dtype, device, json_path, markdown_path):
+    """Evaluation throughput of a whole model, next to a plain transformers loop.
+
+    For each ctx and pattern: forward and scored tokens/s of the engine (the
+    default protocol's windows through score_windows) and of
+    model(input_ids, labels=...) on the same windows, achieved TFLOP/s and its
+    share of a matrix-multiply peak measured in the same run, and peak memory.
+    """
+    from ..attention.dispatch import BACKENDS
+    from ..bench import markdown_model, model_bench
+    from ..errors import UserError
+    from ..models import parse_device, parse_dtype
+
+    _check_positive(ctxs, "--ctx", 2)
+    _check_positive([tokens_per_run, repeats], "--tokens-per-run and --repeats")
+    if batch_size is not None:
+        _check_positive([batch_size], "--batch-size")
+    if layers is not None:
+        _check_positive([layers], "--layers")
+    unknown = [name for name in backends if name not in BACKENDS]
+    if unknown:
+        raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    device = parse_device(device)
+    result = model_bench(shape, ctxs, patterns, batch_size, backends=backends, device=device,
+                         dtype=parse_dtype(dtype, device), tokens_per_run=tokens_per_run, repeats=repeats,
+                         plain=not no_plain, layers=layers, log=click.echo)
+    _write_outputs(result, markdown_model(result), json_path, markdown_path)

@@ -1,0 +1,114 @@
+"""The benchmarks on CPU at tiny sizes: they run, report consistent figures, and
+measure the same work on both sides of each comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from scca_eval.bench import attention_bench, markdown_attention, markdown_model, model_bench
+from scca_eval.bench.strided import strided_pattern_attention
+from scca_eval.cli.bench import bench
+from test_flex import PRESETS, dense_attention, dense_mask, random_qkv, spec_named
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
+@pytest.mark.parametrize("batch,n,heads,kv_heads", [(1, 256, 8, 4), (2, 131, 9, 3), (2, 96, 6, 6)])
+def test_strided_layout_matches_dense_reference(name, batch, n, heads, kv_heads):
+    spec = spec_named(name)
+    # transformers' memory layout: [B, N, H, D] seen as [B, H, N, D]
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in random_qkv(batch, heads, kv_heads, n, 16,
+                                                                                  seed=n))
+    out = strided_pattern_attention(q, k, v, spec, 0.3)
+    ref = dense_attention(q, k, v, dense_mask(spec, n, heads), 0.3)
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_attention_bench_rows_and_shares():
+    result = attention_bench(ns=(128,), heads=4, head_dim=16, patterns=["s2", "sda-r4"], dtype=torch.float32,
+                             backends=("chunked", "strided"), repeats=1, warmup=0, log=None)
+    assert set(result["sdpa_causal_ms"]) == {128}
+    rows = result["rows"]
+    assert len(rows) == 4 and all(row["error"] is None for row in rows)
+    for row in rows:
+        spec = spec_named("sda4" if row["pattern"] == "sda-r4" else row["pattern"])
+        kept = int(dense_mask(spec, 128, 4).sum())
+        assert row["flop_share"] == pytest.approx(kept / (4 * 128 * 129 / 2))
+        assert row["ratio"] == pytest.approx(row["ms"] / (row["flop_share"] * result["sdpa_causal_ms"][128]))
+        assert row["rel_error"] < 1e-5  # fp32 against the fp32 chunked reference
+    table = markdown_attention(result)
+    assert "| s2 |" in table and "| sda-r4 |" in table and "chunked" in table
+
+
+def test_attention_bench_reports_a_failing_backend_without_stopping():
+    result = attention_bench(ns=(64,), heads=2, head_dim=8, patterns=["s2"], dtype=torch.float32,
+                             backends=("chunked", "broken"), flex_variants={"broken": {"block_size": 0}},
+                             repeats=1, warmup=0, check=False, log=None)
+    by_backend = {row["backend"]: row for row in result["rows"]}
+    assert by_backend["chunked"]["error"] is None
+    assert by_backend["broken"]["ms"] is None and by_backend["broken"]["error"]
+
+
+def test_model_bench_engine_and_plain_do_the_same_work(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    result = model_bench(str(config), ctxs=(48,), patterns=("full", "s2"), batch_size=2, backends=("chunked",),
+                         tokens_per_run=150, repeats=1, device="cpu", log=None)
+    rows = {(row["pattern"], row["path"]): row for row in result["rows"]}
+    assert set(rows) == {("full", "engine"), ("full", "plain"), ("s2", "engine"), ("s2", "plain")}
+    for pattern in ("full", "s2"):
+        engine, plain = rows[pattern, "engine"], rows[pattern, "plain"]
+        assert engine["error"] is None and plain["error"] is None
+        # 150 // 48 = 3 windows of 48 tokens, each scoring its last 47
+        assert engine["windows"] == 3 and engine["forward_tokens"] == 3 * 48
+        assert engine["scored_tokens"] == plain["scored_tokens"] == 3 * 47
+        assert engine["mean_nll"] == pytest.approx(plain["mean_nll"], rel=1e-5)
+    # a pattern changes the computation
+    assert rows["s2", "engine"]["mean_nll"] != pytest.approx(rows["full", "engine"]["mean_nll"], rel=1e-7)
+
+    # FLOPs: 2 x matmul weights x tokens (+ attention), counted here from the shape alone
+    h, i, layers, vocab = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"], TINY["vocab_size"]
+    kv = h // TINY["num_attention_heads"] * TINY["num_key_value_heads"]
+    body = layers * (h * h + 2 * h * kv + h * h + 3 * h * i)
+    assert result["matmul_params"] == body + vocab * h
+    full = rows["full", "plain"]
+    attention = 4 * h * layers * 3 * 48 * 49 / 2  # causal pairs x head_dim x heads = pairs x hidden
+    expected = 2 * (body + vocab * h) * 3 * 48 + attention
+    assert full["tflops"] * full["seconds"] * 1e12 == pytest.approx(expected, rel=1e-9)
+    assert "| 48 | s2 | chunked | engine |" in markdown_model(result)
+
+
+def test_cli_attention_on_cpu_writes_json(tmp_path):
+    out = tmp_path / "attention.json"
+    result = CliRunner().invoke(bench, ["attention", "--n", "64", "--heads", "2", "--head-dim", "8",
+                                        "--pattern", "s2", "--backend", "chunked", "--repeats", "1",
+                                        "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    if not torch.cuda.is_available():
+        assert "on CPU" in result.output
+    data = json.loads(out.read_text())
+    assert data["rows"][0]["pattern"] == "s2" and data["rows"][0]["n"] == 64
+
+
+@pytest.mark.parametrize("args,message", [
+    (["attention", "--n", "1"], "--n must be at least 2"),
+    (["attention", "--pattern", "nonsense"], "nonsense"),
+    (["attention", "--heads", "6", "--kv-heads", "4"], "multiple of --kv-heads"),
+    (["model", "--backend", "fast"], "unknown attention backend 'fast'"),
+    (["model", "--ctx", "1"], "--ctx must be at least 2"),
+    (["model", "--shape", "no-such-shape.json"], "no-such-shape.json"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, message, capfd):
+    from scca_eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *args])
+    assert exit_info.value.code == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
