@@ -112,11 +112,16 @@ def check_architecture(model) -> None:
         raise UserError(f"{name} is not a transformers model; attention patterns apply to decoder-only "
                         "causal language models such as LLaMA")
     config = model.config
-    model_type = getattr(config, "model_type", "")
-    if getattr(config, "is_encoder_decoder", False) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{name} ({model_type or 'unknown type'}) is not a decoder-only causal language "
-                        "model; attention patterns need one, such as LLaMA (or use --pattern full)")
-    if not getattr(config, "is_causal", True):
+    model_type = getattr(config, "model_type", "") or "unknown type"
+    causal_classes = {value for values in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+                      for value in ((values,) if isinstance(values, str) else values)}
+    is_causal_lm = any(cls.__name__ in causal_classes for cls in type(model).__mro__)
+    if getattr(config, "is_encoder_decoder", False) or not is_causal_lm:
+        raise UserError(f"{name} ({model_type}) is not a decoder-only causal language model; attention "
+                        "patterns need one, such as LlamaForCausalLM (or use --pattern full)")
+    # transformers' own kernels read `module.is_causal`; a False one means bidirectional attention
+    if not getattr(config, "is_causal", True) or any(
+            getattr(module, "is_causal", True) is False for module in model.modules()):
         raise UserError(f"{name} is configured for bidirectional attention; patterns need causal attention")
     if not type(model).is_backend_compatible():
         raise UserError(f"{name} does not route its attention through transformers' AttentionInterface, "

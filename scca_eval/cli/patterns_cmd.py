@@ -111,9 +111,10 @@ def show(name, ctx, heads, chunk_size, dilation, png_path, cells):
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
               help="The .npy file to write: a boolean array [H, N, N], True = attends.")
 def export(name, ctx, heads, chunk_size, dilation, out_path):
-    """Write the boolean mask [H, N, N] of NAME to a .npy file (True = attends).
+    """Save the boolean mask of NAME as a .npy file.
 
-    The file is written atomically (a temporary file, then a rename). It holds
+    The array is [H, N, N] (heads x queries x keys), True where the query
+    attends the key. NAME is a preset or a custom mix. The file is written atomically (a temporary file, then a rename). It holds
     heads x ctx x ctx bytes, e.g. 2 GiB for 32 heads at ctx 8192.
     """
     import numpy as np

@@ -7,6 +7,7 @@ against: it is built straight from :meth:`Rule.allows` and
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from fractions import Fraction
@@ -96,17 +97,23 @@ def density(spec: PatternSpec, n: int, num_heads: int) -> float:
 
 
 # -- pictures -------------------------------------------------------------------
-def _coverage(rule: Rule, n: int, chunk: int, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per grid cell: allowed pairs and causal pairs ([cells, cells] each)."""
+def _cell_counts(rule: Rule, n: int, chunk: int, cells: int) -> torch.Tensor:
+    """Allowed (query, key) pairs per cell of a cells x cells grid over the mask."""
     edges = torch.linspace(0, n, cells + 1).round().long()
     first, last = edges[:-1][None, :], edges[1:][None, :] - 1  # key range of each column
     row_cell = torch.bucketize(torch.arange(n), edges[1:], right=True)
+    per_query = _count_in(*(x[:, None] for x in key_sets(rule, n, chunk)), first, last)  # [n, cells]
+    return torch.zeros(cells, cells, dtype=torch.long).index_add_(0, row_cell, per_query)
 
-    def per_cell(sets) -> torch.Tensor:
-        per_query = _count_in(*(x[:, None] for x in sets), first, last)  # [n, cells]
-        return torch.zeros(cells, cells, dtype=torch.long).index_add_(0, row_cell, per_query)
 
-    return per_cell(key_sets(rule, n, chunk)), per_cell(key_sets(Rule("causal"), n, chunk))
+@functools.lru_cache(maxsize=8)
+def _causal_cell_counts(n: int, cells: int) -> torch.Tensor:
+    return _cell_counts(Rule("causal"), n, 1, cells)
+
+
+def _coverage(rule: Rule, n: int, chunk: int, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per grid cell: allowed pairs and causal pairs ([cells, cells] each)."""
+    return _cell_counts(rule, n, chunk, cells), _causal_cell_counts(n, cells)
 
 
 _SHADES = " ░▒▓█"
