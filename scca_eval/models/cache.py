@@ -45,6 +45,28 @@ def write_json_atomic(path: Path, data) -> None:
         raise
 
 
+@contextmanager
+def exclusive_lock(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (POSIX ``flock``; released if the process dies).
+
+    Lets parallel processes (e.g. the ranks of a torchrun job) wait for one conversion
+    instead of each doing it. Where ``fcntl`` does not exist the lock is skipped: the
+    atomic publish still keeps the cache consistent.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # Temporary folders older than this are leftovers of a killed process.
 _STALE_SECONDS = 6 * 3600
 

@@ -33,7 +33,8 @@ _BLOCK = 1 << 22
 # Files of a Hugging Face model folder that determine its outputs.
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "config.json")
 
-_memo: dict[str, dict] | None = None
+# The digests file of each cache root, as read (and extended) by this process.
+_memos: dict[Path, dict[str, dict]] = {}
 
 
 def _memo_path() -> Path:
@@ -41,15 +42,14 @@ def _memo_path() -> Path:
 
 
 def _load_memo() -> dict[str, dict]:
-    global _memo
-    if _memo is None:
+    path = _memo_path()
+    if path not in _memos:
         try:
-            _memo = json.loads(_memo_path().read_text(encoding="utf-8"))
-            if not isinstance(_memo, dict):
-                _memo = {}
+            memo = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            _memo = {}  # missing or damaged: digests are recomputed
-    return _memo
+            memo = None  # missing or damaged: digests are recomputed
+        _memos[path] = memo if isinstance(memo, dict) else {}
+    return _memos[path]
 
 
 def _remember(key: str, entry: dict) -> None:
@@ -58,7 +58,7 @@ def _remember(key: str, entry: dict) -> None:
     try:
         write_json_atomic(_memo_path(), memo)
     except OSError:
-        pass  # a read-only cache only costs recomputation
+        pass  # an unwritable cache only costs recomputation
 
 
 def _hash_full(path: Path) -> str:

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from ..errors import MissingDependency, UserError
-from .cache import models_cache_dir, publish_folder, write_json_atomic
+from .cache import exclusive_lock, models_cache_dir, publish_folder, write_json_atomic
 from .fingerprint import file_digest
 
 logger = logging.getLogger(__name__)
@@ -94,19 +94,28 @@ def converted_gguf_folder(path: Path, cache_name: str | None = None) -> tuple[Pa
     if (folder / SOURCE_FILE).is_file():
         return folder, sha
     require_gguf_support()
-    logger.info("Converting %s once (about 30 s); later runs load it from %s", path.name, folder)
-    with publish_folder(folder) as partial:
-        _convert(path, partial)
-        write_json_atomic(
-            partial / SOURCE_FILE,
-            {
-                "gguf_file": path.name,
-                "gguf_sha256": sha,
-                "gguf_bytes": path.stat().st_size,
-                "dtype": "float32",
-                "transformers": _transformers_version(),
-            },
-        )
+    try:
+        with exclusive_lock(folder.parent / f".{folder.name}.lock"):
+            if (folder / SOURCE_FILE).is_file():  # another process converted it while we waited
+                return folder, sha
+            logger.info("Converting %s once (about 30 s); later runs load it from %s", path.name, folder)
+            with publish_folder(folder) as partial:
+                _convert(path, partial)
+                write_json_atomic(
+                    partial / SOURCE_FILE,
+                    {
+                        "gguf_file": path.name,
+                        "gguf_sha256": sha,
+                        "gguf_bytes": path.stat().st_size,
+                        "dtype": "float32",
+                        "transformers": _transformers_version(),
+                    },
+                )
+    except OSError as error:  # _convert turns its own failures into UserError; this is the cache itself
+        raise UserError(
+            f"cannot write the converted model to {folder.parent} ({_one_line(error)}): "
+            "set SCCA_EVAL_CACHE to a writable folder with about 4x the GGUF file's size free"
+        ) from None
     return folder, sha
 
 
@@ -123,7 +132,7 @@ def _convert(path: Path, target: Path) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, IndexError, KeyError, OSError, RuntimeError, TypeError) as error:
+    except Exception as error:  # readers of a damaged file fail in many ways (struct.error, ValueError, ...)
         problem = gguf_problem(path)
         if problem is not None:
             raise UserError(

@@ -115,7 +115,11 @@ def parse_dtype(dtype, device: torch.device | None) -> torch.dtype:
 
 
 def _is_full(pattern) -> bool:
-    return pattern is None or (isinstance(pattern, str) and pattern.strip().lower() == "full")
+    if pattern is None:
+        return True
+    if isinstance(pattern, str):
+        return pattern.strip().lower() == "full"
+    return bool(getattr(pattern, "is_full", False))  # a PatternSpec
 
 
 def _resolve_pattern(pattern, chunk_size, dilation):
@@ -448,8 +452,6 @@ def load_model(
         "rope_scaling": {**rope_applied, "source": "option"} if rope_applied else _config_rope_record(config),
         "tokenizer_name": tokenizer_name,
         "embedding_resized": resized,
-        "pattern": pattern if isinstance(pattern, str) else getattr(pattern, "name", repr(pattern)),
-        "attention_backend": attention_backend if spec is not None else "sdpa",
         "fingerprint": None,  # computed on first model_record call
     }
     return loaded, loaded_tokenizer
@@ -481,7 +483,7 @@ def model_record(model, tokenizer) -> dict:
     ``device``, ``rope_scaling``, ``max_position_embeddings``,
     ``effective_max_length``, ``tokenizer`` ({name, class, vocab_size, bos_token_id,
     eos_token_id, adds_bos, adds_eos, fingerprint}), ``embedding_resized``,
-    ``num_parameters``, ``pattern``, ``attention_backend``. A model that
+    ``num_parameters``, ``attn_implementation``. A model that
     :func:`load_model` did not load gets the same keys, with what its config tells.
     """
     info = _LOADED.get(model)
@@ -497,8 +499,6 @@ def model_record(model, tokenizer) -> dict:
             "rope_scaling": _config_rope_record(config),
             "tokenizer_name": getattr(tokenizer, "name_or_path", None),
             "embedding_resized": None,
-            "pattern": None,
-            "attention_backend": getattr(config, "_attn_implementation", None),
             "fingerprint": None,
         }
     if info["fingerprint"] is None:
@@ -521,6 +521,6 @@ def model_record(model, tokenizer) -> dict:
         "tokenizer": tokenizer_summary(tokenizer, info["tokenizer_name"]),
         "embedding_resized": info["embedding_resized"],
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "pattern": info["pattern"],
-        "attention_backend": info["attention_backend"],
+        # read now: the evaluation may switch patterns on a loaded model
+        "attn_implementation": getattr(config, "_attn_implementation", None),
     }
