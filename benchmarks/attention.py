@@ -19,14 +19,16 @@ import torch  # noqa: E402
 
 from scca_eval.bench import attention_bench, markdown_attention, write_json  # noqa: E402
 
-SAFE = {"ROWS_GUARANTEED_SAFE": True}
 VARIANTS = {
-    "flex-nosafe": {"kernel_options": {}},
-    "flex-n128": {"kernel_options": {**SAFE, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
-    "flex-m64": {"kernel_options": {**SAFE, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
-    "flex-tma": {"kernel_options": {**SAFE, "USE_TMA": True}},
+    # skips the empty-row guard: wrong (NaN) for dilated rules, timed to see what the guard costs
+    "flex-unsafe": {"kernel_options": {"ROWS_GUARANTEED_SAFE": True}},
+    "flex-n128": {"kernel_options": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
+    "flex-m64": {"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+    "flex-tma": {"kernel_options": {"USE_TMA": True}},
     "flex-split": {"split_layouts": True},
-    "flex-b64": {"block_size": 64, "kernel_options": {**SAFE, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4,
+    "flex-contig": {"contiguous": True},
+    "flex-split-tma": {"split_layouts": True, "kernel_options": {"USE_TMA": True}},
+    "flex-b64": {"block_size": 64, "kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4,
                                                       "num_stages": 3}},
 }
 

@@ -58,10 +58,14 @@ def test_attention_bench_reports_a_failing_backend_without_stopping():
 def test_model_bench_engine_and_plain_do_the_same_work(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    result = model_bench(str(config), ctxs=(48,), patterns=("full", "s2"), batch_size=2, backends=("chunked",),
-                         tokens_per_run=150, repeats=1, device="cpu", log=None)
-    rows = {(row["pattern"], row["path"]): row for row in result["rows"]}
+    result = model_bench(str(config), ctxs=(48,), patterns=("full", "s2"), batch_size=2,
+                         backends=("chunked", "strided"), tokens_per_run=150, repeats=1, device="cpu", log=None)
+    strided = {row["path"]: row for row in result["rows"] if row["backend"] == "strided"}
+    rows = {(row["pattern"], row["path"]): row for row in result["rows"] if row["backend"] != "strided"}
     assert set(rows) == {("full", "engine"), ("full", "plain"), ("s2", "engine"), ("s2", "plain")}
+    # the strided layout inside the model computes what the chunked one does
+    for path in ("engine", "plain"):
+        assert strided[path]["mean_nll"] == pytest.approx(rows["s2", path]["mean_nll"], rel=1e-6)
     for pattern in ("full", "s2"):
         engine, plain = rows[pattern, "engine"], rows[pattern, "plain"]
         assert engine["error"] is None and plain["error"] is None
@@ -112,3 +116,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, capfd):
     assert exit_info.value.code == 2
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
+def test_gpu_strided_bf16_matches_reference(name):
+    from test_flex import BF16_REL_TOL
+
+    spec = spec_named(name)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)
+               for x in random_qkv(1, 32, 8, 2048, 128, dtype=torch.bfloat16, device="cuda", seed=2))
+    ref = dense_attention(q, k, v, dense_mask(spec, 2048, 32).cuda(), 128 ** -0.5)
+    out = strided_pattern_attention(q, k, v, spec, 128 ** -0.5)
+    assert torch.isfinite(out).all()
+    assert float((out.double() - ref).norm() / ref.norm()) < BF16_REL_TOL

@@ -36,10 +36,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
 
-# Kernel options used unless the caller passes its own. ROWS_GUARANTEED_SAFE is
-# true for every pattern: each query attends at least itself (docs/patterns.md,
-# property 2), so the kernel may skip its empty-row guard.
-DEFAULT_KERNEL_OPTIONS: dict = {"ROWS_GUARANTEED_SAFE": True}
+# Kernel options used unless the caller passes its own. Not ROWS_GUARANTEED_SAFE,
+# although every query attends some key: the Triton kernel drops its guard in
+# every tile, so a row with no key in the first tile it visits (the strictly
+# causal residue blocks of dilated rules, chunks that do not start on a tile)
+# turns into NaN.
+DEFAULT_KERNEL_OPTIONS: dict = {}
 DEFAULT_BLOCK_SIZE = 128
 
 # Cached plans (block masks and reorderings); a 32k plan for 32 heads is ~20 MB.

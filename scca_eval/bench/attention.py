@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..patterns.masks import density
 from ..patterns.parse import resolve_pattern
 from ..patterns.spec import PatternSpec
-from .timing import synchronize, time_ms
+from .timing import graph_time_ms, synchronize, time_ms
 
 DEFAULT_PATTERNS = ("s2", "scca_fixed", "scca_flow", "sda", "sda-r4", "longmixed")
 BACKENDS = ("flex", "chunked", "strided", "auto")
@@ -43,9 +43,11 @@ class AttentionRow:
     pattern: str
     backend: str
     flop_share: float  # share of causal attention's (query, key) pairs the pattern keeps
-    ms: float | None  # median time of one call; None when the backend failed
+    ms: float | None  # median time of one call (CUDA events); None when the backend failed
     ideal_ms: float  # flop_share * SDPA causal time
     ratio: float | None  # ms / ideal_ms
+    graph_ms: float | None  # the same call replayed from a CUDA graph: GPU time without launch overhead
+    graph_ratio: float | None  # graph_ms / (flop_share * SDPA causal graph time)
     rel_error: float | None  # ||out - ref|| / ||ref|| against a float32 run of the chunked path
     first_call_s: float | None = None  # the first call, compilation and block masks included
     error: str | None = None
@@ -100,7 +102,10 @@ def _backend_fn(name: str, flex_variants: dict[str, dict]) -> Callable:
     if name == "flex" or name in flex_variants:
         from ..attention.flex import flex_pattern_attention
 
-        options = flex_variants.get(name, {})
+        options = dict(flex_variants.get(name, {}))
+        if options.pop("contiguous", False):  # copy to [B, H, N, D] first (the copies are timed too)
+            return lambda q, k, v, spec, scaling: flex_pattern_attention(
+                q.contiguous(), k.contiguous(), v.contiguous(), spec, scaling, **options)
         return lambda q, k, v, spec, scaling: flex_pattern_attention(q, k, v, spec, scaling, **options)
     raise UserError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS + tuple(flex_variants))}")
 
@@ -113,7 +118,7 @@ def attention_bench(ns: Sequence[int] = (8192, 32768), heads: int = 32, head_dim
                     patterns: Sequence[str] | None = None, dtype: torch.dtype = torch.bfloat16, *,
                     kv_heads: int | None = None, batch: int = 1, backends: Sequence[str] = ("flex", "chunked"),
                     flex_variants: dict[str, dict] | None = None, device: torch.device | str | None = None,
-                    warmup: int = 3, repeats: int = 20, check: bool = True,
+                    warmup: int = 3, repeats: int = 20, check: bool = True, graphs: bool = True,
                     log: Callable[[str], None] | None = print) -> dict:
     """Time each pattern's fast paths at each length against SDPA causal attention.
 
@@ -121,8 +126,11 @@ def attention_bench(ns: Sequence[int] = (8192, 32768), heads: int = 32, head_dim
                    ``sda`` with r = 2 and r = 4).
     backends:      ``flex``, ``chunked``, ``auto`` (what the model would use) and the
                    names of ``flex_variants`` ({name: keyword arguments of
-                   flex_pattern_attention}, e.g. other block sizes or kernel options).
+                   flex_pattern_attention}, e.g. other block sizes or kernel options;
+                   ``contiguous: True`` copies the inputs to [B, H, N, D] first).
     check:         also compare every output with a float32 run of the chunked path.
+    graphs:        on CUDA, also time each call replayed from a CUDA graph (GPU time
+                   without the host's launch overhead), against SDPA's graph time.
     Returns a dict with the settings, SDPA's causal times per length and one row
     per (length, pattern, backend) (see AttentionRow); ``markdown_attention``
     turns it into tables.
@@ -148,7 +156,9 @@ def attention_bench(ns: Sequence[int] = (8192, 32768), heads: int = 32, head_dim
     for n in ns:
         q, k, v = _qkv(batch, heads, kv_heads, n, head_dim, dtype, device, seed=n)
         causal_ms = time_ms(lambda: _sdpa_causal(q, k, v, scaling), device, warmup=warmup, repeats=repeats)
+        causal_graph_ms = graph_time_ms(lambda: _sdpa_causal(q, k, v, scaling), device, repeats=repeats)
         result["sdpa_causal_ms"][n] = causal_ms
+        result.setdefault("sdpa_causal_graph_ms", {})[n] = causal_graph_ms
         if device.type == "cuda":
             result["sdpa_backends_ms"][n] = _sdpa_backend_times(q, k, v, scaling, device, warmup, repeats)
         say(f"N={n}: SDPA causal {causal_ms:.3f} ms")
@@ -161,7 +171,7 @@ def attention_bench(ns: Sequence[int] = (8192, 32768), heads: int = 32, head_dim
 
                 reference = chunked_pattern_attention(q.float(), k.float(), v.float(), spec, scaling)
             for name, fn in fns.items():
-                row = AttentionRow(n, label, name, share, None, ideal, None, None)
+                row = AttentionRow(n, label, name, share, None, ideal, None, None, None, None)
                 try:
                     begin = time.perf_counter()
                     out = fn(q, k, v, spec, scaling)
@@ -172,10 +182,15 @@ def attention_bench(ns: Sequence[int] = (8192, 32768), heads: int = 32, head_dim
                     del out
                     row.ms = time_ms(lambda: fn(q, k, v, spec, scaling), device, warmup=warmup, repeats=repeats)
                     row.ratio = row.ms / ideal
+                    if graphs and causal_graph_ms:
+                        row.graph_ms = graph_time_ms(lambda: fn(q, k, v, spec, scaling), device, repeats=repeats)
+                        if row.graph_ms is not None:
+                            row.graph_ratio = row.graph_ms / (share * causal_graph_ms)
                 except Exception as error:  # a kernel that fails to compile or run is reported, not fatal
                     row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
                 result["rows"].append(asdict(row))
-                shown = (f"{row.ms:.3f} ms = {row.ratio:.2f}x ideal (first call {row.first_call_s:.1f} s, "
+                graph = f", graph {row.graph_ms:.3f} ms = {row.graph_ratio:.2f}x" if row.graph_ms else ""
+                shown = (f"{row.ms:.3f} ms = {row.ratio:.2f}x ideal{graph} (first call {row.first_call_s:.1f} s, "
                          f"rel. error {row.rel_error if row.rel_error is not None else float('nan'):.1e})"
                          if row.ms is not None else row.error)
                 say(f"  {label:<11} {name:<14} share {share:.3f}  {shown}")
@@ -203,11 +218,15 @@ def markdown_attention(result: dict) -> str:
     backends = list(dict.fromkeys(row["backend"] for row in result["rows"]))
     lines = [f"Attention alone: batch {result['batch']}, {result['heads']} heads "
              f"({result['kv_heads']} key/value), head dim {result['head_dim']}, {result['dtype']}, "
-             f"{result['device']}, torch {result['torch']}. Cells: median ms (time / ideal time).", ""]
+             f"{result['device']}, torch {result['torch']}. Cells: median ms of one call (time / ideal time); "
+             "on CUDA then the same from a CUDA graph replay (GPU time without launch overhead, "
+             "against SDPA's graph time).", ""]
     for n, causal in result["sdpa_causal_ms"].items():
         extra = result["sdpa_backends_ms"].get(n, {})
         forced = ", ".join(f"{name} {ms:.3f}" for name, ms in extra.items() if ms is not None)
-        lines.append(f"N = {n}: SDPA full causal {causal:.3f} ms" + (f" (forced kernels: {forced} ms)" if forced else ""))
+        graph = result.get("sdpa_causal_graph_ms", {}).get(n)
+        lines.append(f"N = {n}: SDPA full causal {causal:.3f} ms" + (f", {graph:.3f} ms from a CUDA graph" if graph else "")
+                     + (f" (forced kernels: {forced} ms)" if forced else ""))
         lines.append("")
         lines.append("| pattern | FLOP share | ideal ms | " + " | ".join(backends) + " | best |")
         lines.append("| --- | ---: | ---: | " + " | ".join("---:" for _ in backends) + " | --- |")
@@ -218,10 +237,20 @@ def markdown_attention(result: dict) -> str:
             shown = []
             for backend in backends:
                 row = cells.get(backend)
-                shown.append("–" if row is None or row["ms"] is None else f"{row['ms']:.3f} ({row['ratio']:.2f}x)")
+                if row is None or row["ms"] is None:
+                    shown.append("–")
+                    continue
+                cell = f"{row['ms']:.3f} ({row['ratio']:.2f}x)"
+                if row.get("graph_ms"):
+                    cell += f" / {row['graph_ms']:.3f} ({row['graph_ratio']:.2f}x)"
+                shown.append(cell)
             timed = [row for row in cells.values() if row["ms"] is not None]
             best = min(timed, key=lambda row: row["ms"]) if timed else None
             best_text = f"{best['backend']} {best['ratio']:.2f}x" if best else "–"
+            graphed = [row for row in timed if row.get("graph_ms")]
+            if graphed:
+                best_graph = min(graphed, key=lambda row: row["graph_ms"])
+                best_text += f" / {best_graph['backend']} {best_graph['graph_ratio']:.2f}x"
             lines.append(f"| {pattern} | {first['flop_share']:.3f} | {first['ideal_ms']:.3f} | "
                          + " | ".join(shown) + f" | {best_text} |")
         lines.append("")

@@ -183,7 +183,6 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     plain:          also time the plain transformers loop.
     layers:         override the number of layers (quick checks).
     """
-    from ..attention.register import apply_pattern
     from ..engine import auto_batch_size, score_windows
     from ..windows import plan_windows
 
@@ -195,9 +194,9 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     specs = {label: pattern_from_label(label) for label in patterns}
     from ..attention.dispatch import BACKENDS
 
-    unknown = [name for name in backends if name not in BACKENDS]
+    unknown = [name for name in backends if name not in BACKENDS + ("strided",)]
     if unknown:
-        raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+        raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}, strided")
 
     model, origin = bench_model(shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=layers)
     body_params, head_params = _linear_params(model)
@@ -222,7 +221,7 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
         for label, spec in specs.items():
             for backend in (["sdpa"] if spec.is_full else list(backends)):
                 try:
-                    apply_pattern(model, spec, backend="auto" if spec.is_full else backend)
+                    _apply(model, spec, backend)
                 except UserError as error:
                     say(f"  {label}: {error}")
                     continue
@@ -258,7 +257,7 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                     result["rows"].append(asdict(row))
                     say(_row_line(row))
                 _reset_peak(device)
-    apply_pattern(model, specs.get("full") or pattern_from_label("full"))
+    _apply(model, pattern_from_label("full"), "sdpa")
     del model
     _reset_peak(device)
     return result
@@ -267,6 +266,19 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
 def _num(value: float) -> str:
     """Three significant digits without scientific notation (TFLOP/s on CPU are small)."""
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _apply(model, spec, backend: str) -> None:
+    """Put ``model`` under ``spec`` with ``backend`` (``strided``: the candidate layout of bench/strided.py)."""
+    from ..attention.register import apply_pattern
+    from .strided import IMPLEMENTATION, use_strided_attention
+
+    if backend == "strided" and not spec.is_full:
+        use_strided_attention(model, spec)
+        return
+    if model.config._attn_implementation == IMPLEMENTATION:
+        model.set_attn_implementation("sdpa")
+    apply_pattern(model, spec, backend="auto" if spec.is_full else backend)
 
 
 def _transformers_version() -> str:

@@ -130,3 +130,38 @@ def _rule_views(rule, q, k, v, o, chunk: int, scaling: float) -> bool:
                 oc[:, 1:, a].copy_(_sdpa(qc[:, 1:, a], kc[:, :-1, c], vc[:, :-1, c], True, scaling))
             oc[:, 0, a].copy_(vc[:, 0, a].repeat_interleave(per_kv, dim=1))
     return True
+
+
+# -- inside a model, for the model benchmark --------------------------------------
+IMPLEMENTATION = "scca_bench_strided"
+_specs: dict[int, PatternSpec] = {}
+
+
+def _model_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """AttentionInterface entry: [B, H, N, D] in, ([B, N, H, D], None) out, like transformers' own."""
+    spec = _specs.get(id(module.config))
+    if spec is None:
+        raise RuntimeError("use_strided_attention(model, spec) was not called for this model")
+    if scaling is None:
+        scaling = module.scaling
+    out = strided_pattern_attention(query, key, value, spec, scaling)
+    return out.transpose(1, 2), None  # already [B, N, H, D] in memory: no copy
+
+
+def use_strided_attention(model, spec: PatternSpec):
+    """Run ``model`` under ``spec`` with the strided layout (through transformers' AttentionInterface).
+
+    Undo with ``model.set_attn_implementation("sdpa")`` or ``apply_pattern``.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+
+    from ..attention.register import check_architecture, scca_mask
+
+    check_architecture(model)
+    AttentionInterface.register(IMPLEMENTATION, _model_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, scca_mask)  # no dense mask: every pattern is causal
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            _specs[id(module.config)] = spec
+    model.set_attn_implementation(IMPLEMENTATION)
+    return model

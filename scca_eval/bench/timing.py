@@ -41,6 +41,34 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return statistics.median(times)
 
 
+def graph_time_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 20) -> float | None:
+    """Median GPU time of ``fn()`` replayed from a CUDA graph, in milliseconds.
+
+    A graph replays the kernels without the host work that launches them, so
+    this is the time the GPU needs; ``time_ms`` minus this is launch overhead,
+    which inside a model overlaps with the kernels of other layers. ``fn`` must
+    have run before (compilation, caches). None where capture is not possible
+    (no CUDA, or an operation that cannot be captured).
+    """
+    if device.type != "cuda":
+        return None
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up on the capture stream, as CUDA graphs require
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # capture refused: report no graph time rather than fail the benchmark
+        torch.cuda.synchronize(device)
+        return None
+    ms = time_ms(graph.replay, device, warmup=2, repeats=repeats)
+    del graph
+    return ms
+
+
 def time_wall_s(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 3) -> float:
     """Median seconds of ``fn()`` including host work (for whole evaluation loops)."""
     for _ in range(warmup):

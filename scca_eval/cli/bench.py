@@ -107,7 +107,8 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 @click.option("--pattern", "patterns", type=NAME_LIST, default=MODEL_PATTERNS, show_default=True,
               help="Patterns, comma-separated (sda-rN for sda with dilation N).")
 @click.option("--backend", "backends", type=NAME_LIST, default="auto", show_default=True,
-              help="Attention backends for the sparse patterns (auto, flex, chunked); full always uses SDPA.")
+              help="Attention backends for the sparse patterns (auto, flex, chunked, or strided: the "
+                   "chunked layout on strided views, a candidate); full always uses SDPA.")
 @click.option("--batch-size", "-b", type=int, default=None,
               help="Windows per forward pass. Default: the engine's automatic choice.")
 @click.option("--tokens-per-run", type=int, default=32768, show_default=True,
@@ -140,9 +141,9 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
         _check_positive([batch_size], "--batch-size")
     if layers is not None:
         _check_positive([layers], "--layers")
-    unknown = [name for name in backends if name not in BACKENDS]
+    unknown = [name for name in backends if name not in BACKENDS + ("strided",)]
     if unknown:
-        raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+        raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}, strided")
     device = parse_device(device)
     result = model_bench(shape, ctxs, patterns, batch_size, backends=backends, device=device,
                          dtype=parse_dtype(dtype, device), tokens_per_run=tokens_per_run, repeats=repeats,
