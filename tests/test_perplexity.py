@@ -2,7 +2,10 @@
 
 The reference is the sliding-window recipe of the transformers perplexity guide:
 one window at a time, the model's own loss with labels = -100 on context tokens.
-It shares no code with scca_eval beyond the tokenizer call.
+One deliberate difference, the protocol's definition: windows advance by
+min(stride, ctx - 1), so that with disjoint windows (stride = ctx) no token at a
+window's start goes unscored. It shares no code with scca_eval beyond the
+tokenizer call.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ def reference_perplexity(model, tokenizer, texts, ctx, stride):
         ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
         length = ids.shape[1]
         prev_end = 0
-        for begin in range(0, length, stride):
+        for begin in range(0, length, min(stride, ctx - 1)):
             end = min(begin + ctx, length)
             target_len = end - prev_end
             inputs = ids[:, begin:end]
