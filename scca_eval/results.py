@@ -54,7 +54,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_record(record: dict, out_dir: str | Path) -> Path:
     path = Path(out_dir) / record_filename(record)
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
+    stored = {key: value for key, value in record.items() if key != "path"}  # "path" is where it was read from
+    atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -69,46 +70,39 @@ def read_record(path: str | Path) -> dict:
     if not isinstance(record, dict) or any(key not in record for key in REQUIRED_KEYS):
         missing = [key for key in REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
         raise UserError(f"{path}: not a scca-eval result record (missing {', '.join(missing)})")
+    record["path"] = str(path)  # where it was read from, for messages (not part of the stored record)
     return record
 
 
 def load_records(paths: Iterable[str | Path]) -> list[dict]:
-    """Records from files and folders (folders are searched for *.json, recursively)."""
-    records = []
+    """Records from files and folders (folders are searched for *.json, recursively).
+
+    A file named twice (directly and through its folder) is read once.
+    """
+    files: list[Path] = []
     for entry in paths:
         entry = Path(entry)
         if entry.is_dir():
-            files = sorted(p for p in entry.rglob("*.json") if not p.name.startswith("."))
-            if not files:
+            found = sorted(p for p in entry.rglob("*.json") if not p.name.startswith("."))
+            if not found:
                 raise UserError(f"{entry}: folder holds no result files (*.json)")
-            records.extend(read_record(p) for p in files)
+            files.extend(found)
+        elif entry.exists():
+            files.append(entry)
         else:
-            records.append(read_record(entry))
+            raise UserError(f"{entry}: no such result file or folder")
+    records, seen = [], set()
+    for path in files:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            records.append(read_record(path))
     return records
 
 
-def _format_cell(record: dict, digits: int) -> str:
-    return f"{record['metrics']['perplexity']:.{digits}f}"
-
-
 def markdown_tables(records: list[dict], digits: int = 2) -> str:
-    """One markdown table per task: rows model · pattern, columns ctx."""
-    by_task: dict[str, list[dict]] = {}
-    for record in records:
-        by_task.setdefault(record["task"], []).append(record)
-    blocks = []
-    for task, rows in by_task.items():
-        ctxs = sorted({r["ctx"] for r in rows})
-        row_keys = list(dict.fromkeys((r["model"], r["pattern"]) for r in rows))
-        cells = {(r["model"], r["pattern"], r["ctx"]): r for r in rows}
-        lines = [f"**{task}** — token perplexity (lower is better)", ""]
-        lines.append("| model | pattern | " + " | ".join(str(c) for c in ctxs) + " |")
-        lines.append("| --- | --- | " + " | ".join("---:" for _ in ctxs) + " |")
-        for model, pattern in row_keys:
-            values = [
-                _format_cell(cells[(model, pattern, c)], digits) if (model, pattern, c) in cells else "–"
-                for c in ctxs
-            ]
-            lines.append(f"| {model} | {pattern} | " + " | ".join(values) + " |")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    """One markdown table per task in the paper's layout (rows: patterns, or model · pattern
+    for several models; columns: ctx; best value per column in bold). The end-of-run table of
+    `scca-eval ppl` and `scca-eval table` share this renderer (scca_eval.report.tables)."""
+    from .report.tables import render_tables
+
+    return render_tables(records, digits=digits)

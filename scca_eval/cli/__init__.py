@@ -15,7 +15,8 @@ from ..errors import UserError
 from .bench import bench
 from .patterns_cmd import patterns
 from .ppl import ppl
-from .report import table
+from .report import compare, plot, table
+from .sweep import sweep
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -33,6 +34,9 @@ def cli():
 
 cli.add_command(ppl)
 cli.add_command(table)
+cli.add_command(compare)
+cli.add_command(plot)
+cli.add_command(sweep)
 cli.add_command(patterns)
 cli.add_command(bench)
 
@@ -42,13 +46,17 @@ def _fail(message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
+# click >= 8.2 raises this for a group called without arguments; older click has no such class.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script and of `python -m scca_eval`."""
     try:
         status = cli.main(args=argv, prog_name="scca-eval", standalone_mode=False)
     except UserError as error:
         _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
-    except click.exceptions.NoArgsIsHelp as error:  # pragma: no cover - click >= 8.2
+    except _NO_ARGS_IS_HELP as error:  # pragma: no cover - click >= 8.2
         click.echo(error.ctx.get_help() if error.ctx else str(error))
         sys.exit(0)
     except click.UsageError as error:

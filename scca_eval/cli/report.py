@@ -1,15 +1,147 @@
-"""`scca-eval table`: tables from result records alone (no model needed)."""
+"""`scca-eval table`, `compare` and `plot`: work on result records alone (no model needed)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import click
+
+METRIC_CHOICE = click.Choice(["perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"])
+ROWS_CHOICE = click.Choice(["auto", "pattern", "model", "model-pattern"])
+
+metric_option = click.option(
+    "--metric", type=METRIC_CHOICE, default="perplexity", show_default=True,
+    help="What the cells show. bits_per_byte and word_perplexity compare models with different tokenizers.")
+rows_option = click.option(
+    "--rows", type=ROWS_CHOICE, default="auto", show_default=True,
+    help="What a row is: pattern, model, or model-pattern; auto = pattern for records of one model, "
+         "model-pattern otherwise.")
+reference_option = click.option(
+    "--reference", "references", multiple=True, metavar="NAME|FILE",
+    help="Add published rows from a reference file (results/reference/*.yaml), e.g. scca_paper_pg19; "
+         "they are labelled 'published' and kept apart from measured rows. Repeatable.")
+
+
+def _load_references(names):
+    from ..report.reference import load_reference
+
+    return [load_reference(name) for name in names]
+
+
+def _write(text: str, output: str | None) -> None:
+    if output is None:
+        click.echo(text)
+        return
+    from ..results import atomic_write_text
+
+    atomic_write_text(Path(output), text + "\n")
+    click.echo(f"wrote {output}", err=True)
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--digits", type=int, default=2, show_default=True, help="Decimals of each perplexity.")
-def table(paths, digits):
-    """Markdown tables (one per task; rows model · pattern, columns ctx) from result files or folders."""
-    from ..results import load_records, markdown_tables
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--format", "-f", "fmt", type=click.Choice(["markdown", "csv", "latex"]), default="markdown",
+              show_default=True, help="markdown for READMEs and pull requests, csv (full precision, every task "
+                                      "in one file) or latex (booktabs).")
+@metric_option
+@rows_option
+@click.option("--ci", is_flag=True, help="Show ± half the width of the 95% bootstrap interval (perplexity only).")
+@reference_option
+@click.option("--digits", type=int, default=2, show_default=True, help="Decimals shown (markdown and LaTeX).")
+@click.option("--output", "-o", type=click.Path(), default=None, help="Write to this file instead of stdout.")
+def table(paths, fmt, metric, rows, ci, references, digits, output):
+    """Paper-style tables from result files or folders: one table per task, rows = patterns
+    (or models), columns = the ctx values present, best value per column in bold.
 
-    click.echo(markdown_tables(load_records(paths), digits=digits))
+    \b
+    Examples:
+      scca-eval table results/runs
+      scca-eval table results/smollm2-135m --ci --reference scca_paper_pg19
+      scca-eval table results/a results/b --rows model-pattern --format latex -o table.tex
+    """
+    from ..report.tables import render_tables
+    from ..results import load_records
+
+    records = load_records(paths) if paths else []
+    _write(render_tables(records, format=fmt, metric=metric, rows=rows, ci=ci,
+                         references=_load_references(references), digits=digits), output)
+
+
+@click.command()
+@click.argument("base", type=click.Path())
+@click.argument("new", type=click.Path())
+@click.option("--max-regression", type=float, default=None, metavar="PCT",
+              help="Gate: exit 1 when any cell's perplexity rose by more than PCT percent and significantly "
+                   "(p < --alpha). Without it, only report.")
+@click.option("--alpha", type=float, default=0.05, show_default=True,
+              help="Significance level of the paired bootstrap.")
+@click.option("--bootstrap-samples", type=int, default=2000, show_default=True,
+              help="Resamples of the paired bootstrap over documents.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option("--output", "-o", type=click.Path(), default=None,
+              help="Also write the markdown report to this file (e.g. for a pull-request comment).")
+@click.pass_context
+def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, output):
+    """Compare NEW result records with BASE ones, cell by cell (task, pattern, ctx).
+
+    For each cell: both perplexities, the relative change, and a paired bootstrap over
+    documents that says whether the change is significant. Records that are not comparable
+    (other tokenizer, task data, protocol, stride, --max-tokens or documents) are refused.
+    Cells found on one side only are listed. When GITHUB_STEP_SUMMARY is set, the report is
+    appended to that file.
+
+    \b
+    Exit status: 0 = no significant regression beyond --max-regression (or no gate),
+    1 = the gate failed, 2 = bad input.
+
+    \b
+    Example (CI):
+      scca-eval compare results/baseline new --max-regression 1
+    """
+    from ..errors import UserError
+    from ..report.compare import compare_records
+    from ..results import load_records
+
+    if bootstrap_samples < 100:
+        raise UserError(f"--bootstrap-samples must be at least 100 (got {bootstrap_samples})")
+    comparison = compare_records(load_records([base]), load_records([new]), alpha=alpha,
+                                 max_regression=max_regression, n_boot=bootstrap_samples, seed=seed,
+                                 base_name=f"`{base}`", new_name=f"`{new}`")
+    report = comparison.to_markdown()
+    click.echo(report)
+    if output is not None:
+        _write(report, output)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(report + "\n\n")
+    if not comparison.passed:
+        ctx.exit(1)
+
+
+@click.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--out", "-o", "prefix", required=True, type=click.Path(),
+              help="File name prefix: writes PREFIX.png and PREFIX.svg.")
+@metric_option
+@rows_option
+@reference_option
+@click.option("--title", default=None, help="A title above the panels.")
+def plot(paths, prefix, metric, rows, references, title):
+    """Plot perplexity (or --metric) against ctx on a log2 axis from result files or
+    folders: one panel per task, one line per pattern (or model), error bars from the 95%
+    bootstrap intervals, published rows dashed. Needs matplotlib
+    (pip install 'scca-eval[plot]').
+
+    \b
+    Example:
+      scca-eval plot results/smollm2-135m --out results/smollm2-135m --reference scca_paper_pg19
+    """
+    from ..report.plot import plot_records
+    from ..results import load_records
+
+    records = load_records(paths) if paths else []
+    for path in plot_records(records, prefix, metric=metric, rows=rows,
+                             references=_load_references(references), title=title):
+        click.echo(f"wrote {path}", err=True)

@@ -1,0 +1,1 @@
+"""Published reference figures (YAML), installed as ``scca_eval.reference``."""

@@ -1,0 +1,98 @@
+"""`scca-eval sweep`: models × tasks × patterns × ctx, one record per cell, resumable."""
+
+from __future__ import annotations
+
+import contextlib
+
+import click
+
+from .options import INT_LIST
+
+
+@click.command()
+@click.argument("sweep_file", required=False, type=click.Path())
+@click.option("--model", "-m", "models", multiple=True,
+              help="Model: 'default', a model folder, a .gguf file or a hub id; repeatable. Default: default.")
+@click.option("--pattern", "-p", "patterns", multiple=True,
+              help="Patterns, comma-separated or repeated: full,s2,scca_fixed,scca_flow,sda,longmixed "
+                   "or custom mixes. Default: full.")
+@click.option("--ctx", type=INT_LIST, default=None, help="Window lengths, e.g. 1024,2048,4096,8192. Default: 1024.")
+@click.option("--task", "-t", "tasks", multiple=True,
+              help="Task name or task YAML path; repeatable. Default: pg19_sample and proof_pile_sample.")
+@click.option("--data", "data", multiple=True, type=click.Path(),
+              help="A local file or folder evaluated as a task; repeatable.")
+@click.option("--stride", type=int, default=None, help="Tokens a window advances, 1..ctx. Default: ctx.")
+@click.option("--max-tokens", type=int, default=None,
+              help="Cap on scored tokens per cell (equal document prefixes), the same for every cell.")
+@click.option("--batch-size", "-b", type=int, default=None, help="Windows per forward pass. Default: automatic.")
+@click.option("--dtype", default=None, help="float32, bfloat16 or float16. Default: float32 on CPU, bfloat16 on GPU.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@click.option("--chunk-size", type=int, default=None, help="Chunk size G in tokens. Default: a quarter of ctx.")
+@click.option("--dilation", type=int, default=None, help="Dilation r of sda. Default: 2.")
+@click.option("--bos/--no-bos", "add_bos", default=None, help="Prepend BOS to every document. Default: no.")
+@click.option("--allow-long-context", is_flag=True, default=None,
+              help="Evaluate a ctx beyond the model's trained length.")
+@click.option("--attention-backend", type=click.Choice(["auto", "chunked", "flex", "reference", "flash"]),
+              default=None, help="Kernel for sparse patterns. Default: auto.")
+@click.option("--adapter", type=click.Path(), default=None,
+              help="LoRA adapter folder for every model of the sweep (a model's own in the sweep file wins).")
+@click.option("--rope-scaling", default=None,
+              help="Position interpolation for every model: 'linear:F' or 'longlora:CTX' "
+                   "(a model's own in the sweep file wins).")
+@click.option("--seed", type=int, default=None, help="Seed of the bootstrap interval. Default: 0.")
+@click.option("--out", "-o", type=click.Path(), default=None,
+              help="Folder for the records. Default: results/sweep.")
+@click.option("--dry-run", is_flag=True, help="List the cells and exit without loading anything.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-cell lines (for CI logs).")
+def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, batch_size, dtype, device,
+          chunk_size, dilation, add_bos, allow_long_context, attention_backend, adapter, rope_scaling, seed,
+          out, dry_run, quiet):
+    """Evaluate the grid models × tasks × patterns × ctx, writing one record per cell as
+    soon as it is done. Cells whose record already exists in --out with the same
+    configuration (model weights, task data, tokenizer, pattern settings, ctx, stride,
+    protocol, --max-tokens, BOS, dtype, seed) are skipped, so an interrupted sweep resumes
+    where it stopped when run again. A table of every cell is printed at the end.
+
+    SWEEP_FILE is an optional YAML file with the same settings (models, patterns, ctx,
+    tasks, data, out, stride, max_tokens, ...); options given here override it.
+
+    \b
+    Examples:
+      scca-eval sweep --pattern full,s2,scca_fixed,scca_flow,sda,longmixed \\
+          --ctx 1024,2048,4096,8192 --max-tokens 16384 --out results/smollm2-135m
+      scca-eval sweep results/smollm2-135m.yaml --device cuda
+    """
+    from ..results import markdown_tables
+    from ..sweep import ModelEntry, load_sweep_file, make_sweep, run_sweep, split_patterns
+
+    settings = load_sweep_file(sweep_file) if sweep_file else {}
+    given = {
+        "models": list(models) or None, "patterns": split_patterns(patterns) or None, "ctx": ctx,
+        "tasks": list(tasks) or None, "data": list(data) or None, "stride": stride, "max_tokens": max_tokens,
+        "batch_size": batch_size, "dtype": dtype, "device": device, "chunk_size": chunk_size,
+        "dilation": dilation, "add_bos": add_bos, "allow_long_context": allow_long_context,
+        "attention_backend": attention_backend, "seed": seed, "out": out,
+    }
+    settings.update({key: value for key, value in given.items() if value is not None})
+    plan = make_sweep(settings, where=sweep_file or "sweep")
+    shared = {key: value for key, value in (("adapter", adapter), ("rope_scaling", rope_scaling)) if value}
+    if shared:
+        plan.models = [ModelEntry(m.model, tuple(sorted({**shared, **dict(m.options)}.items())))
+                       for m in plan.models]
+
+    cells = plan.cell_labels()
+    if dry_run:
+        click.echo("\n".join(cells))
+        settings_text = ", ".join(f"{key}={value}" for key, value in plan.settings().items())
+        click.echo(f"{len(cells)} cell(s); records go to {plan.out}/; {settings_text}", err=True)
+        return
+
+    from .progress import RichProgress
+
+    log = None if quiet else (lambda line: click.echo(line, err=True))
+    bar = contextlib.nullcontext(None) if quiet else RichProgress()
+    with bar as progress:
+        result = run_sweep(plan, progress=progress, log=log)
+    click.echo(markdown_tables(result.records))
+    click.echo(f"\n{len(result.records)} cell(s): {result.computed} computed, {result.reused} already in "
+               f"{plan.out}/", err=True)

@@ -1,0 +1,241 @@
+"""Two sets of records, cell by cell: did the new checkpoint (or code) change perplexity?
+
+Cells are matched by (task, pattern, ctx). A pair is only compared when the numbers mean
+the same thing: same protocol, stride, tokenizer, task data, ``--max-tokens`` and the same
+documents with the same scored tokens; anything else is refused with one line. For each
+pair, a paired bootstrap over documents (:func:`scca_eval.metrics.paired_bootstrap`) gives
+the relative change of perplexity, its 95% interval and a p-value.
+
+The gate: with ``max_regression`` (percent), a cell fails when perplexity rose by more
+than that share *and* the rise is significant (p < alpha). Changes inside the noise never
+fail the gate; improvements never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..errors import UserError
+from ..metrics import paired_bootstrap
+from .grid import PRESET_ORDER, pattern_identity, pattern_labels
+
+
+@dataclass
+class CellComparison:
+    task: str
+    pattern: str
+    ctx: int
+    base_perplexity: float
+    new_perplexity: float
+    relative_change: float                 # new / base - 1
+    ci95: tuple[float, float] | None       # of the relative change
+    p_value: float | None
+    documents: int
+    significant: bool | None               # None: not testable (one document)
+    regression: bool = False               # fails the gate
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} · {self.pattern} · ctx {self.ctx}"
+
+    @property
+    def verdict(self) -> str:
+        if self.regression:
+            return "**regression**"
+        if self.significant is None:
+            return "not tested (one document)"
+        if not self.significant:
+            return "no significant change"
+        return "worse" if self.relative_change > 0 else "better"
+
+
+@dataclass
+class Comparison:
+    cells: list[CellComparison]
+    only_base: list[str]
+    only_new: list[str]
+    alpha: float
+    max_regression: float | None           # percent, or None without a gate
+    differences: list[str] = field(default_factory=list)
+    base_name: str = "base"
+    new_name: str = "new"
+
+    @property
+    def regressions(self) -> list[CellComparison]:
+        return [cell for cell in self.cells if cell.regression]
+
+    @property
+    def passed(self) -> bool:
+        return not self.regressions
+
+    def to_markdown(self) -> str:
+        lines = [f"### Perplexity: {self.new_name} against {self.base_name}", ""]
+        lines.append("| task | pattern | ctx | base | new | change | 95% interval | p | verdict |")
+        lines.append("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |")
+        for cell in self.cells:
+            interval = (f"{cell.ci95[0]:+.2%} … {cell.ci95[1]:+.2%}" if cell.ci95 else "–")
+            p_value = "–" if cell.p_value is None else f"{cell.p_value:.3f}"
+            lines.append(f"| {cell.task} | {cell.pattern} | {cell.ctx} | {cell.base_perplexity:.3f} | "
+                         f"{cell.new_perplexity:.3f} | {cell.relative_change:+.2%} | {interval} | "
+                         f"{p_value} | {cell.verdict} |")
+        lines.append("")
+        lines.append(f"Token perplexity; change = new / base − 1; paired bootstrap over documents, "
+                     f"significant when p < {self.alpha:g}.")
+        if self.differences:
+            lines.append("Settings that differ: " + "; ".join(self.differences) + ".")
+        for side, cells in (("base", self.only_base), ("new", self.only_new)):
+            if cells:
+                lines.append(f"Only in {side} ({len(cells)}, not compared): " + ", ".join(cells) + ".")
+        untested = [c for c in self.cells if c.significant is None]
+        if untested:
+            lines.append(f"{len(untested)} cell(s) have a single document, so no significance test was "
+                         "possible; they cannot fail the gate.")
+        if self.max_regression is not None:
+            lines.append("")
+            if self.passed:
+                lines.append(f"**Gate passed**: no cell regressed by more than {self.max_regression:g}% "
+                             f"with p < {self.alpha:g}.")
+            else:
+                worst = ", ".join(f"{c.label} ({c.relative_change:+.2%})" for c in self.regressions)
+                lines.append(f"**Gate failed**: {len(self.regressions)} of {len(self.cells)} cell(s) regressed "
+                             f"by more than {self.max_regression:g}% with p < {self.alpha:g}: {worst}.")
+        return "\n".join(lines)
+
+
+def _cell_key(record: dict) -> tuple:
+    return (record["task"], pattern_identity(record), int(record["ctx"]))
+
+
+def _index(records: Sequence[dict], side: str, labels: dict[str, str]) -> dict[tuple, dict]:
+    cells: dict[tuple, dict] = {}
+    for record in records:
+        key = _cell_key(record)
+        if key in cells:
+            other = cells[key]
+            raise UserError(f"{side} holds two records for {record['task']} · {labels[key[1]]} · ctx {key[2]} "
+                            f"({other.get('path', other['model'])} and {record.get('path', record['model'])}); "
+                            "give one run per side (one model, one stride)")
+        cells[key] = record
+    return cells
+
+
+def _short(digest) -> str:
+    text = str(digest or "unknown")
+    return text.split(":")[-1][:12]
+
+
+def _check_comparable(base: dict, new: dict, where: str) -> None:
+    b_config, n_config = base["config"], new["config"]
+    checks = [
+        ("the protocols differ", b_config.get("protocol", "stride"), n_config.get("protocol", "stride"),
+         "evaluate both with the same protocol"),
+        ("the strides differ", base["stride"], new["stride"], "evaluate both with the same --stride"),
+        ("the tokenizers differ", b_config.get("tokenizer_fingerprint"), n_config.get("tokenizer_fingerprint"),
+         "token perplexities of different tokenizers are not comparable (compare bits per byte with "
+         "`scca-eval table --metric bits_per_byte`)"),
+        ("the task data differ", b_config.get("data_fingerprint"), n_config.get("data_fingerprint"),
+         "evaluate both on the same task files"),
+        ("--max-tokens differs", b_config.get("max_tokens"), n_config.get("max_tokens"),
+         "evaluate both with the same --max-tokens"),
+    ]
+    for problem, b_value, n_value, fix in checks:
+        if b_value != n_value:
+            if problem in ("the tokenizers differ", "the task data differ"):
+                b_value, n_value = _short(b_value), _short(n_value)
+            raise UserError(f"cannot compare {where}: {problem} (base {b_value}, new {n_value}); {fix}")
+
+
+def _model_field(record: dict, key: str):
+    return (record["config"].get("model") or {}).get(key)
+
+
+def _weights(record: dict) -> str:
+    fingerprint = _model_field(record, "fingerprint")
+    return _short(fingerprint.get("digest") if isinstance(fingerprint, dict) else None)
+
+
+# Settings that may differ between the two sides (they are what is being compared);
+# the report lists those that do, so the reader knows what changed.
+_LISTED_SETTINGS = {
+    "model": lambda r: r["model"],
+    "weights": _weights,
+    "adapter": lambda r: _model_field(r, "adapter"),
+    "RoPE scaling": lambda r: _model_field(r, "rope_scaling"),
+    "dtype": lambda r: r["config"].get("dtype"),
+    "torch": lambda r: (r["config"].get("versions") or {}).get("torch"),
+    "transformers": lambda r: (r["config"].get("versions") or {}).get("transformers"),
+}
+
+
+def _setting_differences(pairs: list[tuple[dict, dict]]) -> list[str]:
+    out = []
+    for name, get in _LISTED_SETTINGS.items():
+        base_values = sorted({str(get(b)) for b, _ in pairs})
+        new_values = sorted({str(get(n)) for _, n in pairs})
+        if base_values != new_values:
+            out.append(f"{name} {', '.join(base_values)} → {', '.join(new_values)}")
+    return out
+
+
+def _documents(record: dict) -> dict[str, tuple[float, int]]:
+    return {str(d["id"]): (float(d["nll_sum"]), int(d["tokens"])) for d in record["documents"]}
+
+
+def compare_records(base: Sequence[dict], new: Sequence[dict], *, alpha: float = 0.05,
+                    max_regression: float | None = None, n_boot: int = 2000, seed: int = 0,
+                    base_name: str = "base", new_name: str = "new") -> Comparison:
+    """Compare ``new`` records with ``base`` records cell by cell (see the module docstring).
+
+    max_regression: percent; with it, ``Comparison.passed`` is the gate's verdict.
+    """
+    if not 0 < alpha < 1:
+        raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
+    if max_regression is not None and max_regression < 0:
+        raise UserError(f"--max-regression must be 0 or more percent (got {max_regression})")
+    if not base or not new:
+        raise UserError(f"no records on the {'base' if not base else 'new'} side; give result files or folders")
+    labels = pattern_labels(list(base) + list(new))
+    base_cells = _index(base, "base", labels)
+    new_cells = _index(new, "new", labels)
+
+    def name(key: tuple) -> str:
+        return f"{key[0]} · {labels[key[1]]} · ctx {key[2]}"
+
+    def order(key: tuple) -> tuple:
+        name = labels[key[1]].split(" (")[0]
+        rank = PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER)
+        return (key[0], rank, labels[key[1]], key[2])
+
+    common = sorted((key for key in base_cells if key in new_cells), key=order)
+    if not common:
+        raise UserError("the two sides share no (task, pattern, ctx) cell; compare runs of the same tasks, "
+                        "patterns and ctx values")
+    cells = []
+    for key in common:
+        b_record, n_record = base_cells[key], new_cells[key]
+        where = name(key)
+        _check_comparable(b_record, n_record, where)
+        try:
+            test = paired_bootstrap(_documents(b_record), _documents(n_record), n_boot=n_boot, seed=seed)
+        except UserError as error:
+            raise UserError(f"cannot compare {where}: {error}") from None
+        significant = None if test["p_value"] is None else test["p_value"] < alpha
+        change = test["relative_change"]
+        regression = (max_regression is not None and bool(significant)
+                      and change * 100 > max_regression)
+        cells.append(CellComparison(
+            task=key[0], pattern=labels[key[1]], ctx=key[2],
+            base_perplexity=test["base_perplexity"], new_perplexity=test["new_perplexity"],
+            relative_change=change, ci95=tuple(test["ci95"]) if test["ci95"] else None,
+            p_value=test["p_value"], documents=test["documents"], significant=significant,
+            regression=regression,
+        ))
+    return Comparison(
+        cells=cells,
+        only_base=[name(k) for k in sorted(base_cells, key=order) if k not in new_cells],
+        only_new=[name(k) for k in sorted(new_cells, key=order) if k not in base_cells],
+        alpha=alpha, max_regression=max_regression,
+        differences=_setting_differences([(base_cells[k], new_cells[k]) for k in common]),
+        base_name=base_name, new_name=new_name,
+    )

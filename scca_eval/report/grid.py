@@ -1,0 +1,285 @@
+"""Records arranged as papers lay them out: for each task, rows (patterns or models) × ctx columns.
+
+Tables and plots draw the same grids, so both agree on what a row is, how it is labelled,
+and which value counts as the best of a column. Published reference rows are kept apart
+from measured ones (``TaskGrid.published``) and never take part in the "best" mark.
+
+A row is identified by the model (when rows show models), the pattern, and — when they
+differ from the default — the stride and the protocol. Two patterns with the same name but
+different settings (chunk size, dilation) get labels that show the setting that differs,
+e.g. ``sda (r=2)`` and ``sda (r=4)``; a custom mix is labelled by its groups.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from ..errors import UserError
+
+# metric key in a record -> how titles and axes name it (lower is better for all of them)
+METRICS = {
+    "perplexity": "token perplexity",
+    "bits_per_byte": "bits per byte",
+    "word_perplexity": "word perplexity",
+    "byte_perplexity": "byte perplexity",
+}
+ROW_MODES = ("auto", "pattern", "model", "model-pattern")
+
+# Rows of the presets come in the order the paper discusses them; other patterns follow
+# in the order they first appear.
+PRESET_ORDER = ("full", "s2", "scca_fixed", "scca_flow", "sda", "longmixed")
+
+# How a differing pattern setting shows in a label.
+_SETTING_NAMES = {"chunk_size": "G", "chunk_ratio": "G/ctx", "dilation": "r"}
+
+
+@dataclass
+class Cell:
+    """One number of a grid, with where it came from."""
+
+    value: float
+    ci95: tuple[float, float] | None = None  # 95% bootstrap interval (perplexity only)
+    path: str | None = None                  # the record file, for measured values
+
+    @property
+    def half_width(self) -> float | None:
+        """Half the width of the 95% interval: what ``±`` shows."""
+        if self.ci95 is None:
+            return None
+        return (self.ci95[1] - self.ci95[0]) / 2
+
+
+@dataclass
+class Row:
+    label: str
+    cells: dict[int, Cell]   # ctx -> value
+    model: str | None = None
+    pattern: str | None = None
+    published: bool = False
+    stride: int | None = None  # a fixed stride that differs from ctx, else None
+    protocol: str | None = None
+
+
+@dataclass
+class TaskGrid:
+    """One table (or plot panel): a task's measured rows and any published rows."""
+
+    task: str
+    metric: str
+    ctxs: list[int]
+    rows: list[Row]
+    row_header: str
+    published: list[Row] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # one line per reference set shown
+    models: list[str] = field(default_factory=list)
+    patterns: list[str] = field(default_factory=list)
+
+    def best(self, ctx: int, digits: int | None = None) -> float | None:
+        """The lowest measured value of column ``ctx`` (rounded to ``digits`` when given),
+        or None when fewer than two rows have a value there (a single value is not a "best")."""
+        values = [row.cells[ctx].value for row in self.rows if ctx in row.cells]
+        if len(values) < 2:
+            return None
+        if digits is not None:
+            values = [round(v, digits) for v in values]
+        return min(values)
+
+    def is_best(self, row: Row, ctx: int, digits: int) -> bool:
+        """Whether ``row`` holds the best value of column ``ctx`` as shown with ``digits``
+        decimals (ties are all best). Published rows never are."""
+        if row.published or ctx not in row.cells:
+            return False
+        best = self.best(ctx, digits)
+        return best is not None and round(row.cells[ctx].value, digits) == best
+
+
+# ---------------------------------------------------------------- labels
+
+def pattern_config(record: dict) -> dict:
+    """The record's pattern settings ({name, groups, chunk_size, chunk_ratio, dilation})."""
+    config = record.get("config", {}).get("pattern")
+    return config if isinstance(config, dict) else {"name": record["pattern"]}
+
+
+def pattern_identity(record: dict) -> str:
+    """Equal for two records exactly when they ran the same pattern with the same settings."""
+    return json.dumps(pattern_config(record), sort_keys=True)
+
+
+def pattern_name(record: dict) -> str:
+    """The preset name, or for a custom mix its groups (``1/2 local + 1/2 cross(1)``)."""
+    config = pattern_config(record)
+    name = config.get("name") or record["pattern"]
+    if name == "custom" and config.get("groups"):
+        return str(config["groups"])
+    return str(name)
+
+
+def _setting_text(key: str, config: dict) -> str:
+    value = config.get(key)
+    if key == "chunk_size" and value is None:
+        return f"G=ctx×{config.get('chunk_ratio', '1/4')}"
+    if key == "groups":
+        return str(value)
+    return f"{_SETTING_NAMES.get(key, key)}={value}"
+
+
+def pattern_labels(records: Iterable[dict]) -> dict[str, str]:
+    """pattern identity -> label, unique over ``records``: the name, plus the settings that
+    tell apart patterns of the same name."""
+    variants: dict[str, dict[str, dict]] = {}
+    for record in records:
+        variants.setdefault(pattern_name(record), {})[pattern_identity(record)] = pattern_config(record)
+    labels = {}
+    for name, configs in variants.items():
+        if len(configs) == 1:
+            labels.update({identity: name for identity in configs})
+            continue
+        keys = sorted({key for config in configs.values() for key in config} - {"name"})
+        differing = [k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1]
+        if "chunk_ratio" in differing and "chunk_size" not in differing:
+            differing = ["chunk_size"] + [k for k in differing if k != "chunk_ratio"]
+        for identity, config in configs.items():
+            labels[identity] = f"{name} ({', '.join(_setting_text(k, config) for k in differing)})"
+    return labels
+
+
+def _stride_tag(record: dict) -> int | None:
+    return None if record["stride"] == record["ctx"] else int(record["stride"])
+
+
+def _protocol_tag(record: dict) -> str | None:
+    protocol = record.get("config", {}).get("protocol", "stride")
+    return None if protocol == "stride" else str(protocol)
+
+
+def resolve_row_mode(records: Sequence[dict], rows: str) -> str:
+    """``auto`` -> ``pattern`` for records of one model, ``model-pattern`` otherwise."""
+    if rows not in ROW_MODES:
+        raise UserError(f"--rows must be one of {', '.join(ROW_MODES)} (got {rows!r})")
+    if rows != "auto":
+        return rows
+    return "pattern" if len({r["model"] for r in records}) <= 1 else "model-pattern"
+
+
+ROW_HEADERS = {"pattern": "pattern", "model": "model", "model-pattern": "model · pattern"}
+
+
+# ---------------------------------------------------------------- grids
+
+def metric_cell(record: dict, metric: str) -> Cell | None:
+    metrics = record["metrics"]
+    value = metrics.get(metric)
+    if value is None:
+        return None
+    ci95 = metrics.get("ci95") if metric == "perplexity" else None
+    return Cell(float(value), tuple(ci95) if ci95 else None, record.get("path"))
+
+
+def _collision_hint(a: dict, b: dict, mode: str) -> str:
+    if a["model"] != b["model"] and mode == "pattern":
+        return "they come from different models: use --rows model-pattern"
+    if pattern_identity(a) != pattern_identity(b) and mode == "model":
+        return "they ran different patterns: use --rows model-pattern"
+    return "give only one of them (e.g. keep each run in its own folder)"
+
+
+def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: str = "auto",
+                references: Sequence = ()) -> list[TaskGrid]:
+    """One grid per task (in order of first appearance), then grids for references whose
+    task has no measured records. ``references`` are :class:`ReferenceSet` objects."""
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    mode = resolve_row_mode(records, rows)
+    labels = pattern_labels(records)
+    model_order = list(dict.fromkeys(r["model"] for r in records))
+    pattern_order = list(dict.fromkeys(labels[pattern_identity(r)] for r in records))
+
+    def row_key(record: dict) -> tuple:
+        parts = []
+        if mode in ("model", "model-pattern"):
+            parts.append(record["model"])
+        if mode in ("pattern", "model-pattern"):
+            parts.append(pattern_identity(record))
+        return (*parts, _stride_tag(record), _protocol_tag(record))
+
+    def row_label(record: dict) -> str:
+        parts = []
+        if mode in ("model", "model-pattern"):
+            parts.append(record["model"])
+        if mode in ("pattern", "model-pattern"):
+            parts.append(labels[pattern_identity(record)])
+        if _stride_tag(record) is not None:
+            parts.append(f"stride {record['stride']}")
+        if _protocol_tag(record) is not None:
+            parts.append(f"{_protocol_tag(record)} protocol")
+        return " · ".join(parts)
+
+    def sort_key(record: dict) -> tuple:
+        label = labels[pattern_identity(record)]
+        name = pattern_name(record)
+        preset_rank = PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER)
+        pattern_rank = (preset_rank, pattern_order.index(label)) if mode != "model" else (0, 0)
+        model_rank = model_order.index(record["model"]) if mode != "pattern" else 0
+        return (model_rank, *pattern_rank, _stride_tag(record) or 0, _protocol_tag(record) or "")
+
+    grids: list[TaskGrid] = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        task_records = [r for r in records if r["task"] == task]
+        seen: dict[tuple, dict] = {}
+        row_records: dict[tuple, list[dict]] = {}
+        for record in sorted(task_records, key=sort_key):
+            key = row_key(record)
+            cell_key = (key, record["ctx"])
+            if cell_key in seen:
+                other = seen[cell_key]
+                raise UserError(
+                    f"{task}: two records for row '{row_label(record)}' at ctx {record['ctx']} "
+                    f"({other.get('path', '?')} and {record.get('path', '?')}); "
+                    f"{_collision_hint(other, record, mode)}")
+            seen[cell_key] = record
+            row_records.setdefault(key, []).append(record)
+        grid_rows = []
+        for members in row_records.values():
+            first = members[0]
+            cells = {}
+            for record in members:
+                cell = metric_cell(record, metric)
+                if cell is not None:
+                    cells[record["ctx"]] = cell
+            grid_rows.append(Row(
+                label=row_label(first), cells=cells,
+                model=first["model"] if mode != "pattern" or len(model_order) == 1 else None,
+                pattern=labels[pattern_identity(first)] if mode != "model" else None,
+                stride=_stride_tag(first), protocol=_protocol_tag(first),
+            ))
+        grids.append(TaskGrid(
+            task=task, metric=metric, ctxs=sorted({r["ctx"] for r in task_records}), rows=grid_rows,
+            row_header=ROW_HEADERS[mode],
+            models=list(dict.fromkeys(r["model"] for r in task_records)),
+            patterns=list(dict.fromkeys(labels[pattern_identity(r)] for r in task_records)),
+        ))
+
+    for reference in references:
+        _attach_reference(grids, reference, metric, mode)
+    return grids
+
+
+def _attach_reference(grids: list[TaskGrid], reference, metric: str, mode: str) -> None:
+    if reference.metric != metric:
+        raise UserError(f"{reference.path}: the published rows are {METRICS.get(reference.metric, reference.metric)} "
+                        f"figures; show them with --metric {reference.metric}")
+    targets = [g for g in grids if g.task in reference.show_with]
+    if not targets:
+        targets = [TaskGrid(task=reference.task, metric=metric, ctxs=[], rows=[], row_header=ROW_HEADERS[mode])]
+        grids.append(targets[0])
+    for grid in targets:
+        for ref_row in reference.rows:
+            grid.published.append(Row(
+                label=reference.row_label(ref_row), published=True, model=reference.label,
+                pattern=ref_row.pattern, cells={ctx: Cell(value) for ctx, value in ref_row.values.items()},
+            ))
+        grid.ctxs = sorted(set(grid.ctxs) | {ctx for row in reference.rows for ctx in row.values})
+        grid.sources.append(reference.source_line())

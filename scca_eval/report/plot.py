@@ -1,0 +1,105 @@
+"""Perplexity against ctx: one panel per task, one line per row (pattern or model).
+
+The x axis is log2 (ctx doubles from one column to the next), error bars are the 95%
+bootstrap intervals of the records, and published reference rows are dashed. Files are
+written with matplotlib's Agg (PNG) and SVG canvases, without pyplot, so no display and
+no global backend setting are involved. matplotlib is optional: ``pip install
+'scca-eval[plot]'``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import MissingDependency, UserError
+from .grid import METRICS, Row, build_grids
+
+FORMATS = ("png", "svg")
+
+
+def _figure_class():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependency("matplotlib", "plot", "scca-eval plot") from None
+    return Figure, FigureCanvasAgg
+
+
+def output_paths(prefix: str | Path) -> list[Path]:
+    """PREFIX.png and PREFIX.svg (a .png or .svg suffix given with the prefix is dropped)."""
+    prefix = Path(prefix)
+    if prefix.suffix.lower() in (".png", ".svg"):
+        prefix = prefix.with_suffix("")
+    if not prefix.name:
+        raise UserError("--out needs a file name prefix, e.g. results/plots/ppl")
+    return [prefix.with_name(f"{prefix.name}.{ext}") for ext in FORMATS]
+
+
+def _draw_row(axes, row: Row, style: dict) -> None:
+    ctxs = sorted(row.cells)
+    if not ctxs:
+        return
+    values = [row.cells[c].value for c in ctxs]
+    yerr = None
+    if any(row.cells[c].ci95 for c in ctxs):
+        # Asymmetric bars: the bootstrap interval need not be centred on the estimate.
+        yerr = [[row.cells[c].value - row.cells[c].ci95[0] if row.cells[c].ci95 else 0 for c in ctxs],
+                [row.cells[c].ci95[1] - row.cells[c].value if row.cells[c].ci95 else 0 for c in ctxs]]
+    axes.errorbar(ctxs, values, yerr=yerr, label=row.label, capsize=3, **style)
+
+
+def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str = "perplexity",
+                 rows: str = "auto", references: Sequence = (), title: str | None = None) -> list[Path]:
+    """Draw ``records`` (and published ``references``) and write PREFIX.png and PREFIX.svg.
+
+    Returns the paths written.
+    """
+    if not records and not references:
+        raise UserError("nothing to plot: give result files or folders (or --reference)")
+    paths = output_paths(out_prefix)
+    grids = build_grids(records, metric=metric, rows=rows, references=references)
+    Figure, FigureCanvasAgg = _figure_class()
+
+    # One colour per pattern (or row) across all panels; a published row takes the colour
+    # of the measured pattern it corresponds to, dashed.
+    colours: dict[str, str] = {}
+
+    def colour(key: str) -> str:
+        return colours.setdefault(key, f"C{len(colours) % 10}")
+
+    columns = min(3, len(grids))
+    lines = math.ceil(len(grids) / columns)
+    figure = Figure(figsize=(5.6 * columns, 4.8 * lines), layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(lines, columns, squeeze=False)
+    for index, grid in enumerate(grids):
+        axes = panels[index // columns][index % columns]
+        for row in grid.rows:
+            key = row.pattern if grid.row_header == "pattern" else row.label
+            _draw_row(axes, row, {"marker": "o", "linestyle": "-", "color": colour(key)})
+        for row in grid.published:
+            _draw_row(axes, row, {"marker": "s", "linestyle": "--", "alpha": 0.7, "color": colour(row.pattern)})
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(grid.ctxs, [str(c) for c in grid.ctxs])
+        axes.minorticks_off()
+        axes.set_xlabel("ctx (tokens)")
+        axes.set_ylabel(METRICS[metric])
+        heading = grid.task
+        if grid.row_header == "pattern" and len(grid.models) == 1:
+            heading += f" · {grid.models[0]}"
+        axes.set_title(heading, fontsize="medium")
+        axes.grid(True, alpha=0.3)
+        # Below the panel, so that it never hides a line.
+        axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    for index in range(len(grids), lines * columns):
+        panels[index // columns][index % columns].set_visible(False)
+    if title:
+        figure.suptitle(title)
+
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        figure.savefig(path, dpi=150)
+    return paths

@@ -1,0 +1,162 @@
+"""The paper-style table: one per task, rows × ctx columns, best measured value per column in bold.
+
+Formats: markdown (for READMEs and pull requests), CSV (one file for every task, full
+precision, for further processing; no bold) and LaTeX (booktabs, one ``table`` per task).
+Published reference rows come after the measured ones, under their own heading, with a
+line that names their source.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Sequence
+
+from ..errors import UserError
+from .grid import METRICS, Cell, Row, TaskGrid, build_grids
+
+FORMATS = ("markdown", "csv", "latex")
+MISSING = "–"
+
+
+def render_tables(records: Sequence[dict], *, format: str = "markdown", metric: str = "perplexity",
+                  rows: str = "auto", ci: bool = False, references: Sequence = (), digits: int = 2) -> str:
+    """Tables of ``records`` (and ``references``, see :mod:`.reference`) as text.
+
+    rows:   ``auto`` (patterns for one model, model · pattern otherwise), ``pattern``,
+            ``model`` or ``model-pattern``
+    ci:     add ``± half-width`` of the 95% bootstrap interval (perplexity only)
+    """
+    if format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
+    if ci and metric != "perplexity":
+        raise UserError("--ci shows the bootstrap interval of token perplexity; use it with --metric perplexity")
+    if digits < 0:
+        raise UserError(f"--digits must be 0 or more (got {digits})")
+    if not records and not references:
+        raise UserError("nothing to tabulate: give result files or folders (or --reference)")
+    grids = build_grids(records, metric=metric, rows=rows, references=references)
+    if format == "csv":
+        return _csv(grids, ci)
+    render = _markdown if format == "markdown" else _latex
+    return "\n\n".join(render(grid, ci, digits) for grid in grids)
+
+
+def _number(cell: Cell | None, ci: bool, digits: int, pm: str) -> str | None:
+    if cell is None:
+        return None
+    text = f"{cell.value:.{digits}f}"
+    if ci and cell.half_width is not None:
+        text += f"{pm}{cell.half_width:.{digits}f}"
+    return text
+
+
+def _caption(grid: TaskGrid) -> str:
+    what = f"{METRICS[grid.metric]}, lower is better"
+    if len(grid.rows) > 1:
+        what += "; best measured value per column in bold"
+    context = []
+    if grid.row_header == "pattern" and len(grid.models) == 1:
+        context.append(f"model: {grid.models[0]}")
+    if grid.row_header == "model" and len(grid.patterns) == 1:
+        context.append(f"pattern: {grid.patterns[0]}")
+    if not grid.rows:
+        context.append("no measured rows")
+    return what + "".join(f" · {c}" for c in context)
+
+
+# ---------------------------------------------------------------- markdown
+
+def _markdown_row(grid: TaskGrid, row: Row, ci: bool, digits: int) -> str:
+    cells = []
+    for ctx in grid.ctxs:
+        text = _number(row.cells.get(ctx), ci, digits, " ± ") or MISSING
+        cells.append(f"**{text}**" if grid.is_best(row, ctx, digits) else text)
+    return f"| {row.label} | " + " | ".join(cells) + " |"
+
+
+def _markdown(grid: TaskGrid, ci: bool, digits: int) -> str:
+    lines = [f"**{grid.task}** — {_caption(grid)}", ""]
+    lines.append(f"| {grid.row_header} | " + " | ".join(str(c) for c in grid.ctxs) + " |")
+    lines.append("| --- | " + " | ".join("---:" for _ in grid.ctxs) + " |")
+    lines += [_markdown_row(grid, row, ci, digits) for row in grid.rows]
+    if grid.published:
+        lines.append("| *published figures, not measured here* | " + " | ".join("" for _ in grid.ctxs) + " |")
+        lines += [_markdown_row(grid, row, False, digits) for row in grid.published]
+    if grid.sources:
+        lines.append("")
+        lines += [f"{source}" for source in grid.sources]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- LaTeX
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text)).replace("·", r"$\cdot$").replace(
+        "×", r"$\times$")
+
+
+def _latex_row(grid: TaskGrid, row: Row, ci: bool, digits: int) -> str:
+    cells = []
+    for ctx in grid.ctxs:
+        text = _number(row.cells.get(ctx), ci, digits, r" $\pm$ ") or "--"
+        cells.append(rf"\textbf{{{text}}}" if grid.is_best(row, ctx, digits) else text)
+    return f"{latex_escape(row.label)} & " + " & ".join(cells) + r" \\"
+
+
+def _latex(grid: TaskGrid, ci: bool, digits: int) -> str:
+    columns = len(grid.ctxs) + 1
+    lines = [
+        "% needs \\usepackage{booktabs}",
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{latex_escape(grid.task)}: {latex_escape(_caption(grid))}.}}",
+        rf"\begin{{tabular}}{{l{'r' * len(grid.ctxs)}}}",
+        r"\toprule",
+        f"{latex_escape(grid.row_header)} & " + " & ".join(str(c) for c in grid.ctxs) + r" \\",
+        r"\midrule",
+    ]
+    lines += [_latex_row(grid, row, ci, digits) for row in grid.rows]
+    if grid.published:
+        if grid.rows:
+            lines.append(r"\midrule")
+        lines.append(rf"\multicolumn{{{columns}}}{{l}}{{\textit{{Published figures, not measured here}}}} \\")
+        lines += [_latex_row(grid, row, False, digits) for row in grid.published]
+    lines.append(r"\bottomrule")
+    lines.append(r"\end{tabular}")
+    for source in grid.sources:
+        lines.append(rf"\par\footnotesize {latex_escape(source)}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CSV
+
+def _csv(grids: list[TaskGrid], ci: bool) -> str:
+    ctxs = sorted({ctx for grid in grids for ctx in grid.ctxs})
+    header = ["task", "metric", "kind", "model", "pattern", "row"]
+    for ctx in ctxs:
+        header.append(str(ctx))
+        if ci:
+            header += [f"{ctx}_ci95_low", f"{ctx}_ci95_high"]
+    header.append("source")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for grid in grids:
+        for row in grid.rows + grid.published:
+            line = [grid.task, grid.metric, "published" if row.published else "measured",
+                    row.model or "", row.pattern or "", row.label]
+            for ctx in ctxs:
+                cell = row.cells.get(ctx)
+                line.append(repr(cell.value) if cell else "")
+                if ci:
+                    interval = cell.ci95 if cell is not None and cell.ci95 else ("", "")
+                    line += [repr(v) if v != "" else "" for v in interval]
+            line.append(" ".join(grid.sources) if row.published else "")
+            writer.writerow(line)
+    return buffer.getvalue().rstrip("\n")

@@ -1,0 +1,275 @@
+"""`scca-eval compare` and its CI gate: matching, refusals, and exit codes 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+
+from scca_eval.errors import UserError
+from scca_eval.report.compare import compare_records
+from scca_eval.results import write_record
+
+N_DOCS = 40
+
+
+def make_record(docs, *, model="base-model", task="pg19_sample", pattern="full", ctx=1024, stride=None,
+                tokenizer="tok-a", data="data-a", protocol="stride", max_tokens=None):
+    """A record whose documents are ``docs`` = [(id, nll_sum, tokens)]; metrics follow from them."""
+    nll = math.fsum(d[1] for d in docs)
+    tokens = sum(d[2] for d in docs)
+    return {
+        "schema": 1, "model": model, "task": task, "pattern": pattern, "ctx": ctx, "stride": stride or ctx,
+        "metrics": {"perplexity": math.exp(nll / tokens), "nll_sum": nll, "tokens": tokens, "ci95": None},
+        "documents": [{"id": i, "nll_sum": n, "tokens": t, "bytes": None, "words": None} for i, n, t in docs],
+        "skipped_documents": [],
+        "config": {"protocol": protocol, "model": {"id": model, "fingerprint": {"digest": f"sha256:{model}"}},
+                   "pattern": {"name": pattern, "groups": pattern, "chunk_size": None, "chunk_ratio": "1/4",
+                               "dilation": None},
+                   "data_fingerprint": data, "tokenizer_fingerprint": tokenizer, "add_bos": False,
+                   "max_tokens": max_tokens, "dtype": "float32", "bootstrap_seed": 0, "versions": {}},
+        "runtime": {"seconds": 1.0},
+    }
+
+
+def base_docs():
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(200, 2000, size=N_DOCS)
+    mean_nll = rng.uniform(2.0, 3.0, size=N_DOCS)  # documents differ a lot in difficulty
+    return [(f"doc{i}", float(mean_nll[i] * tokens[i]), int(tokens[i])) for i in range(N_DOCS)]
+
+
+def scaled(docs, factor_per_doc):
+    """Each document's perplexity multiplied by its factor: NLL + tokens * log(factor)."""
+    return [(i, n + t * math.log(f), t) for (i, n, t), f in zip(docs, factor_per_doc)]
+
+
+def ppl(docs):
+    return math.exp(math.fsum(d[1] for d in docs) / sum(d[2] for d in docs))
+
+
+def independent_interval(base, new, n_boot=2000, seed=1):
+    """A plain paired bootstrap of ppl_new / ppl_base - 1 over documents (a loop, no shared code)."""
+    rng = np.random.default_rng(seed)
+    diffs = np.array([n[1] - b[1] for b, n in zip(base, new)])
+    tokens = np.array([b[2] for b in base], dtype=float)
+    samples = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(base), size=len(base))
+        samples.append(math.expm1(diffs[pick].sum() / tokens[pick].sum()))
+    return np.percentile(samples, [2.5, 97.5])
+
+
+@pytest.fixture
+def sides(tmp_path):
+    """Writes base and new records (two patterns × two ctx) to folders; returns a writer."""
+    def write(new_factors, **new_options):
+        docs = base_docs()
+        for pattern in ("full", "s2"):
+            for ctx in (1024, 2048):
+                write_record(make_record(docs, pattern=pattern, ctx=ctx), tmp_path / "base")
+                options = {"model": "new-model", **new_options}
+                write_record(make_record(scaled(docs, new_factors), pattern=pattern, ctx=ctx, **options),
+                             tmp_path / "new")
+        return str(tmp_path / "base"), str(tmp_path / "new")
+    return write
+
+
+def run_cli(args, capsys):
+    from scca_eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_clear_regression_fails_the_gate(sides, capsys):
+    base, new = sides([1.05] * N_DOCS)  # every document 5% worse
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1"], capsys)
+    assert code == 1
+    expected_base = ppl(base_docs())
+    assert f"| pg19_sample | full | 1024 | {expected_base:.3f} | {expected_base * 1.05:.3f} | +5.00% |" in out
+    assert out.count("**regression**") == 4
+    assert "**Gate failed**: 4 of 4 cell(s)" in out
+
+
+def test_noise_passes_the_gate(sides, capsys):
+    # Documents move in both directions: the total rises by more than 1%, but the paired
+    # bootstrap cannot tell it from zero.
+    factors = [1.10 if i % 2 else 0.93 for i in range(N_DOCS)]
+    docs = base_docs()
+    change = ppl(scaled(docs, factors)) / ppl(docs) - 1
+    low, high = independent_interval(docs, scaled(docs, factors))
+    assert change > 0.01 and low < 0 < high  # the premise, checked independently
+    base, new = sides(factors)
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1"], capsys)
+    assert code == 0, out
+    assert out.count("no significant change") == 4 and f"{change:+.2%}" in out
+    assert "**Gate passed**" in out
+
+
+def test_improvement_passes_the_gate(sides, capsys):
+    base, new = sides([0.95] * N_DOCS)
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1"], capsys)
+    assert code == 0
+    assert out.count("| better |") == 4 and "-5.00%" in out
+
+
+def test_small_significant_regression_within_tolerance(sides, capsys):
+    base, new = sides([1.005] * N_DOCS)  # significant, but only 0.5%
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1"], capsys)
+    assert code == 0 and out.count("| worse |") == 4
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "0.25"], capsys)
+    assert code == 1
+
+
+def test_numbers_match_an_independent_computation():
+    docs = base_docs()
+    factors = np.linspace(0.97, 1.09, N_DOCS)
+    new_docs = scaled(docs, factors)
+    result = compare_records([make_record(docs)], [make_record(new_docs, model="x")], n_boot=4000)
+    (cell,) = result.cells
+    assert cell.base_perplexity == pytest.approx(ppl(docs), rel=1e-12)
+    assert cell.new_perplexity == pytest.approx(ppl(new_docs), rel=1e-12)
+    assert cell.relative_change == pytest.approx(ppl(new_docs) / ppl(docs) - 1, rel=1e-9)
+    low, high = independent_interval(docs, new_docs, n_boot=4000)
+    width = high - low
+    assert cell.ci95[0] == pytest.approx(low, abs=0.1 * width)
+    assert cell.ci95[1] == pytest.approx(high, abs=0.1 * width)
+    assert result.differences == ["model base-model → x", "weights base-model → x"]
+
+
+def test_cells_on_one_side_are_listed(sides, tmp_path, capsys):
+    base, new = sides([1.0] * N_DOCS)
+    write_record(make_record(base_docs(), pattern="longmixed", ctx=4096), tmp_path / "base")
+    write_record(make_record(base_docs(), task="proof_pile_sample"), tmp_path / "new")
+    code, out, err = run_cli(["compare", base, new], capsys)
+    assert code == 0
+    assert "Only in base (1, not compared): pg19_sample · longmixed · ctx 4096." in out
+    assert "Only in new (1, not compared): proof_pile_sample · full · ctx 1024." in out
+
+
+def test_step_summary_is_appended(sides, tmp_path, capsys, monkeypatch):
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    base, new = sides([1.05] * N_DOCS)
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1"], capsys)
+    text = summary.read_text()
+    assert code == 1 and text.startswith("earlier step\n") and out.strip() in text
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"tokenizer": "tok-b"}, "the tokenizers differ"),
+    ({"data": "data-b"}, "the task data differ"),
+    ({"protocol": "longlora"}, "the protocols differ"),
+    ({"stride": 512}, "the strides differ"),
+    ({"max_tokens": 4096}, "--max-tokens differs"),
+])
+def test_incomparable_records_are_refused(sides, capsys, change, message):
+    base, new = sides([1.05] * N_DOCS, **change)
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1"], capsys)
+    assert code == 2 and out == ""
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_other_documents_are_refused():
+    docs = base_docs()
+    renamed = [(f"other{i}", n, t) for i, n, t in docs]
+    with pytest.raises(UserError, match="different documents"):
+        compare_records([make_record(docs)], [make_record(renamed)])
+    shorter = [(i, n / 2, t // 2) for i, n, t in docs]  # e.g. another --max-tokens budget
+    with pytest.raises(UserError, match="scored tokens"):
+        compare_records([make_record(docs)], [make_record(shorter)])
+
+
+def test_bad_input_exits_2(sides, tmp_path, capsys):
+    base, new = sides([1.0] * N_DOCS)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    duplicate = tmp_path / "dup"
+    docs = base_docs()
+    write_record(make_record(docs, model="a"), duplicate)
+    write_record(make_record(docs, model="b"), duplicate)
+    other_task = tmp_path / "other"
+    write_record(make_record(docs, task="elsewhere"), other_task)
+    cases = [
+        ([base, str(tmp_path / "missing")], "no such result file"),
+        ([base, str(broken)], "not a valid result file"),
+        ([str(duplicate), new], "two records"),
+        ([base, str(other_task)], "share no (task, pattern, ctx) cell"),
+        ([base, new, "--max-regression", "-1"], "--max-regression"),
+        ([base, new, "--alpha", "2"], "--alpha"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(["compare", *args], capsys)
+        assert code == 2, args
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_single_document_cannot_fail_the_gate():
+    docs = base_docs()[:1]
+    result = compare_records([make_record(docs)], [make_record(scaled(docs, [1.2]))], max_regression=1)
+    assert result.passed and result.cells[0].significant is None
+    assert "single document" in result.to_markdown()
+
+
+def test_inputs_are_not_modified():
+    docs = base_docs()
+    base, new = [make_record(docs)], [make_record(scaled(docs, [1.05] * N_DOCS))]
+    before = copy.deepcopy((base, new))
+    compare_records(base, new)
+    assert (base, new) == before
+
+
+def _code_blocks(text: str, language: str) -> list[str]:
+    blocks, inside, current = [], False, []
+    for line in text.splitlines():
+        if line.startswith("```") and not inside and line[3:].strip() == language:
+            inside, current = True, []
+        elif line.startswith("```") and inside:
+            inside = False
+            blocks.append("\n".join(current))
+        elif inside:
+            current.append(line)
+    return blocks
+
+
+def _scca_eval_lines(script: str, env: dict[str, str]) -> list[str]:
+    import re
+
+    joined = script.replace("\\\n", " ")
+    expanded = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), joined)
+    return [line.strip() for line in expanded.splitlines() if line.strip().startswith("scca-eval ")]
+
+
+def test_the_documented_workflow_uses_real_options():
+    """Every scca-eval command in docs/ci.md parses with the real CLI (options, types)."""
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from scca_eval.cli import cli
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ci.md").read_text(encoding="utf-8")
+    (workflow_text,) = _code_blocks(text, "yaml")
+    workflow = yaml.safe_load(workflow_text)
+    env = {key: str(value) for key, value in workflow["env"].items()}
+    steps = workflow["jobs"]["perplexity"]["steps"]
+    lines = [line for step in steps if "run" in step for line in _scca_eval_lines(step["run"], env)]
+    lines += [line for block in _code_blocks(text, "bash") for line in _scca_eval_lines(block, env)]
+    commands = [shlex.split(line)[1:] for line in lines]
+    assert [c[0] for c in commands] == ["ppl", "compare", "ppl"]
+    for name, *args in commands:
+        command = cli.get_command(None, name)
+        with command.make_context(name, list(args)):
+            pass
+    evaluate_ci, gate, evaluate_baseline = commands
+    assert gate[1:3] == ["results/baseline", "new"] and "--max-regression" in gate
+    # CI evaluates exactly as the baseline was made, apart from where the records go
+    strip = lambda args: [a for a in args if a not in ("--out", "new", "results/baseline", "--model", "default")]
+    assert strip(evaluate_ci) == strip(evaluate_baseline)

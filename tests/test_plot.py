@@ -1,0 +1,67 @@
+"""`scca-eval plot`: PNG and SVG files are written, hold the data, and need matplotlib."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from scca_eval.errors import MissingDependency
+from scca_eval.report.plot import output_paths, plot_records
+from scca_eval.report.reference import load_reference
+from scca_eval.results import write_record
+from test_report import make_record, run_cli
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture
+def records():
+    out = []
+    for task in ("pg19_sample", "proof_pile_sample"):
+        for pattern, base in (("full", 12.0), ("s2", 13.0), ("longmixed", 12.5)):
+            for step, ctx in enumerate((1024, 2048, 4096, 8192)):
+                value = base - step * 0.7
+                out.append(make_record(task=task, pattern=pattern, ctx=ctx, ppl=value,
+                                       ci95=[value - 0.2, value + 0.3]))
+    return out
+
+
+def test_png_and_svg_are_written(tmp_path, records):
+    paths = plot_records(records, tmp_path / "plots" / "ppl", references=[load_reference("scca_paper_pg19")])
+    assert paths == [tmp_path / "plots" / "ppl.png", tmp_path / "plots" / "ppl.svg"]
+    png, svg = (p.read_bytes() for p in paths)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    text = svg.decode("utf-8")
+    assert "<svg" in text
+    # one panel per task, one legend entry per row (published rows included), log2 ticks
+    for label in ("pg19_sample", "proof_pile_sample", "full", "s2", "longmixed",
+                  "S2 (published, LLaMA2-7B 8k)", "8192"):
+        assert label in text, label
+
+
+def test_suffix_in_prefix_is_dropped(tmp_path):
+    assert output_paths(tmp_path / "fig.png") == [tmp_path / "fig.png", tmp_path / "fig.svg"]
+
+
+def test_cli_plot(tmp_path, records, capsys):
+    for record in records:
+        write_record(record, tmp_path / "runs")
+    code, out, err = run_cli(["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")], capsys)
+    assert code == 0
+    assert (tmp_path / "fig.png").stat().st_size > 0 and (tmp_path / "fig.svg").stat().st_size > 0
+    code, out, err = run_cli(["plot", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "--out" in err
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path, records, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` fail
+    with pytest.raises(MissingDependency, match=r"scca-eval\[plot\]"):
+        plot_records(records, tmp_path / "fig")
+    for record in records[:2]:
+        write_record(record, tmp_path / "runs")
+    code, out, err = run_cli(["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")], capsys)
+    assert code == 2 and "pip install 'scca-eval[plot]'" in err
+    assert not (tmp_path / "fig.png").exists()

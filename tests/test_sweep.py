@@ -1,0 +1,231 @@
+"""`scca-eval sweep`: one record per cell, skipped when it exists with the same configuration,
+so an interrupted sweep resumes and ends with the records of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scca_eval.errors import UserError
+from scca_eval.results import load_records
+from scca_eval.sweep import config_key, load_sweep_file, make_sweep, run_sweep, split_patterns
+from test_report import run_cli
+
+CELLS = 4  # 2 patterns × 2 ctx × 1 task
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CountingProgress:
+    """An api.Progress that counts evaluated cells and can stop the sweep inside one."""
+
+    def __init__(self, stop_in_cell: int | None = None):
+        self.stop_in_cell = stop_in_cell
+        self.labels: list[str] = []
+
+    def begin(self, label, total_tokens):
+        self.labels.append(label)
+
+    def advance(self, tokens):
+        if self.stop_in_cell is not None and len(self.labels) == self.stop_in_cell:
+            raise Interrupted  # part-way through this cell: its record must not appear
+
+    def end(self):
+        pass
+
+
+def settings(model_dir, data_dir, out, **extra):
+    return {"models": [str(model_dir)], "patterns": ["full", "s2"], "ctx": [64, 128], "data": [str(data_dir)],
+            "max_tokens": 384, "device": "cpu", "out": str(out), **extra}
+
+
+def comparable(record):
+    """A record without what legitimately differs between two runs (timings, location)."""
+    return {key: value for key, value in record.items() if key not in ("runtime", "path")}
+
+
+def records_by_file(folder):
+    return {p.name: comparable(json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, sample_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    progress = CountingProgress()
+    result = run_sweep(make_sweep(settings(tiny_model_dir, sample_data_dir, out)), progress=progress)
+    assert (result.computed, result.reused, len(progress.labels)) == (CELLS, 0, CELLS)
+    return out, result
+
+
+def test_one_record_per_cell(uninterrupted):
+    out, result = uninterrupted
+    files = records_by_file(out)
+    assert len(files) == CELLS
+    cells = {(r["pattern"], r["ctx"]) for r in files.values()}
+    assert cells == {("full", 64), ("full", 128), ("s2", 64), ("s2", 128)}
+    assert [comparable(r) for r in result.records] == [files[r["path"].split("/")[-1]] for r in result.records]
+    # the patterns really ran: s2 differs from full on the same tokens
+    by_cell = {(r["pattern"], r["ctx"]): r for r in files.values()}
+    assert by_cell[("full", 64)]["metrics"]["tokens"] == by_cell[("s2", 64)]["metrics"]["tokens"]
+    assert by_cell[("full", 64)]["metrics"]["perplexity"] != by_cell[("s2", 64)]["metrics"]["perplexity"]
+
+
+def test_resumed_sweep_equals_uninterrupted(uninterrupted, tiny_model_dir, sample_data_dir, tmp_path):
+    reference_out, _ = uninterrupted
+    out = tmp_path / "resumed"
+    sweep = make_sweep(settings(tiny_model_dir, sample_data_dir, out))
+    with pytest.raises(Interrupted):
+        run_sweep(sweep, progress=CountingProgress(stop_in_cell=3))
+    done = sorted(out.glob("*.json"))
+    assert len(done) == 2  # two cells finished, the third was stopped part-way
+    written_at = {p.name: p.stat().st_mtime_ns for p in done}
+
+    lines = []
+    progress = CountingProgress()
+    result = run_sweep(sweep, progress=progress, log=lines.append)
+    assert (result.computed, result.reused) == (2, 2)
+    assert len(progress.labels) == 2                                  # only the missing cells ran
+    assert {p.name: p.stat().st_mtime_ns for p in done} == written_at  # finished cells untouched
+    assert sum(line.startswith("have ") for line in lines) == 2
+    assert records_by_file(out) == records_by_file(reference_out)
+
+    progress = CountingProgress()
+    result = run_sweep(sweep, progress=progress)
+    assert (result.computed, result.reused, progress.labels) == (0, CELLS, [])
+    assert [comparable(r) for r in result.records] == [comparable(r) for r in load_records(
+        [out / r["path"].split("/")[-1] for r in result.records])]
+
+
+def test_changed_setting_recomputes(uninterrupted, tiny_model_dir, sample_data_dir, tmp_path):
+    reference_out, _ = uninterrupted
+    out = tmp_path / "changed"
+    out.mkdir()
+    for path in reference_out.glob("*.json"):
+        (out / path.name).write_bytes(path.read_bytes())
+    progress = CountingProgress()
+    result = run_sweep(make_sweep(settings(tiny_model_dir, sample_data_dir, out, max_tokens=256)),
+                       progress=progress)
+    assert (result.computed, len(progress.labels)) == (CELLS, CELLS)
+    assert all(r["config"]["max_tokens"] == 256 for r in load_records([out]))
+
+    # one corrupt record: only its cell is recomputed
+    victim = sorted(out.glob("*.json"))[0]
+    victim.write_text("{truncated")
+    lines, progress = [], CountingProgress()
+    result = run_sweep(make_sweep(settings(tiny_model_dir, sample_data_dir, out, max_tokens=256)),
+                       progress=progress, log=lines.append)
+    assert (result.computed, result.reused) == (1, CELLS - 1)
+    assert any(line.startswith(f"ignoring {victim}") for line in lines)
+    assert json.loads(victim.read_text())["config"]["max_tokens"] == 256
+
+
+def test_config_key_sees_every_setting(uninterrupted):
+    out, _ = uninterrupted
+    record = load_records([out])[0]
+    key = config_key(record)
+    assert config_key(json.loads(json.dumps(record))) == key
+    changes = [("config", "data_fingerprint", "other"), ("config", "tokenizer_fingerprint", "other"),
+               ("config", "max_tokens", 1), ("config", "add_bos", True), ("config", "dtype", "bfloat16"),
+               ("config", "protocol", "longlora"), ("config", "bootstrap_seed", 5), (None, "stride", 7),
+               (None, "ctx", 7), (None, "model", "elsewhere")]
+    for section, field, value in changes:
+        changed = json.loads(json.dumps(record))
+        (changed[section] if section else changed)[field] = value
+        assert config_key(changed) != key, field
+    for field, value in (("fingerprint", {"digest": "sha256:other"}), ("adapter", {"path": "x"}),
+                         ("rope_scaling", {"type": "linear", "factor": 2})):
+        changed = json.loads(json.dumps(record))
+        changed["config"]["model"][field] = value
+        assert config_key(changed) != key, field
+    changed = json.loads(json.dumps(record))
+    changed["config"]["pattern"]["chunk_size"] = 16
+    assert config_key(changed) != key
+    changed = json.loads(json.dumps(record))
+    changed["runtime"]["seconds"] = 123.0
+    changed["config"]["batch_size"] = 99
+    assert config_key(changed) == key  # speed settings do not change the number
+
+
+def test_sweep_file_and_cli(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(f"models: [{tiny_model_dir}]\npatterns: [full]\nctx: 64\ndata: [{sample_data_dir}]\n"
+                          f"max_tokens: 128\ndevice: cpu\nout: {tmp_path / 'ignored'}\n")
+    code, stdout, err = run_cli(["sweep", str(sweep_file), "--pattern", "full,s2", "--out", str(out), "-q"], capsys)
+    assert code == 0, err
+    assert sorted(p.name.split("__")[2] for p in out.glob("*.json")) == ["full", "s2"]  # options override the file
+    assert not (tmp_path / "ignored").exists()
+    assert "| full |" in stdout and "| s2 |" in stdout and "2 computed, 0 already" in err
+
+    code, stdout, err = run_cli(["sweep", str(sweep_file), "--dry-run", "--ctx", "64,128"], capsys)
+    assert code == 0 and len(stdout.strip().splitlines()) == 2 and "2 cell(s)" in err
+
+
+@pytest.mark.parametrize("content,message", [
+    ("modles: [default]\n", "unknown setting 'modles'"),
+    ("ctx: [1024, big]\n", "ctx: "),
+    ("patterns: [nonsense]\n", "unknown"),
+    ("ctx: [1]\n", "--ctx"),
+    ("stride: 4096\nctx: [1024]\n", "--stride"),
+    ("max_tokens: 0\n", "--max-tokens"),
+    ("tasks: [no_such_task]\n", "unknown task"),
+    ("models: [{model: default, colour: red}]\n", "unknown model option 'colour'"),
+    ("patterns: ['1/2 local + 1/2 cross(1)', '1/2 local + 1/2 shifted(3)']\n", "both named 'custom'"),
+    ("[1, 2]\n", "YAML mapping"),
+])
+def test_bad_sweep_files_exit_2(tmp_path, capsys, content, message):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(content)
+    code, stdout, err = run_cli(["sweep", str(sweep_file), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_sweep_file():
+    with pytest.raises(UserError, match="does not exist"):
+        load_sweep_file("no/such/sweep.yaml")
+
+
+def test_split_patterns():
+    assert split_patterns(["full,s2", "1/4 local + 1/4 cross(1) + 1/2 dilated(2,0)", " sda ,"]) == [
+        "full", "s2", "1/4 local + 1/4 cross(1) + 1/2 dilated(2,0)", "sda"]
+
+
+def test_committed_results_command_is_consistent(monkeypatch, capsys):
+    """results/README.md, results/reproduce.sh and results/smollm2-135m.yaml describe one run."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from scca_eval.cli import cli
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    readme = (repo / "results" / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()
+             if line.strip().startswith("scca-eval ")]
+    readme_commands = [shlex.split(line)[1:] for line in lines]
+    from_file, *report_commands, from_options = readme_commands
+    assert from_file == ["sweep", "results/smollm2-135m.yaml"] and from_options[0] == "sweep"
+
+    script = (repo / "results" / "reproduce.sh").read_text(encoding="utf-8").replace("\\\n", " ")
+    script_commands = [shlex.split(line.replace('"$PYTHON" -m scca_eval', "").replace("$NAME", "results/smollm2-135m"))
+                       for line in script.splitlines() if line.startswith('"$PYTHON" -m scca_eval')]
+    assert script_commands[0] == [*from_file, "$@"]  # extra arguments go to the sweep
+    assert script_commands[1:] == report_commands
+
+    for name, *args in report_commands:
+        with cli.get_command(None, name).make_context(name, list(args)):
+            pass
+    outputs = []
+    for command in (from_file, from_options):
+        code, out, err = run_cli([*command, "--dry-run"], capsys)
+        assert code == 0, err
+        outputs.append((out, err))
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0][0].splitlines()) == 48 and "max_tokens=147456" in outputs[0][1]
