@@ -7,7 +7,6 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -19,8 +18,12 @@ class TokensPerSecond(TextColumn):
         super().__init__("")
 
     def render(self, task):
-        speed = task.finished_speed or task.speed
-        return f"{speed:,.0f} tok/s" if speed else "– tok/s"
+        # Average over the whole cell: batches arrive seconds apart, so rich's
+        # short-window estimate swings.
+        elapsed = task.finished_time if task.finished else task.elapsed
+        if not elapsed or not task.completed:
+            return "– tok/s"
+        return f"{task.completed / elapsed:,.0f} tok/s"
 
 
 class RichProgress:
@@ -31,7 +34,6 @@ class RichProgress:
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TaskProgressColumn(),
             TokensPerSecond(),
             TimeElapsedColumn(),
             TextColumn("eta"),
