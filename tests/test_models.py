@@ -13,7 +13,6 @@ import shutil
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors

@@ -23,7 +23,6 @@ finally the attention pattern applied. What was loaded is remembered per model o
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import weakref
@@ -49,8 +48,6 @@ from .default_model import DEFAULT_CACHE_NAME, DEFAULT_MODEL_ID, default_gguf_pa
 from .fingerprint import folder_fingerprint
 from .gguf_cache import GGUF_MAGIC, converted_gguf_folder
 from .vocabulary import grow_embeddings, tokenizer_summary
-
-logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -193,7 +190,8 @@ def _hub_reachable() -> bool:
     """A quick TCP check, so an offline machine does not wait through the hub client's retries."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    # The environment is read again: it may have been set after huggingface_hub was imported.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
         return False
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # a proxy decides; let the hub client try
