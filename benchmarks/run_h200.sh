@@ -19,7 +19,7 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_flex.py tests/tes
 tail -3 "$out/pytest_gpu.log" | tee -a "$log"
 
 step "attention alone, N = 8192 and 32768"
-timeout 170 python3 benchmarks/attention.py --n 8192,32768 --backends flex,chunked,strided \
+timeout 170 python3 benchmarks/attention.py --n 8192,32768 --backends flex,chunked,strided,strided-serial \
     --variants flex-unsafe,flex-tma,flex-split,flex-contig --json "$out/attention.json" 2>&1 | tee -a "$log" | grep -v "^  "
 
 step "LLaMA-2-7B shape, engine and plain loop, strided layout for the sparse patterns"

@@ -24,7 +24,7 @@ from ..patterns.spec import PatternSpec
 from .timing import graph_time_ms, synchronize, time_ms
 
 DEFAULT_PATTERNS = ("s2", "scca_fixed", "scca_flow", "sda", "sda-r4", "longmixed")
-BACKENDS = ("flex", "chunked", "strided", "auto")
+BACKENDS = ("flex", "chunked", "strided", "strided-serial", "auto")
 
 _SDA_RATE = re.compile(r"^sda[-_]r(\d+)$")
 
@@ -93,9 +93,11 @@ def _backend_fn(name: str, flex_variants: dict[str, dict]) -> Callable:
 
     if name == "chunked":
         return chunked_pattern_attention
-    if name == "strided":
+    if name in ("strided", "strided-serial"):
         from .strided import strided_pattern_attention
 
+        if name == "strided-serial":  # every call on the caller's stream, in order
+            return lambda q, k, v, spec, scaling: strided_pattern_attention(q, k, v, spec, scaling, streams=1)
         return strided_pattern_attention
     if name == "auto":
         return lambda q, k, v, spec, scaling: pattern_attention(q, k, v, spec, scaling, backend="auto")

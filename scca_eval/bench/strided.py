@@ -8,10 +8,15 @@ residue class is every r-th position, a head group is a slice of the head
 axis. Each output element is written once, straight into a ``[B, N, H, D]``
 buffer, so the transpose that follows attention in transformers is free.
 
+Independent calls (head groups, segments, residue classes) are spread over a
+few CUDA streams, so that the many small kernels of a short window overlap
+instead of each leaving most of the GPU idle.
+
 It exists to measure what the copies of the chunked layout cost; where a view
-is impossible (a batch above 1 with ``cross``, a head group that splits a
-key/value head, a length that is not a multiple of the chunk or of the rate)
-it falls back to ``chunked_pattern_attention`` for that head group.
+is impossible (a head group that splits a key/value head, a length that is not
+a multiple of the rate) it falls back to ``chunked_pattern_attention`` for
+that head group, and where a view cannot merge the batch with the chunks
+(``cross`` with a batch above 1) reshape copies.
 """
 
 from __future__ import annotations
@@ -31,27 +36,73 @@ def _sdpa(q, k, v, causal: bool, scaling: float):
     return out.transpose(1, 2)
 
 
+_STREAMS: dict[int, list] = {}
+STREAMS = 4  # side streams per device that independent calls are spread over
+
+
+class _Launcher:
+    """Runs independent calls on a few CUDA streams, so that small kernels overlap.
+
+    Each call writes its own slice of the output. On CPU (or with width 1) the
+    calls simply run in order. ``join`` makes the caller's stream wait for all.
+    """
+
+    def __init__(self, device: torch.device, width: int):
+        self.streams = []
+        if device.type == "cuda" and width > 1:
+            pool = _STREAMS.setdefault(device.index or 0, [])
+            while len(pool) < width:
+                pool.append(torch.cuda.Stream(device))
+            self.main = torch.cuda.current_stream(device)
+            self.streams = pool[:width]
+        self.count = 0
+
+    def __call__(self, work) -> None:
+        if not self.streams:
+            work()
+            return
+        stream = self.streams[self.count % len(self.streams)]
+        if self.count < len(self.streams):
+            stream.wait_stream(self.main)  # inputs and the output buffer are ready
+        self.count += 1
+        with torch.cuda.stream(stream):
+            work()
+
+    def join(self) -> None:
+        for stream in self.streams[:self.count]:
+            self.main.wait_stream(stream)
+
+
 def strided_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
-                              scaling: float) -> torch.Tensor:
-    """Attention of ``spec`` for q [B, H, N, D], k, v [B, H_kv, N, D] -> [B, H, N, D] ([B, N, H, D] in memory)."""
+                              scaling: float, streams: int = STREAMS) -> torch.Tensor:
+    """Attention of ``spec`` for q [B, H, N, D], k, v [B, H_kv, N, D] -> [B, H, N, D] ([B, N, H, D] in memory).
+
+    streams: CUDA streams the independent SDPA calls are spread over (1: in order).
+    """
     batch, heads, n, _ = q.shape
     per_kv = heads // k.shape[1]
     chunk = spec.chunk_for(n)
     qn, kn, vn = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, h, D] views
     out = q.new_empty(batch, n, heads, v.shape[-1])
+    launch = _Launcher(q.device, streams)
     for first, end, rule in spec.head_groups(n, heads):
-        if first % per_kv or end % per_kv:
-            out[:, :, first:end] = chunked_pattern_attention(
-                q[:, first:end], k.repeat_interleave(per_kv, 1)[:, first:end],
-                v.repeat_interleave(per_kv, 1)[:, first:end], _single(rule, spec), scaling).transpose(1, 2)
+        if first % per_kv or end % per_kv:  # the group splits a key/value head: copy them out
+            def work(first=first, end=end, rule=rule):
+                out[:, :, first:end] = chunked_pattern_attention(
+                    q[:, first:end], k.repeat_interleave(per_kv, 1)[:, first:end],
+                    v.repeat_interleave(per_kv, 1)[:, first:end], _single(rule, spec), scaling).transpose(1, 2)
+            launch(work)
             continue
         gq = qn[:, :, first:end]
         gk, gv = (x[:, :, first // per_kv:end // per_kv] for x in (kn, vn))
         o = out[:, :, first:end]
-        if not _rule_views(rule, gq, gk, gv, o, chunk, scaling):
-            out[:, :, first:end] = chunked_pattern_attention(
-                gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2), _single(rule, spec),
-                scaling).transpose(1, 2)
+        if not _rule_views(rule, gq, gk, gv, o, chunk, scaling, launch):
+            def work(gq=gq, gk=gk, gv=gv, rule=rule, first=first, end=end):
+                out[:, :, first:end] = chunked_pattern_attention(
+                    gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2), _single(rule, spec),
+                    scaling).transpose(1, 2)
+            launch(work)
+    launch.join()
     return out.transpose(1, 2)
 
 
@@ -70,65 +121,90 @@ def _chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return x.reshape(b * (length // chunk), chunk, h, d)
 
 
-def _local_into(o, q, k, v, chunk: int, scaling: float) -> None:
+def _attend(launch, o, q, k, v, causal: bool, scaling: float, chunk: int | None = None) -> None:
+    """o = SDPA(q, k, v) over [B, L, h, D] views, batched over chunks of ``chunk`` when given."""
+    def work():
+        if chunk is None:
+            o.copy_(_sdpa(q, k, v, causal, scaling))
+        else:
+            res = _sdpa(_chunks(q, chunk), _chunks(k, chunk), _chunks(v, chunk), causal, scaling)
+            o.copy_(res.reshape(o.shape))
+    launch(work)
+
+
+def _local(launch, o, q, k, v, chunk: int, scaling: float) -> None:
     """Causal attention within consecutive chunks (the last may be shorter), [B, L, h, D] views."""
     length = q.shape[1]
     whole = length // chunk * chunk
     if whole:
-        res = _sdpa(_chunks(q[:, :whole], chunk), _chunks(k[:, :whole], chunk), _chunks(v[:, :whole], chunk),
-                    True, scaling)
-        o[:, :whole].copy_(res.reshape(q.shape[0], whole, q.shape[2], -1))
+        _attend(launch, o[:, :whole], q[:, :whole], k[:, :whole], v[:, :whole], True, scaling, chunk)
     if whole < length:
-        o[:, whole:].copy_(_sdpa(q[:, whole:], k[:, whole:], v[:, whole:], True, scaling))
+        _attend(launch, o[:, whole:], q[:, whole:], k[:, whole:], v[:, whole:], True, scaling)
 
 
-def _rule_views(rule, q, k, v, o, chunk: int, scaling: float) -> bool:
-    """Write the rule's attention into o; False when no view-only layout applies."""
+def _rule_views(rule, q, k, v, o, chunk: int, scaling: float, launch) -> bool:
+    """Queue the rule's attention into o; False when no view-only layout applies."""
     n = q.shape[1]
     if rule.kind == "causal":
-        o.copy_(_sdpa(q, k, v, True, scaling))
+        _attend(launch, o, q, k, v, True, scaling)
         return True
     if rule.kind == "local" or (rule.kind == "cross" and rule.distance == 0):
-        _local_into(o, q, k, v, chunk, scaling)
+        _local(launch, o, q, k, v, chunk, scaling)
         return True
     if rule.kind == "shifted":
         head = min(n, chunk - rule.shift_for(chunk) % chunk)
         if head == chunk:  # a shift of whole chunks is no shift
-            _local_into(o, q, k, v, chunk, scaling)
+            _local(launch, o, q, k, v, chunk, scaling)
             return True
-        o[:, :head].copy_(_sdpa(q[:, :head], k[:, :head], v[:, :head], True, scaling))
-        _local_into(o[:, head:], q[:, head:], k[:, head:], v[:, head:], chunk, scaling)
+        _attend(launch, o[:, :head], q[:, :head], k[:, :head], v[:, :head], True, scaling)
+        _local(launch, o[:, head:], q[:, head:], k[:, head:], v[:, head:], chunk, scaling)
         return True
     if rule.kind == "cross":
         d = rule.distance
         start = min(n, d * chunk)
         # the first d chunks have no chunk d steps back: local
-        _local_into(o[:, :start], q[:, :start], k[:, :start], v[:, :start], chunk, scaling)
+        _local(launch, o[:, :start], q[:, :start], k[:, :start], v[:, :start], chunk, scaling)
         whole = start + (n - start) // chunk * chunk  # query chunks of full length
         if whole > start:
             keys = slice(0, whole - start)
-            res = _sdpa(_chunks(q[:, start:whole], chunk), _chunks(k[:, keys], chunk), _chunks(v[:, keys], chunk),
-                        False, scaling)
-            o[:, start:whole].copy_(res.reshape(q.shape[0], whole - start, q.shape[2], -1))
+            _attend(launch, o[:, start:whole], q[:, start:whole], k[:, keys], v[:, keys], False, scaling, chunk)
         if whole < n:  # a shorter last chunk sees all of its chunk d steps back
             keys = slice(whole - start, whole - start + chunk)
-            o[:, whole:].copy_(_sdpa(q[:, whole:], k[:, keys], v[:, keys], False, scaling))
+            _attend(launch, o[:, whole:], q[:, whole:], k[:, keys], v[:, keys], False, scaling)
         return True
-    # dilated(r, j): residue class a (positions a, a + r, ...) sees class (a - j) mod r
-    r, j = rule.rate, rule.offset
-    if n % r:
+    return _dilated(rule.rate, rule.offset, q, k, v, o, scaling, launch)
+
+
+def _dilated(r: int, j: int, q, k, v, o, scaling: float, launch) -> bool:
+    """dilated(r, j): residue class a (positions a, a + r, ...) sees class (a - j) mod r.
+
+    Classes a >= j see class a - j causally; classes a < j see class a - j + r
+    strictly earlier (causal with the queries one step ahead), and their first
+    query attends itself. Each of the two is one SDPA call with the classes as
+    its batch: class c of a [N, h, D] view is a view of every r-th row.
+    """
+    n = q.shape[1]
+    if n % r or not 0 <= j < r:
         return False
-    qc, kc, vc = (x.unflatten(1, (n // r, r)) for x in (q, k, v))  # [B, N/r, r, h, D] views
-    oc = o.unflatten(1, (n // r, r))
     per_kv = q.shape[2] // k.shape[2]
-    for a in range(r):
-        c = (a - j) % r
-        if a >= j:
-            oc[:, :, a].copy_(_sdpa(qc[:, :, a], kc[:, :, c], vc[:, :, c], True, scaling))
-        else:  # strictly earlier keys: causal with the queries one step ahead; row 0 attends itself
+    for b in range(q.shape[0]):
+        # [N, h, D] -> [N/r, r, h, D]; [:, a0:a1] are classes a0..a1-1, moved to the front as the batch
+        qc, kc, vc, oc = (x[b].unflatten(0, (n // r, r)) for x in (q, k, v, o))
+
+        def classes(x, rows, first, last):
+            return x[rows, first:last].transpose(0, 1)  # [classes, N/r, h, D]
+
+        every = slice(None)
+        _attend(launch, classes(oc, every, j, r), classes(qc, every, j, r), classes(kc, every, 0, r - j),
+                classes(vc, every, 0, r - j), True, scaling)
+        if j:
             if n // r > 1:
-                oc[:, 1:, a].copy_(_sdpa(qc[:, 1:, a], kc[:, :-1, c], vc[:, :-1, c], True, scaling))
-            oc[:, 0, a].copy_(vc[:, 0, a].repeat_interleave(per_kv, dim=1))
+                _attend(launch, classes(oc, slice(1, None), 0, j), classes(qc, slice(1, None), 0, j),
+                        classes(kc, slice(None, -1), r - j, r), classes(vc, slice(None, -1), r - j, r),
+                        True, scaling)
+            first_rows = oc[0, :j]
+            launch(lambda first_rows=first_rows, vc=vc: first_rows.copy_(
+                vc[0, :j].repeat_interleave(per_kv, dim=1)))
     return True
 
 

@@ -55,8 +55,8 @@ def _check_positive(values, option: str, least: int = 1) -> None:
 @click.option("--pattern", "patterns", type=NAME_LIST, default=ATTENTION_PATTERNS, show_default=True,
               help="Patterns, comma-separated: preset names, sda-rN for sda with dilation N.")
 @click.option("--backend", "backends", type=NAME_LIST, default="flex,chunked", show_default=True,
-              help="Backends to time: flex, chunked, strided (chunked with strided views), "
-                   "auto (what a model would use).")
+              help="Backends to time: flex, chunked, strided (chunked on strided views, calls spread "
+                   "over CUDA streams), strided-serial (the same on one stream), auto (what a model would use).")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None,
               help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--repeats", type=int, default=None, help="Timed calls per cell (median). Default: 20 on GPU, 3 on CPU.")
