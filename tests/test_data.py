@@ -244,6 +244,27 @@ def test_hub_without_datasets_names_the_extra(monkeypatch):
         read_documents(load_task("pg19"))
 
 
+def test_hub_source_reads_the_listed_files(monkeypatch):
+    calls = []
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(*args, **kwargs):
+            calls.append((args, kwargs))
+            return iter([{"text": "first book", "short_book_title": "A"},
+                         {"text": "second book", "short_book_title": "B"},
+                         {"text": "third book", "short_book_title": "A"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    task = load_task("pg19")
+    docs = read_documents(task)
+    assert [(d.id, d.text) for d in docs] == [("A", "first book"), ("B", "second book"), ("A #2", "third book")]
+    (args, kwargs), = calls
+    revision = task.source.revision
+    assert args == ("parquet",) and kwargs["split"] == "test" and kwargs["streaming"] is True
+    assert kwargs["data_files"] == {"test": [f"hf://datasets/emozilla/pg19@{revision}/data/test-*.parquet"]}
+
+
 def test_hub_offline_says_how_to_use_a_local_copy(tmp_path):
     # A fresh process, so that the offline switch is read when datasets is imported.
     code = ("from scca_eval.data import load_task, read_documents\n"

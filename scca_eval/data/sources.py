@@ -48,12 +48,21 @@ def read_documents(task: TaskSpec) -> list[Document]:
 
 def _unique_ids(documents: list[Document]) -> list[Document]:
     """Ids are matched across runs (paired comparisons): make repeats unique, deterministically."""
-    seen: dict[str, int] = {}
+    taken = {doc.id for doc in documents}
+    seen: set[str] = set()
     out = []
     for doc in documents:
-        count = seen.get(doc.id, 0) + 1
-        seen[doc.id] = count
-        out.append(doc if count == 1 else Document(f"{doc.id} #{count}", doc.text))
+        if doc.id not in seen:
+            seen.add(doc.id)
+            out.append(doc)
+            continue
+        count = 2
+        while f"{doc.id} #{count}" in taken:
+            count += 1
+        new_id = f"{doc.id} #{count}"
+        taken.add(new_id)
+        seen.add(new_id)
+        out.append(Document(new_id, doc.text))
     return out
 
 

@@ -312,8 +312,8 @@ def _tokenize(documents: Sequence[Document], tokenizer, add_bos: bool,
                     token_runs = np.concatenate([[0], token_runs])
             out.ids.append(ids)
             if with_offsets:
-                out.token_bytes.append(token_bytes)
-                out.token_runs.append(token_runs)
+                out.token_bytes.append(_small_ints([token_bytes]))
+                out.token_runs.append(_small_ints([token_runs]))
             out.bytes.append(count_bytes(text))
             out.words.append(count_words(text))
         done += len(batch)
