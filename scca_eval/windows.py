@@ -94,9 +94,11 @@ def limit_scored_tokens(lengths: Sequence[int], ctx: int, max_tokens: int) -> li
     the budget (so every document contributes at least one whole window of ``ctx`` tokens
     when it is that long, and short documents leave their share to the others).
     Documents are taken in order until the budget is spent; the last one taken is cut to
-    meet it exactly, and those after it get 0 (not evaluated). Returns one prefix length
-    per document, in the order given; documents of fewer than two tokens keep their
-    length (they score nothing). The total scored is ``min(max_tokens, sum(L - 1))``.
+    meet it exactly — unless that cut would be shorter than one window (and other
+    documents were taken), then it is left out — and those after it get 0 (not
+    evaluated). Returns one prefix length per document, in the order given; documents of
+    fewer than two tokens keep their length (they score nothing). The total scored is
+    ``min(max_tokens, sum(L - 1))``, less a left-out sliver of fewer than ``ctx`` tokens.
     """
     _check_ctx(ctx)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -125,6 +127,11 @@ def limit_scored_tokens(lengths: Sequence[int], ctx: int, max_tokens: int) -> li
             out.append(max(length, 0))
             continue
         take = min(length, prefix, remaining + 1) if remaining > 0 else 0
+        if 0 < take < min(length, prefix) and take < min(length, ctx) and remaining < max_tokens:
+            # A sliver of a document (shorter than one window) would add a handful of
+            # context-starved tokens with outsized loss and distort the bootstrap over
+            # documents: leave it out and score slightly fewer than max_tokens.
+            take = 0
         out.append(take)
         remaining -= max(take - 1, 0)
     return out

@@ -107,6 +107,9 @@ def test_limit_scored_tokens_hand_examples():
     assert limit_scored_tokens([100, 50, 300], 40, 30) == [31, 0, 0]
     # A short document leaves its share to the others; 1-token documents keep their length.
     assert limit_scored_tokens([5, 1, 100], 8, 50) == [5, 1, 47]
+    # A sliver shorter than one window is left out instead of scored with no context.
+    assert limit_scored_tokens([100, 100, 100], 10, 24) == [10, 10, 0]
+    assert limit_scored_tokens([100, 100, 100], 10, 30) == [11, 11, 11]
     # A budget beyond the data takes everything.
     assert limit_scored_tokens([5, 9], 4, 1000) == [5, 9]
 
@@ -121,9 +124,13 @@ def test_limit_scored_tokens_properties():
         assert len(prefixes) == len(lengths)
         scorable_total = sum(n - 1 for n in lengths if n >= 2)
         scored = sum(p - 1 for p in prefixes if p >= 2)
-        assert scored == min(budget, scorable_total)
-        assert all(0 <= p <= n for p, n in zip(prefixes, lengths))
         taken = [i for i, (p, n) in enumerate(zip(prefixes, lengths)) if n >= 2 and p >= 2]
+        # Exactly the budget, or less by a left-out sliver shorter than one window.
+        shortfall = min(budget, scorable_total) - scored
+        assert 0 <= shortfall < ctx
+        if shortfall:
+            assert taken
+        assert all(0 <= p <= n for p, n in zip(prefixes, lengths))
         # Documents are taken in order: no taken document after one that was left out.
         scorable = [i for i, n in enumerate(lengths) if n >= 2]
         assert taken == scorable[: len(taken)]
