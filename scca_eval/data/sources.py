@@ -165,7 +165,7 @@ def _read_parquet(task: TaskSpec) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise MissingDependency("pyarrow", "hub", "Reading .parquet files") from None
+        raise MissingDependency("pyarrow", "parquet", "Reading .parquet files") from None
     source = task.source
     for path in _data_files(task, lambda p: p.suffix == ".parquet", "parquet"):
         label = _file_label(task, path)
