@@ -223,10 +223,15 @@ def markdown_attention(result: dict) -> str:
              f"{result['device']}, torch {result['torch']}. Cells: median ms of one call (time / ideal time); "
              "on CUDA then the same from a CUDA graph replay (GPU time without launch overhead, "
              "against SDPA's graph time).", ""]
-    for n, causal in result["sdpa_causal_ms"].items():
-        extra = result["sdpa_backends_ms"].get(n, {})
+    for key, causal in result["sdpa_causal_ms"].items():
+        n = int(key)  # JSON turns the length keys into strings
+
+        def at(table, default=None):
+            return table.get(key, table.get(n, table.get(str(n), default)))
+
+        extra = at(result["sdpa_backends_ms"], {})
         forced = ", ".join(f"{name} {ms:.3f}" for name, ms in extra.items() if ms is not None)
-        graph = result.get("sdpa_causal_graph_ms", {}).get(n)
+        graph = at(result.get("sdpa_causal_graph_ms", {}))
         lines.append(f"N = {n}: SDPA full causal {causal:.3f} ms" + (f", {graph:.3f} ms from a CUDA graph" if graph else "")
                      + (f" (forced kernels: {forced} ms)" if forced else ""))
         lines.append("")
