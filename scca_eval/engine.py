@@ -102,17 +102,21 @@ def score_windows(
     device = model_device(model)
     decoder = model.get_decoder()
     head = _LogitHead(model)
-    nll_sum = np.zeros(len(windows), dtype=np.float64)
     tokens = np.zeros(len(windows), dtype=np.int64)
     if not windows:
-        return WindowScores(nll_sum, tokens)
+        return WindowScores(np.zeros(len(windows), dtype=np.float64), tokens)
+    # Sums stay on the device until the end: no host sync between batches, so the
+    # host prepares the next batch while the device still computes this one.
+    nll_sum = torch.zeros(len(windows), dtype=torch.float64, device=device)
     if batch_size is None:
         batch_size = auto_batch_size(max(w.end - w.start for w in windows), device)
 
     for batch in _batches(windows, batch_size):
         rows = [windows[i] for i in batch]
-        ids = np.stack([documents[w.doc][w.start : w.end] for w in rows]).astype(np.int64)
-        input_ids = torch.from_numpy(ids).to(device, non_blocking=True)
+        ids = torch.from_numpy(np.stack([documents[w.doc][w.start : w.end] for w in rows]).astype(np.int64))
+        if device.type == "cuda":
+            ids = ids.pin_memory()
+        input_ids = ids.to(device, non_blocking=True)
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
 
         # Flat (row, position) pairs of every scored target in the batch.
@@ -124,17 +128,30 @@ def score_windows(
             position.append(np.arange(first, first + count))
             window_of_pair.append(np.full(count, index))
             tokens[index] = count
-        row_index = torch.from_numpy(np.concatenate(row_index)).to(device)
-        position = torch.from_numpy(np.concatenate(position)).to(device)
+        row_index = torch.from_numpy(np.concatenate(row_index)).to(device, non_blocking=True)
+        position = torch.from_numpy(np.concatenate(position)).to(device, non_blocking=True)
+        window_of_pair = torch.from_numpy(np.concatenate(window_of_pair)).to(device, non_blocking=True)
         targets = input_ids[row_index, position + 1]
-        window_of_pair = np.concatenate(window_of_pair)
 
-        pair_nll = torch.empty(len(targets), dtype=torch.float64, device=device)
         for begin in range(0, len(targets), loss_chunk):
             end = begin + loss_chunk
             rows_h = hidden[row_index[begin:end], position[begin:end]]
-            pair_nll[begin:end] = head.nll(rows_h, targets[begin:end]).double()
-        np.add.at(nll_sum, window_of_pair, pair_nll.cpu().numpy())
+            nll_sum.index_add_(0, window_of_pair[begin:end], head.nll(rows_h, targets[begin:end]).double())
         if progress is not None:
             progress(int(len(targets)))
-    return WindowScores(nll_sum, tokens)
+    return WindowScores(nll_sum.cpu().numpy(), tokens)
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """Compile each decoder layer in place (``nn.Module.compile``), so that the
+    elementwise work around the matrix products (RMSNorm, RoPE, SiLU·mul,
+    residual adds) runs as fused kernels. Layers share one compiled graph, so
+    the cost is one compilation per window length."""
+    layers = model.get_decoder().layers
+    # Each layer is its own module, so each may need its own entry in dynamo's cache:
+    # allow one per layer (the default limit of 8 would leave deep models half eager).
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 2 * len(layers)))
+    for layer in layers:
+        layer.compile(dynamic=False)
