@@ -41,7 +41,7 @@ DEFAULT_OUT = "results/sweep"
 # load_model options that may be set per model in a sweep file
 MODEL_OPTIONS = ("adapter", "merge_adapter", "trainable_params", "rope_scaling", "original_ctx",
                  "finetuned_ctx", "tokenizer")
-ATTENTION_BACKENDS = ("auto", "chunked", "flex", "reference", "flash")
+ATTENTION_BACKENDS = ("auto", "strided", "chunked", "flex", "reference", "flash")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 # sweep setting -> (kind, default); kinds are checked by _read_setting

@@ -10,32 +10,19 @@ import torch
 from click.testing import CliRunner
 
 from scca_eval.bench import attention_bench, markdown_attention, markdown_model, model_bench
-from scca_eval.bench.strided import strided_pattern_attention
 from scca_eval.cli.bench import bench
-from test_flex import PRESETS, dense_attention, dense_mask, random_qkv, spec_named
+from test_flex import dense_mask, spec_named
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 
 
-@pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
-@pytest.mark.parametrize("batch,n,heads,kv_heads", [(1, 256, 8, 4), (2, 131, 9, 3), (2, 96, 6, 6)])
-def test_strided_layout_matches_dense_reference(name, batch, n, heads, kv_heads):
-    spec = spec_named(name)
-    # transformers' memory layout: [B, N, H, D] seen as [B, H, N, D]
-    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in random_qkv(batch, heads, kv_heads, n, 16,
-                                                                                  seed=n))
-    out = strided_pattern_attention(q, k, v, spec, 0.3)
-    ref = dense_attention(q, k, v, dense_mask(spec, n, heads), 0.3)
-    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
-
-
 def test_attention_bench_rows_and_shares():
     result = attention_bench(ns=(128,), heads=4, head_dim=16, patterns=["s2", "sda-r4"], dtype=torch.float32,
-                             backends=("chunked", "strided"), repeats=1, warmup=0, log=None)
+                             backends=("chunked", "strided", "strided-serial"), repeats=1, warmup=0, log=None)
     assert set(result["sdpa_causal_ms"]) == {128}
     rows = result["rows"]
-    assert len(rows) == 4 and all(row["error"] is None for row in rows)
+    assert len(rows) == 6 and all(row["error"] is None for row in rows)
     for row in rows:
         spec = spec_named("sda4" if row["pattern"] == "sda-r4" else row["pattern"])
         kept = int(dense_mask(spec, 128, 4).sum())
@@ -116,18 +103,3 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, capfd):
     assert exit_info.value.code == 2
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
-def test_gpu_strided_bf16_matches_reference(name):
-    from test_flex import BF16_REL_TOL
-
-    spec = spec_named(name)
-    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)
-               for x in random_qkv(1, 32, 8, 2048, 128, dtype=torch.bfloat16, device="cuda", seed=2))
-    ref = dense_attention(q, k, v, dense_mask(spec, 2048, 32).cuda(), 128 ** -0.5)
-    out = strided_pattern_attention(q, k, v, spec, 128 ** -0.5)
-    assert torch.isfinite(out).all()
-    assert float((out.double() - ref).norm() / ref.norm()) < BF16_REL_TOL

@@ -228,3 +228,21 @@ def test_gpu_fp32_matches_reference():
     out = flex_pattern_attention(q, k, v, spec, 0.125)
     # the kernel's fp32 dot products may run in tf32 on the GPU: 1e-3 relative
     assert relative_error(out, ref) < 1e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_flex_is_chosen_only_by_name():
+    # auto runs the strided layout on CUDA; FlexAttention stays reachable as backend="flex"
+    from scca_eval.attention import call_counts, pattern_attention, reset_call_counts
+
+    spec = preset("longmixed")
+    q, k, v = random_qkv(1, 16, 4, 1024, 64, dtype=torch.bfloat16, device="cuda", seed=6)
+    ref = dense_attention(q, k, v, dense_mask(spec, 1024, 16).cuda(), 0.125)
+    reset_call_counts()
+    flex_out = pattern_attention(q, k, v, spec, 0.125, backend="flex")
+    auto_out = pattern_attention(q, k, v, spec, 0.125)
+    assert call_counts() == {"flex": 1, "strided": 1}
+    reset_call_counts()
+    for out in (flex_out, auto_out):
+        assert relative_error(out, ref) < BF16_REL_TOL

@@ -4,6 +4,7 @@ from .chunked import chunked_pattern_attention
 from .dispatch import BACKENDS, call_counts, pattern_attention, reset_call_counts, resolve_backend
 from .reference import masked_attention
 from .register import apply_pattern, check_architecture, pattern_of
+from .strided import strided_pattern_attention
 
 __all__ = [
     "BACKENDS",
@@ -16,4 +17,5 @@ __all__ = [
     "pattern_of",
     "reset_call_counts",
     "resolve_backend",
+    "strided_pattern_attention",
 ]

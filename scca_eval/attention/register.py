@@ -76,6 +76,9 @@ def scca_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     if scaling is None:
         scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
     out = pattern_attention(query, key, value, entry.spec, scaling, backend=entry.backend)
+    # transformers wants [B, N, H, D] back. The strided backend's result already
+    # lies that way in memory, so .contiguous() returns it as it is (no copy);
+    # the other backends' [B, H, N, D] results are copied once here.
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,7 +1,7 @@
 """Attention alone: each pattern's fast paths against SDPA's full causal attention.
 
 For every length N and pattern this times each backend (FlexAttention, the
-chunked SDPA layout, or named FlexAttention variants) on the tensors a
+chunked and strided SDPA layouts, or named FlexAttention variants) on the tensors a
 transformers model hands to its attention function, and divides the time by
 the pattern's *ideal* time: its share of causal attention's FLOPs times the
 time SDPA takes for full causal attention, measured in the same run.
@@ -94,7 +94,7 @@ def _backend_fn(name: str, flex_variants: dict[str, dict]) -> Callable:
     if name == "chunked":
         return chunked_pattern_attention
     if name in ("strided", "strided-serial"):
-        from .strided import strided_pattern_attention
+        from ..attention.strided import strided_pattern_attention
 
         if name == "strided-serial":  # every call on the caller's stream, in order
             return lambda q, k, v, spec, scaling: strided_pattern_attention(q, k, v, spec, scaling, streams=1)
@@ -126,8 +126,9 @@ def attention_bench(ns: Sequence[int] = (8192, 32768), heads: int = 32, head_dim
 
     patterns:      labels for ``pattern_from_label`` (default: every sparse preset,
                    ``sda`` with r = 2 and r = 4).
-    backends:      ``flex``, ``chunked``, ``auto`` (what the model would use) and the
-                   names of ``flex_variants`` ({name: keyword arguments of
+    backends:      ``flex``, ``chunked``, ``strided``, ``strided-serial`` (``strided``
+                   with every call on one stream), ``auto`` (what a model would use)
+                   and the names of ``flex_variants`` ({name: keyword arguments of
                    flex_pattern_attention}, e.g. other block sizes or kernel options;
                    ``contiguous: True`` copies the inputs to [B, H, N, D] first).
     check:         also compare every output with a float32 run of the chunked path.

@@ -194,9 +194,9 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     specs = {label: pattern_from_label(label) for label in patterns}
     from ..attention.dispatch import BACKENDS
 
-    unknown = [name for name in backends if name not in BACKENDS + ("strided",)]
+    unknown = [name for name in backends if name not in BACKENDS]
     if unknown:
-        raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}, strided")
+        raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
 
     model, origin = bench_model(shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=layers)
     body_params, head_params = _linear_params(model)
@@ -269,15 +269,9 @@ def _num(value: float) -> str:
 
 
 def _apply(model, spec, backend: str) -> None:
-    """Put ``model`` under ``spec`` with ``backend`` (``strided``: the candidate layout of bench/strided.py)."""
+    """Put ``model`` under ``spec`` with ``backend`` (full: transformers' own SDPA)."""
     from ..attention.register import apply_pattern
-    from .strided import IMPLEMENTATION, use_strided_attention
 
-    if backend == "strided" and not spec.is_full:
-        use_strided_attention(model, spec)
-        return
-    if model.config._attn_implementation == IMPLEMENTATION:
-        model.set_attn_implementation("sdpa")
     apply_pattern(model, spec, backend="auto" if spec.is_full else backend)
 
 

@@ -54,9 +54,10 @@ def _check_positive(values, option: str, least: int = 1) -> None:
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size.")
 @click.option("--pattern", "patterns", type=NAME_LIST, default=ATTENTION_PATTERNS, show_default=True,
               help="Patterns, comma-separated: preset names, sda-rN for sda with dilation N.")
-@click.option("--backend", "backends", type=NAME_LIST, default="flex,chunked", show_default=True,
-              help="Backends to time: flex, chunked, strided (chunked on strided views, calls spread "
-                   "over CUDA streams), strided-serial (the same on one stream), auto (what a model would use).")
+@click.option("--backend", "backends", type=NAME_LIST, default="flex,chunked,strided", show_default=True,
+              help="Backends to time: flex, chunked, strided (the chunked rules as SDPA on strided views, "
+                   "calls spread over CUDA streams; auto's choice on a GPU), strided-serial (the same on "
+                   "one stream), auto (what a model would use).")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None,
               help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--repeats", type=int, default=None, help="Timed calls per cell (median). Default: 20 on GPU, 3 on CPU.")
@@ -107,8 +108,8 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 @click.option("--pattern", "patterns", type=NAME_LIST, default=MODEL_PATTERNS, show_default=True,
               help="Patterns, comma-separated (sda-rN for sda with dilation N).")
 @click.option("--backend", "backends", type=NAME_LIST, default="auto", show_default=True,
-              help="Attention backends for the sparse patterns (auto, flex, chunked, or strided: the "
-                   "chunked layout on strided views, a candidate); full always uses SDPA.")
+              help="Attention backends for the sparse patterns (auto, strided, chunked, flex, flash, "
+                   "reference; auto = strided on a GPU, chunked on CPU); full always uses SDPA.")
 @click.option("--batch-size", "-b", type=int, default=None,
               help="Windows per forward pass. Default: the engine's automatic choice.")
 @click.option("--tokens-per-run", type=int, default=32768, show_default=True,
@@ -141,9 +142,9 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
         _check_positive([batch_size], "--batch-size")
     if layers is not None:
         _check_positive([layers], "--layers")
-    unknown = [name for name in backends if name not in BACKENDS + ("strided",)]
+    unknown = [name for name in backends if name not in BACKENDS]
     if unknown:
-        raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}, strided")
+        raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
     device = parse_device(device)
     result = model_bench(shape, ctxs, patterns, batch_size, backends=backends, device=device,
                          dtype=parse_dtype(dtype, device), tokens_per_run=tokens_per_run, repeats=repeats,

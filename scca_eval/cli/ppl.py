@@ -33,9 +33,10 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
 @click.option("--chunk-size", type=int, default=None,
               help="Chunk size G in tokens for the chunked rules. Default: a quarter of the window.")
 @click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
-@click.option("--attention-backend", type=click.Choice(["auto", "chunked", "flex", "reference", "flash"]),
+@click.option("--attention-backend",
+              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
               default="auto", show_default=True,
-              help="Kernel for sparse patterns: auto = FlexAttention on GPU, chunked plain torch on CPU.")
+              help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU.")
 @click.option("--batch-size", "-b", type=int, default=None,
               help="Windows per forward pass. Default: about 8k tokens per batch on CPU, 16k on GPU.")
 @click.option("--max-tokens", type=int, default=None,

@@ -32,8 +32,10 @@ from .options import INT_LIST
 @click.option("--bos/--no-bos", "add_bos", default=None, help="Prepend BOS to every document. Default: no.")
 @click.option("--allow-long-context", is_flag=True, default=None,
               help="Evaluate a ctx beyond the model's trained length.")
-@click.option("--attention-backend", type=click.Choice(["auto", "chunked", "flex", "reference", "flash"]),
-              default=None, help="Kernel for sparse patterns. Default: auto.")
+@click.option("--attention-backend",
+              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
+              default=None, help="Kernel for sparse patterns. Default: auto (strided SDPA layout on GPU, "
+                                 "chunked on CPU).")
 @click.option("--adapter", type=click.Path(), default=None,
               help="LoRA adapter folder for every model of the sweep (a model's own in the sweep file wins).")
 @click.option("--rope-scaling", default=None,

@@ -1,31 +1,34 @@
-"""A candidate fast path measured by the attention benchmark (backend ``strided``).
+"""Pattern attention as SDPA calls over strided views (the default on CUDA).
 
-The same decomposition as ``attention/chunked.py`` (every head rule as causal
-or plain SDPA calls over chunks or residue classes), but each call reads q, k
-and v through strided *views* of the ``[B, N, H, D]`` tensors that transformers
-hands over, instead of copies: chunks are a reshape of the position axis, a
-residue class is every r-th position, a head group is a slice of the head
-axis. Each output element is written once, straight into a ``[B, N, H, D]``
-buffer, so the transpose that follows attention in transformers is free.
+The same decomposition as ``chunked.py`` (every head rule as causal or plain
+SDPA calls over chunks or residue classes), but each call reads q, k and v
+through strided *views* of the ``[B, N, H, D]`` tensors that transformers hands
+over, instead of copies: chunks are a reshape of the position axis, a residue
+class is every r-th position, a head group is a slice of the head axis. Each
+output element is written once, straight into a ``[B, N, H, D]`` buffer, so the
+transpose that follows attention in transformers is free.
 
 Independent calls (head groups, segments, residue classes) are spread over a
 few CUDA streams, so that the many small kernels of a short window overlap
 instead of each leaving most of the GPU idle.
 
-It exists to measure what the copies of the chunked layout cost; where a view
-is impossible (a head group that splits a key/value head, a length that is not
-a multiple of the rate) it falls back to ``chunked_pattern_attention`` for
-that head group, and where a view cannot merge the batch with the chunks
-(``cross`` with a batch above 1) reshape copies.
+Where a view is impossible (a head group that splits a key/value head, a
+length that is not a multiple of the rate) that head group falls back to
+``chunked_pattern_attention``. Where a view cannot merge the batch with the
+chunks (a batch above 1 and a run of chunks shorter than the window: ``cross``,
+``shifted``, a last partial chunk) reshape copies that run.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 import torch.nn.functional as F
 
-from ..attention.chunked import chunked_pattern_attention
+from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
+from .chunked import chunked_pattern_attention
 
 
 def _sdpa(q, k, v, causal: bool, scaling: float):
@@ -77,20 +80,28 @@ def strided_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               scaling: float, streams: int = STREAMS) -> torch.Tensor:
     """Attention of ``spec`` for q [B, H, N, D], k, v [B, H_kv, N, D] -> [B, H, N, D] ([B, N, H, D] in memory).
 
+    The result is a transposed view of a contiguous [B, N, H, D] buffer, so
+    ``out.transpose(1, 2)`` is contiguous without a copy.
     streams: CUDA streams the independent SDPA calls are spread over (1: in order).
     """
     batch, heads, n, _ = q.shape
-    per_kv = heads // k.shape[1]
+    kv_heads = k.shape[1]
+    if k.shape[2] != n:
+        raise ValueError(f"pattern attention needs as many keys as queries, got {n} queries and {k.shape[2]} keys")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads evenly")
+    per_kv = heads // kv_heads
     chunk = spec.chunk_for(n)
     qn, kn, vn = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, h, D] views
     out = q.new_empty(batch, n, heads, v.shape[-1])
     launch = _Launcher(q.device, streams)
     for first, end, rule in spec.head_groups(n, heads):
-        if first % per_kv or end % per_kv:  # the group splits a key/value head: copy them out
+        if first % per_kv or end % per_kv:  # the group splits a key/value head: copy its heads out
             def work(first=first, end=end, rule=rule):
+                kv_index = torch.arange(first, end, device=q.device) // per_kv
                 out[:, :, first:end] = chunked_pattern_attention(
-                    q[:, first:end], k.repeat_interleave(per_kv, 1)[:, first:end],
-                    v.repeat_interleave(per_kv, 1)[:, first:end], _single(rule, spec), scaling).transpose(1, 2)
+                    q[:, first:end], k.index_select(1, kv_index), v.index_select(1, kv_index),
+                    _single(rule, spec), scaling).transpose(1, 2)
             launch(work)
             continue
         gq = qn[:, :, first:end]
@@ -106,9 +117,8 @@ def strided_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2)
 
 
-def _single(rule, spec: PatternSpec) -> PatternSpec:
-    from fractions import Fraction
-
+def _single(rule: Rule, spec: PatternSpec) -> PatternSpec:
+    """``spec`` reduced to one rule for every head (the chunk size stays ``spec``'s)."""
     return PatternSpec("one", ((Fraction(1), rule),), chunk_size=spec.chunk_size, chunk_ratio=spec.chunk_ratio)
 
 
@@ -206,38 +216,3 @@ def _dilated(r: int, j: int, q, k, v, o, scaling: float, launch) -> bool:
             launch(lambda first_rows=first_rows, vc=vc: first_rows.copy_(
                 vc[0, :j].repeat_interleave(per_kv, dim=1)))
     return True
-
-
-# -- inside a model, for the model benchmark --------------------------------------
-IMPLEMENTATION = "scca_bench_strided"
-_specs: dict[int, PatternSpec] = {}
-
-
-def _model_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """AttentionInterface entry: [B, H, N, D] in, ([B, N, H, D], None) out, like transformers' own."""
-    spec = _specs.get(id(module.config))
-    if spec is None:
-        raise RuntimeError("use_strided_attention(model, spec) was not called for this model")
-    if scaling is None:
-        scaling = module.scaling
-    out = strided_pattern_attention(query, key, value, spec, scaling)
-    return out.transpose(1, 2), None  # already [B, N, H, D] in memory: no copy
-
-
-def use_strided_attention(model, spec: PatternSpec):
-    """Run ``model`` under ``spec`` with the strided layout (through transformers' AttentionInterface).
-
-    Undo with ``model.set_attn_implementation("sdpa")`` or ``apply_pattern``.
-    """
-    from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
-
-    from ..attention.register import check_architecture, scca_mask
-
-    check_architecture(model)
-    AttentionInterface.register(IMPLEMENTATION, _model_attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, scca_mask)  # no dense mask: every pattern is causal
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            _specs[id(module.config)] = spec
-    model.set_attn_implementation(IMPLEMENTATION)
-    return model
