@@ -1,30 +1,48 @@
 """The Python API: ``evaluate`` runs (task, ctx) cells and returns result records.
 
 The CLI is a thin layer over this module; tests call it directly.
+
+How a cell runs (``_evaluate_cell``): the windows of the protocol are planned over all
+documents; the documents are then scored in groups of about ``save_every`` batches of
+work (whole documents, windows of several documents batched together). After each group
+the per-document sums are saved to a progress file next to the record (``resume.py``), so
+a run that is stopped — Ctrl-C, SIGKILL, a lost machine — continues where it stopped when
+the same command runs again. Inside a torch.distributed run each rank scores whole
+batches of every group and the sums are added up exactly (``distributed.py``); rank 0
+alone writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable, Protocol, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from . import __version__
+from . import distributed
+from .attention.register import apply_pattern
 from .data import TokenizedTask, load_task, task_from_data_path, tokenize_task
-from .engine import auto_batch_size, model_device, score_windows
+from .engine import WindowScores, auto_batch_size, model_device, score_windows
 from .errors import UserError
 from .metrics import DocScore, summarize
 from .models import load_model, model_record, trained_length
-from .attention.register import apply_pattern
 from .patterns.parse import check_against_ctx, resolve_pattern
-from .results import write_record
-from .windows import limit_scored_tokens, plan_windows
+from .patterns.spec import PatternSpec
+from .results import record_filename, write_record
+from .resume import DocumentDone, Interrupted, ProgressFile, progress_path
+from .windows import Window, limit_scored_tokens, plan_windows
 
 DEFAULT_TASKS = ("pg19_sample", "proof_pile_sample")
+# Progress is saved after about this many batches of forward work (whole documents).
+DEFAULT_SAVE_EVERY = 32
 
 
 class Progress(Protocol):
@@ -58,15 +76,72 @@ def _package_versions() -> dict:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
+
+
+def _notify_stderr(message: str) -> None:
+    print(f"scca-eval: {message}", file=sys.stderr, flush=True)
+
+
+def record_pattern_name(spec: PatternSpec) -> str:
+    """The ``pattern`` of a record (and of its file name): the preset name, or for a custom mix
+    ``custom-`` and 8 hex digits of the sha256 of its canonical text (``spec.canonical()``,
+    e.g. ``1/2 local + 1/2 cross(1)``), so two different mixes never share a record file,
+    and the same mix written two ways (``0.5 local`` / ``1/2 local``, text or YAML list)
+    gets the same name. Chunk size and dilation are not part of the name, as for presets;
+    the record's ``config.pattern`` holds every setting."""
+    if spec.name != "custom":
+        return spec.name
+    return "custom-" + hashlib.sha256(spec.canonical().encode("utf-8")).hexdigest()[:8]
+
+
+def determinism(model: torch.nn.Module) -> tuple[bool, str]:
+    """Whether running the same cell again on this device gives the same float64 sums bit for
+    bit, and why. CPU kernels sum in a fixed order for a given number of threads (tested);
+    on a GPU, matrix-product and attention kernels are chosen per shape and may split their
+    sums differently from run to run, so a GPU run is not claimed to be bitwise repeatable."""
+    device = model_device(model)
+    attention = getattr(model.config, "_attn_implementation", None) or "unknown"
+    if device.type == "cpu":
+        return True, (f"CPU run with {torch.get_num_threads()} threads: kernels sum in a fixed order, so the "
+                      f"same run gives the same numbers bit for bit (attention: {attention})")
+    flag = torch.are_deterministic_algorithms_enabled()
+    return False, (f"{device.type} run: cuBLAS matrix products and the attention kernels ({attention}) may "
+                   "choose different algorithms or summation orders from run to run, so repeated runs can "
+                   "differ in the last bits; torch.are_deterministic_algorithms_enabled() was "
+                   f"{str(flag).lower()}")
 
 
 def check_ctx_and_stride(ctxs: Sequence[int], stride: int | None) -> None:
     for ctx in ctxs:
-        if not isinstance(ctx, int) or ctx < 2:
+        if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
             raise UserError(f"--ctx must be whole numbers of at least 2 tokens (got {ctx!r})")
-        if stride is not None and not 1 <= stride <= ctx:
-            raise UserError(f"--stride must be between 1 and ctx ({ctx}); got {stride}")
+        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int)
+                                   or not 1 <= stride <= ctx):
+            raise UserError(f"--stride must be between 1 and ctx ({ctx}); got {stride!r}")
+
+
+def check_run_options(*, batch_size=None, max_tokens=None, save_every=None) -> None:
+    """The numeric options of a run that must be whole numbers of at least 1."""
+    for option, value in (("--batch-size", batch_size), ("--max-tokens", max_tokens),
+                          ("--save-every", save_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{option} must be a whole number of at least 1 (got {value!r})")
+
+
+def check_out_folder(out) -> None:
+    """``--out`` must be a folder (or not exist yet, to be made)."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the result records")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file, not a folder; give a folder for the result records")
+            break
 
 
 def resolve_tasks(tasks: Iterable[str] | None, data: Iterable[str] | None):
@@ -90,6 +165,7 @@ def evaluate(
     max_tokens: int | None = None,
     dtype: str | None = None,
     device: str | None = None,
+    device_map: str | None = None,
     out: str | None = None,
     chunk_size: int | None = None,
     dilation: int | None = None,
@@ -97,8 +173,12 @@ def evaluate(
     allow_long_context: bool = False,
     seed: int = 0,
     attention_backend: str = "auto",
+    save_every: int | None = None,
+    resume: bool = True,
+    keep_progress: bool = False,
     loaded: tuple | None = None,
     progress: Progress | None = None,
+    notify: Callable[[str], None] | None = None,
     **model_options,
 ) -> list[dict]:
     """Evaluate ``model`` on every (task, ctx) cell; return one record per cell.
@@ -110,52 +190,178 @@ def evaluate(
     stride:     tokens a window advances (default: ctx, disjoint windows)
     pattern:    preset name or custom mix (see docs/patterns.md)
     max_tokens: cap on scored tokens per (task, ctx), for quick looks
-    out:        folder to write one JSON record per cell into (None: don't write)
+    device_map: e.g. "auto": spread the model over the available devices (accelerate)
+    out:        folder to write one JSON record per cell into (None: don't write, and keep
+                no progress)
+    save_every: save progress after about this many batches of work (default 32)
+    resume:     continue a cell from its progress file when one matches (default True)
+    keep_progress: leave the complete progress files of the finished cells for the caller
+                to remove with ``resume.remove_progress(records)`` once a larger run is
+                done (``ppl`` over several patterns); by default they are removed at the end
     loaded:     an already loaded (model, tokenizer) pair to reuse; the pattern is
                 applied to it
+    notify:     receives one-line notices: a resumed cell, an untrusted progress file
+                (default: printed to stderr)
+
+    Inside an initialized torch.distributed process group the windows are shared among the
+    ranks; every rank returns the same records, and only rank 0 writes files.
     """
     ctxs = [ctx] if isinstance(ctx, int) else list(ctx)
     check_ctx_and_stride(ctxs, stride)
-    if max_tokens is not None and max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1 (got {max_tokens})")
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_run_options(batch_size=batch_size, max_tokens=max_tokens, save_every=save_every)
+    check_out_folder(out)
     spec = resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation)
     for c in ctxs:
         check_against_ctx(spec, c)
     task_specs = resolve_tasks(tasks, data)
+    ranks = distributed.current()
+    say = (notify or _notify_stderr) if ranks.is_main else (lambda message: None)
 
     if loaded is None:
-        loaded = load_model(model, pattern=spec, dtype=dtype, device=device,
+        loaded = load_model(model, pattern=spec, dtype=dtype, device=device, device_map=device_map,
                             attention_backend=attention_backend, **model_options)
     else:  # a model loaded earlier, perhaps under another pattern
         apply_pattern(loaded[0], spec, backend=attention_backend)
     lm, tokenizer = loaded
     limit = trained_length(lm)
-    too_long = [c for c in ctxs if c > limit]
+    too_long = [c for c in ctxs if limit is not None and c > limit]
     if too_long and not allow_long_context:
         raise UserError(
             f"ctx {max(too_long)} is beyond the model's trained length ({limit} tokens); "
             "use --rope-scaling to extend it, or --allow-long-context to evaluate anyway"
         )
 
-    records = []
+    records, finished_progress = [], []
     for task_spec in task_specs:
         tokenized = tokenize_task(task_spec, tokenizer, add_bos=add_bos)
         for c in ctxs:
-            record = _evaluate_cell(
+            record, progress_file = _evaluate_cell(
                 lm, tokenizer, model, spec, tokenized, c, stride or c,
                 batch_size=batch_size, max_tokens=max_tokens, add_bos=add_bos, seed=seed,
-                progress=progress,
+                progress=progress if ranks.is_main else None, out=out, save_every=save_every,
+                resume=resume, ranks=ranks, notify=say, device_map=device_map,
             )
-            if out is not None:
+            if out is not None and ranks.is_main:
                 record["path"] = str(write_record(record, out))
+            if progress_file is not None and ranks.is_main:
+                finished_progress.append(progress_file)
             records.append(record)
+    # A finished cell keeps its (complete) progress file until every cell of the call is done,
+    # so that running an interrupted multi-cell command again rebuilds the finished cells
+    # from it instead of scoring them again.
+    if not keep_progress:
+        for progress_file in finished_progress:
+            progress_file.remove()
     return records
 
 
+# ---------------------------------------------------------------- one cell
+
+def _plan_groups(windows: Sequence[Window], target_tokens: int) -> list[list[int]]:
+    """Window indices cut into groups of whole documents, each closed once it holds at least
+    ``target_tokens`` tokens of forward work. Greedy and in document order, so a run that
+    resumes after the first k groups forms the same remaining groups."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    work = 0
+    for index, window in enumerate(windows):
+        if current and window.doc != windows[current[-1]].doc and work >= target_tokens:
+            groups.append(current)
+            current, work = [], 0
+        current.append(index)
+        work += window.end - window.start
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _engine_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
+    """How the engine cuts ``windows`` into batches (window indices per batch). A rank takes
+    whole batches, so every window is computed in the same batch as in a one-process run."""
+    from .engine import _batches
+
+    return _batches(windows, batch_size)
+
+
+class _OutOfMemory(Exception):
+    """Raised on every rank when one of them ran out of memory in a group."""
+
+
+def _score_group(lm, documents, windows: Sequence[Window], batch: int, ranks, advance) -> WindowScores:
+    """Per-window sums of one group; each rank scores its share, the sums are exchanged."""
+    mine = distributed.my_batches(_engine_batches(windows, batch), ranks)
+    nll = np.zeros(len(windows), dtype=np.float64)
+    tokens = np.zeros(len(windows), dtype=np.int64)
+    out_of_memory = False
+    try:
+        scores = score_windows(lm, documents, [windows[i] for i in mine], batch_size=batch, progress=advance)
+        nll[mine] = scores.nll_sum
+        tokens[mine] = scores.tokens
+    except torch.OutOfMemoryError:
+        out_of_memory = True
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    # Every rank must reach the same collectives, so a rank that failed says so first.
+    if not distributed.all_agree(not out_of_memory, ranks):
+        raise _OutOfMemory
+    return WindowScores(distributed.sum_over_ranks(nll, ranks), distributed.sum_over_ranks(tokens, ranks))
+
+
+class _ScaledAdvance:
+    """Rank 0's progress bar for the whole run: rank 0 sees only its own batches, so its
+    counts are scaled to the group, and corrected to the exact total when the group ends."""
+
+    def __init__(self, progress: Progress | None, group_total: int, own_total: int):
+        self.progress, self.group_total, self.shown = progress, group_total, 0
+        self.scale = group_total / own_total if own_total else 0.0
+        self.own = 0
+
+    def __call__(self, tokens: int) -> None:
+        if self.progress is None:
+            return
+        self.own += tokens
+        target = min(self.group_total, int(self.own * self.scale))
+        if target > self.shown:
+            self.progress.advance(target - self.shown)
+            self.shown = target
+
+    def finish(self) -> None:
+        if self.progress is not None and self.group_total > self.shown:
+            self.progress.advance(self.group_total - self.shown)
+            self.shown = self.group_total
+
+
+def _cell_key(record: dict, scored_tokens: int) -> dict:
+    """Everything that decides a cell's per-document sums (what a progress file must match)."""
+    config = record["config"]
+    model_info = config["model"] or {}
+    fingerprint = model_info.get("fingerprint")
+    return {
+        "model": {
+            "id": record["model"],
+            "weights": fingerprint.get("digest") if isinstance(fingerprint, dict) else None,
+            "adapter": model_info.get("adapter"),
+            "rope_scaling": model_info.get("rope_scaling"),
+        },
+        "task": record["task"],
+        "data": config["data_fingerprint"],
+        "tokenizer": config["tokenizer_fingerprint"],
+        "pattern": config["pattern"],
+        "ctx": record["ctx"],
+        "stride": record["stride"],
+        "protocol": config["protocol"],
+        "max_tokens": config["max_tokens"],
+        "add_bos": config["add_bos"],
+        "dtype": config["dtype"],
+        "scored_tokens": scored_tokens,
+    }
+
+
 def _evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, stride, *,
-                   batch_size, max_tokens, add_bos, seed, progress) -> dict:
+                   batch_size, max_tokens, add_bos, seed, progress, out=None, save_every=None,
+                   resume=True, ranks=distributed.SINGLE, notify=_notify_stderr,
+                   device_map=None) -> tuple[dict, ProgressFile | None]:
+    """Score one (task, ctx) cell; return its record and its progress file (None without ``out``)."""
     docs = tokenized.docs
     lengths = [len(d.ids) for d in docs]
     if max_tokens is not None:
@@ -163,45 +369,21 @@ def _evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx,
     windows = plan_windows(lengths, ctx, stride)
     device = model_device(lm)
     batch = batch_size or auto_batch_size(ctx, device)
-    total = sum(w.end - w.score_from for w in windows)
-
-    if progress is not None:
-        progress.begin(f"{tokenized.task.name} · {spec.name} · ctx {ctx}", total)
-    started = time.perf_counter()
-    began_at = datetime.now(timezone.utc)
-    try:
-        scores = score_windows(
-            lm, [d.ids for d in docs], windows, batch_size=batch,
-            progress=progress.advance if progress is not None else None,
-        )
-    finally:
-        if progress is not None:
-            progress.end()
-    seconds = time.perf_counter() - started
-
-    nll, counts = scores.per_document(windows, len(docs))
-    doc_scores = []
-    for doc, length, doc_nll, count in zip(docs, lengths, nll, counts):
-        if length < 2:
-            continue
-        n_bytes, n_words = doc.prefix_stats(length)
-        doc_scores.append(DocScore(doc.id, float(doc_nll), int(count), n_bytes, n_words))
-    if not doc_scores:
+    expected = {i: (doc.id, length - 1) for i, (doc, length) in enumerate(zip(docs, lengths)) if length >= 2}
+    if not expected:
         raise UserError(f"task {tokenized.task.name}: no document has two or more tokens to score")
-    metrics = summarize(doc_scores, seed=seed)
-    scored = int(counts.sum())
-    return {
+    total = sum(count for _, count in expected.values())
+    deterministic, determinism_note = determinism(lm)
+
+    record = {
         "schema": 1,
         "model": model_id,
         "task": tokenized.task.name,
-        "pattern": spec.name,
+        "pattern": record_pattern_name(spec),
         "ctx": ctx,
         "stride": stride,
-        "metrics": metrics,
-        "documents": [
-            {"id": d.id, "nll_sum": d.nll_sum, "tokens": d.tokens, "bytes": d.bytes, "words": d.words}
-            for d in doc_scores
-        ],
+        "metrics": None,
+        "documents": None,
         "skipped_documents": list(tokenized.skipped),
         "config": {
             "protocol": "stride",
@@ -213,14 +395,115 @@ def _evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx,
             "add_bos": add_bos,
             "max_tokens": max_tokens,
             "batch_size": batch,
+            "device_map": device_map,
             "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
             "bootstrap_seed": seed,
             "versions": _package_versions(),
         },
-        "runtime": {
-            "seconds": round(seconds, 3),
-            "tokens_per_second": round(scored / seconds, 1) if seconds > 0 else None,
-            "device": _device_name(device),
-            "started": began_at.isoformat(timespec="seconds"),
-        },
     }
+    label = f"{tokenized.task.name} · {record['pattern']} · ctx {ctx}"
+
+    progress_file = None
+    done: dict[int, DocumentDone] = {}
+    seconds_before = 0.0
+    if out is not None:
+        progress_file = ProgressFile(progress_path(Path(out) / record_filename(record)),
+                                     _cell_key(record, total), expected,
+                                     lambda message: notify(f"warning: {message}"))
+        if resume and ranks.is_main:
+            done = progress_file.load()
+            seconds_before = progress_file.loaded_seconds
+        done = distributed.share_from_main(done, ranks)
+    resumed = saved = len(done)  # saved: documents in the progress file as it is on disk
+    if resumed and ranks.is_main:
+        notify(f"resuming {label} from {progress_file.path}: {resumed} of {len(expected)} documents are done")
+
+    todo = [w for w in windows if w.doc not in done]
+    groups = _plan_groups(todo, (save_every or DEFAULT_SAVE_EVERY) * batch * ctx)
+    if progress is not None:
+        progress.begin(label, total)
+        progress.advance(sum(d.tokens for d in done.values()))
+    documents = [d.ids for d in docs]
+    scored_now = 0  # targets scored by this run (not read from the progress file)
+    started = time.perf_counter()
+    began_at = datetime.now(timezone.utc)
+    try:
+        for group in groups:
+            group_windows = [todo[i] for i in group]
+            group_total = sum(w.end - w.score_from for w in group_windows)
+            own = distributed.my_batches(_engine_batches(group_windows, batch), ranks)
+            advance = _ScaledAdvance(progress, group_total, sum(group_windows[i].scored for i in own))
+            scores = _score_group(lm, documents, group_windows, batch, ranks, advance)
+            advance.finish()
+            scored_now += group_total
+            nll, counts = scores.per_document(group_windows, len(docs))
+            for doc in dict.fromkeys(w.doc for w in group_windows):
+                done[doc] = DocumentDone(doc, docs[doc].id, float(nll[doc]), int(counts[doc]))
+            if progress_file is not None and ranks.is_main:
+                progress_file.save(done.values(), seconds_before + time.perf_counter() - started)
+                saved = len(done)
+    except _OutOfMemory:
+        raise _out_of_memory_error(ctx, batch, lm, progress_file, saved, len(expected), ranks) from None
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(progress_file, saved, len(expected), label)) from None
+    finally:
+        if progress is not None:
+            progress.end()
+    seconds = time.perf_counter() - started
+    if progress_file is not None and ranks.is_main and not groups:
+        progress_file.save(done.values(), seconds_before)  # nothing left to score: the file is complete
+
+    doc_scores = []
+    for index, (doc, length) in enumerate(zip(docs, lengths)):
+        if index not in expected:
+            continue
+        n_bytes, n_words = doc.prefix_stats(length)
+        saved = done[index]
+        doc_scores.append(DocScore(doc.id, saved.nll_sum, saved.tokens, n_bytes, n_words))
+    record["metrics"] = summarize(doc_scores, seed=seed)
+    record["documents"] = [
+        {"id": d.id, "nll_sum": d.nll_sum, "tokens": d.tokens, "bytes": d.bytes, "words": d.words}
+        for d in doc_scores
+    ]
+    device_text = _device_name(device)
+    if ranks.is_distributed:
+        device_text += f" × {ranks.world_size} processes ({ranks.backend})"
+    total_seconds = seconds_before + seconds
+    record["runtime"] = {
+        "seconds": round(total_seconds, 3),
+        "tokens_per_second": round(scored_now / seconds, 1) if seconds > 0 and scored_now else None,
+        "device": device_text,
+        "processes": ranks.world_size,
+        "started": began_at.isoformat(timespec="seconds"),
+        "resumed_documents": resumed,
+        "deterministic": deterministic,
+        "determinism_note": determinism_note,
+    }
+    return record, progress_file
+
+
+def _interrupted_message(progress_file, saved: int, n_docs: int, label: str) -> str:
+    if progress_file is None:
+        return f"interrupted during {label}; nothing was saved (records are not written with --no-write)"
+    if not saved:
+        return f"interrupted during {label} before its first documents were done; nothing to resume yet"
+    return (f"interrupted: {saved} of {n_docs} documents of {label} are saved in {progress_file.path}; "
+            "run the same command again to continue")
+
+
+def _out_of_memory_error(ctx, batch, lm, progress_file, saved: int, n_docs: int, ranks) -> UserError:
+    device = model_device(lm)
+    where = f"{device.type} (in one of {ranks.world_size} processes)" if ranks.is_distributed else str(device)
+    if batch > 1:
+        advice = f"give a smaller --batch-size (e.g. --batch-size {batch // 2})"
+    else:
+        advice = ("one window does not fit next to the model: use --device-map auto to spread the model over "
+                  "several GPUs, --dtype bfloat16, or a smaller --ctx")
+    kept = ""
+    if progress_file is not None and saved:
+        kept = f"; the {saved} of {n_docs} documents already done are saved and will not be scored again"
+    error = UserError(f"out of memory on {where} at ctx {ctx} with batch size {batch} "
+                      f"({batch} window{'s' if batch > 1 else ''} of up to {ctx} tokens per forward pass): "
+                      f"{advice}{kept}")
+    error.reported_by_main = not ranks.is_main  # every rank raises it; rank 0 says it
+    return error

@@ -53,7 +53,9 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script and of `python -m scca_eval`."""
     try:
-        status = cli.main(args=argv, prog_name="scca-eval", standalone_mode=False)
+        # The arguments are kept for `ppl --gpus N`, which starts itself again under torchrun.
+        status = cli.main(args=argv, prog_name="scca-eval", standalone_mode=False,
+                          obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except UserError as error:
         _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     except _NO_ARGS_IS_HELP as error:  # pragma: no cover - click >= 8.2
@@ -64,11 +66,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{error.format_message()} (see '{command} --help')")
     except click.ClickException as error:
         _fail(error.format_message(), error.exit_code or 1)
-    except click.exceptions.Abort:
-        click.echo("scca-eval: interrupted", err=True)
+    except click.exceptions.Abort as error:  # click turns Ctrl-C inside a command into Abort
+        cause = error.__cause__
+        click.echo(f"scca-eval: {cause}" if cause is not None and str(cause) else "scca-eval: interrupted", err=True)
         sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("scca-eval: interrupted", err=True)
+    except KeyboardInterrupt as error:  # an Interrupted from a run says what was saved and how to resume
+        click.echo(f"scca-eval: {error}" if str(error) else "scca-eval: interrupted", err=True)
         sys.exit(130)
     except BrokenPipeError:  # e.g. `scca-eval table ... | head`
         sys.exit(0)

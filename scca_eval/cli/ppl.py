@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import click
 
+from ..errors import UserError
 from .options import INT_LIST
+
+DEVICE_MAPS = ["auto", "balanced", "balanced_low_0", "sequential"]
 
 CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"], case_sensitive=False)
 
@@ -46,7 +51,9 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
               help="Prepend the tokenizer's BOS token to every document (it is context, never scored).")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None,
               help="Compute dtype. Default: float32 on CPU, bfloat16 on GPU.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@click.option("--device", default=None,
+              help="cpu, cuda or cuda:N. Default: cuda if available. With --gpus or torchrun: cpu (gloo) "
+                   "or cuda (each process takes cuda:LOCAL_RANK).")
 @click.option("--adapter", type=click.Path(), default=None,
               help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too.")
 @click.option("--merge-adapter", is_flag=True, help="Merge the adapter into the weights before evaluating (faster).")
@@ -55,49 +62,173 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
                    "(F = ceil(CTX / the model's original length)).")
 @click.option("--allow-long-context", is_flag=True,
               help="Evaluate a ctx beyond the model's trained length (without position interpolation).")
+@click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
+              help="Spread a model too large for one GPU over the visible GPUs with accelerate (then CPU "
+                   "memory if they are full): auto and balanced spread the layers evenly, balanced_low_0 "
+                   "keeps GPU 0 light, sequential fills GPU 0 first. Recorded in the record. Not with "
+                   "--device or --gpus.")
+@click.option("--gpus", type=int, default=None,
+              help="Data parallel over N GPUs of this machine: starts N processes through torchrun, "
+                   "each scoring whole batches of the windows; rank 0 writes the same records a one-GPU "
+                   "run writes. Same as `torchrun --nproc-per-node N -m scca_eval ppl ...`.")
 @click.option("--out", "-o", type=click.Path(), default="results/runs", show_default=True,
-              help="Folder for the JSON records (one per model, task, pattern and ctx).")
-@click.option("--no-write", is_flag=True, help="Do not write result records.")
+              help="Folder for the JSON records (one per model, task, pattern and ctx). While a cell "
+                   "runs, its progress is saved next to its record (RECORD.json.progress).")
+@click.option("--no-write", is_flag=True, help="Do not write result records (and keep no progress).")
+@click.option("--save-every", type=int, default=None, metavar="BATCHES",
+              help="Save progress after about this many batches of work (whole documents). Default: 32.")
+@click.option("--no-resume", is_flag=True,
+              help="Start every cell from the beginning, even when a progress file from a stopped run exists.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap interval.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (for CI logs); the table is still printed.")
 def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_backend, batch_size,
         max_tokens, add_bos, dtype, device, adapter, merge_adapter, rope_scaling, allow_long_context,
-        model, out, no_write, seed, quiet):
+        model, device_map, gpus, out, no_write, save_every, no_resume, seed, quiet):
     """Token perplexity of a model on tasks × ctx, under one or more attention patterns.
 
     Each document is cut into windows of CTX tokens advancing by STRIDE; every
     token but the document's first is scored once. One JSON record per
     (model, task, pattern, ctx) goes to --out, and a markdown table is printed.
 
+    A stopped run (Ctrl-C, a killed process, a lost machine) continues where it
+    stopped when the same command is run again: finished documents are kept in a
+    progress file next to each record, removed once the command has written all
+    its records. Ctrl-C exits with status 130, bad input with 2.
+
     \b
     Examples:
       scca-eval ppl --ctx 1024,2048 --max-tokens 16384
       scca-eval ppl --pattern s2 --pattern longmixed --ctx 8192
       scca-eval ppl --model ./llama-2-7b-longlora-8k --task pg19 --ctx 8192 --rope-scaling linear:2
+      scca-eval ppl --model ./llama-2-7b --ctx 8192 --gpus 2
+      torchrun --nproc-per-node 2 -m scca_eval ppl --model ./llama-2-7b --ctx 8192
     """
+    from .. import distributed
+    from ..api import check_ctx_and_stride, check_out_folder, check_run_options, resolve_tasks
+    from ..patterns.parse import check_against_ctx, resolve_pattern
+
+    # Every cheap check first: bad input fails before a model is loaded or processes start.
+    check_ctx_and_stride(ctx, stride)
+    check_run_options(batch_size=batch_size, max_tokens=max_tokens, save_every=save_every)
+    check_out_folder(None if no_write else out)
+    specs = [resolve_pattern(p, chunk_size=chunk_size, dilation=dilation) for p in (list(patterns) or ["full"])]
+    for spec in specs:
+        for c in ctx:
+            check_against_ctx(spec, c)
+    resolve_tasks(tasks, data)
+    if device_map is not None:
+        _check_device_map(device, gpus)
+
+    if gpus is not None and not distributed.launched_by_torchrun():
+        _check_gpus(gpus, device)
+        if gpus > 1:
+            status = distributed.launch(_arguments_without_gpus(click.get_current_context()), gpus)
+            click.get_current_context().exit(status)
+    if gpus is not None and distributed.launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if gpus != world:
+            raise UserError(f"--gpus {gpus} does not match the {world} processes torchrun started; "
+                            "leave --gpus out when starting with torchrun")
+
+    if device_map is not None and distributed.launched_by_torchrun():
+        raise UserError("--device-map cannot be combined with torchrun: each process takes one GPU")
+    ranks, device = distributed.setup(device)
+    try:
+        _run(ranks, model=model, tasks=tasks, data=data, ctx=ctx, stride=stride, specs=specs,
+             chunk_size=chunk_size, dilation=dilation, attention_backend=attention_backend,
+             batch_size=batch_size, max_tokens=max_tokens, add_bos=add_bos, dtype=dtype, device=device,
+             device_map=device_map, adapter=adapter, merge_adapter=merge_adapter, rope_scaling=rope_scaling,
+             allow_long_context=allow_long_context, out=None if no_write else out, save_every=save_every,
+             resume=not no_resume, seed=seed, quiet=quiet)
+    except KeyboardInterrupt as error:
+        # Said here rather than left to click, which would turn it into a bare "Aborted"; in a
+        # distributed run rank 0 says it for all.
+        if ranks.is_main:
+            click.echo(f"scca-eval: {error}" if str(error) else "scca-eval: interrupted", err=True)
+        click.get_current_context().exit(130)
+    except UserError as error:
+        if not ranks.is_main:
+            if getattr(error, "reported_by_main", False):
+                click.get_current_context().exit(2)  # rank 0 prints the same line
+            raise UserError(f"rank {ranks.rank}: {error}") from None
+        raise
+    finally:
+        distributed.teardown()
+
+
+def _run(ranks, *, model, specs, out, quiet, device, device_map, adapter, merge_adapter, rope_scaling,
+         chunk_size, dilation, attention_backend, dtype, **options):
     from ..api import evaluate
     from ..models import load_model
-    from ..patterns.parse import resolve_pattern
     from ..results import markdown_tables
+    from ..resume import remove_progress
     from .progress import RichProgress
 
-    patterns = list(patterns) or ["full"]
-    specs = [resolve_pattern(p, chunk_size=chunk_size, dilation=dilation) for p in patterns]
+    if device_map is not None:
+        _need_accelerate()
     loaded = load_model(
-        model, pattern=specs[0], dtype=dtype, device=device, chunk_size=chunk_size, dilation=dilation,
-        attention_backend=attention_backend, adapter=adapter, merge_adapter=merge_adapter,
+        model, pattern=specs[0], dtype=dtype, device=device, device_map=device_map, chunk_size=chunk_size,
+        dilation=dilation, attention_backend=attention_backend, adapter=adapter, merge_adapter=merge_adapter,
         rope_scaling=rope_scaling,
     )
     records = []
-    bar = contextlib.nullcontext(None) if quiet else RichProgress()
+    show_bar = ranks.is_main and not quiet
+    bar = RichProgress() if show_bar else contextlib.nullcontext(None)
     with bar as progress:
         for spec in specs:
             records += evaluate(
-                model, tasks, ctx, stride, spec, data=data, batch_size=batch_size,
-                max_tokens=max_tokens, out=None if no_write else out, chunk_size=chunk_size,
-                dilation=dilation, add_bos=add_bos, allow_long_context=allow_long_context,
-                seed=seed, loaded=loaded, progress=progress, attention_backend=attention_backend,
+                model, pattern=spec, out=out, chunk_size=chunk_size, dilation=dilation, device_map=device_map,
+                loaded=loaded, progress=progress, attention_backend=attention_backend, keep_progress=True,
+                **options,
             )
-    click.echo(markdown_tables(records))
-    if not no_write:
-        click.echo(f"\n{len(records)} record(s) written to {out}/", err=True)
+    # Progress files of finished cells are kept until every pattern is done, so running a
+    # stopped command again does not score its finished cells again.
+    if ranks.is_main:
+        remove_progress(records)
+        click.echo(markdown_tables(records))
+        if out is not None:
+            click.echo(f"\n{len(records)} record(s) written to {out}/", err=True)
+
+
+def _check_device_map(device, gpus) -> None:
+    if device is not None:
+        raise UserError("give either --device or --device-map, not both")
+    if gpus is not None:
+        raise UserError("give either --gpus (one model copy per GPU) or --device-map (one model over "
+                        "several GPUs), not both")
+
+
+def _need_accelerate() -> None:
+    import importlib.util
+
+    from ..errors import MissingDependency
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise MissingDependency("accelerate", "gguf", "--device-map")
+
+
+def _check_gpus(gpus: int, device) -> None:
+    import torch
+
+    if gpus < 1:
+        raise UserError(f"--gpus must be at least 1 (got {gpus})")
+    if device is not None and device.strip().lower() != "cuda":
+        raise UserError(f"--gpus runs one process per GPU and cannot take --device {device}; leave --device out")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > available:
+        raise UserError(f"--gpus {gpus} asked for, but this machine has {available} CUDA GPU(s); for several "
+                        "CPU processes use torchrun --nproc-per-node N -m scca_eval ppl --device cpu ...")
+
+
+def _arguments_without_gpus(ctx: click.Context) -> list[str]:
+    """The command line this command was started with, minus --gpus (for the processes)."""
+    argv = list((ctx.find_root().obj or {}).get("argv") or sys.argv[1:])
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--gpus":
+            skip = True
+        elif not argument.startswith("--gpus="):
+            kept.append(argument)
+    return kept

@@ -230,7 +230,7 @@ def resolve_pattern(text: str | list | PatternSpec, chunk_size: int | None = Non
     if name in PRESET_DESCRIPTIONS:
         spec = preset(name, dilation=dilation, **settings)
         return dataclasses.replace(spec, source=text.strip())
-    if re.fullmatch(r"[a-z_]+", name) and name not in RULE_KINDS:
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in RULE_KINDS:
         raise UserError(f"unknown pattern {text.strip()!r}; choose one of {', '.join(preset_names())} "
                         f"or write a mix like {MIX_EXAMPLE}")
     groups = parse_mix(text)

@@ -1,0 +1,104 @@
+"""Data parallel evaluation: two CPU processes (gloo, started through torchrun's own code)
+write the same record as one process, and the sharding scores every window exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scca_eval import distributed
+from scca_eval.api import _engine_batches, _plan_groups
+from scca_eval.distributed import Ranks
+from scca_eval.windows import plan_windows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ppl_args(model_dir, data_dir, out):
+    # Overlapping windows (stride < ctx), several batches per group and several groups, so
+    # the ranks really share the batches of every group.
+    return ["ppl", "--model", str(model_dir), "--data", str(data_dir), "--ctx", "48", "--stride", "24",
+            "--batch-size", "3", "--save-every", "4", "--device", "cpu", "-q", "--out", str(out)]
+
+
+def test_each_window_is_scored_by_exactly_one_rank_in_whole_engine_batches():
+    windows = plan_windows([700, 3, 150, 1, 420, 96], ctx=48, stride=24)
+    for world in (1, 2, 3, 5):
+        for group in _plan_groups(windows, target_tokens=4 * 3 * 48):
+            group_windows = [windows[i] for i in group]
+            batches = _engine_batches(group_windows, 3)
+            shares = [distributed.my_batches(batches, Ranks(rank, world)) for rank in range(world)]
+            flat = sorted(i for share in shares for i in share)
+            assert flat == list(range(len(group_windows)))  # all windows, none twice
+            for rank, share in enumerate(shares):
+                # The engine cuts a rank's windows into exactly the batches the rank was given.
+                own = [group_windows[i] for i in share]
+                expected = [[share.index(i) for i in batch] for batch in batches[rank::world]]
+                assert sorted(_engine_batches(own, 3)) == sorted(expected)
+
+
+def test_groups_are_whole_documents_and_resume_forms_the_same_groups():
+    windows = plan_windows([700, 150, 420, 96, 260], ctx=48, stride=24)
+    groups = _plan_groups(windows, target_tokens=300)
+    assert [i for g in groups for i in g] == list(range(len(windows)))
+    docs_of = [{windows[i].doc for i in g} for g in groups]
+    for a, b in zip(docs_of, docs_of[1:]):
+        assert not a & b  # a document never spans two groups
+    # Resuming after the first group: the remaining windows form the remaining groups.
+    first = set(docs_of[0])
+    rest = [w for w in windows if w.doc not in first]
+    again = _plan_groups(rest, target_tokens=300)
+    assert [{rest[i].doc for i in g} for g in again] == docs_of[1:]
+
+
+def test_one_process_needs_no_process_group():
+    assert distributed.current() == distributed.SINGLE
+    values = [1.5, 2.5]
+    assert distributed.sum_over_ranks(values, distributed.SINGLE) is values
+    assert distributed.all_agree(False, distributed.SINGLE) is False
+
+
+def test_two_gloo_processes_write_the_record_of_one_process(tiny_model_dir, sample_data_dir, tmp_path):
+    from scca_eval.cli import main
+
+    single, double = tmp_path / "one", tmp_path / "two"
+    with pytest.raises(SystemExit) as exit_info:
+        main(ppl_args(tiny_model_dir, sample_data_dir, single))
+    assert exit_info.value.code == 0
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    code = ("import sys; from scca_eval.distributed import launch; "
+            f"sys.exit(launch({ppl_args(tiny_model_dir, sample_data_dir, double)!r}, 2))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    # Rank 0 alone prints the table and writes the record.
+    assert done.stdout.count("| pattern |") == 1
+    files = sorted(p.name for p in double.iterdir())
+    assert files == sorted(p.name for p in single.iterdir()) and len(files) == 1
+
+    one = json.loads((single / files[0]).read_text())
+    two = json.loads((double / files[0]).read_text())
+    assert two["runtime"]["processes"] == 2 and "gloo" in two["runtime"]["device"]
+    assert one["runtime"]["processes"] == 1
+    # Same windows in the same batches, per-window sums exchanged exactly: the per-document
+    # float64 sums and every metric are equal bit for bit (the documented tolerance is 0 on CPU).
+    assert two["documents"] == one["documents"]
+    assert two["metrics"] == one["metrics"]
+    assert sum(d["tokens"] for d in one["documents"]) == sum(
+        len(d) - 1 for d in _token_counts(tiny_model_dir, sample_data_dir))
+
+
+def _token_counts(model_dir, data_dir):
+    """Every document's token ids, tokenized here independently of the run."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tokenizer(p.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+            for p in sorted(Path(data_dir).glob("*.txt"))]
