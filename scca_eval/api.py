@@ -108,9 +108,9 @@ def determinism(model: torch.nn.Module) -> tuple[bool, str]:
                       f"same run gives the same numbers bit for bit (attention: {attention})")
     flag = torch.are_deterministic_algorithms_enabled()
     return False, (f"{device.type} run: cuBLAS matrix products and the attention kernels ({attention}) may "
-                   "choose different algorithms or summation orders from run to run, so repeated runs can "
-                   "differ in the last bits; torch.are_deterministic_algorithms_enabled() was "
-                   f"{str(flag).lower()}")
+                   "choose different algorithms or summation orders from run to run, and the per-window sums "
+                   "are accumulated with atomic adds, so repeated runs can differ in the last bits; "
+                   f"torch.are_deterministic_algorithms_enabled() was {str(flag).lower()}")
 
 
 def check_ctx_and_stride(ctxs: Sequence[int], stride: int | None) -> None:

@@ -14,8 +14,13 @@ How a run is split (``torchrun --nproc-per-node N -m scca_eval ppl ...``, or
   per-document sums are then added up in window order, as in one process.
 
 So a distributed record equals a one-process record as exactly as the forward pass of one
-batch repeats itself on another device or process: bit for bit on the CPU (tested), and on
-GPUs of one model as far as their kernels are deterministic (see ``determinism_note``).
+batch repeats itself on another device or process. Tolerance: none on the CPU (the
+per-document float64 sums are equal bit for bit; tested with two gloo processes). On GPUs
+of one model, the difference is the run-to-run noise that repeating a one-GPU run shows
+(cuBLAS and attention kernel choices, atomic adds of the per-window sums; see the record's
+``runtime.determinism_note``): the last bits of the float64 sums when the forward pass
+repeats itself exactly, the rounding noise of the compute dtype where a kernel choice
+differs. ``benchmarks/data_parallel.py`` measures it on two GPUs.
 
 Only rank 0 writes records and progress files and prints; the others print errors only.
 """

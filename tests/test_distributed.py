@@ -95,6 +95,17 @@ def test_two_gloo_processes_write_the_record_of_one_process(tiny_model_dir, samp
         len(d) - 1 for d in _token_counts(tiny_model_dir, sample_data_dir))
 
 
+def test_bad_input_under_torchrun_is_one_line_and_status_2(tiny_model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = ["ppl", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nowhere"), "--device", "cpu", "-q"]
+    code = f"import sys; from scca_eval.distributed import launch; sys.exit(launch({args!r}, 2))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no such file or folder" in lines[0] and "Traceback" not in done.stderr
+
+
 def _token_counts(model_dir, data_dir):
     """Every document's token ids, tokenized here independently of the run."""
     from transformers import AutoTokenizer

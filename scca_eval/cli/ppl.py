@@ -108,16 +108,21 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
     from ..patterns.parse import check_against_ctx, resolve_pattern
 
     # Every cheap check first: bad input fails before a model is loaded or processes start.
-    check_ctx_and_stride(ctx, stride)
-    check_run_options(batch_size=batch_size, max_tokens=max_tokens, save_every=save_every)
-    check_out_folder(None if no_write else out)
-    specs = [resolve_pattern(p, chunk_size=chunk_size, dilation=dilation) for p in (list(patterns) or ["full"])]
-    for spec in specs:
-        for c in ctx:
-            check_against_ctx(spec, c)
-    resolve_tasks(tasks, data)
-    if device_map is not None:
-        _check_device_map(device, gpus)
+    try:
+        check_ctx_and_stride(ctx, stride)
+        check_run_options(batch_size=batch_size, max_tokens=max_tokens, save_every=save_every)
+        check_out_folder(None if no_write else out)
+        specs = [resolve_pattern(p, chunk_size=chunk_size, dilation=dilation) for p in (list(patterns) or ["full"])]
+        for spec in specs:
+            for c in ctx:
+                check_against_ctx(spec, c)
+        resolve_tasks(tasks, data)
+        if device_map is not None:
+            _check_device_map(device, gpus)
+    except UserError:
+        if distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+            click.get_current_context().exit(2)  # every process checks the same input; rank 0 says it
+        raise
 
     if gpus is not None and not distributed.launched_by_torchrun():
         _check_gpus(gpus, device)
