@@ -278,9 +278,9 @@ def _plan_groups(windows: Sequence[Window], target_tokens: int) -> list[list[int
 def _engine_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
     """How the engine cuts ``windows`` into batches (window indices per batch). A rank takes
     whole batches, so every window is computed in the same batch as in a one-process run."""
-    from .engine import _batches
+    from .engine import plan_batches
 
-    return _batches(windows, batch_size)
+    return plan_batches(windows, batch_size)
 
 
 class _OutOfMemory(Exception):

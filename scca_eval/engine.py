@@ -49,8 +49,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
-    """Group window indices by length (first-seen order), then cut into batches."""
+def plan_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
+    """How ``score_windows`` cuts ``windows`` into batches (window indices per batch):
+    grouped by length (first-seen order), then cut into runs of ``batch_size``."""
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, window in enumerate(windows):
         by_length[window.end - window.start].append(index)
@@ -111,13 +112,15 @@ def score_windows(
     if batch_size is None:
         batch_size = auto_batch_size(max(w.end - w.start for w in windows), device)
 
-    for batch in _batches(windows, batch_size):
+    for batch in plan_batches(windows, batch_size):
         rows = [windows[i] for i in batch]
         ids = torch.from_numpy(np.stack([documents[w.doc][w.start : w.end] for w in rows]).astype(np.int64))
         if device.type == "cuda":
             ids = ids.pin_memory()
         input_ids = ids.to(device, non_blocking=True)
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        # With a device map the last layers (and the head) may sit on another device.
+        out_device = hidden.device
 
         # Flat (row, position) pairs of every scored target in the batch.
         row_index, position, window_of_pair = [], [], []
@@ -128,15 +131,16 @@ def score_windows(
             position.append(np.arange(first, first + count))
             window_of_pair.append(np.full(count, index))
             tokens[index] = count
-        row_index = torch.from_numpy(np.concatenate(row_index)).to(device, non_blocking=True)
-        position = torch.from_numpy(np.concatenate(position)).to(device, non_blocking=True)
+        row_index = torch.from_numpy(np.concatenate(row_index)).to(out_device, non_blocking=True)
+        position = torch.from_numpy(np.concatenate(position)).to(out_device, non_blocking=True)
         window_of_pair = torch.from_numpy(np.concatenate(window_of_pair)).to(device, non_blocking=True)
-        targets = input_ids[row_index, position + 1]
+        targets = input_ids.to(out_device)[row_index, position + 1]
 
         for begin in range(0, len(targets), loss_chunk):
             end = begin + loss_chunk
             rows_h = hidden[row_index[begin:end], position[begin:end]]
-            nll_sum.index_add_(0, window_of_pair[begin:end], head.nll(rows_h, targets[begin:end]).double())
+            nll = head.nll(rows_h, targets[begin:end]).double().to(device)
+            nll_sum.index_add_(0, window_of_pair[begin:end], nll)
         if progress is not None:
             progress(int(len(targets)))
     return WindowScores(nll_sum.cpu().numpy(), tokens)
