@@ -38,7 +38,7 @@ from .patterns.parse import check_against_ctx, resolve_pattern
 from .patterns.spec import PatternSpec
 from .results import record_filename, write_record
 from .resume import DocumentDone, Interrupted, ProgressFile, progress_path
-from .windows import Window, limit_scored_tokens, plan_windows
+from .windows import Window, limit_scored_tokens, longlora_perplexity, plan_longlora_windows, plan_windows
 
 DEFAULT_TASKS = ("pg19_sample", "proof_pile_sample")
 # Progress is saved after about this many batches of forward work (whole documents).
@@ -173,6 +173,7 @@ def evaluate(
     allow_long_context: bool = False,
     seed: int = 0,
     attention_backend: str = "auto",
+    protocol: str = "stride",
     save_every: int | None = None,
     resume: bool = True,
     keep_progress: bool = False,
@@ -191,6 +192,10 @@ def evaluate(
     pattern:    preset name or custom mix (see docs/patterns.md)
     max_tokens: cap on scored tokens per (task, ctx), for quick looks
     device_map: e.g. "auto": spread the model over the available devices (accelerate)
+    protocol:   "stride" (default: per document, every token scored once) or "longlora"
+                (LongLoRA's eval.py: the documents as one stream, ctx-token windows every
+                ``stride`` tokens — default 256 — all their tokens scored, perplexity =
+                exp(mean of the window losses)); see docs/protocols.md
     out:        folder to write one JSON record per cell into (None: don't write, and keep
                 no progress)
     save_every: save progress after about this many batches of work (default 32)
@@ -207,7 +212,11 @@ def evaluate(
     ranks; every rank returns the same records, and only rank 0 writes files.
     """
     ctxs = [ctx] if isinstance(ctx, int) else list(ctx)
-    check_ctx_and_stride(ctxs, stride)
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "longlora" and stride is not None and stride < 1:
+        raise UserError(f"--stride (the LongLoRA window step) must be at least 1; got {stride}")
+    check_ctx_and_stride(ctxs, None if protocol == "longlora" else stride)
     check_run_options(batch_size=batch_size, max_tokens=max_tokens, save_every=save_every)
     check_out_folder(out)
     spec = resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation)
@@ -235,6 +244,16 @@ def evaluate(
     for task_spec in task_specs:
         tokenized = tokenize_task(task_spec, tokenizer, add_bos=add_bos)
         for c in ctxs:
+            if protocol == "longlora":
+                record = _evaluate_longlora_cell(
+                    lm, tokenizer, model, spec, tokenized, c, stride or LONGLORA_STEP,
+                    batch_size=batch_size, max_tokens=max_tokens, add_bos=add_bos,
+                    progress=progress if ranks.is_main else None, ranks=ranks,
+                )
+                if out is not None and ranks.is_main:
+                    record["path"] = str(write_record(record, out))
+                records.append(record)
+                continue
             record, progress_file = _evaluate_cell(
                 lm, tokenizer, model, spec, tokenized, c, stride or c,
                 batch_size=batch_size, max_tokens=max_tokens, add_bos=add_bos, seed=seed,
@@ -256,6 +275,87 @@ def evaluate(
 
 
 # ---------------------------------------------------------------- one cell
+
+PROTOCOLS = ("stride", "longlora")
+LONGLORA_STEP = 256  # LongLoRA's eval.py: a window starts every 256 tokens
+
+
+def _evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, step, *,
+                            batch_size, max_tokens, add_bos, progress, ranks) -> dict:
+    """One cell under LongLoRA's protocol (windows.plan_longlora_windows): the task's
+    documents joined into one stream, as LongLoRA's pre-tokenized .bin files are. It is
+    a single computation over the stream, so it keeps no per-document progress."""
+    stream = np.concatenate([d.ids for d in tokenized.docs]) if tokenized.docs else np.zeros(0, np.int32)
+    windows = plan_longlora_windows(len(stream), ctx, step)
+    if max_tokens is not None:  # the first windows, enough to score max_tokens targets
+        windows = windows[: max(1, -(-max_tokens // (ctx - 1)))]
+    device = model_device(lm)
+    batch = batch_size or auto_batch_size(ctx, device)
+    total = sum(w.scored for w in windows)
+    label = f"{tokenized.task.name} · {record_pattern_name(spec)} · ctx {ctx} · longlora"
+    if progress is not None:
+        progress.begin(label, total)
+    started = time.perf_counter()
+    began_at = datetime.now(timezone.utc)
+    try:
+        scores = _score_group(lm, [stream], windows, batch, ranks,
+                              progress.advance if progress is not None else None)
+    except _OutOfMemory:
+        raise _out_of_memory_error(ctx, batch, lm, None, 0, 1, ranks) from None
+    finally:
+        if progress is not None:
+            progress.end()
+    seconds = time.perf_counter() - started
+    window_losses = scores.nll_sum / scores.tokens
+    nll_sum, scored = float(scores.nll_sum.sum()), int(scores.tokens.sum())
+    deterministic, determinism_note = determinism(lm)
+    return {
+        "schema": 1,
+        "model": model_id,
+        "task": tokenized.task.name,
+        "pattern": record_pattern_name(spec),
+        "ctx": ctx,
+        "stride": step,
+        "metrics": {
+            "perplexity": longlora_perplexity(window_losses),
+            "perplexity_batched_as_published": longlora_perplexity(window_losses, batch_size=batch),
+            "nll_sum": nll_sum,
+            "tokens": scored,
+            "distinct_tokens_scored": int(min(len(stream) - 1, windows[-1].end - 1)) if windows else 0,
+            "windows": len(windows),
+            "mean_nll": float(np.mean(window_losses)),
+            "bits_per_byte": None,
+            "byte_perplexity": None,
+            "word_perplexity": None,
+            "ci95": None,
+        },
+        "documents": [{"id": "stream", "nll_sum": nll_sum, "tokens": scored, "bytes": None, "words": None}],
+        "skipped_documents": list(tokenized.skipped),
+        "config": {
+            "protocol": "longlora",
+            "longlora_step": step,
+            "model": model_record(lm, tokenizer),
+            "pattern": spec.to_dict(),
+            "task": tokenized.describe(),
+            "data_fingerprint": tokenized.data_fingerprint,
+            "tokenizer_fingerprint": tokenized.tokenizer_fingerprint,
+            "add_bos": add_bos,
+            "max_tokens": max_tokens,
+            "batch_size": batch,
+            "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
+            "versions": _package_versions(),
+        },
+        "runtime": {
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(scored / seconds, 1) if seconds > 0 else None,
+            "device": _device_name(device),
+            "processes": ranks.world_size,
+            "started": began_at.isoformat(timespec="seconds"),
+            "deterministic": deterministic,
+            "determinism_note": determinism_note,
+        },
+    }
+
 
 def _plan_groups(windows: Sequence[Window], target_tokens: int) -> list[list[int]]:
     """Window indices cut into groups of whole documents, each closed once it holds at least
