@@ -31,11 +31,14 @@ import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .patterns.spec import PatternSpec
 
 DEFAULT_OUT = "results/sweep"
 # load_model options that may be set per model in a sweep file
@@ -103,7 +106,7 @@ class Sweep:
 
     def cell_labels(self) -> list[str]:
         """Every cell, in the order the sweep runs them."""
-        return [_cell_label(m.model, task.name, spec.name, ctx)
+        return [_cell_label(m.model, task.name, spec, ctx)
                 for m in self.models for task, _ in self.tasks for spec in self.patterns for ctx in self.ctx]
 
 
@@ -114,8 +117,11 @@ class SweepResult:
     reused: int = 0
 
 
-def _cell_label(model: str, task: str, pattern: str, ctx: int) -> str:
-    return f"{model} · {task} · {pattern} · ctx {ctx}"
+def _cell_label(model: str, task: str, spec: PatternSpec, ctx: int) -> str:
+    from .api import record_pattern_name
+
+    # The name the cell's record carries (custom mixes: "custom-<8 hex>"), so labels tell mixes apart.
+    return f"{model} · {task} · {record_pattern_name(spec)} · ctx {ctx}"
 
 
 # ---------------------------------------------------------------- reading settings
@@ -207,7 +213,7 @@ def _read_setting(key: str, value: Any, where: str) -> Any:
 
 def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     """Check every setting (bad input fails here, before any model is loaded)."""
-    from .api import check_ctx_and_stride, resolve_tasks
+    from .api import check_ctx_and_stride, record_pattern_name, resolve_tasks
     from .patterns.parse import check_against_ctx, resolve_pattern
     from .results import record_filename
 
@@ -232,7 +238,9 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
         for ctx in values["ctx"]:
             check_against_ctx(spec, ctx)
         specs.setdefault(json.dumps(spec.to_dict(), sort_keys=True), spec)
-    names = [spec.name for spec in specs.values()]
+    # Records are named by record_pattern_name (custom mixes by a hash of their groups), so
+    # two patterns with one name would overwrite each other's records.
+    names = [record_pattern_name(spec) for spec in specs.values()]
     if len(set(names)) != len(names):
         clash = next(n for n in names if names.count(n) > 1)
         raise UserError(f"two different patterns are both named {clash!r}, so their records would overwrite "
@@ -357,7 +365,7 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
                     missing = [ctx for ctx, key in planned.items() if key not in existing]
                     for ctx in sweep.ctx:
                         if ctx not in missing:
-                            say(f"have  {_cell_label(entry.model, task.name, spec.name, ctx)} "
+                            say(f"have  {_cell_label(entry.model, task.name, spec, ctx)} "
                                 f"({existing[planned[ctx]].get('path')})")
                     if missing:
                         for record in evaluate(entry.model, ctx=missing, pattern=spec, loaded=(lm, tokenizer),
@@ -365,12 +373,12 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
                             key = config_key(record)
                             if key != planned[record["ctx"]]:
                                 raise RuntimeError(
-                                    f"the record of {_cell_label(entry.model, task.name, spec.name, record['ctx'])} "
+                                    f"the record of {_cell_label(entry.model, task.name, spec, record['ctx'])} "
                                     "does not carry the configuration the sweep planned, so it could never be "
                                     f"reused: planned {planned[record['ctx']]}, stored {key}")
                             existing[key] = record
                             result.computed += 1
-                            say(f"wrote {_cell_label(entry.model, task.name, spec.name, record['ctx'])} "
+                            say(f"wrote {_cell_label(entry.model, task.name, spec, record['ctx'])} "
                                 f"({record.get('path')})")
                     result.reused += len(sweep.ctx) - len(missing)
                     result.records += [existing[planned[ctx]] for ctx in sweep.ctx]

@@ -111,9 +111,6 @@ def ppl(f: Files, *extra, data=None, model=None) -> list[str]:
             "--max-tokens", "128", "--device", "cpu", "-q", "--out", str(f.root / "out"), *extra]
 
 
-# results.atomic_write_text and report.plot let an OSError through as a traceback.
-UNWRITABLE = "output paths that cannot be written are not yet turned into one-line errors"
-
 # (id, argv(files), fragment expected in the message)
 CASES = [
     # ---- ppl: options
@@ -221,13 +218,12 @@ CASES = [
                                        "--max-tokens", "128", "--device", "cpu", "-q", "--out", str(f / "a_file")],
      "--out"),
     # ---- output paths that cannot be written
-    pytest.param("table-output-in-a-file", lambda f: ["table", str(f / "records"), "-o", str(f / "a_file" / "t.md")],
-                 "a_file", marks=pytest.mark.xfail(strict=True, reason=UNWRITABLE)),
-    pytest.param("compare-output-is-a-folder", lambda f: ["compare", str(f / "records"), str(f / "records"), "-o",
-                                                          str(f / "empty_dir")],
-                 "empty_dir", marks=pytest.mark.xfail(strict=True, reason=UNWRITABLE)),
-    pytest.param("plot-out-in-a-file", lambda f: ["plot", str(f / "records"), "--out", str(f / "a_file" / "p")],
-                 "a_file", marks=pytest.mark.xfail(strict=True, reason=UNWRITABLE)),
+    ("table-output-in-a-file", lambda f: ["table", str(f / "records"), "-o", str(f / "a_file" / "t.md")],
+     "a_file is a file, not a folder"),
+    ("compare-output-is-a-folder", lambda f: ["compare", str(f / "records"), str(f / "records"), "-o",
+                                              str(f / "empty_dir")], "empty_dir: it is a folder"),
+    ("plot-out-in-a-file", lambda f: ["plot", str(f / "records"), "--out", str(f / "a_file" / "p")],
+     "a_file is a file, not a folder"),
     # ---- patterns
     ("patterns-list-ctx", lambda f: ["patterns", "list", "--ctx", "0"], "--ctx"),
     ("patterns-show-unknown", lambda f: ["patterns", "show", "s3"], "unknown pattern"),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
-from scca_eval.errors import MissingDependency
+from scca_eval.errors import MissingDependency, UserError
 from scca_eval.report.plot import output_paths, plot_records
 from scca_eval.report.reference import load_reference
 from scca_eval.results import write_record
@@ -65,3 +66,30 @@ def test_missing_matplotlib_names_the_extra(tmp_path, records, monkeypatch, caps
     code, out, err = run_cli(["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")], capsys)
     assert code == 2 and "pip install 'scca-eval[plot]'" in err
     assert not (tmp_path / "fig.png").exists()
+
+
+def test_failed_rendering_keeps_the_old_files(tmp_path, records, monkeypatch):
+    """Each file is rendered into a temporary file and renamed: a failure part-way leaves the
+    previous PNG and SVG as they were and no temporary file behind."""
+    from matplotlib.figure import Figure
+
+    old = {tmp_path / "fig.png": b"old png", tmp_path / "fig.svg": b"old svg"}
+    for path, content in old.items():
+        path.write_bytes(content)
+
+    def broken_savefig(self, target, **kwargs):
+        handle = open(target, "wb") if isinstance(target, (str, os.PathLike)) else target
+        handle.write(b"half a picture")
+        raise RuntimeError("renderer failed")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(RuntimeError, match="renderer failed"):
+        plot_records(records, tmp_path / "fig")
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == old
+
+
+def test_a_folder_in_the_way_fails_before_any_file(tmp_path, records):
+    (tmp_path / "fig.svg").mkdir()
+    with pytest.raises(UserError, match=r"fig\.svg: it is a folder"):
+        plot_records(records, tmp_path / "fig")
+    assert [p.name for p in tmp_path.iterdir()] == ["fig.svg"]  # no PNG written first

@@ -61,8 +61,10 @@ def table(paths, fmt, metric, rows, ci, references, digits, output):
       scca-eval table results/a results/b --rows model-pattern --format latex -o table.tex
     """
     from ..report.tables import render_tables
-    from ..results import load_records
+    from ..results import check_output_path, load_records
 
+    if output is not None:
+        check_output_path(output)
     records = load_records(paths) if paths else []
     _write(render_tables(records, format=fmt, metric=metric, rows=rows, ci=ci,
                          references=_load_references(references), digits=digits), output)
@@ -101,10 +103,12 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
     """
     from ..errors import UserError
     from ..report.compare import compare_records
-    from ..results import load_records
+    from ..results import check_output_path, load_records
 
     if bootstrap_samples < 100:
         raise UserError(f"--bootstrap-samples must be at least 100 (got {bootstrap_samples})")
+    if output is not None:
+        check_output_path(output)  # before the report is printed, so a bad path fails alone
     comparison = compare_records(load_records([base]), load_records([new]), alpha=alpha,
                                  max_regression=max_regression, n_boot=bootstrap_samples, seed=seed,
                                  base_name=f"`{base}`", new_name=f"`{new}`")

@@ -3,8 +3,8 @@
 The x axis is log2 (ctx doubles from one column to the next), error bars are the 95%
 bootstrap intervals of the records, and published reference rows are dashed. Files are
 written with matplotlib's Agg (PNG) and SVG canvases, without pyplot, so no display and
-no global backend setting are involved. matplotlib is optional: ``pip install
-'scca-eval[plot]'``.
+no global backend setting are involved; each file is written atomically, like a record.
+matplotlib is optional: ``pip install 'scca-eval[plot]'``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import MissingDependency, UserError
+from ..results import atomic_write, check_output_path
 from .grid import METRICS, Row, build_grids
 
 FORMATS = ("png", "svg")
@@ -60,6 +61,8 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
     if not records and not references:
         raise UserError("nothing to plot: give result files or folders (or --reference)")
     paths = output_paths(out_prefix)
+    for path in paths:  # before drawing: a folder in the way should not cost a rendering
+        check_output_path(path)
     grids = build_grids(records, metric=metric, rows=rows, references=references)
     Figure, FigureCanvasAgg = _figure_class()
 
@@ -99,7 +102,8 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
     if title:
         figure.suptitle(title)
 
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    # Each file is rendered into a temporary file beside it and then renamed, so a reader
+    # (or an interrupted run) never leaves half a picture under the final name.
     for path in paths:
-        figure.savefig(path, dpi=150)
+        atomic_write(path, lambda handle, ext=path.suffix[1:]: figure.savefig(handle, format=ext, dpi=150))
     return paths
