@@ -276,6 +276,22 @@ def evaluate(
 
 # ---------------------------------------------------------------- one cell
 
+def _cell_config(lm, tokenizer, spec, tokenized: TokenizedTask, *, add_bos, max_tokens, batch) -> dict:
+    """The settings every record stores, whatever its protocol."""
+    return {
+        "model": model_record(lm, tokenizer),
+        "pattern": spec.to_dict(),
+        "task": tokenized.describe(),
+        "data_fingerprint": tokenized.data_fingerprint,
+        "tokenizer_fingerprint": tokenized.tokenizer_fingerprint,
+        "add_bos": add_bos,
+        "max_tokens": max_tokens,
+        "batch_size": batch,
+        "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
+        "versions": _package_versions(),
+    }
+
+
 PROTOCOLS = ("stride", "longlora")
 LONGLORA_STEP = 256  # LongLoRA's eval.py: a window starts every 256 tokens
 
@@ -334,16 +350,7 @@ def _evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedT
         "config": {
             "protocol": "longlora",
             "longlora_step": step,
-            "model": model_record(lm, tokenizer),
-            "pattern": spec.to_dict(),
-            "task": tokenized.describe(),
-            "data_fingerprint": tokenized.data_fingerprint,
-            "tokenizer_fingerprint": tokenized.tokenizer_fingerprint,
-            "add_bos": add_bos,
-            "max_tokens": max_tokens,
-            "batch_size": batch,
-            "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
-            "versions": _package_versions(),
+            **_cell_config(lm, tokenizer, spec, tokenized, add_bos=add_bos, max_tokens=max_tokens, batch=batch),
         },
         "runtime": {
             "seconds": round(seconds, 3),
@@ -487,18 +494,9 @@ def _evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx,
         "skipped_documents": list(tokenized.skipped),
         "config": {
             "protocol": "stride",
-            "model": model_record(lm, tokenizer),
-            "pattern": spec.to_dict(),
-            "task": tokenized.describe(),
-            "data_fingerprint": tokenized.data_fingerprint,
-            "tokenizer_fingerprint": tokenized.tokenizer_fingerprint,
-            "add_bos": add_bos,
-            "max_tokens": max_tokens,
-            "batch_size": batch,
+            **_cell_config(lm, tokenizer, spec, tokenized, add_bos=add_bos, max_tokens=max_tokens, batch=batch),
             "device_map": device_map,
-            "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
             "bootstrap_seed": seed,
-            "versions": _package_versions(),
         },
     }
     label = f"{tokenized.task.name} · {record['pattern']} · ctx {ctx}"

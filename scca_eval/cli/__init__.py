@@ -26,7 +26,7 @@ def cli():
 
     \b
     Quick start (offline, embedded SmolLM2-135M, bundled PG19/Proof-pile samples):
-      scca-eval ppl --ctx 1024,2048 --max-tokens 16384
+      scca-eval ppl --ctx 512,1024 --max-tokens 2048
       scca-eval ppl --pattern longmixed --ctx 8192
       scca-eval table results/runs
     """
