@@ -8,7 +8,6 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
@@ -32,10 +31,9 @@ class RichProgress:
     def __init__(self, console: Console | None = None):
         self._progress = Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TokensPerSecond(),
-            TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
