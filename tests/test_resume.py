@@ -89,8 +89,11 @@ def saved_documents(path: Path) -> int:
 def start_and_stop(args, progress: Path, sig, at_least: int, cwd):
     """Run the CLI in a subprocess and send it ``sig`` once ``at_least`` documents are saved."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal would.
     process = subprocess.Popen([sys.executable, "-m", "scca_eval", *args], cwd=cwd, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     try:
         while process.poll() is None and time.monotonic() < deadline:
