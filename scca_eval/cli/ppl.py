@@ -30,7 +30,8 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
               help="Window length(s) in tokens, comma-separated, e.g. 1024,2048,4096,8192.")
 @click.option("--stride", type=int, default=None,
               help="Tokens a window advances, 1..ctx. Default: ctx (disjoint windows). "
-                   "Smaller strides give each scored token more context and cost ctx/stride times more.")
+                   "Smaller strides give each scored token more context and cost ctx/stride times more. "
+                   "With --protocol longlora: the step between window starts (default 256).")
 @click.option("--pattern", "-p", "patterns", multiple=True,
               help="Attention pattern: full, s2, scca_fixed, scca_flow, sda, longmixed, or a custom mix "
                    "such as '1/2 local + 1/2 cross(1)' (see `scca-eval patterns list`); repeatable. "
