@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from scca_eval.bench import attention_bench, markdown_attention, write_json  # noqa: E402
+from scca_eval.bench import attention_bench, markdown_attention, write_outputs  # noqa: E402
 
 VARIANTS = {
     # skips the empty-row guard: wrong (NaN) for dilated rules, timed to see what the guard costs
@@ -53,13 +53,7 @@ def main() -> None:
                              args.patterns.split(","), torch.bfloat16 if torch.cuda.is_available() else torch.float32,
                              kv_heads=args.kv_heads, backends=backends, flex_variants=variants,
                              repeats=args.repeats)
-    table = markdown_attention(result)
-    print(table)
-    if args.json:
-        write_json(result, args.json)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(table)
+    write_outputs(result, markdown_attention(result), args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from scca_eval.bench import markdown_model, model_bench, write_json  # noqa: E402
+from scca_eval.bench import markdown_model, model_bench, write_outputs  # noqa: E402
 
 
 def main() -> None:
@@ -32,13 +32,7 @@ def main() -> None:
     result = model_bench(args.shape, [int(c) for c in args.ctx.split(",")], args.patterns.split(","),
                          args.batch_size, backends=args.backends.split(","), tokens_per_run=args.tokens_per_run,
                          repeats=args.repeats, plain=not args.no_plain, layers=args.layers)
-    table = markdown_model(result)
-    print(table)
-    if args.json:
-        write_json(result, args.json)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(table)
+    write_outputs(result, markdown_model(result), args.json, args.markdown)
 
 
 if __name__ == "__main__":

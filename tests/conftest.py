@@ -22,14 +22,15 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
-def _train_tokenizer(texts):
+def train_bpe_tokenizer(texts, vocab_size: int = 320):
+    """A small byte-level BPE tokenizer (with <s> and </s>) trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
@@ -47,7 +48,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     texts = [sample_slice("pg19_sample/carroll_alice.txt", 20000),
              sample_slice("proof_pile_sample/coq_stdlib_arith.v", 20000)]
-    tokenizer = _train_tokenizer(texts)
+    tokenizer = train_bpe_tokenizer(texts)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

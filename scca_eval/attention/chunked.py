@@ -40,16 +40,21 @@ def sdpa_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling)
 
 
-def chunked_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
-                              scaling: float, block_attention: BlockAttention = sdpa_blocks) -> torch.Tensor:
-    """Attention of ``spec`` for q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D]."""
-    batch, num_heads, n, head_dim = q.shape
-    kv_heads = k.shape[1]
+def query_heads_per_kv(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per key/value head, after checking the shapes a pattern layout needs."""
+    n, num_heads, kv_heads = q.shape[2], q.shape[1], k.shape[1]
     if k.shape[2] != n:
         raise ValueError(f"pattern attention needs as many keys as queries, got {n} queries and {k.shape[2]} keys")
     if num_heads % kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads evenly")
-    per_kv = num_heads // kv_heads
+    return num_heads // kv_heads
+
+
+def chunked_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
+                              scaling: float, block_attention: BlockAttention = sdpa_blocks) -> torch.Tensor:
+    """Attention of ``spec`` for q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D]."""
+    batch, num_heads, n, head_dim = q.shape
+    per_kv = query_heads_per_kv(q, k)
     chunk = spec.chunk_for(n)
     out = q.new_empty(batch, num_heads, n, v.shape[-1])
     for first, end, rule in spec.head_groups(n, num_heads):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
-from .chunked import chunked_pattern_attention
+from .chunked import chunked_pattern_attention, query_heads_per_kv
 
 
 def _sdpa(q, k, v, causal: bool, scaling: float):
@@ -85,12 +85,7 @@ def strided_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     streams: CUDA streams the independent SDPA calls are spread over (1: in order).
     """
     batch, heads, n, _ = q.shape
-    kv_heads = k.shape[1]
-    if k.shape[2] != n:
-        raise ValueError(f"pattern attention needs as many keys as queries, got {n} queries and {k.shape[2]} keys")
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads evenly")
-    per_kv = heads // kv_heads
+    per_kv = query_heads_per_kv(q, k)
     chunk = spec.chunk_for(n)
     qn, kn, vn = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, h, D] views
     out = q.new_empty(batch, n, heads, v.shape[-1])

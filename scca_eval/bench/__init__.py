@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from pathlib import Path
+
+from ..results import atomic_write_text
 
 from .attention import attention_bench, best_rows, markdown_attention, pattern_from_label
 from .model import SHAPES, markdown_model, model_bench, random_model
@@ -25,15 +27,22 @@ __all__ = [
     "pattern_from_label",
     "random_model",
     "write_json",
+    "write_outputs",
 ]
 
 
 def write_json(result: dict, path: str | os.PathLike) -> None:
     """Write a benchmark result atomically (a temporary file renamed into place)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(handle.name, path)
+    atomic_write_text(Path(path), json.dumps(result, indent=2, default=str) + "\n")
+
+
+def write_outputs(result: dict, markdown: str, json_path: str | None = None,
+                  markdown_path: str | None = None, say=print) -> None:
+    """Print the table, and write the result as JSON and the table as markdown where asked."""
+    say(markdown)
+    if json_path:
+        write_json(result, json_path)
+        say(f"wrote {json_path}")
+    if markdown_path:
+        atomic_write_text(Path(markdown_path), markdown)
+        say(f"wrote {markdown_path}")

@@ -24,16 +24,9 @@ def bench():
 
 
 def _write_outputs(result: dict, markdown: str, json_path: str | None, markdown_path: str | None) -> None:
-    from ..bench import write_json
+    from ..bench import write_outputs
 
-    click.echo(markdown)
-    if json_path:
-        write_json(result, json_path)
-        click.echo(f"wrote {json_path}")
-    if markdown_path:
-        with open(markdown_path, "w", encoding="utf-8") as handle:
-            handle.write(markdown)
-        click.echo(f"wrote {markdown_path}")
+    write_outputs(result, markdown, json_path, markdown_path, say=click.echo)
 
 
 def _check_positive(values, option: str, least: int = 1) -> None:
