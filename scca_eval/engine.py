@@ -9,7 +9,9 @@ chunk size depends on the length the layer sees, and padding would change it.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import contextlib
+import weakref
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -62,10 +64,24 @@ def plan_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
     ]
 
 
+def _target_nll(head: torch.nn.Module, softcap: float | None, hidden_rows: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden_rows).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+# Models that ``compile_for_evaluation`` compiled; their loss step runs compiled too.
+_COMPILED_MODELS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_compiled_target_nll = None
+
+
 class _LogitHead:
-    """Final norm output → log-probabilities of the targets, for a few rows at a time."""
+    """Final norm output → NLL of the targets, for a few rows at a time."""
 
     def __init__(self, model: torch.nn.Module):
+        global _compiled_target_nll
         self.head = model.get_output_embeddings()
         if self.head is None:
             raise UserError(f"{type(model).__name__} has no language-model head; give a causal LM")
@@ -75,12 +91,16 @@ class _LogitHead:
             raise UserError(
                 f"{type(model).__name__} scales its logits (logit_scale); this architecture is not supported"
             )
+        self._nll = _target_nll
+        if model in _COMPILED_MODELS:
+            if _compiled_target_nll is None:
+                # The fp32 upcast and the log-softmax fuse into one pass over the logits.
+                _compiled_target_nll = torch.compile(_target_nll)
+            self._nll = _compiled_target_nll
 
-    def nll(self, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden_rows).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits, targets, reduction="none")
+    def nll(self, hidden_rows: torch.Tensor, targets: torch.Tensor, *, compiled: bool = True) -> torch.Tensor:
+        nll = self._nll if compiled else _target_nll
+        return nll(self.head, self.softcap, hidden_rows, targets)
 
 
 @torch.inference_mode()
@@ -112,50 +132,77 @@ def score_windows(
     if batch_size is None:
         batch_size = auto_batch_size(max(w.end - w.start for w in windows), device)
 
-    for batch in plan_batches(windows, batch_size):
+    batches = plan_batches(windows, batch_size)
+    shapes = [(len(batch), windows[batch[0]].end - windows[batch[0]].start) for batch in batches]
+    compiled_shape = _compiled_shape(shapes) if model in _COMPILED_MODELS else None
+    for batch, shape in zip(batches, shapes):
         rows = [windows[i] for i in batch]
-        ids = torch.from_numpy(np.stack([documents[w.doc][w.start : w.end] for w in rows]).astype(np.int64))
-        if device.type == "cuda":
-            ids = ids.pin_memory()
-        input_ids = ids.to(device, non_blocking=True)
-        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        input_ids = _to_device(np.stack([documents[w.doc][w.start : w.end] for w in rows]).astype(np.int64), device)
+        with _eager_unless(compiled_shape is None or shape == compiled_shape):
+            hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         # With a device map the last layers (and the head) may sit on another device.
         out_device = hidden.device
 
-        # Flat (row, position) pairs of every scored target in the batch.
-        row_index, position, window_of_pair = [], [], []
+        # Flat (row, position, window) triples of every scored target in the batch,
+        # copied in one go.
+        pairs = []
         for row, (index, w) in enumerate(zip(batch, rows)):
             first = w.score_from - w.start - 1  # hidden position that predicts score_from
             count = w.end - w.score_from
-            row_index.append(np.full(count, row))
-            position.append(np.arange(first, first + count))
-            window_of_pair.append(np.full(count, index))
+            pairs.append(np.stack([np.full(count, row), np.arange(first, first + count), np.full(count, index)]))
             tokens[index] = count
-        row_index = torch.from_numpy(np.concatenate(row_index)).to(out_device, non_blocking=True)
-        position = torch.from_numpy(np.concatenate(position)).to(out_device, non_blocking=True)
-        window_of_pair = torch.from_numpy(np.concatenate(window_of_pair)).to(device, non_blocking=True)
+        row_index, position, window_of_pair = _to_device(np.concatenate(pairs, axis=1), out_device)
+        window_of_pair = window_of_pair.to(device, non_blocking=True)
         targets = input_ids.to(out_device)[row_index, position + 1]
 
         for begin in range(0, len(targets), loss_chunk):
             end = begin + loss_chunk
             rows_h = hidden[row_index[begin:end], position[begin:end]]
-            nll = head.nll(rows_h, targets[begin:end]).double().to(device)
+            # Compiled for full chunks only: one compiled shape, not one per remainder.
+            nll = head.nll(rows_h, targets[begin:end], compiled=len(rows_h) == loss_chunk).double().to(device)
             nll_sum.index_add_(0, window_of_pair[begin:end], nll)
         if progress is not None:
             progress(int(len(targets)))
     return WindowScores(nll_sum.cpu().numpy(), tokens)
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> None:
+def _compiled_shape(shapes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (windows, length) batch shape that carries the most tokens. A compiled
+    model runs that shape compiled and every other shape (a document's last,
+    shorter window, a last partial batch) eagerly: compiling each of them would
+    cost more time than it saves."""
+    tokens = Counter()
+    for rows, length in shapes:
+        tokens[(rows, length)] += rows * length
+    return max(tokens, key=tokens.get)
+
+
+def _eager_unless(compiled: bool):
+    return contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager")
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Copy to ``device`` without making the host wait: a copy from pageable memory
+    waits until the device has finished its queued work, one from pinned memory does not."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def compile_for_evaluation(model: torch.nn.Module) -> None:
     """Compile each decoder layer in place (``nn.Module.compile``), so that the
     elementwise work around the matrix products (RMSNorm, RoPE, SiLU·mul,
-    residual adds) runs as fused kernels. Layers share one compiled graph, so
-    the cost is one compilation per window length."""
+    residual adds) runs as fused kernels, and the engine's loss step (head,
+    fp32 upcast, cross-entropy) with it. Layers share one compiled graph, so
+    the cost is one compilation per pattern and window length (see
+    ``_compiled_shape`` for the batches that run eagerly)."""
     layers = model.get_decoder().layers
-    # Each layer is its own module, so each may need its own entry in dynamo's cache:
-    # allow one per layer (the default limit of 8 would leave deep models half eager).
+    # One compiled entry per (pattern, ctx, batch) that a process evaluates, as in a
+    # sweep; past dynamo's default limit of 8 the layers would silently run eagerly.
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), 2 * len(layers)))
+    setattr(config, name, max(getattr(config, name), 256))
     for layer in layers:
         layer.compile(dynamic=False)
+    _COMPILED_MODELS.add(model)

@@ -263,7 +263,17 @@ def _compiled_flex():
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(config, name):
                 setattr(config, name, max(getattr(config, name), 64))
-        _compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+        compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+        def kernel(*args, **kwargs):
+            if torch.compiler.is_compiling():  # traced into a compiled layer: part of its graph
+                return compiled(*args, **kwargs)
+            # Called eagerly, also where the engine runs a layer eagerly on purpose
+            # (force_eager stance, see engine.py): still the fused kernel.
+            with torch.compiler.set_stance("default"):
+                return compiled(*args, **kwargs)
+
+        _compiled = kernel
     return _compiled
 
 
