@@ -4,6 +4,7 @@ measure the same work on both sides of each comparison."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -73,6 +74,25 @@ def test_model_bench_engine_and_plain_do_the_same_work(tmp_path):
     expected = 2 * (body + vocab * h) * 3 * 48 + attention
     assert full["tflops"] * full["seconds"] * 1e12 == pytest.approx(expected, rel=1e-9)
     assert "| 48 | s2 | chunked | engine |" in markdown_model(result)
+
+
+def test_cli_model_compiled_engine_against_eager_plain_loop(tmp_path):
+    config, out = tmp_path / "tiny.json", tmp_path / "model.json"
+    config.write_text(json.dumps(TINY))
+    result = CliRunner().invoke(bench, ["model", "--shape", str(config), "--ctx", "48", "--pattern", "full",
+                                        "--tokens-per-run", "150", "--repeats", "2", "--compile",
+                                        "--device", "cpu", "--json", str(out), "--markdown", str(tmp_path / "m.md")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["compiled"] is True
+    rows = {row["path"]: row for row in data["rows"]}
+    assert rows["engine"]["error"] is None and rows["plain"]["error"] is None
+    assert len(rows["engine"]["times_s"]) == len(rows["plain"]["times_s"]) == 2
+    assert rows["engine"]["mean_nll"] == pytest.approx(rows["plain"]["mean_nll"], rel=1e-5)
+    table = (tmp_path / "m.md").read_text()
+    assert "engine compiled" in table
+    line = next(row for row in table.splitlines() if "| engine |" in row)
+    assert re.search(r"\| \d+\.\d\dx \(\d+\.\d\d–\d+\.\d\d\) \|", line), line
 
 
 def test_cli_attention_on_cpu_writes_json(tmp_path):

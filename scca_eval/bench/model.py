@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -28,7 +29,7 @@ import torch
 from ..errors import UserError
 from ..patterns.masks import density
 from .attention import pattern_from_label
-from .timing import matmul_peak_tflops, synchronize, time_wall_s
+from .timing import matmul_peak_tflops, sustained_matmul_tflops, wall_s
 
 # Public architecture figures of the named shapes (config.json of each model).
 SHAPES: dict[str, dict] = {
@@ -130,6 +131,7 @@ class ModelRow:
     peak_memory_gib: float | None
     mean_nll: float | None
     error: str | None = None
+    times_s: list[float] | None = None  # every timed run, in the order run
 
 
 def _documents(ctx: int, windows: int, vocab: int, seed: int) -> list[np.ndarray]:
@@ -169,7 +171,7 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 patterns: Sequence[str] = DEFAULT_PATTERNS, batch_size: int | None = None, *,
                 backends: Sequence[str] = ("auto",), device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, tokens_per_run: int = 32768, repeats: int = 2,
-                plain: bool = True, layers: int | None = None, seed: int = 0,
+                plain: bool = True, compile: bool = False, layers: int | None = None, seed: int = 0,
                 log: Callable[[str], None] | None = print) -> dict:
     """Engine and plain-loop throughput of one model for each ctx and pattern.
 
@@ -179,11 +181,15 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                     transformers' SDPA attention, the others each backend of ``backends``.
     batch_size:     windows per forward (default: the engine's automatic choice).
     tokens_per_run: about this many tokens per timed run (at least one window).
-    repeats:        timed runs after one warm-up run; the median is reported.
+    repeats:        timed runs of each path after one warm-up run, the paths taking
+                    turns (engine, plain, engine, ...) so that drifting clocks
+                    affect both alike; the median is reported.
     plain:          also time the plain transformers loop.
+    compile:        the engine runs compiled (``compile_for_evaluation``, as
+                    ``ppl --compile``); the plain loop stays eager.
     layers:         override the number of layers (quick checks).
     """
-    from ..engine import auto_batch_size, score_windows
+    from ..engine import auto_batch_size, compile_for_evaluation, score_windows
     from ..windows import plan_windows
 
     device = torch.device(device) if device is not None else torch.device(
@@ -199,16 +205,22 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
         raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
 
     model, origin = bench_model(shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=layers)
+    if compile:
+        compile_for_evaluation(model)
     body_params, head_params = _linear_params(model)
     matmul_size = 8192 if device.type == "cuda" else 1024
     peak = matmul_peak_tflops(device, dtype=dtype, size=matmul_size)
+    sustained = sustained_matmul_tflops(device, dtype=dtype, size=matmul_size)
     say(f"model {shape} ({origin} weights, {(body_params + head_params) / 1e9:.3f}B matmul parameters, "
-        f"{dtype}); matrix-multiply peak {_num(peak)} TFLOP/s")
+        f"{dtype}); matrix-multiply peak {_num(peak)} TFLOP/s"
+        + (f", sustained {_num(sustained)} TFLOP/s" if sustained else "")
+        + (" ; engine compiled" if compile else ""))
     result = {
         "shape": shape, "weights": origin, "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "transformers": _transformers_version(),
-        "matmul_params": body_params + head_params, "matmul_peak_tflops": peak, "matmul_size": matmul_size,
+        "matmul_params": body_params + head_params, "matmul_peak_tflops": peak,
+        "matmul_sustained_tflops": sustained, "matmul_size": matmul_size, "compiled": compile,
         "tokens_per_run": tokens_per_run, "repeats": repeats, "rows": [],
     }
 
@@ -228,25 +240,32 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 attn = attention_flops(model, spec, ctx) * len(windows)
                 paths = {"engine": lambda: score_windows(model, documents, windows, batch_size=bs)}
                 if plain:
-                    paths["plain"] = lambda: _plain_loop(model, documents, windows, bs, device)
-                for path, run in paths.items():
-                    row = ModelRow(ctx, label, backend, path, bs, len(windows), forward_tokens, 0,
-                                   None, None, None, None, None, None, None)
-                    try:
-                        outcome = run()  # warm-up (compiles kernels, builds block masks)
-                        _reset_peak(device)
-                        row.seconds = time_wall_s(run, device, warmup=0, repeats=repeats)
-                        row.peak_memory_gib = _peak_memory(device)
-                    except torch.cuda.OutOfMemoryError:
-                        row.error = "out of memory"
-                    except Exception as error:  # reported in the table, the other rows still run
-                        row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                    paths["plain"] = lambda: _eager(lambda: _plain_loop(model, documents, windows, bs, device))
+                rows = {path: ModelRow(ctx, label, backend, path, bs, len(windows), forward_tokens, 0, None,
+                                       None, None, None, None, None, None, times_s=[])
+                        for path in paths}
+                outcomes = {}
+                for path, run in paths.items():  # warm-up (compiles kernels, builds block masks)
+                    outcomes[path] = _guarded(rows[path], run)
+                for _ in range(repeats):
+                    for path, run in paths.items():
+                        row = rows[path]
+                        if row.error is None:
+                            _reset_peak(device)
+                            seconds = _guarded(row, lambda: wall_s(run, device))
+                            if row.error is None:
+                                row.times_s.append(seconds)
+                                row.peak_memory_gib = max(row.peak_memory_gib or 0.0, _peak_memory(device) or 0.0) \
+                                    if device.type == "cuda" else None
+                for path, row in rows.items():
                     if row.error is None:
+                        row.seconds = statistics.median(row.times_s)
                         if path == "engine":
+                            outcome = outcomes[path]
                             nll, scored = float(outcome.nll_sum.sum()), int(outcome.tokens.sum())
                             flops = 2.0 * body_params * forward_tokens + 2.0 * head_params * scored + attn
                         else:
-                            nll, scored = outcome
+                            nll, scored = outcomes[path]
                             flops = 2.0 * (body_params + head_params) * forward_tokens + attn
                         row.scored_tokens = scored
                         row.mean_nll = nll / scored
@@ -261,6 +280,25 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     del model
     _reset_peak(device)
     return result
+
+
+def _guarded(row: ModelRow, run: Callable[[], object]):
+    """``run()``; an error goes into ``row.error`` (reported in the table) instead of
+    stopping the other rows."""
+    try:
+        return run()
+    except torch.cuda.OutOfMemoryError:
+        row.error = "out of memory"
+    except Exception as error:
+        row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    return None
+
+
+def _eager(run: Callable[[], object]):
+    """``run()`` with every compiled module run eagerly: the plain loop stays the
+    loop a user would write, also when the engine is compiled."""
+    with torch.compiler.set_stance("force_eager"):
+        return run()
 
 
 def _num(value: float) -> str:
@@ -293,23 +331,32 @@ def _row_line(row: ModelRow) -> str:
 
 def markdown_model(result: dict) -> str:
     """One table: rows = (ctx, pattern, backend, path); plus speedups over plain and over full."""
+    sustained = result.get("matmul_sustained_tflops")
     lines = [f"Model {result['shape']} ({result['weights']} weights), {result['dtype']}, {result['device']}, "
              f"torch {result['torch']}, transformers {result['transformers']}; matrix-multiply peak "
-             f"{_num(result['matmul_peak_tflops'])} TFLOP/s ({result['matmul_size']}^3 product, same run).", "",
+             f"{_num(result['matmul_peak_tflops'])} TFLOP/s ({result['matmul_size']}^3 product, same run"
+             + (f"; {_num(sustained)} TFLOP/s sustained over seconds, at the power limit" if sustained else "")
+             + ")" + ("; engine compiled (`--compile`), plain loop eager" if result.get("compiled") else "")
+             + ". vs plain: ratio of the medians (range of the per-repeat ratios).", "",
              "| ctx | pattern | attention | path | batch | fwd tok/s | scored tok/s | TFLOP/s | % of peak "
-             "| peak GiB | vs plain | vs full | goal vs full | mean NLL |",
-             "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| % of sustained | peak GiB | vs plain | vs full | goal vs full | mean NLL |",
+             "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     rows = result["rows"]
     index = {(r["ctx"], r["pattern"], r["backend"], r["path"]): r for r in rows}
     full_engine = {r["ctx"]: r for r in rows if r["pattern"] == "full" and r["path"] == "engine" and r["seconds"]}
     for r in rows:
         if r["error"]:
             lines.append(f"| {r['ctx']} | {r['pattern']} | {r['backend']} | {r['path']} | {r['batch_size']} | "
-                         f"{r['error']} | | | | | | | | |")
+                         f"{r['error']} | | | | | | | | | |")
             continue
         plain = index.get((r["ctx"], r["pattern"], r["backend"], "plain"))
-        vs_plain = (f"{r['scored_tokens_per_s'] / plain['scored_tokens_per_s']:.2f}x"
-                    if r["path"] == "engine" and plain and plain["seconds"] else "")
+        vs_plain = ""
+        if r["path"] == "engine" and plain and plain["seconds"]:
+            vs_plain = f"{r['scored_tokens_per_s'] / plain['scored_tokens_per_s']:.2f}x"
+            pairs = list(zip(r.get("times_s") or [], plain.get("times_s") or []))
+            if len(pairs) > 1:  # per repeat: plain's time over the engine's (same work)
+                ratios = [p_s / e_s * r["scored_tokens"] / plain["scored_tokens"] for e_s, p_s in pairs]
+                vs_plain += f" ({min(ratios):.2f}–{max(ratios):.2f})"
         full = full_engine.get(r["ctx"])
         vs_full = goal = ""
         if r["path"] == "engine" and full and r["pattern"] != "full":
@@ -318,8 +365,9 @@ def markdown_model(result: dict) -> str:
             allowed = (full["tflops"] * full["seconds"]) / (r["tflops"] * r["seconds"])
             goal = f"{1 + (allowed - 1) / 2:.2f}x"
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "–"
+        of_sustained = f"{100 * r['tflops'] / sustained:.0f}%" if sustained else "–"
         lines.append(f"| {r['ctx']} | {r['pattern']} | {r['backend']} | {r['path']} | {r['batch_size']} | "
                      f"{r['forward_tokens_per_s']:,.0f} | {r['scored_tokens_per_s']:,.0f} | {_num(r['tflops'])} | "
-                     f"{100 * r['peak_share']:.0f}% | {memory} | {vs_plain} | {vs_full} | {goal} | "
+                     f"{100 * r['peak_share']:.0f}% | {of_sustained} | {memory} | {vs_plain} | {vs_full} | {goal} | "
                      f"{r['mean_nll']:.4f} |")
     return "\n".join(lines) + "\n"

@@ -73,14 +73,16 @@ def time_wall_s(fn: Callable[[], object], device: torch.device, *, warmup: int =
     """Median seconds of ``fn()`` including host work (for whole evaluation loops)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        begin = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return statistics.median(wall_s(fn, device) for _ in range(repeats))
+
+
+def wall_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one ``fn()`` call, host work included, the device's queue drained before and after."""
+    synchronize(device)
+    begin = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - begin
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192,
@@ -91,3 +93,29 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     ms = time_ms(lambda: a @ b, device, warmup=3, repeats=repeats)
     return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def sustained_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192,
+                            seconds: float = 6.0) -> float | None:
+    """TFLOP/s of size^3 matrix products run back to back for ``seconds``, over the
+    second half of that time. A GPU at its power limit lowers its clock after a
+    few seconds of dense matrix work (an H200 at 700 W: from 1980 MHz to about
+    1500), so this is the rate a long evaluation can reach, below the burst peak
+    of ``matmul_peak_tflops``. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    per_batch = 10
+    rates, begin = [], time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(per_batch):
+            a @ b
+        end.record()
+        end.synchronize()
+        rates.append((time.perf_counter() - begin, per_batch * 2 * size**3 / (start.elapsed_time(end) * 1e-3) / 1e12))
+    late = [rate for at, rate in rates if at >= seconds / 2] or [rates[-1][1]]
+    return statistics.median(late)

@@ -107,16 +107,19 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
               help="Windows per forward pass. Default: the engine's automatic choice.")
 @click.option("--tokens-per-run", type=int, default=32768, show_default=True,
               help="About this many tokens per timed run (at least one window).")
-@click.option("--repeats", type=int, default=2, show_default=True, help="Timed runs after one warm-up (median).")
+@click.option("--repeats", type=int, default=2, show_default=True,
+              help="Timed runs of each path after one warm-up (median); engine and plain take turns.")
 @click.option("--no-plain", is_flag=True, help="Skip the plain transformers loop.")
+@click.option("--compile", "compile_engine", is_flag=True,
+              help="Run the engine compiled, as `ppl --compile` does (the plain loop stays eager).")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the table as markdown.")
-def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, repeats, no_plain, layers,
-                  dtype, device, json_path, markdown_path):
+def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, repeats, no_plain, compile_engine,
+                  layers, dtype, device, json_path, markdown_path):
     """Evaluation throughput of a whole model, next to a plain transformers loop.
 
     For each ctx and pattern: forward and scored tokens/s of the engine (the
@@ -141,5 +144,5 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
     device = parse_device(device)
     result = model_bench(shape, ctxs, patterns, batch_size, backends=backends, device=device,
                          dtype=parse_dtype(dtype, device), tokens_per_run=tokens_per_run, repeats=repeats,
-                         plain=not no_plain, layers=layers, log=click.echo)
+                         plain=not no_plain, compile=compile_engine, layers=layers, log=click.echo)
     _write_outputs(result, markdown_model(result), json_path, markdown_path)
