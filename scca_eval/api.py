@@ -30,7 +30,8 @@ from . import __version__
 from . import distributed
 from .attention.register import apply_pattern
 from .data import TokenizedTask, load_task, task_from_data_path, tokenize_task
-from .engine import WindowScores, auto_batch_size, model_device, score_windows
+from .engine import (WindowScores, auto_batch_size, compile_for_evaluation, is_compiled, model_device,
+                     score_windows)
 from .errors import UserError
 from .metrics import DocScore, summarize
 from .models import load_model, model_record, trained_length
@@ -174,6 +175,7 @@ def evaluate(
     seed: int = 0,
     attention_backend: str = "auto",
     protocol: str = "stride",
+    compile: bool = False,
     save_every: int | None = None,
     resume: bool = True,
     keep_progress: bool = False,
@@ -196,6 +198,8 @@ def evaluate(
                 (LongLoRA's eval.py: the documents as one stream, ctx-token windows every
                 ``stride`` tokens — default 256 — all their tokens scored, perplexity =
                 exp(mean of the window losses)); see docs/protocols.md
+    compile:    compile the model's decoder layers and the loss step first
+                (``engine.compile_for_evaluation``; numbers change within float noise)
     out:        folder to write one JSON record per cell into (None: don't write, and keep
                 no progress)
     save_every: save progress after about this many batches of work (default 32)
@@ -232,6 +236,8 @@ def evaluate(
     else:  # a model loaded earlier, perhaps under another pattern
         apply_pattern(loaded[0], spec, backend=attention_backend)
     lm, tokenizer = loaded
+    if compile and not is_compiled(lm):
+        compile_for_evaluation(lm)
     limit = trained_length(lm)
     too_long = [c for c in ctxs if limit is not None and c > limit]
     if too_long and not allow_long_context:
@@ -360,6 +366,7 @@ def _evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedT
             "started": began_at.isoformat(timespec="seconds"),
             "deterministic": deterministic,
             "determinism_note": determinism_note,
+            "compiled": is_compiled(lm),
         },
     }
 
@@ -576,6 +583,7 @@ def _evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx,
         "resumed_documents": resumed,
         "deterministic": deterministic,
         "determinism_note": determinism_note,
+        "compiled": is_compiled(lm),
     }
     return record, progress_file
 

@@ -181,6 +181,11 @@ def _eager_unless(compiled: bool):
     return contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager")
 
 
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether ``compile_for_evaluation`` compiled ``model`` (recorded in each record's runtime)."""
+    return model in _COMPILED_MODELS
+
+
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """Copy to ``device`` without making the host wait: a copy from pageable memory
     waits until the device has finished its queued work, one from pinned memory does not."""

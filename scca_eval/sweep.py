@@ -21,7 +21,7 @@ A sweep is given by options or by a YAML file (command-line options win)::
 
 Other settings: ``data`` (files or folders evaluated as ad-hoc tasks), ``stride``,
 ``batch_size``, ``dtype``, ``device``, ``chunk_size``, ``dilation``, ``add_bos``,
-``allow_long_context``, ``seed``, ``attention_backend``. Relative paths are relative to the
+``allow_long_context``, ``seed``, ``attention_backend``, ``compile``. Relative paths are relative to the
 folder the command runs in, as on the command line.
 """
 
@@ -66,6 +66,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "allow_long_context": ("bool", False),
     "seed": ("int", 0),
     "attention_backend": ("string", "auto"),
+    "compile": ("bool", False),
 }
 
 
@@ -97,12 +98,13 @@ class Sweep:
     allow_long_context: bool = False
     seed: int = 0
     attention_backend: str = "auto"
+    compile: bool = False
 
     def settings(self) -> dict:
         """The settings shared by every cell (for --dry-run and logs)."""
         return {key: getattr(self, key) for key in ("stride", "max_tokens", "batch_size", "dtype", "device",
                                                     "chunk_size", "dilation", "add_bos", "allow_long_context",
-                                                    "seed", "attention_backend")}
+                                                    "seed", "attention_backend", "compile")}
 
     def cell_labels(self) -> list[str]:
         """Every cell, in the order the sweep runs them."""
@@ -271,7 +273,7 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
         tasks=list(zip(task_specs, origins)), out=Path(values["out"]),
         **{key: values[key] for key in ("stride", "max_tokens", "batch_size", "dtype", "device", "chunk_size",
                                         "dilation", "add_bos", "allow_long_context", "seed",
-                                        "attention_backend")},
+                                        "attention_backend", "compile")},
     )
 
 
@@ -349,6 +351,10 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
         lm, tokenizer = load_model(entry.model, pattern=sweep.patterns[0], dtype=sweep.dtype, device=sweep.device,
                                    chunk_size=sweep.chunk_size, dilation=sweep.dilation,
                                    attention_backend=sweep.attention_backend, **dict(entry.options))
+        if sweep.compile:
+            from .engine import compile_for_evaluation
+
+            compile_for_evaluation(lm)
         try:
             model_part = _model_part(entry.model, model_record(lm, tokenizer))
             dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")

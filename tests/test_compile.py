@@ -51,3 +51,17 @@ def test_compiled_run_matches_plain_loop_and_eager_run(tiny_model_dir, sample_da
         assert math.isclose(compiled[name]["metrics"]["perplexity"], eager[name]["metrics"]["perplexity"],
                             rel_tol=1e-5)
     assert compiled["longmixed"]["metrics"]["perplexity"] != compiled["full"]["metrics"]["perplexity"]
+    assert all(r["runtime"]["compiled"] for r in compiled.values())
+    assert not any(r["runtime"]["compiled"] for r in eager.values())
+
+
+def test_sweep_compile_runs_compiled(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    from scca_eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--ctx", "64",
+              "--pattern", "full", "--device", "cpu", "--max-tokens", "512", "--compile", "--quiet",
+              "--out", str(tmp_path)])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
+    assert record["runtime"]["compiled"] is True

@@ -232,6 +232,25 @@ def test_gpu_fp32_matches_reference():
 
 @gpu
 @pytest.mark.gpu
+def test_gpu_flex_stays_compiled_where_the_engine_runs_eagerly():
+    """The engine runs a compiled model's odd-shaped batches under the force_eager
+    stance; FlexAttention must still run its fused kernel there, not the dense eager one."""
+    import warnings
+
+    spec = preset("longmixed")
+    q, k, v = random_qkv(1, 16, 4, 1536, 64, dtype=torch.bfloat16, device="cuda", seed=8)
+    ref = dense_attention(q, k, v, dense_mask(spec, 1536, 16).cuda(), 0.125)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.compiler.set_stance("force_eager"):
+            out = flex_pattern_attention(q, k, v, spec, 0.125)
+    # the eager kernel says that it runs unfused
+    assert not [w for w in caught if "without torch.compile" in str(w.message)]
+    assert relative_error(out, ref) < BF16_REL_TOL
+
+
+@gpu
+@pytest.mark.gpu
 def test_gpu_flex_is_chosen_only_by_name():
     # auto runs the strided layout on CUDA; FlexAttention stays reachable as backend="flex"
     from scca_eval.attention import call_counts, pattern_attention, reset_call_counts

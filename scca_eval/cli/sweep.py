@@ -42,13 +42,15 @@ from .options import INT_LIST
               help="Position interpolation for every model: 'linear:F' or 'longlora:CTX' "
                    "(a model's own in the sweep file wins).")
 @click.option("--seed", type=int, default=None, help="Seed of the bootstrap interval. Default: 0.")
+@click.option("--compile", "compile_engine", is_flag=True, default=None,
+              help="Compile each model's decoder layers and loss step, as `ppl --compile` does.")
 @click.option("--out", "-o", type=click.Path(), default=None,
               help="Folder for the records. Default: results/sweep.")
 @click.option("--dry-run", is_flag=True, help="List the cells and exit without loading anything.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-cell lines (for CI logs).")
 def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, batch_size, dtype, device,
           chunk_size, dilation, add_bos, allow_long_context, attention_backend, adapter, rope_scaling, seed,
-          out, dry_run, quiet):
+          compile_engine, out, dry_run, quiet):
     """Evaluate the grid models × tasks × patterns × ctx, writing one record per cell as
     soon as it is done. Cells whose record already exists in --out with the same
     configuration (model weights, task data, tokenizer, pattern settings, ctx, stride,
@@ -73,7 +75,7 @@ def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, ba
         "tasks": list(tasks) or None, "data": list(data) or None, "stride": stride, "max_tokens": max_tokens,
         "batch_size": batch_size, "dtype": dtype, "device": device, "chunk_size": chunk_size,
         "dilation": dilation, "add_bos": add_bos, "allow_long_context": allow_long_context,
-        "attention_backend": attention_backend, "seed": seed, "out": out,
+        "attention_backend": attention_backend, "seed": seed, "compile": compile_engine, "out": out,
     }
     settings.update({key: value for key, value in given.items() if value is not None})
     plan = make_sweep(settings, where=sweep_file or "sweep")
