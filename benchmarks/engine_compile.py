@@ -1,6 +1,6 @@
 """Does compiling the decoder layers (fused RMSNorm / RoPE / SiLU·mul kernels) speed up
 the evaluation engine? Times, in one process, on a random-weight model of a named shape:
-the plain transformers loop, the engine, and the engine with `compile_decoder_layers`.
+the plain transformers loop, the engine, and the engine with `compile_for_evaluation`.
 
     python benchmarks/engine_compile.py --shape llama2-7b --ctx 8192 --json out.json
 """
@@ -14,7 +14,7 @@ import torch
 
 from scca_eval.bench.model import _documents, _plain_loop, bench_model
 from scca_eval.bench.timing import time_wall_s
-from scca_eval.engine import compile_decoder_layers, score_windows
+from scca_eval.engine import compile_for_evaluation, score_windows
 from scca_eval.windows import plan_windows
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     rows = []
     for compiled in (False, True):
         if compiled:
-            compile_decoder_layers(model)
+            compile_for_evaluation(model)
         for ctx in ctxs:
             docs = _documents(ctx, max(1, args.tokens_per_run // ctx), model.config.vocab_size, ctx)
             windows = plan_windows([len(d) for d in docs], ctx, ctx)

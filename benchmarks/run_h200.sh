@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of benchmarks/README.md, in one go (one H200, about 8 minutes).
+# The GPU measurements of benchmarks/README.md, in one go (one H200, about 10 minutes).
 # Usage: benchmarks/run_h200.sh OUTPUT_FOLDER
 set -uo pipefail
 out=${1:?give an output folder}
@@ -33,3 +33,9 @@ timeout 100 python3 benchmarks/model.py --shape llama2-7b --ctx 8192,32768 --pat
 step "LLaMA-2-7B shape, full attention at 65536 (memory)"
 timeout 60 python3 benchmarks/model.py --shape llama2-7b --ctx 65536 --patterns full --tokens-per-run 65536 \
     --repeats 1 --json "$out/model_64k.json" 2>&1 | tee -a "$log" | tail -6
+
+step "LLaMA-2-7B shape, compiled engine against the eager plain loop (engine default batch, then batch 1)"
+timeout 150 python3 -m scca_eval bench model --shape llama2-7b --ctx 8192,32768 --pattern full --compile \
+    --repeats 5 --json "$out/model_compile.json" 2>&1 | tee -a "$log" | tail -8
+timeout 120 python3 -m scca_eval bench model --shape llama2-7b --ctx 8192 --pattern full --compile \
+    --batch-size 1 --repeats 5 --json "$out/model_compile_b1.json" 2>&1 | tee -a "$log" | tail -6
