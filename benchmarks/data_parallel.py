@@ -53,13 +53,10 @@ def build_model_folder(folder: Path, shape, max_ctx: int, device: str = "cuda") 
     tokenizer.save_pretrained(folder)
 
 
-def run_ppl(model: Path, out: Path, args, gpus: int) -> tuple[dict, float]:
-    command = [sys.executable, "-m", "scca_eval", "ppl", "--model", str(model), "--task", args.task,
-               "--ctx", str(args.ctx), "-q", "--out", str(out)]
-    if args.max_tokens:
-        command += ["--max-tokens", str(args.max_tokens)]
-    if gpus > 1:
-        command += ["--gpus", str(gpus)]
+def run_ppl(model: Path, out: Path, task: str, ctx: int, extra: list[str]) -> tuple[dict, float]:
+    """``scca-eval ppl`` on ``model`` with ``extra`` options; (its one record, wall seconds with loading)."""
+    command = [sys.executable, "-m", "scca_eval", "ppl", "--model", str(model), "--task", task,
+               "--ctx", str(ctx), "-q", "--out", str(out), *extra]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -86,8 +83,10 @@ def main() -> None:
     build_model_folder(model, args.shape, args.ctx)
     print(f"model folder ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    one, wall_one = run_ppl(model, work / "gpus1", args, 1)
-    many, wall_many = run_ppl(model, work / f"gpus{args.gpus}", args, args.gpus)
+    limit = ["--max-tokens", str(args.max_tokens)] if args.max_tokens else []
+    one, wall_one = run_ppl(model, work / "gpus1", args.task, args.ctx, limit)
+    many, wall_many = run_ppl(model, work / f"gpus{args.gpus}", args.task, args.ctx,
+                              [*limit, "--gpus", str(args.gpus)])
 
     pairs = list(zip(one["documents"], many["documents"]))
     assert [a["id"] for a, _ in pairs] == [b["id"] for _, b in pairs]

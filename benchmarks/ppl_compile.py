@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,19 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from data_parallel import build_model_folder  # noqa: E402
-
-
-def run_ppl(model: Path, out: Path, args, extra: list[str]) -> tuple[dict, float]:
-    command = [sys.executable, "-m", "scca_eval", "ppl", "--model", str(model), "--task", args.task,
-               "--ctx", str(args.ctx), "--pattern", args.pattern, "-q", "--out", str(out), *extra]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    (record_file,) = sorted(out.glob("*.json"))
-    return json.loads(record_file.read_text()), wall
+from data_parallel import build_model_folder, run_ppl  # noqa: E402
 
 
 def main() -> None:
@@ -55,8 +42,10 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="scca-eval-ppl-compile-"))
     model = work / f"{args.shape}-random"
     build_model_folder(model, args.shape, args.ctx)
-    eager, wall_eager = run_ppl(model, work / f"eager-{args.pattern}", args, [])
-    compiled, wall_compiled = run_ppl(model, work / f"compiled-{args.pattern}", args, ["--compile"])
+    pattern = ["--pattern", args.pattern]
+    runs = work / f"runs-{time.strftime('%Y%m%d-%H%M%S')}-{args.task}-{args.pattern}"
+    eager, wall_eager = run_ppl(model, runs / "eager", args.task, args.ctx, pattern)
+    compiled, wall_compiled = run_ppl(model, runs / "compiled", args.task, args.ctx, [*pattern, "--compile"])
 
     pairs = list(zip(eager["documents"], compiled["documents"]))
     worst = max(abs(b["nll_sum"] - a["nll_sum"]) / abs(a["nll_sum"]) for a, b in pairs)

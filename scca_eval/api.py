@@ -321,7 +321,7 @@ def _evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedT
     began_at = datetime.now(timezone.utc)
     try:
         scores = _score_group(lm, [stream], windows, batch, ranks,
-                              progress.advance if progress is not None else None)
+                              progress.advance if progress is not None else None, ctx)
     except _OutOfMemory:
         raise _out_of_memory_error(ctx, batch, lm, None, 0, 1, ranks) from None
     finally:
@@ -401,14 +401,15 @@ class _OutOfMemory(Exception):
     """Raised on every rank when one of them ran out of memory in a group."""
 
 
-def _score_group(lm, documents, windows: Sequence[Window], batch: int, ranks, advance) -> WindowScores:
+def _score_group(lm, documents, windows: Sequence[Window], batch: int, ranks, advance, ctx: int) -> WindowScores:
     """Per-window sums of one group; each rank scores its share, the sums are exchanged."""
     mine = distributed.my_batches(_engine_batches(windows, batch), ranks)
     nll = np.zeros(len(windows), dtype=np.float64)
     tokens = np.zeros(len(windows), dtype=np.int64)
     out_of_memory = False
     try:
-        scores = score_windows(lm, documents, [windows[i] for i in mine], batch_size=batch, progress=advance)
+        scores = score_windows(lm, documents, [windows[i] for i in mine], batch_size=batch, progress=advance,
+                               window_length=ctx)
         nll[mine] = scores.nll_sum
         tokens[mine] = scores.tokens
     except torch.OutOfMemoryError:
@@ -538,7 +539,7 @@ def _evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx,
             group_total = sum(w.end - w.score_from for w in group_windows)
             own = distributed.my_batches(_engine_batches(group_windows, batch), ranks)
             advance = _ScaledAdvance(progress, group_total, sum(group_windows[i].scored for i in own))
-            scores = _score_group(lm, documents, group_windows, batch, ranks, advance)
+            scores = _score_group(lm, documents, group_windows, batch, ranks, advance, ctx)
             advance.finish()
             scored_now += group_total
             nll, counts = scores.per_document(group_windows, len(docs))

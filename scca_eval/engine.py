@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -112,6 +112,7 @@ def score_windows(
     batch_size: int | None = None,
     loss_chunk: int = 1024,
     progress: Callable[[int], None] | None = None,
+    window_length: int | None = None,
 ) -> WindowScores:
     """NLL sums of every window's scored targets.
 
@@ -119,6 +120,13 @@ def score_windows(
     indices ``w.score_from .. w.end - 1`` are scored, each predicted by the
     hidden state one position before it. ``progress(n)`` is called with the
     number of targets scored after each batch.
+
+    A model compiled by ``compile_for_evaluation`` runs compiled only the batches
+    of ``batch_size`` windows of ``window_length`` tokens (the protocol's ctx;
+    default: the longest window given), and every other batch (a document's
+    last, shorter window, a document shorter than ctx, a last partial batch)
+    eagerly: compiling a graph for each of those shapes would cost more time
+    than it saves.
     """
     device = model_device(model)
     decoder = model.get_decoder()
@@ -132,13 +140,12 @@ def score_windows(
     if batch_size is None:
         batch_size = auto_batch_size(max(w.end - w.start for w in windows), device)
 
-    batches = plan_batches(windows, batch_size)
-    shapes = [(len(batch), windows[batch[0]].end - windows[batch[0]].start) for batch in batches]
-    compiled_shape = _compiled_shape(shapes) if model in _COMPILED_MODELS else None
-    for batch, shape in zip(batches, shapes):
+    compiled = model in _COMPILED_MODELS
+    compiled_shape = (batch_size, window_length or max(w.end - w.start for w in windows))
+    for batch in plan_batches(windows, batch_size):
         rows = [windows[i] for i in batch]
         input_ids = _to_device(np.stack([documents[w.doc][w.start : w.end] for w in rows]).astype(np.int64), device)
-        with _eager_unless(compiled_shape is None or shape == compiled_shape):
+        with _eager_unless(not compiled or tuple(input_ids.shape) == compiled_shape):
             hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         # With a device map the last layers (and the head) may sit on another device.
         out_device = hidden.device
@@ -166,19 +173,8 @@ def score_windows(
     return WindowScores(nll_sum.cpu().numpy(), tokens)
 
 
-def _compiled_shape(shapes: list[tuple[int, int]]) -> tuple[int, int]:
-    """The (windows, length) batch shape that carries the most tokens. A compiled
-    model runs that shape compiled and every other shape (a document's last,
-    shorter window, a last partial batch) eagerly: compiling each of them would
-    cost more time than it saves."""
-    tokens = Counter()
-    for rows, length in shapes:
-        tokens[(rows, length)] += rows * length
-    return max(tokens, key=tokens.get)
-
-
-def _eager_unless(compiled: bool):
-    return contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager")
+def _eager_unless(run_compiled: bool):
+    return contextlib.nullcontext() if run_compiled else torch.compiler.set_stance("force_eager")
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
@@ -201,7 +197,7 @@ def compile_for_evaluation(model: torch.nn.Module) -> None:
     residual adds) runs as fused kernels, and the engine's loss step (head,
     fp32 upcast, cross-entropy) with it. Layers share one compiled graph, so
     the cost is one compilation per pattern and window length (see
-    ``_compiled_shape`` for the batches that run eagerly)."""
+    ``score_windows`` for the batches that run eagerly)."""
     layers = model.get_decoder().layers
     # One compiled entry per (pattern, ctx, batch) that a process evaluates, as in a
     # sweep; past dynamo's default limit of 8 the layers would silently run eagerly.

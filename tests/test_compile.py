@@ -29,7 +29,7 @@ def test_compiled_run_matches_plain_loop_and_eager_run(tiny_model_dir, sample_da
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     expected, expected_tokens = reference_perplexity(model, tokenizer, _texts(sample_data_dir), 128, 128)
 
-    common = ["--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--ctx", "128",
+    common = ["--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--ctx", "128", "--batch-size", "4",
               "--pattern", "full", "--pattern", "longmixed", "--device", "cpu", "--quiet"]
     frames_before = torch._dynamo.utils.counters["frames"]["ok"]
     run_ppl([*common, "--compile", "--out", str(tmp_path / "compiled")], capsys)
@@ -65,3 +65,50 @@ def test_sweep_compile_runs_compiled(tiny_model_dir, sample_data_dir, tmp_path, 
     assert exit_info.value.code == 0, capsys.readouterr().err
     (record,) = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
     assert record["runtime"]["compiled"] is True
+
+
+@pytest.fixture
+def compiled_tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from scca_eval.engine import compile_for_evaluation
+
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    compiled = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    compile_for_evaluation(compiled)
+    return eager, compiled
+
+
+def _documents(lengths, vocab, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=n, dtype=np.int64) for n in lengths]
+
+
+def test_only_full_batches_of_full_windows_run_compiled(compiled_tiny):
+    """A compiled model compiles one shape: batch_size windows of window_length tokens.
+    Shorter windows and partial batches run eagerly, so they never trigger a compilation
+    (fail_on_recompile would raise), and all of it equals the eager model."""
+    from scca_eval.engine import score_windows
+    from scca_eval.windows import plan_windows
+
+    eager, compiled = compiled_tiny
+    vocab = eager.config.vocab_size
+    # 50- and 30-token documents at ctx 64, and one 64-token window short of a batch of 2
+    odd_docs = _documents([50, 30, 64], vocab)
+    odd = plan_windows([len(d) for d in odd_docs], 64, 64)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = score_windows(compiled, odd_docs, odd, batch_size=2, window_length=64)
+    want = score_windows(eager, odd_docs, odd, batch_size=2, window_length=64)
+    assert got.nll_sum.tolist() == want.nll_sum.tolist()  # the same eager code: bit for bit
+
+    # two full windows of 64: the compiled shape
+    full_docs = _documents([127], vocab, seed=1)
+    full = plan_windows([127], 64, 64)
+    assert [w.end - w.start for w in full] == [64, 64]
+    with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(Exception, match="(?i)recompil"):
+        score_windows(compiled, full_docs, full, batch_size=2, window_length=64)
+    got = score_windows(compiled, full_docs, full, batch_size=2, window_length=64)
+    want = score_windows(eager, full_docs, full, batch_size=2, window_length=64)
+    assert got.nll_sum == pytest.approx(want.nll_sum, rel=1e-5)

@@ -125,7 +125,8 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
     For each ctx and pattern: forward and scored tokens/s of the engine (the
     default protocol's windows through score_windows) and of
     model(input_ids, labels=...) on the same windows, achieved TFLOP/s and its
-    share of a matrix-multiply peak measured in the same run, and peak memory.
+    share of a matrix-multiply peak measured in the same run (on a GPU also the
+    rate sustained over seconds, at the power limit), and peak memory.
     """
     from ..attention.dispatch import BACKENDS
     from ..bench import markdown_model, model_bench
