@@ -312,7 +312,7 @@ def _evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedT
     if max_tokens is not None:  # the first windows, enough to score max_tokens targets
         windows = windows[: max(1, -(-max_tokens // (ctx - 1)))]
     device = model_device(lm)
-    batch = batch_size or auto_batch_size(ctx, device)
+    batch = batch_size or auto_batch_size(ctx, device, windows)
     total = sum(w.scored for w in windows)
     label = f"{tokenized.task.name} · {record_pattern_name(spec)} · ctx {ctx} · longlora"
     if progress is not None:
@@ -483,7 +483,7 @@ def _evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx,
         lengths = limit_scored_tokens(lengths, ctx, max_tokens)
     windows = plan_windows(lengths, ctx, stride)
     device = model_device(lm)
-    batch = batch_size or auto_batch_size(ctx, device)
+    batch = batch_size or auto_batch_size(ctx, device, windows)
     expected = {i: (doc.id, length - 1) for i, (doc, length) in enumerate(zip(docs, lengths)) if length >= 2}
     if not expected:
         raise UserError(f"task {tokenized.task.name}: no document has two or more tokens to score")

@@ -42,9 +42,15 @@ class WindowScores:
         return nll, count
 
 
-def auto_batch_size(ctx: int, device: torch.device) -> int:
+def auto_batch_size(ctx: int, device: torch.device, windows: Sequence[Window] | None = None) -> int:
+    """Windows per forward pass: a token budget per device type, and no more than the
+    ctx-long ``windows`` there are (so a compiled model finds full batches to run compiled)."""
     budget = AUTO_BATCH_TOKENS.get(device.type, AUTO_BATCH_TOKENS["cpu"])
-    return max(1, min(64, budget // ctx))
+    size = max(1, min(64, budget // ctx))
+    if windows:
+        full = sum(1 for w in windows if w.end - w.start == ctx)
+        size = min(size, full or len(windows))
+    return size
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -138,7 +144,7 @@ def score_windows(
     # host prepares the next batch while the device still computes this one.
     nll_sum = torch.zeros(len(windows), dtype=torch.float64, device=device)
     if batch_size is None:
-        batch_size = auto_batch_size(max(w.end - w.start for w in windows), device)
+        batch_size = auto_batch_size(window_length or max(w.end - w.start for w in windows), device, windows)
 
     compiled = model in _COMPILED_MODELS
     compiled_shape = (batch_size, window_length or max(w.end - w.start for w in windows))

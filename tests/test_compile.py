@@ -112,3 +112,18 @@ def test_only_full_batches_of_full_windows_run_compiled(compiled_tiny):
     got = score_windows(compiled, full_docs, full, batch_size=2, window_length=64)
     want = score_windows(eager, full_docs, full, batch_size=2, window_length=64)
     assert got.nll_sum == pytest.approx(want.nll_sum, rel=1e-5)
+
+
+def test_automatic_batch_is_no_larger_than_the_full_windows():
+    """So that a small task still has full batches for a compiled model to run compiled."""
+    from scca_eval.engine import auto_batch_size
+    from scca_eval.windows import plan_windows
+
+    cpu = torch.device("cpu")
+    assert auto_batch_size(64, cpu) == 64  # the token budget alone (8192 // 64), capped at 64
+    three_full = plan_windows([127 + 63 + 20], 64, 64)  # 3 windows of 64 and a last, shorter one
+    assert [w.end - w.start for w in three_full] == [64, 64, 64, 21]
+    assert auto_batch_size(64, cpu, three_full) == 3
+    only_short = plan_windows([20, 30], 64, 64)
+    assert auto_batch_size(64, cpu, only_short) == 2
+    assert auto_batch_size(4096, cpu, three_full) == 2  # the budget is smaller still

@@ -228,7 +228,7 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
         windows_per_run = max(1, tokens_per_run // ctx)
         documents = _documents(ctx, windows_per_run, model.config.vocab_size, seed + ctx)
         windows = plan_windows([len(d) for d in documents], ctx, ctx)
-        bs = batch_size or auto_batch_size(ctx, device)
+        bs = batch_size or auto_batch_size(ctx, device, windows)
         forward_tokens = sum(w.end - w.start for w in windows)
         for label, spec in specs.items():
             for backend in (["sdpa"] if spec.is_full else list(backends)):
