@@ -44,7 +44,8 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
               default="auto", show_default=True,
               help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU.")
 @click.option("--batch-size", "-b", type=int, default=None,
-              help="Windows per forward pass. Default: about 8k tokens per batch on CPU, 16k on GPU.")
+              help="Windows per forward pass. Default: about 8k tokens per batch on CPU, 16k on GPU, and "
+                   "no more windows than the task has of full length.")
 @click.option("--max-tokens", type=int, default=None,
               help="Cap on scored tokens per task and ctx, for quick looks: equal prefixes of the "
                    "documents, each at least one window long.")
