@@ -99,36 +99,6 @@ def recompile(model, mode=None, options=None) -> None:
             layer.compile(**kwargs)
 
 
-def attention_layouts(device, n: int = 8192, heads: int = 32, dim: int = 128) -> None:
-    """cuDNN SDPA time for the memory layouts q/k/v can arrive in, cold and right after matrix products."""
-    from scca_eval.bench.timing import time_ms
-
-    torch.manual_seed(0)
-    bnhd = [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16) for _ in range(3)]
-    layouts = {
-        "views of [B,N,H,D]": [t.transpose(1, 2) for t in bnhd],
-        "contiguous [B,H,N,D]": [t.transpose(1, 2).contiguous() for t in bnhd],
-        "q,k contiguous, v view": [bnhd[0].transpose(1, 2).contiguous(), bnhd[1].transpose(1, 2).contiguous(),
-                                   bnhd[2].transpose(1, 2)],
-    }
-    a = torch.randn(8192, 4096, device=device, dtype=torch.bfloat16)
-    w = torch.randn(11008, 4096, device=device, dtype=torch.bfloat16)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    for name, (q, k, v) in layouts.items():
-        cold = time_ms(lambda: sdpa(q, k, v, is_causal=True), device, warmup=3, repeats=20)
-
-        def after_gemm():
-            for _ in range(6):
-                torch.nn.functional.linear(a, w)
-            return sdpa(q, k, v, is_causal=True)
-
-        gemm_only = time_ms(lambda: [torch.nn.functional.linear(a, w) for _ in range(6)], device, repeats=20)
-        hot = time_ms(after_gemm, device, repeats=20) - gemm_only
-        print(f"sdpa {name:<24} strides q {tuple(q.stride())}: {cold:.3f} ms alone, {hot:.3f} ms among matmuls "
-              f"(6 matmuls {gemm_only:.3f} ms = {6 * 2 * 8192 * 4096 * 11008 / gemm_only / 1e9:.0f} TFLOP/s)",
-              flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama2-7b")
@@ -138,7 +108,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default="coord,fused,autotune")
     parser.add_argument("--out", default=".")
-    parser.add_argument("--layouts", action="store_true", help="Also time SDPA for the q/k/v memory layouts.")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,8 +143,6 @@ def main() -> None:
         if profile and device.type == "cuda":
             profile_once(fn, device, args.out, label)
 
-    if args.layouts and device.type == "cuda":
-        attention_layouts(device)
     measure("plain", plain)
     measure("engine", run_engine, profile=True)
     engine.compile_for_evaluation(model)

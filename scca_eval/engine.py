@@ -179,8 +179,13 @@ def score_windows(
     return WindowScores(nll_sum.cpu().numpy(), tokens)
 
 
+def run_eagerly():
+    """A context in which every compiled module and function runs eagerly."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def _eager_unless(run_compiled: bool):
-    return contextlib.nullcontext() if run_compiled else torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext() if run_compiled else run_eagerly()
 
 
 def is_compiled(model: torch.nn.Module) -> bool:

@@ -346,15 +346,11 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
     common = dict(stride=sweep.stride, batch_size=sweep.batch_size, max_tokens=sweep.max_tokens,
                   out=str(sweep.out), chunk_size=sweep.chunk_size, dilation=sweep.dilation,
                   add_bos=sweep.add_bos, allow_long_context=sweep.allow_long_context, seed=sweep.seed,
-                  attention_backend=sweep.attention_backend, progress=progress)
+                  attention_backend=sweep.attention_backend, compile=sweep.compile, progress=progress)
     for entry in sweep.models:
         lm, tokenizer = load_model(entry.model, pattern=sweep.patterns[0], dtype=sweep.dtype, device=sweep.device,
                                    chunk_size=sweep.chunk_size, dilation=sweep.dilation,
                                    attention_backend=sweep.attention_backend, **dict(entry.options))
-        if sweep.compile:
-            from .engine import compile_for_evaluation
-
-            compile_for_evaluation(lm)
         try:
             model_part = _model_part(entry.model, model_record(lm, tokenizer))
             dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")

@@ -297,7 +297,9 @@ def _guarded(row: ModelRow, run: Callable[[], object]):
 def _eager(run: Callable[[], object]):
     """``run()`` with every compiled module run eagerly: the plain loop stays the
     loop a user would write, also when the engine is compiled."""
-    with torch.compiler.set_stance("force_eager"):
+    from ..engine import run_eagerly
+
+    with run_eagerly():
         return run()
 
 

@@ -167,7 +167,7 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
              batch_size=batch_size, max_tokens=max_tokens, add_bos=add_bos, dtype=dtype, device=device,
              device_map=device_map, adapter=adapter, merge_adapter=merge_adapter, rope_scaling=rope_scaling,
              allow_long_context=allow_long_context, out=None if no_write else out, save_every=save_every,
-             resume=not no_resume, seed=seed, quiet=quiet, protocol=protocol, compile_layers=compile_layers,
+             resume=not no_resume, seed=seed, quiet=quiet, protocol=protocol, compile=compile_layers,
              model_options={"original_ctx": original_ctx, "trainable_params": trainable_params,
                             "tokenizer": tokenizer_path, "trust_remote_code": trust_remote_code,
                             "finetuned_ctx": max(ctx)})
@@ -188,7 +188,7 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
 
 
 def _run(ranks, *, model, specs, out, quiet, device, device_map, adapter, merge_adapter, rope_scaling,
-         compile_layers, model_options,
+         model_options,
          chunk_size, dilation, attention_backend, dtype, **options):
     from ..api import evaluate
     from ..models import load_model
@@ -203,10 +203,6 @@ def _run(ranks, *, model, specs, out, quiet, device, device_map, adapter, merge_
         dilation=dilation, attention_backend=attention_backend, adapter=adapter, merge_adapter=merge_adapter,
         rope_scaling=rope_scaling, **model_options,
     )
-    if compile_layers:
-        from ..engine import compile_for_evaluation
-
-        compile_for_evaluation(loaded[0])
     records = []
     show_bar = ranks.is_main and not quiet
     bar = RichProgress() if show_bar else contextlib.nullcontext(None)
