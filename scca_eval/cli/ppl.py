@@ -24,7 +24,7 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
               help="Task name (a YAML in ./tasks or a bundled one) or a task YAML path; repeatable. "
                    "Default: pg19_sample and proof_pile_sample.")
 @click.option("--data", "data", multiple=True, type=click.Path(),
-              help="Evaluate a local file or folder (.txt, .jsonl, .jsonl.gz, .parquet, LongLoRA .bin) "
+              help="Evaluate a local file or folder (.txt, .txt.gz, .jsonl, .jsonl.gz, .parquet, LongLoRA .bin) "
                    "without writing a task YAML; repeatable.")
 @click.option("--ctx", "ctx", type=INT_LIST, default="1024", show_default=True,
               help="Window length(s) in tokens, comma-separated, e.g. 1024,2048,4096,8192.")

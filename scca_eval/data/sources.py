@@ -98,7 +98,19 @@ def _read_text(task: TaskSpec) -> Iterator[Document]:
             data = path.read_bytes()
         except OSError as error:
             raise UserError(f"{path}: cannot be read ({error.strerror}); check its permissions") from None
+        if path.name.endswith(".gz"):
+            # A compressed document is the same document: its id leaves out the ".gz".
+            data = _gunzip(data, path)
+            doc_id = doc_id[: -len(".gz")]
         yield Document(doc_id, _decode(data, str(path)))
+
+
+def _gunzip(data: bytes, path: Path) -> bytes:
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+        raise UserError(f"{path}: cannot be decompressed ({error}); the file may be truncated or not gzip "
+                        "(give plain text, or gzip it again)") from None
 
 
 # ---------------------------------------------------------------- JSON lines and parquet

@@ -20,6 +20,8 @@ Source types:
 ``text``
     ``path``: a text file (one document) or a folder (every non-hidden file under it is one
     document, in order of the relative path; ``glob`` narrows the files, default ``**/*``).
+    A file whose name ends in ``.gz`` is decompressed (gzip); its document id leaves out
+    the ``.gz``.
 ``jsonl``
     ``path``: a ``.jsonl`` / ``.jsonl.gz`` file or a folder of them; one record per line,
     the text in ``text_field`` (default ``text``), an optional ``id_field``.
@@ -382,7 +384,7 @@ def visible_files(folder: Path) -> list[Path]:
 
 def _name_from_path(path: Path) -> str:
     stem = path.name
-    for suffix in (".jsonl.gz", ".jsonl", ".parquet", ".bin", ".txt"):
+    for suffix in (".jsonl.gz", ".jsonl", ".parquet", ".bin", ".txt.gz", ".txt"):
         if stem.endswith(suffix) and len(stem) > len(suffix):
             stem = stem[: -len(suffix)]
             break
@@ -395,7 +397,7 @@ def task_from_data_path(path: str | Path) -> TaskSpec:
 
     A ``.jsonl`` / ``.jsonl.gz`` file is read as JSON lines with the field ``text``, a
     ``.parquet`` file likewise, a ``.bin`` file as a LongLoRA token stream, any other file
-    as one plain-text document. A folder of only JSON-lines (or only parquet) files is read
+    as one plain-text document (gzip-compressed when its name ends in ``.gz``). A folder of only JSON-lines (or only parquet) files is read
     as those; any other folder as plain text, one document per file.
     """
     given = str(path)
