@@ -18,6 +18,7 @@ import hashlib
 import platform
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from .engine import (WindowScores, auto_batch_size, compile_for_evaluation, is_c
 from .errors import UserError
 from .metrics import DocScore, summarize
 from .models import load_model, model_record, trained_length
+from .models.rope import beyond_length_message
 from .patterns.parse import check_against_ctx, resolve_pattern
 from .patterns.spec import PatternSpec
 from .results import record_filename, write_record
@@ -44,6 +46,8 @@ from .windows import Window, limit_scored_tokens, longlora_perplexity, plan_long
 DEFAULT_TASKS = ("pg19_sample", "proof_pile_sample")
 # Progress is saved after about this many batches of forward work (whole documents).
 DEFAULT_SAVE_EVERY = 32
+# The longest beyond-RoPE ctx each model was warned about (ppl runs one evaluate per pattern).
+_LONG_CONTEXT_WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class Progress(Protocol):
@@ -240,11 +244,13 @@ def evaluate(
         compile_for_evaluation(lm)
     limit = trained_length(lm)
     too_long = [c for c in ctxs if limit is not None and c > limit]
-    if too_long and not allow_long_context:
-        raise UserError(
-            f"ctx {max(too_long)} is beyond the model's trained length ({limit} tokens); "
-            "use --rope-scaling to extend it, or --allow-long-context to evaluate anyway"
-        )
+    if too_long:
+        beyond = beyond_length_message(lm, max(too_long))
+        if not allow_long_context:
+            raise UserError(f"{beyond}, or --allow-long-context evaluates it anyway")
+        if _LONG_CONTEXT_WARNED.get(lm) != max(too_long):  # once per model, not once per pattern
+            _LONG_CONTEXT_WARNED[lm] = max(too_long)
+            say(f"warning: {beyond}; evaluating as it is (--allow-long-context)")
 
     records, finished_progress = [], []
     for task_spec in task_specs:

@@ -162,3 +162,187 @@ def test_trained_length_rules(tiny_folder):
 def test_longlora_without_length_is_refused(tiny_folder):
     with pytest.raises(UserError, match="longlora:CTX"):
         load_model(str(tiny_folder), rope_scaling="longlora")
+
+
+# ---- dynamic NTK, YaRN and Llama 3: each against transformers' own config path
+
+ORIGINAL = TRAINED  # the original length L the scalings start from, unless --original-ctx says otherwise
+
+
+def _reference_folder(tiny_folder, tmp_path, rope_parameters, max_position_embeddings):
+    """A copy of the checkpoint whose config.json carries the scaling itself, as a released model would."""
+    return _with_config_edit(
+        tiny_folder, tmp_path / "reference",
+        lambda c: c.update(rope_parameters={"rope_theta": THETA, **rope_parameters},
+                           max_position_embeddings=max_position_embeddings),
+    )
+
+
+SCALINGS = [
+    # (option, original_ctx, rope_parameters written into config.json by hand, its max_position_embeddings)
+    ("dynamic:2", None, {"rope_type": "dynamic", "factor": 2.0}, TRAINED),
+    ("dynamic:3.5", None, {"rope_type": "dynamic", "factor": 3.5}, TRAINED),
+    ("yarn:4", None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL},
+     4 * ORIGINAL),
+    ("yarn:4,beta_fast=16,beta_slow=2,attention_factor=1.25", None,
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL, "beta_fast": 16.0,
+      "beta_slow": 2.0, "attention_factor": 1.25}, 4 * ORIGINAL),
+    ("yarn:3", 32, {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 32}, 96),
+    ("yarn:2,mscale=1,mscale_all_dim=0.5,truncate=false", None,
+     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": ORIGINAL, "mscale": 1.0,
+      "mscale_all_dim": 0.5, "truncate": False}, 2 * ORIGINAL),
+    ("llama3:4", None, {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 4 * ORIGINAL),
+    ("llama3:8,low_freq_factor=2,high_freq_factor=8", 16,
+     {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16, "low_freq_factor": 2.0,
+      "high_freq_factor": 8.0}, 128),
+]
+
+
+@pytest.mark.parametrize("option, original_ctx, rope_parameters, max_positions", SCALINGS,
+                         ids=[s[0] + (f"/L={s[1]}" if s[1] else "") for s in SCALINGS])
+def test_scaling_matches_transformers_config_path(tiny_folder, tmp_path, option, original_ctx, rope_parameters,
+                                                  max_positions):
+    scaled, tokenizer = load_model(str(tiny_folder), rope_scaling=option, original_ctx=original_ctx)
+    reference_folder = _reference_folder(tiny_folder, tmp_path, rope_parameters, max_positions)
+    reference = AutoModelForCausalLM.from_pretrained(reference_folder, dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+
+    logits = _logits(scaled, IDS)
+    assert torch.equal(logits, _logits(reference, IDS))  # same parameters, same computation
+    assert not torch.allclose(logits, _logits(plain, IDS), atol=1e-3)  # and the scaling does something
+    # inv_freq after the forward pass: dynamic NTK recomputes it for the pass's length.
+    assert torch.equal(scaled.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    assert not torch.equal(scaled.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
+    assert scaled.model.rotary_emb.attention_scaling == reference.model.rotary_emb.attention_scaling
+
+    record = model_record(scaled, tokenizer)["rope_scaling"]
+    assert record["source"] == "option" and record["requested"] == option
+    # the complete RoPE configuration the model was built with
+    assert {k: v for k, v in record.items() if k not in ("source", "requested", "original_ctx")} == {
+        "rope_theta": THETA, **rope_parameters}
+    factor = rope_parameters["factor"]
+    expected_length = int(factor * (original_ctx or ORIGINAL))
+    assert trained_length(scaled) == expected_length == model_record(scaled, tokenizer)["effective_max_length"]
+
+
+def test_yarn_matches_its_formula(tiny_folder):
+    """An independent check of one case: YaRN's ramp between interpolation and extrapolation
+    (Peng et al. 2023, eq. 17-20), written out here, and its attention factor 0.1 ln F + 1."""
+    import math
+
+    factor, beta_fast, beta_slow = 4.0, 32.0, 1.0
+    model, _ = load_model(str(tiny_folder), rope_scaling=f"yarn:{factor:g}")
+    dims = torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM
+    extrapolated = 1.0 / THETA ** dims
+
+    def dim_of(rotations):  # the dimension that turns `rotations` times over the original length
+        return HEAD_DIM * math.log(ORIGINAL / (rotations * 2 * math.pi)) / (2 * math.log(THETA))
+
+    low, high = max(math.floor(dim_of(beta_fast)), 0), min(math.ceil(dim_of(beta_slow)), HEAD_DIM - 1)
+    ramp = ((torch.arange(HEAD_DIM // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    expected = extrapolated / factor * ramp + extrapolated * (1 - ramp)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, expected)
+    assert model.model.rotary_emb.attention_scaling == pytest.approx(0.1 * math.log(factor) + 1)
+
+
+def test_dynamic_frequencies_follow_each_forward_pass(tiny_folder, tmp_path):
+    """A window's logits do not depend on a longer window run before it (transformers alone
+    would keep the longer window's frequencies)."""
+    model, _ = load_model(str(tiny_folder), rope_scaling="dynamic:2")
+    reference_folder = _reference_folder(tiny_folder, tmp_path, {"rope_type": "dynamic", "factor": 2.0}, TRAINED)
+    fresh = AutoModelForCausalLM.from_pretrained(reference_folder, dtype=torch.float32).eval()
+    short = IDS[:, :80]  # beyond the 64 trained positions, shorter than the window before it
+    _logits(model, IDS)
+    assert torch.equal(_logits(model, short), _logits(fresh, short))
+    _logits(model, IDS)
+    assert torch.equal(_logits(model, IDS[:, :40]), _logits(fresh, IDS[:, :40]))  # within the trained length
+    # the difference the hook removes is real: transformers' own model, reused, gives other numbers
+    reused = AutoModelForCausalLM.from_pretrained(reference_folder, dtype=torch.float32).eval()
+    _logits(reused, IDS)
+    assert not torch.equal(_logits(reused, short), _logits(fresh, short))
+
+
+def test_checkpoint_scaling_used_as_is_unless_overridden(tiny_folder, tmp_path):
+    shipped = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": TRAINED}
+    folder = _reference_folder(tiny_folder, tmp_path, shipped, 2 * TRAINED)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    as_is, tokenizer = load_model(str(folder))
+    assert torch.equal(_logits(as_is, IDS), _logits(reference, IDS))
+    record = model_record(as_is, tokenizer)
+    assert record["rope_scaling"] == {"rope_theta": THETA, **shipped, "source": "config"}
+    assert record["effective_max_length"] == 2 * TRAINED
+
+    overridden, tokenizer = load_model(str(folder), rope_scaling="linear:3")
+    record = model_record(overridden, tokenizer)["rope_scaling"]
+    assert record["source"] == "option" and record["rope_type"] == "linear" and record["factor"] == 3.0
+    assert record["replaced"] == {"rope_theta": THETA, **shipped}
+    linear = AutoModelForCausalLM.from_pretrained(_with_config_edit(
+        tiny_folder, tmp_path / "linear3",
+        lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": THETA})),
+        dtype=torch.float32).eval()
+    assert torch.equal(_logits(overridden, IDS), _logits(linear, IDS))
+
+
+def test_parse_new_scalings():
+    request = parse_rope_scaling("yarn:4,beta_fast=64, truncate=False")
+    assert (request.kind, request.factor, dict(request.options)) == ("yarn", 4.0, {"beta_fast": 64.0, "truncate": False})
+    assert parse_rope_scaling("DYNAMIC:2").kind == "dynamic"
+    assert dict(parse_rope_scaling("llama3:8,high_freq_factor=4").options) == {"high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("yarn", "needs a factor"), ("yarn:0.5", "at least 1"), ("dynamic:0", "above 0"), ("llama3:x", "not a number"),
+    ("yarn:4,beta=3", "not an option of yarn"), ("yarn:4,beta_fast", "not an option"),
+    ("yarn:4,beta_fast=fast", "must be a number"), ("yarn:4,truncate=maybe", "true or false"),
+    ("yarn:4,beta_fast=1,beta_fast=2", "twice"), ("dynamic:2,beta_fast=1", "takes no options"),
+    ("llama3:8,beta_fast=32", "not an option of llama3"), ("longlora:8192,x=1", "takes no options"),
+    ("linear:2,factor=3", "takes no options"), ("yarn:inf", "finite"),
+])
+def test_parse_new_scalings_rejects(text, fragment):
+    with pytest.raises(UserError, match=fragment) as caught:
+        parse_rope_scaling(text)
+    assert "\n" not in str(caught.value)
+
+
+def test_dynamic_refuses_original_ctx(tiny_folder):
+    with pytest.raises(UserError, match="--original-ctx does not apply"):
+        load_model(str(tiny_folder), rope_scaling="dynamic:2", original_ctx=32)
+
+
+def test_trained_length_of_released_configs():
+    # Llama 3.1: 8k original, factor 8, 128k stated; Qwen2.5's YaRN recipe: factor 4 over an unchanged 32k.
+    llama31 = LlamaConfig(max_position_embeddings=131072, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "original_max_position_embeddings": 8192,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0})
+    assert trained_length(llama31) == 131072
+    qwen = LlamaConfig(max_position_embeddings=32768, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_position_embeddings": 32768})
+    assert trained_length(qwen) == 131072
+    dynamic = LlamaConfig(max_position_embeddings=4096, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": THETA})
+    assert trained_length(dynamic) == 8192
+
+
+def test_ctx_beyond_rope_is_refused_or_warned_once(tiny_folder, tmp_path):
+    """Beyond what the RoPE settings cover: an error naming --rope-scaling, or with
+    --allow-long-context one warning per model (not one per pattern)."""
+    from scca_eval import evaluate
+
+    text = tmp_path / "doc.txt"
+    text.write_text(" ".join(f"w{3 + i % 250}" for i in range(400)))
+    loaded = load_model(str(tiny_folder))
+    with pytest.raises(UserError, match=r"ctx 96 is beyond the 64 tokens .* --rope-scaling yarn:2 .*"
+                                        r"--allow-long-context"):
+        evaluate(str(tiny_folder), data=[str(text)], ctx=96, loaded=loaded)
+    said = []
+    for pattern in ("full", "s2"):
+        evaluate(str(tiny_folder), data=[str(text)], ctx=96, pattern=pattern, loaded=loaded,
+                 allow_long_context=True, notify=said.append)
+    assert len([line for line in said if "--rope-scaling" in line]) == 1
+    # once scaled far enough, no warning at all
+    scaled = load_model(str(tiny_folder), rope_scaling="yarn:2")
+    said.clear()
+    evaluate(str(tiny_folder), data=[str(text)], ctx=96, loaded=scaled, notify=said.append)
+    assert not [line for line in said if "--rope-scaling" in line]

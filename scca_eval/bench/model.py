@@ -46,12 +46,17 @@ DEFAULT_PATTERNS = ("full", "s2", "scca_fixed", "scca_flow", "sda", "longmixed")
 
 
 def random_model(shape: str | dict, *, device: torch.device, dtype: torch.dtype, max_ctx: int,
-                 layers: int | None = None, seed: int = 0):
+                 layers: int | None = None, seed: int = 0, rope_scaling: str | None = None,
+                 original_ctx: int | None = None):
     """A LlamaForCausalLM of a named shape (or a config dict / config.json path) with random weights.
 
     The model is created directly on ``device`` (weights initialized there, no
-    host copy), which takes seconds even for 13B shapes on a GPU.
+    host copy), which takes seconds even for 13B shapes on a GPU. ``rope_scaling`` and
+    ``original_ctx`` as for ``load_model``; the applied RoPE parameters end up in
+    ``model.config.rope_parameters``.
     """
+    from ..models import rope
+
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     if isinstance(shape, dict):
@@ -69,10 +74,12 @@ def random_model(shape: str | dict, *, device: torch.device, dtype: torch.dtype,
         raise UserError(f"unknown model shape {shape!r}: use {', '.join(SHAPES)} or a config .json file")
     if layers is not None:
         config.num_hidden_layers = layers
+    rope.apply_rope_scaling(config, rope.parse_rope_scaling(rope_scaling), original_ctx)
     config.max_position_embeddings = max(getattr(config, "max_position_embeddings", 0) or 0, max_ctx)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    rope.dynamic_rope_per_forward(model)
     return model.eval()
 
 
@@ -85,13 +92,15 @@ def _llama_kwargs(values: dict) -> dict:
 
 
 def bench_model(shape: str, *, device: torch.device, dtype: torch.dtype, max_ctx: int,
-                layers: int | None = None):
+                layers: int | None = None, rope_scaling: str | None = None, original_ctx: int | None = None):
     """Random weights for a named shape or config file; otherwise a real model through load_model."""
     if shape in SHAPES or (isinstance(shape, str) and shape.endswith(".json")):
-        return random_model(shape, device=device, dtype=dtype, max_ctx=max_ctx, layers=layers), "random"
+        return random_model(shape, device=device, dtype=dtype, max_ctx=max_ctx, layers=layers,
+                            rope_scaling=rope_scaling, original_ctx=original_ctx), "random"
     from ..models import load_model
 
-    model, _tokenizer = load_model(shape, dtype=dtype, device=device)
+    model, _tokenizer = load_model(shape, dtype=dtype, device=device, rope_scaling=rope_scaling,
+                                   original_ctx=original_ctx)
     return model.eval(), "loaded"
 
 
@@ -172,6 +181,7 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 backends: Sequence[str] = ("auto",), device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, tokens_per_run: int = 32768, repeats: int = 2,
                 plain: bool = True, compile: bool = False, layers: int | None = None, seed: int = 0,
+                rope_scaling: str | None = None, original_ctx: int | None = None,
                 log: Callable[[str], None] | None = print) -> dict:
     """Engine and plain-loop throughput of one model for each ctx and pattern.
 
@@ -188,6 +198,8 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     compile:        the engine runs compiled (``compile_for_evaluation``, as
                     ``ppl --compile``); the plain loop stays eager.
     layers:         override the number of layers (quick checks).
+    rope_scaling:   ``--rope-scaling`` value (with ``original_ctx``), as for ``load_model``;
+                    the result names the RoPE parameters the model ran with.
     """
     from ..engine import auto_batch_size, compile_for_evaluation, score_windows
     from ..windows import plan_windows
@@ -204,7 +216,8 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     if unknown:
         raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
 
-    model, origin = bench_model(shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=layers)
+    model, origin = bench_model(shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=layers,
+                                rope_scaling=rope_scaling, original_ctx=original_ctx)
     if compile:
         compile_for_evaluation(model)
     body_params, head_params = _linear_params(model)
@@ -221,7 +234,8 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
         "torch": torch.__version__, "transformers": _transformers_version(),
         "matmul_params": body_params + head_params, "matmul_peak_tflops": peak,
         "matmul_sustained_tflops": sustained, "matmul_size": matmul_size, "compiled": compile,
-        "tokens_per_run": tokens_per_run, "repeats": repeats, "rows": [],
+        "tokens_per_run": tokens_per_run, "repeats": repeats,
+        "rope_parameters": dict(getattr(model.config, "rope_parameters", None) or {}), "rows": [],
     }
 
     for ctx in ctxs:
@@ -331,6 +345,12 @@ def _row_line(row: ModelRow) -> str:
             f"({100 * row.peak_share:.0f}% of peak){memory}, nll {row.mean_nll:.4f}")
 
 
+def _rope_note(params: dict | None) -> str:
+    if not params or params.get("rope_type", "default") == "default":
+        return ""
+    return f"; RoPE {params['rope_type']} x{params.get('factor')}"
+
+
 def markdown_model(result: dict) -> str:
     """One table: rows = (ctx, pattern, backend, path); plus speedups over plain and over full."""
     sustained = result.get("matmul_sustained_tflops")
@@ -339,6 +359,7 @@ def markdown_model(result: dict) -> str:
              f"{_num(result['matmul_peak_tflops'])} TFLOP/s ({result['matmul_size']}^3 product, same run"
              + (f"; {_num(sustained)} TFLOP/s sustained over seconds, at the power limit" if sustained else "")
              + ")" + ("; engine compiled (`--compile`), plain loop eager" if result.get("compiled") else "")
+             + _rope_note(result.get("rope_parameters"))
              + ". vs plain: ratio of the medians (range of the per-repeat ratios).", "",
              "| ctx | pattern | attention | path | batch | fwd tok/s | scored tok/s | TFLOP/s | % of peak "
              "| % of sustained | peak GiB | vs plain | vs full | goal vs full | mean NLL |",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import INT_LIST, NAME_LIST
+from .options import INT_LIST, NAME_LIST, rope_scaling_options
 
 CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"], case_sensitive=False)
 ATTENTION_PATTERNS = "s2,scca_fixed,scca_flow,sda,sda-r4,longmixed"
@@ -113,13 +113,14 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 @click.option("--compile", "compile_engine", is_flag=True,
               help="Run the engine compiled, as `ppl --compile` does (the plain loop stays eager).")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
+@rope_scaling_options()
 @click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the table as markdown.")
 def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, repeats, no_plain, compile_engine,
-                  layers, dtype, device, json_path, markdown_path):
+                  layers, rope_scaling, original_ctx, dtype, device, json_path, markdown_path):
     """Evaluation throughput of a whole model, next to a plain transformers loop.
 
     For each ctx and pattern: forward and scored tokens/s of the engine (the
@@ -145,5 +146,6 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
     device = parse_device(device)
     result = model_bench(shape, ctxs, patterns, batch_size, backends=backends, device=device,
                          dtype=parse_dtype(dtype, device), tokens_per_run=tokens_per_run, repeats=repeats,
-                         plain=not no_plain, compile=compile_engine, layers=layers, log=click.echo)
+                         plain=not no_plain, compile=compile_engine, layers=layers, rope_scaling=rope_scaling,
+                         original_ctx=original_ctx, log=click.echo)
     _write_outputs(result, markdown_model(result), json_path, markdown_path)

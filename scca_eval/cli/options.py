@@ -39,3 +39,38 @@ class NameList(click.ParamType):
 
 INT_LIST = IntList()
 NAME_LIST = NameList()
+
+
+ROPE_SCALING_HELP = (
+    "RoPE scaling, as transformers' rope_parameters: 'linear:F' (position interpolation), "
+    "'dynamic:F' (dynamic NTK), 'yarn:F' or 'llama3:F' (from the original length L to F x L; "
+    "options after commas, e.g. yarn:4,beta_fast=32,beta_slow=1,attention_factor=1.1 or "
+    "llama3:8,low_freq_factor=1,high_freq_factor=4), 'longlora:CTX' (linear with F = ceil(CTX / L), "
+    "CTX = the fine-tuned length), or 'none'. Default: the checkpoint's own (the record says which)."
+)
+ORIGINAL_CTX_HELP = ("The original context length L for --rope-scaling yarn, llama3 and longlora "
+                     "(default: the config's max_position_embeddings).")
+
+
+def rope_scaling_options(extra_help: str = "", bare_longlora: bool = False):
+    """``--rope-scaling`` and ``--original-ctx`` for any command that loads a model.
+
+    The value is checked when the command line is read (one line, exit 2, before anything
+    loads) and passed on as written, for ``load_model(rope_scaling=..., original_ctx=...)``.
+    ``bare_longlora``: the command fills in ``longlora``'s CTX itself (``ppl``: the largest ctx).
+    """
+
+    def check(_ctx, _param, value):
+        from ..models.rope import parse_rope_scaling
+
+        if value is not None and not (bare_longlora and value.strip().lower() == "longlora"):
+            parse_rope_scaling(value)
+        return value
+
+    def decorate(command):
+        command = click.option("--original-ctx", type=click.IntRange(min=1), default=None, metavar="L",
+                               help=ORIGINAL_CTX_HELP)(command)
+        return click.option("--rope-scaling", default=None, callback=check,
+                            help=ROPE_SCALING_HELP + extra_help)(command)
+
+    return decorate

@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..errors import UserError
-from .options import INT_LIST
+from .options import INT_LIST, rope_scaling_options
 
 DEVICE_MAPS = ["auto", "balanced", "balanced_low_0", "sequential"]
 
@@ -59,13 +59,7 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
 @click.option("--adapter", type=click.Path(), default=None,
               help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too.")
 @click.option("--merge-adapter", is_flag=True, help="Merge the adapter into the weights before evaluating (faster).")
-@click.option("--rope-scaling", default=None,
-              help="Position interpolation: 'linear:F' (factor F), 'longlora:CTX' (F = ceil(CTX / the "
-                   "model's original length), CTX = the fine-tuned length), 'longlora' (CTX = the largest "
-                   "--ctx), or 'none'.")
-@click.option("--original-ctx", type=int, default=None,
-              help="The base model's original context length for --rope-scaling longlora:CTX "
-                   "(default: the config's max_position_embeddings).")
+@rope_scaling_options(" Also 'longlora': CTX = the largest --ctx.", bare_longlora=True)
 @click.option("--trainable-params", type=click.Path(), default=None,
               help="LongLoRA's trainable_params.bin (embedding and norm weights) when it is not in the "
                    "adapter folder; loaded with torch.load(weights_only=True).")

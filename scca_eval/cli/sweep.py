@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from .options import INT_LIST
+from .options import INT_LIST, rope_scaling_options
 
 
 @click.command()
@@ -38,9 +38,7 @@ from .options import INT_LIST
                                  "chunked on CPU).")
 @click.option("--adapter", type=click.Path(), default=None,
               help="LoRA adapter folder for every model of the sweep (a model's own in the sweep file wins).")
-@click.option("--rope-scaling", default=None,
-              help="Position interpolation for every model: 'linear:F' or 'longlora:CTX' "
-                   "(a model's own in the sweep file wins).")
+@rope_scaling_options(" For every model; a model's own in the sweep file wins.")
 @click.option("--seed", type=int, default=None, help="Seed of the bootstrap interval. Default: 0.")
 @click.option("--compile", "compile_engine", is_flag=True, default=None,
               help="Compile each model's decoder layers and loss step, as `ppl --compile` does.")
@@ -49,8 +47,8 @@ from .options import INT_LIST
 @click.option("--dry-run", is_flag=True, help="List the cells and exit without loading anything.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-cell lines (for CI logs).")
 def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, batch_size, dtype, device,
-          chunk_size, dilation, add_bos, allow_long_context, attention_backend, adapter, rope_scaling, seed,
-          compile_engine, out, dry_run, quiet):
+          chunk_size, dilation, add_bos, allow_long_context, attention_backend, adapter, rope_scaling,
+          original_ctx, seed, compile_engine, out, dry_run, quiet):
     """Evaluate the grid models × tasks × patterns × ctx, writing one record per cell as
     soon as it is done. Cells whose record already exists in --out with the same
     configuration (model weights, task data, tokenizer, pattern settings, ctx, stride,
@@ -79,7 +77,8 @@ def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, ba
     }
     settings.update({key: value for key, value in given.items() if value is not None})
     plan = make_sweep(settings, where=sweep_file or "sweep")
-    shared = {key: value for key, value in (("adapter", adapter), ("rope_scaling", rope_scaling)) if value}
+    per_model = (("adapter", adapter), ("rope_scaling", rope_scaling), ("original_ctx", original_ctx))
+    shared = {key: value for key, value in per_model if value}
     if shared:
         plan.models = [ModelEntry(m.model, tuple(sorted({**shared, **dict(m.options)}.items())))
                        for m in plan.models]

@@ -376,9 +376,10 @@ def load_model(
         adapter: a peft LoRA adapter folder; its ``trainable_params.bin`` (LongLoRA's
             embedding and norm weights) is loaded too, or give that file with
             ``trainable_params``. ``merge_adapter=True`` merges the LoRA weights.
-        rope_scaling: ``None``/``"none"``, ``"linear:F"`` or ``"longlora:CTX"``
-            (``"longlora"`` with ``finetuned_ctx``); ``original_ctx`` overrides the
-            config's ``max_position_embeddings`` for the LongLoRA rule.
+        rope_scaling: ``None``/``"none"``, ``"linear:F"``, ``"longlora:CTX"`` (``"longlora"``
+            with ``finetuned_ctx``), ``"dynamic:F"``, ``"yarn:F"`` or ``"llama3:F"``, the last two
+            with options such as ``"yarn:4,beta_fast=32"`` (see :mod:`.rope`); ``original_ctx``
+            overrides the config's ``max_position_embeddings`` as the original length.
         tokenizer: load the tokenizer from here instead of the model (or adapter) folder.
         trust_remote_code: allow code from the model folder (off unless asked).
         device_map: e.g. ``"auto"`` to spread a large model over devices (accelerate);
@@ -411,6 +412,7 @@ def load_model(
     config = _load_config(source, trust_remote_code)
     rope_applied = rope.apply_rope_scaling(config, rope_request, original_ctx)
     loaded = _load_weights(source, config, torch_dtype, trust_remote_code, device_map)
+    rope.dynamic_rope_per_forward(loaded)
     if torch_device is not None:
         loaded.to(torch_device)
     if source.kind == "hub" and source.path is None:
