@@ -77,7 +77,8 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
                    "about 10 s per pattern and ctx on a GPU, a minute on CPU, so it pays on long runs "
                    "(about a million tokens and more). Numbers change only within float noise.")
 @click.option("--allow-long-context", is_flag=True,
-              help="Evaluate a ctx beyond the model's trained length (without position interpolation).")
+              help="Evaluate a ctx beyond what the model's RoPE settings cover (with one warning); without "
+                   "it such a ctx is refused, naming a --rope-scaling value that covers it.")
 @click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
               help="Spread a model too large for one GPU over the visible GPUs with accelerate (then CPU "
                    "memory if they are full): auto and balanced spread the layers evenly, balanced_low_0 "

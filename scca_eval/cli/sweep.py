@@ -31,7 +31,7 @@ from .options import INT_LIST, rope_scaling_options
 @click.option("--dilation", type=int, default=None, help="Dilation r of sda. Default: 2.")
 @click.option("--bos/--no-bos", "add_bos", default=None, help="Prepend BOS to every document. Default: no.")
 @click.option("--allow-long-context", is_flag=True, default=None,
-              help="Evaluate a ctx beyond the model's trained length.")
+              help="Evaluate a ctx beyond what the model's RoPE settings cover (with one warning).")
 @click.option("--attention-backend",
               type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
               default=None, help="Kernel for sparse patterns. Default: auto (strided SDPA layout on GPU, "
