@@ -121,14 +121,16 @@ def measure(args, say=print) -> dict:
     model = random_model(args.shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=args.layers)
     result = {"shape": args.shape, "layers": model.config.num_hidden_layers, "dtype": str(dtype).replace("torch.", ""),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "budget_s": args.budget_s, "batch_size": 1, "repeats": 1,
+              "torch": torch.__version__, "budget_s": args.budget_s,
+              "compiled_reserve_s": args.compiled_reserve_s, "batch_size": 1, "repeats": 1,
               "patterns": list(specs), "ctxs": ctxs, "rows": [], "compiled": None}
     say(f"{args.shape}, {result['layers']} layers, {result['dtype']} on {result['device']}; "
         f"warming up each pattern at ctx {ctxs[0]}")
     for label, spec in specs.items():  # untimed
         _run_cell(model, label, spec, ctxs[0], device, args.seed)
     first = [c for c in ctxs if c <= args.essential_ctx]
-    _scale(model, specs, first, result["rows"], device, deadline, args.seed, say)
+    reserve = args.compiled_reserve_s if args.compiled_ctx else 0.0  # kept for the compiled comparison
+    _scale(model, specs, first, result["rows"], device, deadline - reserve, args.seed, say)
     if args.compiled_ctx:
         say(f"compiled engine against the plain loop, ctx {args.compiled_ctx}, full attention")
         _apply(model, pattern_from_label("full"), "auto")
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Lengths up to this run before the compiled comparison (default 131072).")
     parser.add_argument("--compiled-ctx", type=int, default=32768, help="0: leave the compiled comparison out.")
     parser.add_argument("--compiled-repeats", type=int, default=3)
+    parser.add_argument("--compiled-reserve-s", type=float, default=75.0,
+                        help="Seconds of the budget the shorter windows leave for the compiled comparison.")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="Seconds for the whole measurement; longer windows that would not fit are skipped.")
     parser.add_argument("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
