@@ -19,7 +19,9 @@ natural layout (the default, measured faster).
 
 On CUDA the kernel is compiled (``torch.compile``); elsewhere FlexAttention's
 eager implementation runs, which materializes the scores: fine for tests and
-short windows, and still exact.
+short windows, and still exact. Gradients flow through FlexAttention's own
+backward, which PyTorch provides on CUDA only: off CUDA this backend refuses
+inputs that need gradients.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from ..errors import UserError
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
 
@@ -312,6 +315,10 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     if num_heads % kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads evenly")
     per_kv = num_heads // kv_heads
+    if q.device.type != "cuda" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        # PyTorch's FlexAttention has no backward off CUDA; say so before the kernel fails deep inside
+        raise UserError("the flex attention backend trains only on a CUDA GPU (FlexAttention has no CPU "
+                        "backward); use the auto or chunked attention backend here")
     if compile is None:
         compile = q.device.type == "cuda"
     kernel = _compiled_flex() if compile else _eager_flex

@@ -18,15 +18,18 @@ def expand_kv_heads(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scaling: float) -> torch.Tensor:
-    """softmax(q k^T * scaling, keys where mask is False removed) v, in float32.
+    """softmax(q k^T * scaling, keys where mask is False removed) v, in float32 (float64 for float64 inputs).
 
     q: [B, H, N, D]; k, v: [B, H_kv, N, D]; mask: bool [H, N, N] (True = attends).
-    Returns [B, H, N, D] in q's dtype.
+    Returns [B, H, N, D] in q's dtype. Differentiable: the yardstick of the fast
+    paths' gradients too.
     """
     num_heads = q.shape[1]
-    keys = expand_kv_heads(k, num_heads).float()
-    values = expand_kv_heads(v, num_heads).float()
-    scores = torch.matmul(q.float(), keys.transpose(-1, -2)) * scaling
+    # never below float32, but float64 stays float64 (gradient checks run in it)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    keys = expand_kv_heads(k, num_heads).to(compute)
+    values = expand_kv_heads(v, num_heads).to(compute)
+    scores = torch.matmul(q.to(compute), keys.transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     return torch.matmul(weights, values).to(q.dtype)
