@@ -30,6 +30,16 @@ MIXES = [
 # float64 sums of a few dozen terms of size ~1 agree to ~1e-15; a wrong gradient is off by ~1e-1
 FLOAT64_TOLERANCE = 1e-12
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these tensors are tiny: a second intra-op thread only adds synchronisation,
+    # which costs up to 40x on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 SHAPES = [
     # (batch, heads, kv_heads, n, chunk_size)
     (2, 9, 3, 37, 5),  # SmolLM2's 9/3 heads (groups split key/value heads), N not a multiple of G

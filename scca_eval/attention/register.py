@@ -71,8 +71,10 @@ def scca_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     if attention_mask is not None:
         raise UserError("pattern attention takes no explicit attention mask; pass unpadded windows "
                         "without attention_mask")
-    if dropout:
-        raise UserError("pattern attention is for evaluation and has no attention dropout; call model.eval()")
+    if dropout:  # transformers passes the config's attention_dropout in training mode only
+        raise UserError(f"pattern attention has no attention dropout, but {type(module).__name__} is in training "
+                        f"mode with attention_dropout={dropout}; load the model with attention_dropout=0 to "
+                        "train under a pattern (model.eval() for evaluation)")
     if scaling is None:
         scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
     out = pattern_attention(query, key, value, entry.spec, scaling, backend=entry.backend)
