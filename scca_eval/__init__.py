@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "evaluate", "load_model"]
+__all__ = ["__version__", "evaluate", "finetune", "load_model"]
 
 
 def __getattr__(name):
@@ -12,6 +12,10 @@ def __getattr__(name):
         from .api import evaluate
 
         return evaluate
+    if name == "finetune":
+        from .training import finetune
+
+        return finetune
     if name == "load_model":
         from .models import load_model
 

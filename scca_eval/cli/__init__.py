@@ -13,6 +13,7 @@ import click
 from .. import __version__
 from ..errors import UserError
 from .bench import bench
+from .finetune import finetune
 from .patterns_cmd import patterns
 from .ppl import ppl
 from .report import compare, plot, table
@@ -39,6 +40,7 @@ cli.add_command(plot)
 cli.add_command(sweep)
 cli.add_command(patterns)
 cli.add_command(bench)
+cli.add_command(finetune)
 
 
 def _fail(message: str, status: int = 2) -> None:

@@ -27,6 +27,8 @@ from .fingerprint import files_fingerprint
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TRAINABLE_PARAMS = "trainable_params.bin"
+# Written by `scca-eval finetune` next to the adapter (see scca_eval/training/record.py).
+TRAINING_RECORD = "training.json"
 PEFT_PREFIX = "base_model.model."
 # LongLoRA trains every parameter whose name contains one of these.
 FULLY_TRAINED_PARTS = ("embed", "norm")
@@ -42,6 +44,8 @@ class AdapterFiles:
     trainable_params: Path | None
     # modules the adapter config says were trained in full (embeddings, norms)
     fully_trained: list[str] = field(default_factory=list)
+    # training.json of a `scca-eval finetune` run, when the folder has one
+    training: dict | None = None
 
     @property
     def base_model(self) -> str:
@@ -79,7 +83,41 @@ def locate_adapter(adapter: str | Path, trainable_params: str | Path | None = No
     if isinstance(listed, str):
         listed = [listed]
     fully_trained = [name for name in listed if any(part in name for part in FULLY_TRAINED_PARTS)]
-    return AdapterFiles(folder, config, weights, extra, fully_trained)
+    return AdapterFiles(folder, config, weights, extra, fully_trained, _read_training_record(folder))
+
+
+def _read_training_record(folder: Path) -> dict | None:
+    path = folder / TRAINING_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}; the adapter folder is damaged") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is not a JSON object: the adapter folder is damaged")
+    return record
+
+
+def training_rope_scaling(files: AdapterFiles) -> str | None:
+    """The ``--rope-scaling`` value the adapter was trained with (None: none recorded)."""
+    rope = (files.training or {}).get("rope_scaling")
+    if not isinstance(rope, dict) or rope.get("rope_type") != "linear":
+        return None
+    factor = float(rope.get("factor", 1.0))
+    return f"linear:{factor:g}" if factor != 1.0 else None
+
+
+def check_training_base(files: AdapterFiles, fingerprint: dict | None, model_id: str) -> None:
+    """Refuse a base model other than the one the adapter was fine-tuned from (by weights fingerprint)."""
+    base = (files.training or {}).get("base_model") or {}
+    trained = (base.get("fingerprint") or {}).get("digest") if isinstance(base.get("fingerprint"), dict) else None
+    given = fingerprint.get("digest") if isinstance(fingerprint, dict) else None
+    if trained and given and trained != given:
+        raise UserError(
+            f"adapter {files.folder} was fine-tuned from {base.get('id')} ({trained[:19]}), but --model "
+            f"{model_id} has other weights ({given[:19]}): pass the base model it was trained from"
+        )
 
 
 def _adapter_weight_keys(path: Path) -> list[str]:
@@ -212,6 +250,7 @@ def attach_adapter(model, files: AdapterFiles, model_id: str, merge: bool):
 
 def adapter_record(files: AdapterFiles, merged: bool, trainable_keys: list[str] | None) -> dict:
     """What a result record says about the adapter."""
+    training = files.training or {}
     record = {
         "path": str(files.folder.resolve()),
         "fingerprint": files_fingerprint([files.folder / ADAPTER_CONFIG, files.weights]),
@@ -222,6 +261,10 @@ def adapter_record(files: AdapterFiles, merged: bool, trainable_keys: list[str] 
         "base_model_name_or_path": files.config.get("base_model_name_or_path"),
         "merged": merged,
         "trainable_params": None,
+        # the pattern the adapter was fine-tuned under (from training.json), so tables can label rows
+        "training_pattern": training.get("pattern_name"),
+        "training": {key: training.get(key) for key in ("pattern", "ctx", "steps", "tokens_seen", "rope_scaling")}
+        if training else None,
     }
     if files.trainable_params is not None:
         record["trainable_params"] = {

@@ -39,10 +39,12 @@ from .adapters import (
     adapter_record,
     attach_adapter,
     check_fully_trained_weights,
+    check_training_base,
     embedding_rows_in,
     load_trainable_params,
     locate_adapter,
     read_trainable_params,
+    training_rope_scaling,
 )
 from .default_model import DEFAULT_CACHE_NAME, DEFAULT_MODEL_ID, default_gguf_path
 from .fingerprint import folder_fingerprint
@@ -390,7 +392,7 @@ def load_model(
     """
     # Cheap checks first, so bad options fail before a long load.
     spec = _resolve_pattern(pattern, chunk_size, dilation)
-    rope_request = rope.parse_rope_scaling(rope_scaling, finetuned_ctx)
+    rope.parse_rope_scaling(rope_scaling, finetuned_ctx)  # checked before the adapter is read
     if device_map is not None and device is not None:
         raise UserError("give either --device or --device-map, not both")
     torch_device = None if device_map is not None else parse_device(device)
@@ -402,6 +404,10 @@ def load_model(
     adapter_files = locate_adapter(adapter, trainable_params) if adapter is not None else None
     if adapter_files is not None:
         check_fully_trained_weights(adapter_files)
+        if rope_scaling is None:
+            # An adapter fine-tuned by `scca-eval finetune` says which interpolation it was trained with.
+            rope_scaling = training_rope_scaling(adapter_files)
+    rope_request = rope.parse_rope_scaling(rope_scaling, finetuned_ctx)
     trainable_state = (
         read_trainable_params(adapter_files.trainable_params)
         if adapter_files is not None and adapter_files.trainable_params is not None
@@ -434,6 +440,8 @@ def load_model(
     trainable_keys = None
     if trainable_state is not None:
         trainable_keys = load_trainable_params(loaded, trainable_state, adapter_files.trainable_params, source.given)
+    if adapter_files is not None and adapter_files.training is not None:
+        check_training_base(adapter_files, _weights_fingerprint(_source_info(source)), source.given)
     if adapter_files is not None:
         loaded = attach_adapter(loaded, adapter_files, source.given, merge=merge_adapter)
 
@@ -444,11 +452,7 @@ def load_model(
     loaded.eval()
 
     _LOADED[loaded] = {
-        "id": source.given,
-        "source": source.kind,
-        "path": source.path,
-        "weights_folder": source.location if source.kind in ("default", "gguf") else source.path,
-        "gguf_sha256": source.gguf_sha256,
+        **_source_info(source),
         "adapter": adapter_record(adapter_files, merge_adapter, trainable_keys) if adapter_files else None,
         "rope_scaling": {**rope_applied, "source": "option"} if rope_applied else _config_rope_record(config),
         "tokenizer_name": tokenizer_name,
@@ -456,6 +460,17 @@ def load_model(
         "fingerprint": None,  # computed on first model_record call
     }
     return loaded, loaded_tokenizer
+
+
+def _source_info(source: ModelSource) -> dict:
+    """What the record says about where the weights came from (and what is fingerprinted)."""
+    return {
+        "id": source.given,
+        "source": source.kind,
+        "path": source.path,
+        "weights_folder": source.location if source.kind in ("default", "gguf") else source.path,
+        "gguf_sha256": source.gguf_sha256,
+    }
 
 
 # ---------------------------------------------------------------- records

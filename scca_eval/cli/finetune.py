@@ -1,0 +1,118 @@
+"""`scca-eval finetune`: LoRA fine-tuning under an attention pattern (LongLoRA's recipe)."""
+
+from __future__ import annotations
+
+import click
+
+from .ppl import CHOICE_DTYPES
+
+_LL = "LongLoRA's fine-tune.py"
+_LL_README = "LongLoRA's README command"
+_HF = "transformers' Trainer default, as LongLoRA's run used"
+
+
+@click.command()
+@click.option("--model", "-m", default="default", show_default=True,
+              help="Base model: 'default' (embedded SmolLM2-135M), a Hugging Face model folder or hub id, "
+                   "or a .gguf file.")
+@click.option("--pattern", "-p", default="full", show_default=True,
+              help="Attention pattern to train under: full, s2, scca_fixed, scca_flow, sda, longmixed, or a "
+                   "custom mix (see `scca-eval patterns list`); the same kernels ppl evaluates with.")
+@click.option("--ctx", type=int, required=True, help="Training window length in tokens.")
+@click.option("--out", "-o", type=click.Path(), required=True,
+              help="Folder for the adapter, trainable_params.bin, training.json and checkpoint.pt.")
+@click.option("--rope-scaling", default=None,
+              help="Position interpolation as ppl takes it: 'linear:F', 'longlora' (F = ceil(ctx / the "
+                   "model's original length), as LongLoRA's fine-tune.py), 'longlora:CTX' or 'none'.")
+@click.option("--task", "-t", "tasks", multiple=True,
+              help="Training task (a YAML in ./tasks, a bundled one, or a YAML path); repeatable. "
+                   "Default: pg19_train and proof_pile_train (bundled, disjoint from the evaluation samples).")
+@click.option("--data", "data", multiple=True, type=click.Path(),
+              help="Train on a local file or folder (.txt, .jsonl, .jsonl.gz, .parquet, LongLoRA .bin); repeatable.")
+@click.option("--steps", type=int, default=1000, show_default=True, help=f"Optimizer steps ({_LL_README}).")
+@click.option("--batch-size", "-b", type=int, default=1, show_default=True,
+              help=f"Windows per forward/backward pass ({_LL_README}: 1 per GPU).")
+@click.option("--grad-accum", type=int, default=None,
+              help=f"Passes per optimizer step. Default: 8 ({_LL_README}; its 8 GPUs made 64 windows a step).")
+@click.option("--tokens-per-step", type=int, default=None,
+              help="Tokens per optimizer step instead of --grad-accum: a multiple of --batch-size x --ctx.")
+@click.option("--lr", type=float, default=2e-5, show_default=True, help=f"Peak learning rate ({_LL_README}).")
+@click.option("--warmup-steps", type=int, default=20, show_default=True,
+              help=f"Linear warm-up steps, then a constant rate ({_LL_README}: constant_with_warmup).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help=f"AdamW weight decay ({_LL_README}).")
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True,
+              help=f"Gradient clipping, 0 for none ({_HF}).")
+@click.option("--seed", type=int, default=42, show_default=True,
+              help=f"Seed of the LoRA initialization and the window order ({_HF}).")
+@click.option("--lora-rank", type=int, default=8, show_default=True, help=f"LoRA rank r ({_LL}).")
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help=f"LoRA alpha ({_LL}).")
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True, help=f"LoRA dropout ({_LL}).")
+@click.option("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
+              help=f"Linear layers that get LoRA, comma-separated ({_LL}).")
+@click.option("--trainable", default="embed,norm", show_default=True,
+              help=f"Other weights trained in full: parameters whose names contain one of these ({_LL}); "
+                   "'none' for LoRA only. Saved to trainable_params.bin.")
+@click.option("--dtype", type=CHOICE_DTYPES, default=None,
+              help="Dtype of the frozen weights; trained weights stay float32 under autocast. "
+                   "Default: float32 on CPU, bfloat16 on GPU.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
+              help=f"Recompute each decoder layer in the backward pass to save memory ({_LL}).")
+@click.option("--compile", "compile_layers", is_flag=True,
+              help="Compile the decoder layers (torch.compile; fused elementwise kernels).")
+@click.option("--save-every", type=int, default=50, show_default=True, metavar="STEPS",
+              help="Write checkpoint.pt (atomically) every this many steps, and at the end.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run whose checkpoint.pt is in --out (same options; --steps may grow).")
+@click.option("--chunk-size", type=int, default=None,
+              help="Chunk size G in tokens for the chunked rules. Default: a quarter of the window.")
+@click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
+@click.option("--attention-backend",
+              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
+              default="auto", show_default=True,
+              help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU.")
+@click.option("--allow-long-context", is_flag=True,
+              help="Train at a ctx beyond the model's trained length without position interpolation.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def finetune(model, pattern, ctx, out, rope_scaling, tasks, data, steps, batch_size, grad_accum, tokens_per_step,
+             lr, warmup_steps, weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, lora_targets,
+             trainable, dtype, device, gradient_checkpointing, compile_layers, save_every, resume, chunk_size,
+             dilation, attention_backend, allow_long_context, quiet):
+    """LoRA fine-tuning under an attention pattern, with LongLoRA's recipe.
+
+    Trains LoRA on the attention projections plus the embeddings and norms of MODEL on
+    CTX-token windows of the training text, with attention under PATTERN. --out then
+    holds a peft adapter that `scca-eval ppl --adapter OUT` evaluates (with the RoPE
+    scaling it was trained with), LongLoRA's trainable_params.bin, and training.json
+    (base model fingerprint, pattern, data, recipe, loss curve, speed, memory).
+
+    A stopped run continues with --resume: Ctrl-C saves the last finished step and exits
+    with 130; after a kill, the last checkpoint (every --save-every steps) is kept. Bad
+    input exits with 2.
+
+    \b
+    Examples:
+      scca-eval finetune --pattern longmixed --ctx 16384 --rope-scaling linear:2 --steps 200 --out ckpt/longmixed
+      scca-eval ppl --adapter ckpt/longmixed --ctx 16384
+      scca-eval finetune --model ./Llama-2-7b-hf --pattern s2 --ctx 8192 --rope-scaling longlora --out ckpt/s2
+    """
+    from ..training import finetune as run_finetune
+    from .training_progress import TrainingBar
+
+    bar = None if quiet else TrainingBar()
+    record = run_finetune(
+        model, ctx=ctx, out=out, pattern=pattern, tasks=tasks, data=data, rope_scaling=rope_scaling,
+        chunk_size=chunk_size, dilation=dilation, attention_backend=attention_backend, dtype=dtype,
+        device=device, resume=resume, allow_long_context=allow_long_context, progress=bar,
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, tokens_per_step=tokens_per_step, lr=lr,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
+        trainable=trainable, gradient_checkpointing=gradient_checkpointing, compile=compile_layers,
+        save_every=save_every,
+    )
+    runtime = record["runtime"]
+    loss = record["loss_curve"][-1] if record["loss_curve"] else float("nan")
+    click.echo(f"trained {record['steps']} steps ({record['tokens_seen']:,} tokens) under {record['pattern_name']} "
+               f"at ctx {ctx}: final loss {loss:.4f}, {runtime['tokens_per_second'] or 0:,.0f} tokens/s")
+    click.echo(f"adapter written to {out}/ — evaluate it with: scca-eval ppl --model {model} --adapter {out} "
+               f"--ctx {ctx}", err=True)

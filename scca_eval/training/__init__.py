@@ -1,0 +1,13 @@
+"""Fine-tuning under an attention pattern: LoRA (peft) with LongLoRA's recipe.
+
+``finetune(model, ctx=, out=, pattern=, ...)`` (``run.py``) trains and writes an adapter
+folder that ``ppl --adapter`` loads. One job per module: ``recipe.py`` the options and
+their defaults, ``windows.py`` the training windows, ``lora.py`` peft and the fully
+trained weights, ``loop.py`` one optimizer step, ``checkpoint.py`` checkpoints and the
+output folder, ``record.py`` training.json.
+"""
+
+from .recipe import Recipe
+from .run import finetune
+
+__all__ = ["Recipe", "finetune"]

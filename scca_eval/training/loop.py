@@ -1,0 +1,138 @@
+"""One optimizer step at a time: forward, chunked loss, backward, clip, AdamW, schedule.
+
+The loss of a window is the mean next-token NLL over its ``ctx - 1`` targets, as
+``model(ids, labels=ids).loss`` gives, but computed from the decoder's hidden states a
+chunk of positions at a time, each chunk under activation checkpointing: the full
+``[batch, ctx, vocab]`` logits (and their fp32 copy) never exist, in the forward or the
+backward pass. A step averages over all its windows (``batch_size`` per pass, ``grad_accum``
+passes), so it does not depend on how the windows are split into passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .lora import trainable_parameters
+from .recipe import Recipe
+from .windows import TrainingStream, batch_ids
+
+
+class StepAbandoned(Exception):
+    """A stop was asked for inside a step; the model is as the last finished step left it."""
+
+
+@dataclass
+class History:
+    """What the run did so far (saved in every checkpoint, reported in training.json)."""
+
+    step: int = 0
+    position: int = 0  # windows consumed
+    tokens: int = 0  # input tokens trained on
+    seconds: float = 0.0  # training time, over every resumed part of the run
+    loss: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    grad_norm: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "position": self.position, "tokens": self.tokens, "seconds": self.seconds,
+                "loss": list(self.loss), "lr": list(self.lr), "grad_norm": list(self.grad_norm)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "History":
+        return cls(**{key: data[key] for key in ("step", "position", "tokens", "seconds", "loss", "lr", "grad_norm")})
+
+
+def _chunk_nll_sum(head, softcap, rows, targets):
+    logits = head(rows).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def window_nll_sum(peft_model, input_ids: torch.Tensor, loss_chunk: int = 1024) -> torch.Tensor:
+    """Sum of the next-token NLL over every window of ``input_ids`` ([B, N]); float32 scalar."""
+    base = peft_model.get_base_model()
+    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1)
+    total = None
+    for begin in range(0, len(targets), loss_chunk):
+        part = checkpoint(_chunk_nll_sum, head, softcap, rows[begin:begin + loss_chunk],
+                          targets[begin:begin + loss_chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
+def make_optimizer(peft_model, recipe: Recipe):
+    """AdamW over the trainable weights and transformers' constant-with-warm-up schedule."""
+    from transformers import get_constant_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(list(trainable_parameters(peft_model).values()), lr=recipe.lr,
+                                  betas=tuple(recipe.adam_betas), eps=recipe.adam_eps,
+                                  weight_decay=recipe.weight_decay)
+    return optimizer, get_constant_schedule_with_warmup(optimizer, recipe.warmup_steps)
+
+
+class Trainer:
+    """Runs steps of the recipe over the stream; ``history`` says where it stands."""
+
+    def __init__(self, peft_model, stream: TrainingStream, recipe: Recipe, device: torch.device,
+                 autocast_dtype: torch.dtype | None, history: History | None = None):
+        self.model, self.stream, self.recipe, self.device = peft_model, stream, recipe, device
+        self.optimizer, self.scheduler = make_optimizer(peft_model, recipe)
+        self.parameters = list(trainable_parameters(peft_model).values())
+        self.autocast_dtype = autocast_dtype
+        self.history = history or History()
+        self.stop_requested = False  # set from a signal handler: finish no more passes
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def step(self) -> dict:
+        """One optimizer step; returns its loss, lr, gradient norm, tokens and seconds."""
+        recipe, history = self.recipe, self.history
+        started = time.perf_counter()
+        targets = recipe.windows_per_step * (recipe.ctx - 1)
+        nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.model.train()
+        try:
+            for index in range(recipe.accumulation):
+                if self.stop_requested:
+                    raise StepAbandoned
+                first = history.position + index * recipe.batch_size
+                ids = torch.from_numpy(batch_ids(self.stream, recipe.seed, first, recipe.batch_size))
+                ids = ids.to(self.device, non_blocking=True)
+                with self._autocast():
+                    pass_nll = window_nll_sum(self.model, ids, recipe.loss_chunk)
+                (pass_nll / targets).backward()
+                nll += pass_nll.detach().double()
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped
+            raise
+        norm_limit = recipe.max_grad_norm if recipe.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, norm_limit)
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(nll.item()) / targets
+        seconds = time.perf_counter() - started
+        history.step += 1
+        history.position += recipe.windows_per_step
+        history.tokens += recipe.windows_per_step * recipe.ctx
+        history.seconds += seconds
+        history.loss.append(loss)
+        history.lr.append(lr)
+        history.grad_norm.append(float(grad_norm))
+        return {"step": history.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": recipe.windows_per_step * recipe.ctx, "seconds": seconds}

@@ -1,0 +1,79 @@
+"""LoRA through peft, plus LongLoRA's fully trained embeddings and norms.
+
+``attach_lora`` wraps the loaded model with ``peft.get_peft_model`` and, as LongLoRA's
+``fine-tune.py`` does, sets ``requires_grad`` on every parameter whose name contains one
+of the ``trainable`` parts (``embed``, ``norm``). Those weights are saved apart, in
+``trainable_params.bin``, under the base model's own keys (``model.embed_tokens.weight``,
+…), which is what LongLoRA's merge script loads into the base model before the adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MissingDependency, UserError
+from ..models.adapters import PEFT_PREFIX
+from .recipe import Recipe
+
+
+def attach_lora(model, recipe: Recipe, base_model_name: str):
+    """The peft model to train; trainable weights in float32 (the optimizer's master copy)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise MissingDependency("peft", "lora", "Fine-tuning with LoRA") from None
+
+    config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                        target_modules=list(recipe.lora_targets), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(recipe.seed)  # LoRA's A matrices start random: same seed, same start
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as error:  # "Target modules {...} not found in the base model"
+        raise UserError(f"--lora-targets {','.join(recipe.lora_targets)} does not fit {type(model).__name__} "
+                        f"({str(error).splitlines()[0][:160]}); name its linear layers, e.g. "
+                        "q_proj,k_proj,v_proj,o_proj") from None
+    # Named after the model as the user gave it (not a cache folder on this machine).
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+    for name, parameter in peft_model.named_parameters():
+        if any(part in name for part in recipe.trainable):
+            parameter.requires_grad_(True)
+    for parameter in trainable_parameters(peft_model).values():
+        if parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return peft_model
+
+
+def trainable_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
+    """Every parameter the optimizer updates, by name, in a fixed order."""
+    return {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def fully_trained_state(peft_model) -> dict[str, torch.Tensor]:
+    """The trained non-LoRA weights under the base model's keys (``trainable_params.bin``)."""
+    state = {}
+    for name, parameter in trainable_parameters(peft_model).items():
+        if "lora_" in name:
+            continue
+        key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        state[key] = parameter.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def enable_gradient_checkpointing(peft_model) -> None:
+    """transformers' own gradient checkpointing (non-reentrant: no input grads needed)."""
+    base = peft_model.get_base_model()
+    base.config.use_cache = False
+    options = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # the newer name (transformers >= 5.2x)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def compile_layers(peft_model) -> None:
+    """Compile each decoder layer in place (fused elementwise kernels around the matmuls)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
+    for layer in peft_model.get_base_model().get_decoder().layers:
+        layer.compile(dynamic=False)

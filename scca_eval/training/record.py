@@ -1,0 +1,82 @@
+"""``training.json``: everything needed to trust and repeat a fine-tuning run.
+
+``ppl --adapter`` reads two of its entries: ``rope_scaling`` (applied unless the user
+gives ``--rope-scaling``) and ``pattern`` (reported as the adapter's training pattern in
+every record made with it); and checks ``base_model.fingerprint`` against the base model
+it is given.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from datetime import datetime, timezone
+
+import torch
+
+from .. import __version__
+from .loop import History
+
+SCHEMA = 1
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"scca_eval": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this process: the device's allocator on a GPU, resident memory on CPU."""
+    if device.type == "cuda":
+        return {"kind": "cuda max_memory_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return {"kind": "process peak resident memory", "bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def training_record(*, model: dict, pattern_name: str, pattern: dict, rope_scaling, ctx: int, data: dict,
+                    recipe: dict, history: History, dtype: str, device: torch.device, resumed_from: int | None,
+                    attention_backend: str, finished: bool) -> dict:
+    seconds = history.seconds
+    return {
+        "schema": SCHEMA,
+        "kind": "scca-eval finetune",
+        "finished": finished,
+        "base_model": {key: model.get(key) for key in ("id", "source", "architecture", "fingerprint",
+                                                       "gguf_sha256", "num_parameters", "tokenizer")},
+        "pattern_name": pattern_name,
+        "pattern": pattern,
+        "attention_backend": attention_backend,
+        "rope_scaling": rope_scaling,
+        "ctx": ctx,
+        "data": data,
+        "recipe": recipe,
+        "lr_schedule": {"kind": "constant with linear warm-up (transformers get_constant_schedule_with_warmup)",
+                        "peak_lr": recipe["lr"], "warmup_steps": recipe["warmup_steps"]},
+        "steps": history.step,
+        "windows_seen": history.position,
+        "tokens_seen": history.tokens,
+        "loss_curve": history.loss,
+        "lr_curve": history.lr,
+        "grad_norm_curve": history.grad_norm,
+        "dtype": dtype,
+        "runtime": {
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(history.tokens / seconds, 1) if seconds > 0 else None,
+            "peak_memory": peak_memory(device),
+            "device": device_name(device),
+            "resumed_from_step": resumed_from,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        "versions": versions(),
+    }

@@ -1,0 +1,341 @@
+"""`scca-eval finetune`: the loss against transformers' own, the saved folder against peft's
+own loading, resume after Ctrl-C and after SIGKILL (bitwise on CPU), and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scca_eval.cli import main
+from scca_eval.errors import UserError
+
+CTX = 64
+# A few quick steps: 2 windows per pass, 2 passes per step.
+QUICK = dict(steps=3, batch_size=2, grad_accum=2, warmup_steps=1, lr=1e-3, save_every=2)
+
+
+def _finetune(model_dir, data_dir, out, **options):
+    from scca_eval import finetune
+
+    settings = {**QUICK, **options}
+    return finetune(str(model_dir), ctx=settings.pop("ctx", CTX), out=out, data=[str(data_dir)],
+                    pattern=settings.pop("pattern", "s2"), notify=lambda message: None, **settings)
+
+
+def _run_cli(args, capsys):
+    capsys.readouterr()  # only what the command writes
+    with pytest.raises(SystemExit) as caught:
+        main(args)
+    captured = capsys.readouterr()
+    return caught.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, sample_data_dir, tmp_path_factory):
+    """One quick run under s2 with linear RoPE interpolation, shared by the read-only tests."""
+    out = tmp_path_factory.mktemp("finetuned") / "s2"
+    record = _finetune(tiny_model_dir, sample_data_dir, out, rope_scaling="linear:2")
+    return out, record
+
+
+def _ids(tiny_model_dir, n=48, seed=0):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    return torch.from_numpy(np.random.default_rng(seed).integers(2, vocab, size=(2, n))).long()
+
+
+# ---------------------------------------------------------------- the loss and its gradients
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_step_loss_and_gradients_equal_transformers_own(tiny_model_dir, checkpointing):
+    """The chunked, checkpointed loss is model(ids, labels=ids).loss, with the same gradients."""
+    from scca_eval.models import load_model
+    from scca_eval.training.lora import attach_lora, enable_gradient_checkpointing, trainable_parameters
+    from scca_eval.training.loop import window_nll_sum
+    from scca_eval.training.recipe import Recipe
+
+    lm, _ = load_model(str(tiny_model_dir), pattern="s2", device="cpu")
+    model = attach_lora(lm, Recipe(ctx=CTX), str(tiny_model_dir))
+    params = trainable_parameters(model)
+    with torch.no_grad():  # LoRA's B starts at zero: move it so LoRA's A gets gradients too
+        for name, p in params.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    ids = _ids(tiny_model_dir)
+
+    ours = window_nll_sum(model, ids, loss_chunk=17) / (ids.numel() - ids.shape[0])
+    ours.backward()
+    our_grads = {name: p.grad.clone() for name, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    theirs = model(input_ids=ids, labels=ids, use_cache=False).loss
+    theirs.backward()
+
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert any(name.endswith("embed_tokens.weight") for name in params)
+    assert any("norm" in name for name in params) and any("lora_A" in name for name in params)
+    for name, p in params.items():
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(our_grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_window_order_is_seeded_and_covers_every_window():
+    from scca_eval.training.windows import window_index
+
+    first = [window_index(7, k, 10) for k in range(10)]
+    assert sorted(first) == list(range(10))
+    assert [window_index(7, k, 10) for k in range(10, 20)] != first  # each pass has its own order
+    assert sorted(window_index(7, k, 10) for k in range(10, 20)) == list(range(10))
+    assert [window_index(8, k, 10) for k in range(10)] != first
+    assert [window_index(7, k, 10) for k in range(10)] == first
+
+
+# ---------------------------------------------------------------- what a run writes
+
+def test_training_record(trained, sample_data_dir):
+    out, record = trained
+    saved = json.loads((out / "training.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["steps"] == 3 and len(saved["loss_curve"]) == 3 and saved["finished"]
+    assert saved["pattern_name"] == "s2" and saved["pattern"]["name"] == "s2"
+    assert saved["rope_scaling"]["factor"] == 2.0
+    assert saved["tokens_seen"] == 3 * 4 * CTX and saved["ctx"] == CTX
+    assert saved["base_model"]["fingerprint"]["digest"].startswith("sha256:")
+    documents = saved["data"]["tasks"][0]["documents"]
+    assert sorted(documents) == sorted(p.name for p in Path(sample_data_dir).iterdir())
+    assert saved["lr_curve"][0] == 0.0 and saved["lr_curve"][1] == pytest.approx(1e-3)  # warm-up of 1 step
+    assert saved["recipe"]["lora_rank"] == 8 and saved["recipe"]["trainable"] == ["embed", "norm"]
+    assert saved["runtime"]["tokens_per_second"] > 0 and saved["runtime"]["peak_memory"]["bytes"] > 0
+    assert all(np.isfinite(saved["loss_curve"]))
+
+
+def test_saved_folder_loads_in_ppl_as_in_peft_and_longlora_merge(trained, tiny_model_dir):
+    """ppl --adapter's loading gives the logits of peft's own PeftModel.from_pretrained on a base
+    into which trainable_params.bin was loaded as LongLoRA's merge script loads it."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scca_eval.models import load_model, model_record
+
+    out, _ = trained
+    ids = _ids(tiny_model_dir, n=40, seed=3)
+    ours, tokenizer = load_model(str(tiny_model_dir), adapter=str(out), device="cpu")  # RoPE from training.json
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0,
+                              "rope_theta": config.rope_parameters["rope_theta"]}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=config)
+    untouched = base(ids).logits
+    state = torch.load(out / "trainable_params.bin", weights_only=True)
+    assert "model.embed_tokens.weight" in state and "model.norm.weight" in state
+    assert not base.load_state_dict(state, strict=False).unexpected_keys  # LongLoRA's merge: strict=False
+    theirs = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        got = ours(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - untouched).abs().max() > 1e-3  # the training changed the model
+    adapter = model_record(ours, tokenizer)["adapter"]
+    assert adapter["training_pattern"] == "s2" and adapter["training"]["ctx"] == CTX
+    assert model_record(ours, tokenizer)["rope_scaling"]["factor"] == 2.0
+
+
+def test_ppl_records_name_the_training_pattern(trained, tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    out, _ = trained
+    status, _, err = _run_cli(["ppl", "--model", str(tiny_model_dir), "--adapter", str(out), "--data",
+                               str(sample_data_dir), "--ctx", str(CTX), "--max-tokens", "256", "--out",
+                               str(tmp_path / "runs"), "--device", "cpu", "-q"], capsys)
+    assert status == 0, err
+    record = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert record["config"]["model"]["adapter"]["training_pattern"] == "s2"
+    assert record["config"]["model"]["rope_scaling"]["factor"] == 2.0
+
+
+# ---------------------------------------------------------------- stopping and resuming
+
+def _same_run(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    for name in ("adapter_model.safetensors",):
+        left, right = load_file(a / name), load_file(b / name)
+        assert left.keys() == right.keys()
+        for key in left:
+            assert torch.equal(left[key], right[key]), key
+    left = torch.load(a / "trainable_params.bin", weights_only=True)
+    right = torch.load(b / "trainable_params.bin", weights_only=True)
+    assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+    saved_a = torch.load(a / "checkpoint.pt", weights_only=True)
+    saved_b = torch.load(b / "checkpoint.pt", weights_only=True)
+    for key, state in saved_a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, saved_b["optimizer"]["state"][key][name]), (key, name)
+    assert json.loads((a / "training.json").read_text())["loss_curve"] == \
+        json.loads((b / "training.json").read_text())["loss_curve"]
+
+
+def test_ctrl_c_saves_and_resume_ends_bitwise_equal(trained, tiny_model_dir, sample_data_dir, tmp_path):
+    from scca_eval.resume import Interrupted
+
+    straight, _ = trained
+    stopped = tmp_path / "stopped"
+
+    class CtrlCAtStep2:
+        def begin(self, *args): pass
+        def end(self): pass
+
+        def step(self, result):
+            if result["step"] == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: stop after this step
+
+    with pytest.raises(Interrupted, match="step 2 of 3 is saved .* --resume"):
+        _finetune(tiny_model_dir, sample_data_dir, stopped, rope_scaling="linear:2", save_every=100,
+                  progress=CtrlCAtStep2())
+    assert torch.load(stopped / "checkpoint.pt", weights_only=True)["history"]["step"] == 2
+    assert not (stopped / "training.json").exists()
+    record = _finetune(tiny_model_dir, sample_data_dir, stopped, rope_scaling="linear:2", resume=True)
+    assert record["runtime"]["resumed_from_step"] == 2
+    _same_run(straight, stopped)
+
+
+def test_sigkill_then_resume_ends_bitwise_equal(tiny_model_dir, sample_data_dir, tmp_path):
+    steps = 20
+    options = dict(pattern="scca_fixed", steps=steps, warmup_steps=3)
+    args = ["--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--ctx", str(CTX), "--pattern",
+            "scca_fixed", "--steps", str(steps), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
+            "--warmup-steps", "3", "--device", "cpu", "-q"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    # One thread everywhere: CPU sums are bitwise repeatable for a given thread count, and a
+    # busy machine runs small models much faster on one.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "scca_eval", "finetune", *args, "--out", str(killed)]
+    process = subprocess.Popen([*command, "--save-every", "1"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    checkpoint = killed / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if checkpoint.is_file():
+            try:
+                if torch.load(checkpoint, weights_only=True)["history"]["step"] >= 2:
+                    break
+            except Exception:  # replaced while being read
+                pass
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+    at = torch.load(checkpoint, weights_only=True)["history"]["step"]
+    assert 2 <= at < steps and not (killed / "training.json").exists()
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _finetune(tiny_model_dir, sample_data_dir, straight, **options)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((killed / "training.json").read_text())["runtime"]["resumed_from_step"] == at
+    _same_run(straight, killed)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _refused(capsys, args, match):
+    status, _, err = _run_cli(["finetune", *args], capsys)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+
+
+def test_bad_options_are_refused_before_anything_is_written(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    common = ["--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--out", str(out), "--device", "cpu"]
+    _refused(capsys, [*common, "--ctx", "64", "--steps", "0"], "--steps must be")
+    _refused(capsys, [*common, "--ctx", "64", "--pattern", "s2", "--chunk-size", "128"], "above ctx 64")
+    _refused(capsys, [*common, "--ctx", "64", "--lr", "-1"], "--lr must be")
+    _refused(capsys, [*common, "--ctx", "64", "--tokens-per-step", "100"], "multiple of")
+    _refused(capsys, [*common, "--ctx", "64", "--lora-targets", "nonexistent_proj"], "--lora-targets")
+    _refused(capsys, [*common, "--ctx", "64", "--rope-scaling", "cubic:2"], "--rope-scaling")
+    _refused(capsys, [*common, "--ctx", "4096"], "beyond the model's trained length")
+    _refused(capsys, [*common, "--ctx", "64", "--resume"], "holds no checkpoint.pt")
+    assert not out.exists()
+    (tmp_path / "tiny.txt").write_text("A few words only.", encoding="utf-8")
+    _refused(capsys, ["--model", str(tiny_model_dir), "--data", str(tmp_path / "tiny.txt"), "--out", str(out),
+                      "--ctx", "64", "--device", "cpu"], "fewer than one training window")
+    assert not out.exists()
+
+
+def test_no_disk_space_is_refused_before_training(tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from scca_eval.training import run
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(run.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    out = tmp_path / "full"
+    _refused(capsys, ["--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--out", str(out),
+                      "--ctx", "64", "--device", "cpu"], "not enough disk space")
+    assert not out.exists()
+
+
+def test_another_run_in_the_folder_is_refused(trained, tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    out, _ = trained
+    common = ["--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--out", str(out), "--ctx", "64",
+              "--device", "cpu", "--pattern", "s2", "--rope-scaling", "linear:2", "--steps", "3",
+              "--batch-size", "2", "--grad-accum", "2", "--warmup-steps", "1"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    _refused(capsys, [*common, "--lr", "1e-3"], "pass --resume")
+    _refused(capsys, [*common, "--lr", "2e-3", "--resume"], "differs in recipe.lr")
+    _refused(capsys, [*common, "--lr", "1e-3", "--steps", "2", "--resume"], "beyond --steps 2")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_adapter_for_another_base_is_refused(trained, tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    """Same shapes, other weights: refused by training.json's base fingerprint, in ppl and in --resume."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.5)
+    model.save_pretrained(other)
+    out, _ = trained
+    status, _, err = _run_cli(["ppl", "--model", str(other), "--adapter", str(out), "--data", str(sample_data_dir),
+                               "--ctx", "64", "--no-write", "-q", "--device", "cpu"], capsys)
+    assert status == 2 and "was fine-tuned from" in err and len(err.strip().splitlines()) == 1, err
+    _refused(capsys, ["--model", str(other), "--data", str(sample_data_dir), "--out", str(out), "--ctx", "64",
+                      "--device", "cpu", "--pattern", "s2", "--rope-scaling", "linear:2", "--steps", "3",
+                      "--batch-size", "2", "--grad-accum", "2", "--warmup-steps", "1", "--lr", "1e-3",
+                      "--resume"], "the base model")
+
+
+# ---------------------------------------------------------------- the default model
+
+@pytest.mark.slow
+def test_default_model_finetunes_and_evaluates(tmp_path, capsys):
+    out = tmp_path / "default-longmixed"
+    status, text, err = _run_cli(["finetune", "--pattern", "longmixed", "--ctx", "256", "--steps", "2",
+                                  "--grad-accum", "1", "--device", "cpu", "--out", str(out), "-q"], capsys)
+    assert status == 0, err
+    record = json.loads((out / "training.json").read_text())
+    assert record["base_model"]["id"] == "default" and len(record["loss_curve"]) == 2
+    assert all(name.endswith("_train") for name in (t["name"] for t in record["data"]["tasks"]))
+    status, text, err = _run_cli(["ppl", "--adapter", str(out), "--ctx", "256", "--max-tokens", "512",
+                                  "--no-write", "-q", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "| full |" in text
