@@ -91,6 +91,29 @@ def test_step_loss_and_gradients_equal_transformers_own(tiny_model_dir, checkpoi
         torch.testing.assert_close(our_grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_bfloat16_weights_train_float32_copies_under_autocast(tiny_model_dir, sample_data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    record = _finetune(tiny_model_dir, sample_data_dir, tmp_path / "bf16", dtype="bfloat16", steps=2)
+    assert record["dtype"] == "bfloat16" and all(np.isfinite(record["loss_curve"]))
+    assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "bf16" / "adapter_model.safetensors").values())
+    state = torch.load(tmp_path / "bf16" / "trainable_params.bin", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in state.values())
+
+
+def test_float32_embedding_feeds_the_layers_in_the_compute_dtype(tiny_model_dir):
+    from scca_eval.models import load_model
+    from scca_eval.training.lora import attach_lora, keep_activations_in
+    from scca_eval.training.recipe import Recipe
+
+    lm, _ = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    model = attach_lora(lm, Recipe(ctx=CTX), str(tiny_model_dir))
+    embedding = model.get_base_model().get_input_embeddings()
+    assert embedding.weight.dtype == torch.float32
+    keep_activations_in(model, torch.bfloat16)
+    assert embedding(_ids(tiny_model_dir)).dtype == torch.bfloat16
+
+
 def test_window_order_is_seeded_and_covers_every_window():
     from scca_eval.training.windows import window_index
 

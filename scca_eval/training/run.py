@@ -22,7 +22,8 @@ import torch
 from ..errors import UserError
 from ..resume import Interrupted
 from . import checkpoint as ckpt
-from .lora import attach_lora, compile_layers, enable_gradient_checkpointing, trainable_parameters
+from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, keep_activations_in,
+                   trainable_parameters)
 from .loop import StepAbandoned, Trainer
 from .recipe import DEFAULT_TASKS, Recipe, split_names
 from .record import training_record
@@ -117,6 +118,8 @@ def finetune(
         compile_layers(peft_model)
     _check_disk_space(out, peft_model)
     autocast = None if weights_dtype == torch.float32 else weights_dtype
+    if autocast is not None:
+        keep_activations_in(peft_model, autocast)
     trainer = Trainer(peft_model, stream, recipe, device_, autocast)
 
     key = ckpt.run_key(model=described, pattern=spec.to_dict(), rope_scaling=described["rope_scaling"], ctx=ctx,
