@@ -149,3 +149,45 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
                          plain=not no_plain, compile=compile_engine, layers=layers, rope_scaling=rope_scaling,
                          original_ctx=original_ctx, log=click.echo)
     _write_outputs(result, markdown_model(result), json_path, markdown_path)
+
+
+@bench.command("train")
+@click.option("--shape", default="llama2-7b", show_default=True,
+              help="llama2-7b, llama2-13b or smollm2-135m, or a config .json file (random weights).")
+@click.option("--ctx", "ctxs", type=INT_LIST, default="8192,32768", show_default=True,
+              help="Window lengths, comma-separated.")
+@click.option("--pattern", "patterns", type=NAME_LIST, default=MODEL_PATTERNS, show_default=True,
+              help="Patterns to fine-tune under, comma-separated (sda-rN for sda with dilation N).")
+@click.option("--steps", type=int, default=1, show_default=True, help="Timed steps per cell (median).")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps per cell first.")
+@click.option("--no-baseline", is_flag=True, help="Skip the peft + transformers baseline loop.")
+@click.option("--compile", "compile_layers", is_flag=True,
+              help="Compile the decoder layers for the finetune cells (the baseline stays eager).")
+@click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
+@click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the table as markdown.")
+def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, layers, dtype, device,
+                  json_path, markdown_path):
+    """Fine-tuning step throughput and peak memory, next to the loop a user writes today.
+
+    For each ctx: the baseline (peft + transformers SDPA + gradient checkpointing,
+    model(ids, labels=ids).loss, AdamW) and the `scca-eval finetune` step under each
+    pattern, on one random window per step of a model with random weights; tokens/s,
+    peak memory, and their ratios to the baseline and to full attention.
+    """
+    from ..bench.train import markdown_train, train_bench
+    from ..models import parse_device, parse_dtype
+
+    _check_positive(ctxs, "--ctx", 2)
+    _check_positive([steps], "--steps")
+    _check_positive([warmup], "--warmup", 0)
+    if layers is not None:
+        _check_positive([layers], "--layers")
+    device = parse_device(device)
+    result = train_bench(shape, ctxs, patterns, device=device, dtype=parse_dtype(dtype, device), steps=steps,
+                         warmup=warmup, baseline=not no_baseline, compile=compile_layers, layers=layers,
+                         log=click.echo)
+    _write_outputs(result, markdown_train(result), json_path, markdown_path)

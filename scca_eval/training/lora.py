@@ -59,16 +59,17 @@ def fully_trained_state(peft_model) -> dict[str, torch.Tensor]:
     return state
 
 
-def keep_activations_in(peft_model, dtype: torch.dtype) -> None:
+def keep_activations_in(peft_model, dtype: torch.dtype):
     """Cast the (float32, trained) embedding's output to the compute dtype.
 
     Under autocast the matrix products run in ``dtype`` but additions do not: a float32
     embedding output would keep the whole residual stream, and every activation that
     gradient checkpointing stores, in float32 — twice the memory of a model trained in
     ``dtype``. The cast is differentiable, so the embedding still gets its gradient.
+    Returns the hook's handle.
     """
     embedding = peft_model.get_base_model().get_input_embeddings()
-    embedding.register_forward_hook(lambda module, inputs, output: output.to(dtype))
+    return embedding.register_forward_hook(lambda module, inputs, output: output.to(dtype))
 
 
 def enable_gradient_checkpointing(peft_model) -> None:

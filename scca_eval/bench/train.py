@@ -1,0 +1,233 @@
+"""Fine-tuning throughput and memory: the finetune step against the loop a user writes today.
+
+``train_bench`` builds a model of a named shape with random weights once, and for each
+ctx times, in the same process, on the same random window (one window per step, LoRA on
+q/k/v/o plus trainable embeddings and norms, gradient checkpointing):
+
+- ``baseline``: peft + transformers with SDPA attention, ``model(ids, labels=ids).loss``,
+  backward, AdamW — the weights as loaded (bf16 on a GPU), LoRA in peft's float32;
+- ``finetune`` under each pattern: ``scca_eval.training``'s step (float32 trained weights
+  under autocast, the chunked checkpointed loss, the pattern's kernels).
+
+Each cell runs warm-up steps, then timed steps; it reports tokens/s, peak device memory
+(``max_memory_allocated`` from just before its first step: weights, optimizer state and
+activations), the first step's loss (baseline and full attention must agree: the
+same model on the same window) and the ratios the fine-tuning goals are stated in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..engine import run_eagerly
+from ..errors import UserError
+from .attention import pattern_from_label
+from .model import (DEFAULT_PATTERNS, SHAPES, _linear_params, _peak_memory, _reset_peak, attention_flops,
+                    random_model)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _trained_in_full(base) -> dict[str, torch.Tensor]:
+    """Copies of the weights every cell trains in full (embeddings, norms), to put back after it."""
+    return {name: p.detach().clone() for name, p in base.named_parameters() if "embed" in name or "norm" in name}
+
+
+def _restore(base, dtype: torch.dtype, original: dict[str, torch.Tensor]) -> None:
+    """Undo what a cell did to the shared base model (trained weights, trainable flags, float32
+    copies, checkpointing), so that every cell starts from the same weights."""
+    for name, parameter in base.named_parameters():
+        parameter.requires_grad_(False)
+        parameter.grad = None
+        if parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+        if name in original:
+            with torch.no_grad():
+                parameter.copy_(original[name])
+    disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+    disable()
+
+
+def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original) -> dict:
+    """The loop a user writes: peft + transformers (SDPA) + gradient checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..attention.register import apply_pattern
+
+    apply_pattern(base, pattern_from_label("full"))
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    for name, parameter in model.named_parameters():
+        if "embed" in name or "norm" in name:
+            parameter.requires_grad_(True)
+    base.config.use_cache = False
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0)
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    try:
+        return _timed(step, steps, warmup, device)
+    finally:
+        del optimizer
+        model.unload()
+        _restore(base, dtype, original)
+
+
+def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, original) -> dict:
+    from ..attention.register import apply_pattern
+    from ..training.lora import attach_lora, enable_gradient_checkpointing, keep_activations_in
+    from ..training.loop import Trainer
+    from ..training.recipe import Recipe
+    from ..training.windows import TrainingStream
+
+    ctx = ids.shape[1]
+    apply_pattern(base, spec)
+    recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0)
+    model = attach_lora(base, recipe, "random")
+    hook = keep_activations_in(model, dtype) if dtype != torch.float32 else None
+    enable_gradient_checkpointing(model)
+    stream = TrainingStream(ids[0].cpu().numpy().astype(np.int64), ctx, None, [], "random")
+    trainer = Trainer(model, stream, recipe, device, None if dtype == torch.float32 else dtype)
+    try:
+        return _timed(lambda: trainer.step()["loss"], steps, warmup, device)
+    finally:
+        if hook is not None:
+            hook.remove()
+        del trainer
+        model.unload()
+        _restore(base, dtype, original)
+
+
+def _timed(step: Callable[[], float], steps: int, warmup: int, device) -> dict:
+    _reset_peak(device)
+    first_loss = None
+    for _ in range(warmup):
+        loss = step()
+        first_loss = loss if first_loss is None else first_loss
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        started = time.perf_counter()
+        loss = step()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+        first_loss = loss if first_loss is None else first_loss
+    return {"times_s": times, "seconds": float(np.median(times)), "first_loss": first_loss,
+            "peak_memory_gib": _peak_memory(device)}
+
+
+def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
+                patterns: Sequence[str] = DEFAULT_PATTERNS, *, device: torch.device | None = None,
+                dtype: torch.dtype | None = None, steps: int = 1, warmup: int = 1, baseline: bool = True,
+                compile: bool = False, layers: int | None = None, seed: int = 0,
+                log: Callable[[str], None] | None = print) -> dict:
+    """Baseline and finetune-step throughput and memory for each ctx and pattern (one window a step)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    say = log or (lambda _text: None)
+    if shape not in SHAPES and not str(shape).endswith(".json"):
+        raise UserError(f"bench train builds random weights: --shape takes a named shape or a config .json, not {shape!r}")
+    specs = {label: pattern_from_label(label) for label in patterns}
+    base = random_model(shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=layers, seed=seed)
+    body, head = _linear_params(base)
+    original = _trained_in_full(base)
+    if compile:  # the decoder layers, once: every finetune cell runs them compiled, the baseline eagerly
+        for layer in base.get_decoder().layers:
+            layer.compile(dynamic=False)
+    result = {"shape": shape, "layers": base.config.num_hidden_layers, "dtype": str(dtype).removeprefix("torch."),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "steps": steps, "warmup": warmup, "compiled": compile,
+              "window_per_step": 1, "rows": []}
+    say(f"bench train: {shape} ({base.config.num_hidden_layers} layers, random weights, {dtype}), one window "
+        f"per step, {warmup} warm-up + {steps} timed step(s) per cell")
+    rng = np.random.default_rng(seed)
+    for ctx in ctxs:
+        ids = torch.from_numpy(rng.integers(0, base.config.vocab_size, size=(1, ctx))).long().to(device)
+        def baseline_cell():
+            with run_eagerly() if compile else contextlib.nullcontext():
+                return _baseline_cell(base, ids, steps, warmup, device, dtype, original)
+
+        cells = [("baseline", "full", baseline_cell)] if baseline else []
+        for label, spec in specs.items():
+            cells.append(("finetune", label,
+                          lambda spec=spec: _finetune_cell(base, ids, spec, steps, warmup, device, dtype, original)))
+        for path, label, run in cells:
+            row = {"ctx": ctx, "path": path, "pattern": label, "error": None}
+            try:
+                row.update(run())
+                row["tokens_per_s"] = ctx / row["seconds"]
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+                _restore(base, dtype, original)
+            row["linear_flops"] = 2.0 * (body + head) * ctx
+            row["attention_flops"] = attention_flops(base, specs.get(label, pattern_from_label("full")), ctx)
+            result["rows"].append(row)
+            say(_line(row))
+            _reset_peak(device)
+    _add_ratios(result)
+    return result
+
+
+def _line(row: dict) -> str:
+    head = f"  ctx {row['ctx']:>6} {row['path']:<9} {row['pattern']:<11}"
+    if row["error"]:
+        return f"{head} {row['error']}"
+    memory = f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""
+    return f"{head} {row['seconds']:.3f} s/step, {row['tokens_per_s']:,.0f} tok/s{memory}, loss {row['first_loss']:.4f}"
+
+
+def _add_ratios(result: dict) -> None:
+    """vs baseline (same ctx), vs full finetune (same ctx), and the speed a sparse pattern should reach:
+    at least half of what its attention-FLOP saving allows (the evaluation goals' rule)."""
+    rows = result["rows"]
+    for row in rows:
+        if row["error"]:
+            continue
+        same = {(r["path"], r["pattern"]): r for r in rows if r["ctx"] == row["ctx"] and not r["error"]}
+        base, full = same.get(("baseline", "full")), same.get(("finetune", "full"))
+        if row["path"] == "finetune" and base:
+            row["speed_vs_baseline"] = row["tokens_per_s"] / base["tokens_per_s"]
+            if row["peak_memory_gib"] and base["peak_memory_gib"]:
+                row["memory_vs_baseline"] = row["peak_memory_gib"] / base["peak_memory_gib"]
+        if row["path"] == "finetune" and full and row["pattern"] != "full":
+            allowed = (full["linear_flops"] + full["attention_flops"]) / (row["linear_flops"] + row["attention_flops"])
+            row["speed_vs_full"] = row["tokens_per_s"] / full["tokens_per_s"]
+            row["goal_vs_full"] = 1 + (allowed - 1) / 2
+
+
+def markdown_train(result: dict) -> str:
+    lines = [f"Fine-tuning step, {result['shape']} ({result['layers']} layers, random weights), {result['dtype']}, "
+             f"{result['device']}, torch {result['torch']}; one window per step, LoRA q/k/v/o + embed + norm, "
+             f"gradient checkpointing; {result['warmup']} warm-up + {result['steps']} timed step(s) (median).", "",
+             "| ctx | path | pattern | s/step | tok/s | peak GiB | vs baseline | memory vs baseline | vs full "
+             "| goal vs full | first loss |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        if r["error"]:
+            lines.append(f"| {r['ctx']} | {r['path']} | {r['pattern']} | {r['error']} | | | | | | | |")
+            continue
+
+        def ratio(key):
+            return f"{r[key]:.2f}x" if key in r else ""
+
+        memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "–"
+        lines.append(f"| {r['ctx']} | {r['path']} | {r['pattern']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
+                     f"{memory} | {ratio('speed_vs_baseline')} | {ratio('memory_vs_baseline')} | "
+                     f"{ratio('speed_vs_full')} | {ratio('goal_vs_full')} | {r['first_loss']:.4f} |")
+    return "\n".join(lines) + "\n"

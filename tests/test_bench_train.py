@@ -1,0 +1,31 @@
+"""`scca-eval bench train` on CPU: the baseline loop and the finetune step do the same work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from scca_eval.cli.bench import bench
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 320}
+
+
+def test_bench_train_baseline_and_finetune_agree(tmp_path):
+    config, out = tmp_path / "tiny.json", tmp_path / "train.json"
+    config.write_text(json.dumps(TINY))
+    result = CliRunner().invoke(bench, ["train", "--shape", str(config), "--ctx", "48", "--pattern", "full,s2",
+                                        "--steps", "2", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {(row["path"], row["pattern"]): row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("baseline", "full"), ("finetune", "full"), ("finetune", "s2")}
+    assert all(row["error"] is None and len(row["times_s"]) == 2 for row in rows.values())
+    # Same weights, same window, full attention: the first step's loss is the same computation
+    # (every cell starts from the same weights, whatever the cells before it trained).
+    assert rows["finetune", "full"]["first_loss"] == pytest.approx(rows["baseline", "full"]["first_loss"], rel=1e-5)
+    assert rows["finetune", "s2"]["first_loss"] != pytest.approx(rows["finetune", "full"]["first_loss"], rel=1e-6)
+    assert rows["finetune", "full"]["speed_vs_baseline"] > 0
+    assert rows["finetune", "s2"]["goal_vs_full"] > 1
+    assert "| 48 | finetune | s2 |" in result.output
