@@ -350,14 +350,15 @@ def test_adapter_for_another_base_is_refused(trained, tiny_model_dir, sample_dat
 # ---------------------------------------------------------------- the default model
 
 @pytest.mark.slow
-def test_default_model_finetunes_and_evaluates(tmp_path, capsys):
+def test_default_model_finetunes_and_evaluates(sample_data_dir, tmp_path, capsys):
     out = tmp_path / "default-longmixed"
     status, text, err = _run_cli(["finetune", "--pattern", "longmixed", "--ctx", "256", "--steps", "2",
-                                  "--grad-accum", "1", "--device", "cpu", "--out", str(out), "-q"], capsys)
+                                  "--grad-accum", "1", "--device", "cpu", "--data", str(sample_data_dir),
+                                  "--out", str(out), "-q"], capsys)
     assert status == 0, err
     record = json.loads((out / "training.json").read_text())
     assert record["base_model"]["id"] == "default" and len(record["loss_curve"]) == 2
-    assert all(name.endswith("_train") for name in (t["name"] for t in record["data"]["tasks"]))
+    assert record["base_model"]["fingerprint"]["method"] == "sha256" and "trained 2 steps" in text
     status, text, err = _run_cli(["ppl", "--adapter", str(out), "--ctx", "256", "--max-tokens", "512",
                                   "--no-write", "-q", "--device", "cpu"], capsys)
     assert status == 0, err

@@ -75,7 +75,6 @@ def finetune(
     ``training.json`` and ``checkpoint.pt``; ``resume=True`` continues the run whose
     checkpoint is there.
     """
-    from ..attention.register import apply_pattern  # noqa: F401  (the registration ppl uses)
     from ..data import load_task, task_from_data_path, tokenize_task
     from ..models import load_model, model_record, parse_rope_scaling, trained_length
     from ..patterns.parse import check_against_ctx, resolve_pattern
@@ -146,23 +145,31 @@ def finetune(
     label = f"finetune · {record_pattern_name(spec)} · ctx {ctx}"
     if progress is not None:
         progress.begin(label, recipe.steps, trainer.history.step)
+    saved_step = resumed_at  # the step the checkpoint on disk holds
     try:
         with _stop_on_sigint(trainer):
             while trainer.history.step < recipe.steps:
-                try:
-                    result = trainer.step()
-                except StepAbandoned:
-                    raise KeyboardInterrupt from None
+                result = trainer.step()
                 if progress is not None:
                     progress.step(result)
                 if trainer.history.step % recipe.save_every == 0 or trainer.history.step == recipe.steps:
                     ckpt.save(checkpoint_path, key, trainer)
-    except KeyboardInterrupt:
+                    saved_step = trainer.history.step
+    except torch.OutOfMemoryError:
+        kept = f"; the checkpoint of step {saved_step} in {out} is kept" if saved_step else ""
+        raise UserError(f"out of memory at ctx {ctx} with {recipe.batch_size} window(s) per pass: give a smaller "
+                        "--batch-size (and a larger --grad-accum), keep --gradient-checkpointing on, or train in "
+                        f"--dtype bfloat16{kept}") from None
+    except StepAbandoned:  # the first Ctrl-C: the model is as the last finished step left it
         if trainer.history.step == 0:
             raise Interrupted("interrupted before the first step finished; nothing to save") from None
         ckpt.save(checkpoint_path, key, trainer)
         raise Interrupted(f"interrupted: step {trainer.history.step} of {recipe.steps} is saved in "
                           f"{checkpoint_path}; run the same command with --resume to continue") from None
+    except KeyboardInterrupt:  # a second Ctrl-C stops at once, perhaps inside an update: nothing is saved
+        kept = (f"the checkpoint of step {saved_step} in {checkpoint_path} is kept; run the same command with "
+                "--resume to continue" if saved_step else "no checkpoint was saved yet")
+        raise Interrupted(f"stopped at once: {kept}") from None
     finally:
         if progress is not None:
             progress.end()
