@@ -291,7 +291,7 @@ def test_bad_options_are_refused_before_anything_is_written(tiny_model_dir, samp
     _refused(capsys, [*common, "--ctx", "64", "--tokens-per-step", "100"], "multiple of")
     _refused(capsys, [*common, "--ctx", "64", "--lora-targets", "nonexistent_proj"], "--lora-targets")
     _refused(capsys, [*common, "--ctx", "64", "--rope-scaling", "cubic:2"], "--rope-scaling")
-    _refused(capsys, [*common, "--ctx", "4096"], "beyond the model's trained length")
+    _refused(capsys, [*common, "--ctx", "4096"], "beyond the 2048 tokens the model's RoPE settings cover")
     _refused(capsys, [*common, "--ctx", "64", "--resume"], "holds no checkpoint.pt")
     assert not out.exists()
     (tmp_path / "tiny.txt").write_text("A few words only.", encoding="utf-8")
@@ -349,15 +349,24 @@ def test_adapter_for_another_base_is_refused(trained, tiny_model_dir, sample_dat
 
 # ---------------------------------------------------------------- the default model
 
+def test_default_training_data_is_the_bundled_training_samples():
+    from scca_eval.data import load_task
+    from scca_eval.training.recipe import DEFAULT_TASKS
+
+    assert DEFAULT_TASKS == ("pg19_train", "proof_pile_train")
+    assert all(load_task(name).name == name for name in DEFAULT_TASKS)
+
+
 @pytest.mark.slow
-def test_default_model_finetunes_and_evaluates(sample_data_dir, tmp_path, capsys):
+def test_default_model_finetunes_and_evaluates(tmp_path, capsys):
     out = tmp_path / "default-longmixed"
     status, text, err = _run_cli(["finetune", "--pattern", "longmixed", "--ctx", "256", "--steps", "2",
-                                  "--grad-accum", "1", "--device", "cpu", "--data", str(sample_data_dir),
+                                  "--grad-accum", "1", "--device", "cpu", "--task", "proof_pile_train",
                                   "--out", str(out), "-q"], capsys)
     assert status == 0, err
     record = json.loads((out / "training.json").read_text())
     assert record["base_model"]["id"] == "default" and len(record["loss_curve"]) == 2
+    assert [t["name"] for t in record["data"]["tasks"]] == ["proof_pile_train"]
     assert record["base_model"]["fingerprint"]["method"] == "sha256" and "trained 2 steps" in text
     status, text, err = _run_cli(["ppl", "--adapter", str(out), "--ctx", "256", "--max-tokens", "512",
                                   "--no-write", "-q", "--device", "cpu"], capsys)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .options import rope_scaling_options
 from .ppl import CHOICE_DTYPES
 
 _LL = "LongLoRA's fine-tune.py"
@@ -21,9 +22,8 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
 @click.option("--ctx", type=int, required=True, help="Training window length in tokens.")
 @click.option("--out", "-o", type=click.Path(), required=True,
               help="Folder for the adapter, trainable_params.bin, training.json and checkpoint.pt.")
-@click.option("--rope-scaling", default=None,
-              help="Position interpolation as ppl takes it: 'linear:F', 'longlora' (F = ceil(ctx / the "
-                   "model's original length), as LongLoRA's fine-tune.py), 'longlora:CTX' or 'none'.")
+@rope_scaling_options(" Also 'longlora': CTX = --ctx, the rule of LongLoRA's fine-tune.py. ppl --adapter "
+                      "applies the scaling a run was trained with.", bare_longlora=True)
 @click.option("--task", "-t", "tasks", multiple=True,
               help="Training task (a YAML in ./tasks, a bundled one, or a YAML path); repeatable. "
                    "Default: pg19_train and proof_pile_train (bundled, disjoint from the evaluation samples).")
@@ -74,7 +74,7 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
 @click.option("--allow-long-context", is_flag=True,
               help="Train at a ctx beyond the model's trained length without position interpolation.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def finetune(model, pattern, ctx, out, rope_scaling, tasks, data, steps, batch_size, grad_accum, tokens_per_step,
+def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, steps, batch_size, grad_accum, tokens_per_step,
              lr, warmup_steps, weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, lora_targets,
              trainable, dtype, device, gradient_checkpointing, compile_layers, save_every, resume, chunk_size,
              dilation, attention_backend, allow_long_context, quiet):
@@ -101,7 +101,7 @@ def finetune(model, pattern, ctx, out, rope_scaling, tasks, data, steps, batch_s
 
     bar = None if quiet else TrainingBar()
     record = run_finetune(
-        model, ctx=ctx, out=out, pattern=pattern, tasks=tasks, data=data, rope_scaling=rope_scaling,
+        model, ctx=ctx, out=out, pattern=pattern, tasks=tasks, data=data, rope_scaling=rope_scaling, original_ctx=original_ctx,
         chunk_size=chunk_size, dilation=dilation, attention_backend=attention_backend, dtype=dtype,
         device=device, resume=resume, allow_long_context=allow_long_context, progress=bar,
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, tokens_per_step=tokens_per_step, lr=lr,

@@ -99,13 +99,15 @@ def _read_training_record(folder: Path) -> dict | None:
     return record
 
 
-def training_rope_scaling(files: AdapterFiles) -> str | None:
-    """The ``--rope-scaling`` value the adapter was trained with (None: none recorded)."""
+def training_rope_scaling(files: AdapterFiles) -> tuple[str | None, int | None]:
+    """The ``--rope-scaling`` value (and ``--original-ctx``) the adapter was fine-tuned with;
+    (None, None) when it was trained without one (or with the base config's own)."""
     rope = (files.training or {}).get("rope_scaling")
-    if not isinstance(rope, dict) or rope.get("rope_type") != "linear":
-        return None
-    factor = float(rope.get("factor", 1.0))
-    return f"linear:{factor:g}" if factor != 1.0 else None
+    if not isinstance(rope, dict) or rope.get("source") != "option" or rope.get("rope_type") in (None, "default"):
+        return None, None
+    if rope["rope_type"] == "linear":  # also what longlora:CTX resolved to
+        return f"linear:{float(rope['factor']):g}", None
+    return rope.get("requested"), rope.get("original_max_position_embeddings")
 
 
 def check_training_base(files: AdapterFiles, fingerprint: dict | None, model_id: str) -> None:

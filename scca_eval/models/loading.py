@@ -405,8 +405,9 @@ def load_model(
     if adapter_files is not None:
         check_fully_trained_weights(adapter_files)
         if rope_scaling is None:
-            # An adapter fine-tuned by `scca-eval finetune` says which interpolation it was trained with.
-            rope_scaling = training_rope_scaling(adapter_files)
+            # An adapter fine-tuned by `scca-eval finetune` says which RoPE scaling it was trained with.
+            rope_scaling, trained_original = training_rope_scaling(adapter_files)
+            original_ctx = original_ctx if original_ctx is not None else trained_original
     rope_request = rope.parse_rope_scaling(rope_scaling, finetuned_ctx)
     trainable_state = (
         read_trainable_params(adapter_files.trainable_params)

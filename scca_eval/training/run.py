@@ -53,6 +53,7 @@ def finetune(
     tasks: Iterable[str] | None = None,
     data: Iterable[str] | None = None,
     rope_scaling: str | None = None,
+    original_ctx: int | None = None,
     chunk_size: int | None = None,
     dilation: int | None = None,
     attention_backend: str = "auto",
@@ -99,12 +100,13 @@ def finetune(
     task_specs = [load_task(name) for name in names] + [task_from_data_path(path) for path in paths]
 
     lm, tokenizer = load_model(model, pattern=spec, dtype=dtype, device=device,
-                               attention_backend=attention_backend, rope_scaling=rope_scaling, finetuned_ctx=ctx)
+                               attention_backend=attention_backend, rope_scaling=rope_scaling, original_ctx=original_ctx,
+                               finetuned_ctx=ctx)
     limit = trained_length(lm)
     if limit is not None and ctx > limit and not allow_long_context:
-        raise UserError(f"ctx {ctx} is beyond the model's trained length ({limit} tokens): extend it with "
-                        f"--rope-scaling longlora (here linear:{-(-ctx // limit)}), or train without "
-                        "interpolation with --allow-long-context")
+        raise UserError(f"ctx {ctx} is beyond the {limit} tokens the model's RoPE settings cover: extend them "
+                        f"with --rope-scaling longlora (LongLoRA's rule, here linear:{-(-ctx // limit)}) or another "
+                        "scaling, or train without one with --allow-long-context")
     described = model_record(lm, tokenizer)
     device_ = next(lm.parameters()).device
     weights_dtype = next(lm.parameters()).dtype
