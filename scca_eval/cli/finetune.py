@@ -73,11 +73,15 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
               help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU.")
 @click.option("--allow-long-context", is_flag=True,
               help="Train at a ctx beyond the model's trained length without position interpolation.")
+@click.option("--gpus", type=int, default=None,
+              help="Data parallel over N GPUs of this machine: N processes (torchrun) share the passes of "
+                   "every step (--grad-accum a multiple of N) and sum their gradients; rank 0 writes. Same as "
+                   "`torchrun --nproc-per-node N -m scca_eval finetune ...`.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, steps, batch_size, grad_accum, tokens_per_step,
              lr, warmup_steps, weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, lora_targets,
              trainable, dtype, device, gradient_checkpointing, compile_layers, save_every, resume, chunk_size,
-             dilation, attention_backend, allow_long_context, quiet):
+             dilation, attention_backend, allow_long_context, gpus, quiet):
     """LoRA fine-tuning under an attention pattern, with LongLoRA's recipe.
 
     Trains LoRA on the attention projections plus the embeddings and norms of MODEL on
@@ -96,20 +100,43 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
       scca-eval ppl --adapter ckpt/longmixed --ctx 16384
       scca-eval finetune --model ./Llama-2-7b-hf --pattern s2 --ctx 8192 --rope-scaling longlora --out ckpt/s2
     """
+    import os
+
+    from .. import distributed
+    from ..errors import UserError
     from ..training import finetune as run_finetune
+    from .ppl import _arguments_without_gpus, _check_gpus
     from .training_progress import TrainingBar
 
-    bar = None if quiet else TrainingBar()
-    record = run_finetune(
-        model, ctx=ctx, out=out, pattern=pattern, tasks=tasks, data=data, rope_scaling=rope_scaling, original_ctx=original_ctx,
-        chunk_size=chunk_size, dilation=dilation, attention_backend=attention_backend, dtype=dtype,
-        device=device, resume=resume, allow_long_context=allow_long_context, progress=bar,
-        steps=steps, batch_size=batch_size, grad_accum=grad_accum, tokens_per_step=tokens_per_step, lr=lr,
-        warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
-        trainable=trainable, gradient_checkpointing=gradient_checkpointing, compile=compile_layers,
-        save_every=save_every,
-    )
+    context = click.get_current_context()
+    if gpus is not None and not distributed.launched_by_torchrun():
+        _check_gpus(gpus, device)
+        if gpus > 1:
+            context.exit(distributed.launch(_arguments_without_gpus(context), gpus))
+    if gpus is not None and distributed.launched_by_torchrun() and gpus != int(os.environ["WORLD_SIZE"]):
+        raise UserError(f"--gpus {gpus} does not match the {os.environ['WORLD_SIZE']} processes torchrun "
+                        "started; leave --gpus out when starting with torchrun")
+    ranks, device = distributed.setup(device)
+    try:
+        record = run_finetune(
+            model, ctx=ctx, out=out, pattern=pattern, tasks=tasks, data=data, rope_scaling=rope_scaling,
+            original_ctx=original_ctx, chunk_size=chunk_size, dilation=dilation,
+            attention_backend=attention_backend, dtype=dtype, device=device, resume=resume,
+            allow_long_context=allow_long_context, progress=None if quiet or not ranks.is_main else TrainingBar(),
+            steps=steps, batch_size=batch_size, grad_accum=grad_accum, tokens_per_step=tokens_per_step, lr=lr,
+            warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
+            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
+            trainable=trainable, gradient_checkpointing=gradient_checkpointing, compile=compile_layers,
+            save_every=save_every,
+        )
+    except UserError:
+        if not ranks.is_main:  # every rank meets the same bad input; rank 0 says it
+            context.exit(2)
+        raise
+    finally:
+        distributed.teardown()
+    if not ranks.is_main:
+        return
     runtime = record["runtime"]
     loss = record["loss_curve"][-1] if record["loss_curve"] else float("nan")
     click.echo(f"trained {record['steps']} steps ({record['tokens_seen']:,} tokens) under {record['pattern_name']} "

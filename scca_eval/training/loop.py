@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..distributed import SINGLE, all_agree
 from .lora import trainable_parameters
 from .recipe import Recipe
 from .windows import TrainingStream, batch_ids
@@ -71,6 +72,22 @@ def window_nll_sum(peft_model, input_ids: torch.Tensor, loss_chunk: int = 1024) 
     return total
 
 
+def _sum_over_ranks(tensors: list[torch.Tensor], ranks) -> None:
+    """Sum each tensor over the ranks, in place (one flat buffer per dtype: few collectives)."""
+    import torch.distributed as dist
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for tensor in group:
+            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
 def make_optimizer(peft_model, recipe: Recipe):
     """AdamW over the trainable weights and transformers' constant-with-warm-up schedule."""
     from transformers import get_constant_schedule_with_warmup
@@ -85,8 +102,9 @@ class Trainer:
     """Runs steps of the recipe over the stream; ``history`` says where it stands."""
 
     def __init__(self, peft_model, stream: TrainingStream, recipe: Recipe, device: torch.device,
-                 autocast_dtype: torch.dtype | None, history: History | None = None):
+                 autocast_dtype: torch.dtype | None, history: History | None = None, ranks=SINGLE):
         self.model, self.stream, self.recipe, self.device = peft_model, stream, recipe, device
+        self.ranks = ranks
         self.optimizer, self.scheduler = make_optimizer(peft_model, recipe)
         self.parameters = list(trainable_parameters(peft_model).values())
         self.autocast_dtype = autocast_dtype
@@ -105,9 +123,12 @@ class Trainer:
         targets = recipe.windows_per_step * (recipe.ctx - 1)
         nll = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
+        ranks = self.ranks
         try:
-            for index in range(recipe.accumulation):
-                if self.stop_requested:
+            # With several processes, pass i of the step runs on rank i mod N (whole passes, so each
+            # window is computed with the same neighbours as in one process).
+            for index in range(ranks.rank, recipe.accumulation, ranks.world_size):
+                if not all_agree(not self.stop_requested, ranks):  # every rank stops at the same pass
                     raise StepAbandoned
                 first = history.position + index * recipe.batch_size
                 ids = torch.from_numpy(batch_ids(self.stream, recipe.seed, first, recipe.batch_size))
@@ -119,6 +140,8 @@ class Trainer:
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped
             raise
+        if ranks.is_distributed:
+            _sum_over_ranks([p.grad for p in self.parameters] + [nll], ranks)
         norm_limit = recipe.max_grad_norm if recipe.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, norm_limit)
         lr = float(self.scheduler.get_last_lr()[0])

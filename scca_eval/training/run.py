@@ -80,7 +80,12 @@ def finetune(
     from ..models import load_model, model_record, parse_rope_scaling, trained_length
     from ..patterns.parse import check_against_ctx, resolve_pattern
 
-    say = notify or _say
+    from ..distributed import current
+
+    ranks = current()  # several processes under torchrun: the passes of each step are shared
+    say = (notify or _say) if ranks.is_main else (lambda message: None)
+    if not ranks.is_main:
+        progress = None
     for name in ("lora_targets", "trainable"):
         if name in recipe_options:
             recipe_options[name] = split_names(recipe_options[name], "--" + name.replace("_", "-"))
@@ -89,6 +94,9 @@ def finetune(
     except TypeError as error:
         raise UserError(f"finetune: {error}") from None
     recipe.check()
+    if recipe.accumulation % ranks.world_size:
+        raise UserError(f"{ranks.world_size} processes share each step's {recipe.accumulation} passes: give "
+                        f"--grad-accum (or --tokens-per-step) as a multiple of {ranks.world_size}")
     spec = resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation)
     check_against_ctx(spec, ctx)
     parse_rope_scaling(rope_scaling, ctx)
@@ -121,7 +129,7 @@ def finetune(
     autocast = None if weights_dtype == torch.float32 else weights_dtype
     if autocast is not None:
         keep_activations_in(peft_model, autocast)
-    trainer = Trainer(peft_model, stream, recipe, device_, autocast)
+    trainer = Trainer(peft_model, stream, recipe, device_, autocast, ranks=ranks)
 
     key = ckpt.run_key(model=described, pattern=spec.to_dict(), rope_scaling=described["rope_scaling"], ctx=ctx,
                        data=stream.fingerprint, recipe=recipe.to_dict(), dtype=str(weights_dtype))
@@ -155,7 +163,8 @@ def finetune(
                 if progress is not None:
                     progress.step(result)
                 if trainer.history.step % recipe.save_every == 0 or trainer.history.step == recipe.steps:
-                    ckpt.save(checkpoint_path, key, trainer)
+                    if ranks.is_main:
+                        ckpt.save(checkpoint_path, key, trainer)
                     saved_step = trainer.history.step
     except torch.OutOfMemoryError:
         kept = f"; the checkpoint of step {saved_step} in {out} is kept" if saved_step else ""
@@ -165,7 +174,8 @@ def finetune(
     except StepAbandoned:  # the first Ctrl-C: the model is as the last finished step left it
         if trainer.history.step == 0:
             raise Interrupted("interrupted before the first step finished; nothing to save") from None
-        ckpt.save(checkpoint_path, key, trainer)
+        if ranks.is_main:
+            ckpt.save(checkpoint_path, key, trainer)
         raise Interrupted(f"interrupted: step {trainer.history.step} of {recipe.steps} is saved in "
                           f"{checkpoint_path}; run the same command with --resume to continue") from None
     except KeyboardInterrupt:  # a second Ctrl-C stops at once, perhaps inside an update: nothing is saved
@@ -176,7 +186,9 @@ def finetune(
         if progress is not None:
             progress.end()
     final = record(finished=True)
-    ckpt.write_results(out, peft_model, final)
+    final["runtime"]["processes"] = ranks.world_size
+    if ranks.is_main:
+        ckpt.write_results(out, peft_model, final)
     return final
 
 
