@@ -8,26 +8,14 @@ import copy
 import pytest
 import torch
 
+from helpers import VOCAB, logits, tiny_llama, token_batch
+
 from scca_eval.attention import apply_pattern, call_counts, masked_attention, pattern_of, reset_call_counts
 from scca_eval.errors import UserError
 from scca_eval.patterns import PRESET_DESCRIPTIONS, build_mask, resolve_pattern
 
 PRESETS = list(PRESET_DESCRIPTIONS)
 SPARSE = [name for name in PRESETS if name != "full"]
-VOCAB = 256
-
-
-def tiny_llama(heads=4, kv_heads=2, head_dim=16, layers=2, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=96,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=256,
-                         # larger random weights than the default 0.02 give sharper
-                         # attention, so that a pattern visibly changes the outputs
-                         initializer_range=0.1)
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +27,6 @@ def base_model():
 def smollm_shaped():
     # SmolLM2-135M's attention layout: 9 query heads sharing 3 key/value heads
     return tiny_llama(heads=9, kv_heads=3, head_dim=8, seed=1)
-
-
-def token_batch(batch=2, n=37, seed=0):
-    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False, **kwargs).logits
 
 
 def with_pattern(model, spec, backend="auto"):
@@ -216,7 +195,78 @@ def test_unknown_backend_is_refused(base_model):
         apply_pattern(copy.deepcopy(base_model), resolve_pattern("s2"), backend="fastest")
 
 
-def test_copied_model_without_pattern_says_what_to_do(base_model):
-    model = copy.deepcopy(with_pattern(base_model, resolve_pattern("s2")))  # the copy's config is new
+def test_model_switched_to_scca_without_a_pattern_says_what_to_do(base_model):
+    from scca_eval.attention.register import register
+
+    register()
+    model = copy.deepcopy(base_model)
+    model.set_attn_implementation("scca")  # by hand, without apply_pattern
     with pytest.raises(UserError, match="apply_pattern"):
         logits(model, token_batch())
+
+
+# -- the pattern travels with the model ----------------------------------------------------
+CARRIED = ["longmixed", "1/4 local + 1/4 shifted(3) + 1/2 dilated(3,1)"]
+
+
+@pytest.mark.parametrize("pattern", CARRIED)
+def test_copied_model_keeps_its_pattern(base_model, pattern):
+    spec = resolve_pattern(pattern, chunk_size=5)
+    model = copy.deepcopy(with_pattern(base_model, spec, backend="reference"))
+    assert pattern_of(model) == spec
+    ids = token_batch()
+    assert torch.allclose(logits(model, ids), logits(with_dense_reference(base_model, spec), ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", CARRIED)
+def test_saved_model_keeps_its_pattern(base_model, tmp_path, pattern):
+    from transformers import LlamaForCausalLM
+
+    from scca_eval.attention.register import register
+
+    spec = resolve_pattern(pattern, chunk_size=5)
+    with_pattern(base_model, spec).save_pretrained(tmp_path)
+    register()
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="scca").eval()
+    assert pattern_of(reloaded) == spec
+    ids = token_batch()
+    assert torch.allclose(logits(reloaded, ids), logits(with_dense_reference(base_model, spec), ids), atol=1e-4)
+
+
+def test_peft_wrapped_model_keeps_its_pattern(base_model):
+    from peft import LoraConfig, get_peft_model
+
+    spec = resolve_pattern("scca_fixed", chunk_size=6)
+    wrapped = get_peft_model(with_pattern(base_model, spec),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    assert pattern_of(wrapped) == spec
+    ids = token_batch()
+    # a new LoRA adapter starts at zero, so the wrapped model computes what the base model does
+    assert torch.allclose(logits(wrapped, ids), logits(with_dense_reference(base_model, spec), ids), atol=1e-4)
+
+
+def test_applying_the_same_pattern_again_changes_nothing(base_model, monkeypatch):
+    from scca_eval.attention import register
+
+    model = with_pattern(base_model, resolve_pattern("s2"))
+    checks = []
+    monkeypatch.setattr(register, "check_architecture", checks.append)
+    apply_pattern(model, resolve_pattern("s2"))
+    assert checks == []
+    apply_pattern(model, resolve_pattern("s2"), backend="reference")  # another kernel: applied
+    apply_pattern(model, resolve_pattern("scca_fixed"), backend="reference")  # another pattern: applied
+    assert len(checks) == 2 and pattern_of(model) == resolve_pattern("scca_fixed")
+
+
+@pytest.mark.parametrize("pattern", ["s2", "longmixed"])
+def test_training_mode_gradients_equal_the_dense_reference(base_model, pattern):
+    spec = resolve_pattern(pattern, chunk_size=5)
+    ids = token_batch(batch=2, n=23)
+    grads = []
+    for model in (with_pattern(base_model, spec), with_dense_reference(base_model, spec)):
+        model.train()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name

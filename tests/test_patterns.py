@@ -8,6 +8,7 @@ here with plain Python loops over (head, query, key), independent of
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from fractions import Fraction
 
@@ -371,3 +372,15 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(MissingDependency, match=r"scca-eval\[plot\]"):
         save_png(resolve_pattern("s2"), 16, 2, tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("text,settings", [(name, {}) for name in PRESET_DESCRIPTIONS] + [
+    ("sda", {"dilation": 4, "chunk_size": 7}), ("s2", {"chunk_ratio": "1/8"}),
+    ("1/4 local + 1/4 shifted(3) + 1/2 dilated(3,1)", {"chunk_size": 5}),
+    ([{"share": 0.5, "rule": "shifted"}, {"share": 0.5, "rule": "cross(2)"}], {})])
+def test_pattern_settings_read_back_to_the_same_spec(text, settings):
+    from scca_eval.patterns.parse import pattern_from_dict
+
+    spec = resolve_pattern(text, **settings)
+    again = pattern_from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec and again.to_dict() == spec.to_dict()

@@ -1,11 +1,18 @@
 """Run a pattern inside a transformers model, through its AttentionInterface.
 
-``apply_pattern(model, spec)`` registers an attention implementation named
-``"scca"`` with transformers and switches the model to it with the public
-``set_attn_implementation``. Each attention layer then calls
-:func:`scca_attention`, which looks up the model's pattern and runs it. The
-pattern is kept in a small registry keyed by the model's config object, so
-several models with different patterns can live in one process.
+``apply_pattern(model, spec)`` writes the pattern into the model's config and
+switches the model to an attention implementation named ``"scca"`` with the
+public ``set_attn_implementation``. The config is where transformers already
+looks: every attention layer holds it (``module.config``), ``save_pretrained``
+writes it to config.json, and a peft wrapper keeps the model's own. So the
+pattern travels with the model — across copies, peft wrappers and a save and
+reload (load with ``attn_implementation="scca"`` after :func:`register`) — and
+``pattern_of(model)`` reads it back from there.
+
+The config holds the pattern's settings as JSON-ready data (``scca_pattern``,
+``spec.to_dict()``) and the kernel choice (``scca_attention_backend``). Each
+attention layer keeps the :class:`PatternSpec` read from them, so that the
+attention call does not read the settings again on every forward.
 
 A matching entry in transformers' AttentionMaskInterface makes the model skip
 building a dense ``[B, 1, N, N]`` causal mask: every pattern is causal by
@@ -14,45 +21,45 @@ itself, and evaluation windows are never padded (a padded batch is refused).
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import UserError
+from ..patterns.parse import pattern_from_dict
 from ..patterns.spec import PatternSpec
 from .dispatch import BACKENDS, pattern_attention
 
 IMPLEMENTATION = "scca"
+PATTERN_KEY = "scca_pattern"  # config attribute: the pattern's settings (spec.to_dict())
+BACKEND_KEY = "scca_attention_backend"  # config attribute: the kernel (dispatch.BACKENDS)
+_READ = "_scca_pattern_read"  # attention-layer attribute: (settings, spec, backend) read from the config
 
 
-@dataclass(frozen=True)
-class _Applied:
-    config: weakref.ref
-    spec: PatternSpec
-    backend: str
-
-
-# id(config) -> the pattern of the model that owns that config
-_applied: dict[int, _Applied] = {}
-
-
-def _remember(config, spec: PatternSpec, backend: str) -> None:
-    key = id(config)
-    _applied[key] = _Applied(weakref.ref(config, lambda _ref: _applied.pop(key, None)), spec, backend)
-
-
-def _lookup(config) -> _Applied | None:
-    entry = _applied.get(id(config))
-    if entry is None or entry.config() is not config:
+def _read_pattern(module) -> tuple[PatternSpec, str] | None:
+    """The (spec, backend) that ``module.config`` carries, read once per layer and kept on it."""
+    config = getattr(module, "config", None)
+    data = getattr(config, PATTERN_KEY, None)
+    if data is None:
         return None
-    return entry
+    read = getattr(module, _READ, None)
+    if read is None or read[0] is not data:  # first call, or the config got another pattern
+        read = (data, pattern_from_dict(data), getattr(config, BACKEND_KEY, "auto"))
+        setattr(module, _READ, read)
+    return read[1], read[2]
 
 
 def pattern_of(model) -> PatternSpec | None:
-    """The pattern applied to ``model`` with apply_pattern, or None (plain attention)."""
-    entry = _lookup(_base_model(model).config)
-    return entry.spec if entry else None
+    """The pattern ``model`` attends under (None: plain attention), read from its config."""
+    model = _base_model(model)
+    if getattr(model.config, "_attn_implementation", None) != IMPLEMENTATION:
+        return None
+    data = getattr(model.config, PATTERN_KEY, None)
+    return pattern_from_dict(data) if data is not None else None
+
+
+def backend_of(model) -> str | None:
+    """The attention backend the model's pattern runs on (None: plain attention)."""
+    model = _base_model(model)
+    return getattr(model.config, BACKEND_KEY, "auto") if pattern_of(model) is not None else None
 
 
 # -- the functions transformers calls ---------------------------------------------
@@ -60,11 +67,11 @@ def scca_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                    **kwargs) -> tuple[torch.Tensor, None]:
     """AttentionInterface entry: query [B, H, N, D], key/value [B, H_kv, N, D] -> ([B, N, H, D], None)."""
-    config = getattr(module, "config", None)
-    entry = _lookup(config) if config is not None else None
-    if entry is None:
+    carried = _read_pattern(module)
+    if carried is None:
         raise UserError(f"{type(module).__name__} uses the '{IMPLEMENTATION}' attention but no pattern was "
                         "applied to its model; call apply_pattern(model, spec) on it")
+    spec, backend = carried
     if query.shape[2] != key.shape[2]:
         raise UserError(f"pattern attention scores whole windows ({query.shape[2]} queries against "
                         f"{key.shape[2]} keys here): run the model with use_cache=False and without past keys")
@@ -77,7 +84,7 @@ def scca_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                         "train under a pattern (model.eval() for evaluation)")
     if scaling is None:
         scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-    out = pattern_attention(query, key, value, entry.spec, scaling, backend=entry.backend)
+    out = pattern_attention(query, key, value, spec, scaling, backend=backend)
     # transformers wants [B, N, H, D] back. The strided backend's result already
     # lies that way in memory, so .contiguous() returns it as it is (no copy);
     # the other backends' [B, H, N, D] results are copied once here.
@@ -142,12 +149,15 @@ def check_architecture(model) -> None:
 
 
 def apply_pattern(model, spec: PatternSpec, backend: str = "auto"):
-    """Make ``model`` attend under ``spec``; returns the model.
+    """Make ``model`` attend under ``spec``; returns the model (a peft wrapper's base model).
 
-    The full pattern keeps transformers' own SDPA attention. Any other pattern
-    switches the model to the ``"scca"`` implementation, after checking that its
-    architecture can take it (decoder-only, causal, attention through the
-    AttentionInterface, full-attention layers only).
+    The full pattern keeps transformers' own SDPA attention. Any other pattern is
+    written into the model's config and switches the model to the ``"scca"``
+    implementation, after checking that its architecture can take it (decoder-only,
+    causal, attention through the AttentionInterface, full-attention layers only).
+    A model that already carries ``spec`` on ``backend`` is left as it is, so
+    applying a pattern twice costs nothing. Training mode and gradients work as
+    in evaluation.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -156,20 +166,32 @@ def apply_pattern(model, spec: PatternSpec, backend: str = "auto"):
     if spec.is_full:
         if model.config._attn_implementation == IMPLEMENTATION:
             model.set_attn_implementation("sdpa")
-        for config in configs:
-            _applied.pop(id(config), None)
+        _forget(configs)
+        return model
+    if pattern_of(model) == spec and backend_of(model) == backend:
         return model
     check_architecture(model)
     register()
+    settings = spec.to_dict()
     for config in configs:
-        _remember(config, spec, backend)
+        setattr(config, PATTERN_KEY, settings)
+        setattr(config, BACKEND_KEY, backend)
     model.set_attn_implementation(IMPLEMENTATION)
     if any(config._attn_implementation != IMPLEMENTATION for config in configs):
-        for config in configs:
-            _applied.pop(id(config), None)
+        _forget(configs)
         raise UserError(f"{type(model).__name__} did not accept a custom attention implementation; "
                         "use --pattern full for this model")
+    for module in model.modules():  # read the pattern now, outside any compiled graph
+        if getattr(module, "config", None) is not None and hasattr(module, "scaling"):
+            _read_pattern(module)
     return model
+
+
+def _forget(configs) -> None:
+    for config in configs:
+        for key in (PATTERN_KEY, BACKEND_KEY):
+            if key in config.__dict__:
+                delattr(config, key)
 
 
 def _model_configs(model) -> list:

@@ -246,3 +246,15 @@ def check_against_ctx(spec: PatternSpec, ctx: int) -> None:
     if spec.chunk_size is not None and spec.chunk_size > ctx:
         raise UserError(f"--chunk-size {spec.chunk_size} is above ctx {ctx}; "
                         f"give a chunk size between 1 and {ctx}")
+
+
+def pattern_from_dict(data: dict) -> PatternSpec:
+    """The inverse of :meth:`PatternSpec.to_dict` (a record's ``config.pattern``, or the
+    pattern a model carries in its config): the same spec, equal to the one written."""
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise UserError(f"stored pattern {data!r} is not a pattern's settings (name, groups, chunk_size, ...)")
+    settings = {"chunk_size": data.get("chunk_size"), "chunk_ratio": _read_ratio(data.get("chunk_ratio", "1/4"))}
+    if data["name"] in PRESET_DESCRIPTIONS:
+        return preset(data["name"], dilation=data.get("dilation"), **settings)
+    groups = parse_mix(str(data.get("groups", "")))
+    return PatternSpec(data["name"], groups, dilation=data.get("dilation"), source=_list_source(groups), **settings)
