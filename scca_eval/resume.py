@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .results import atomic_write_text
+from .files import atomic_write_text
 
 FORMAT = "scca-eval progress"
 VERSION = 1

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from ..results import atomic_write_text
+from ..files import atomic_write_text
 
 from .attention import attention_bench, best_rows, markdown_attention, pattern_from_label
 from .model import SHAPES, markdown_model, model_bench, random_model

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import click
 
@@ -119,6 +118,7 @@ def export(name, ctx, heads, chunk_size, dilation, out_path):
     """
     import numpy as np
 
+    from ..files import atomic_path
     from ..patterns.masks import rule_mask
 
     spec = _spec_for(name, ctx, heads, chunk_size, dilation)
@@ -126,9 +126,7 @@ def export(name, ctx, heads, chunk_size, dilation, out_path):
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {out_path}: the folder {folder} does not exist")
     chunk = spec.chunk_for(ctx)
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npy")
-    os.close(handle)
-    try:
+    with atomic_path(out_path, suffix=".npy") as temp:
         # Written head group by head group into a memory-mapped file, so the
         # whole [H, N, N] array never has to sit in memory.
         array = np.lib.format.open_memmap(temp, mode="w+", dtype=np.bool_, shape=(heads, ctx, ctx))
@@ -136,10 +134,4 @@ def export(name, ctx, heads, chunk_size, dilation, out_path):
             array[first:end] = rule_mask(rule, ctx, chunk).numpy()[None]
         array.flush()
         del array
-        os.chmod(temp, 0o644)  # mkstemp makes it private; a result file is not
-        os.replace(temp, out_path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
     click.echo(f"wrote {out_path}: bool [{heads}, {ctx}, {ctx}] mask of {spec.name}")

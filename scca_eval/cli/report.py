@@ -33,7 +33,7 @@ def _write(text: str, output: str | None) -> None:
     if output is None:
         click.echo(text)
         return
-    from ..results import atomic_write_text
+    from ..files import atomic_write_text
 
     atomic_write_text(Path(output), text + "\n")
     click.echo(f"wrote {output}", err=True)
@@ -61,7 +61,8 @@ def table(paths, fmt, metric, rows, ci, references, digits, output):
       scca-eval table results/a results/b --rows model-pattern --format latex -o table.tex
     """
     from ..report.tables import render_tables
-    from ..results import check_output_path, load_records
+    from ..files import check_output_path
+    from ..results import load_records
 
     if output is not None:
         check_output_path(output)
@@ -103,7 +104,8 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
     """
     from ..errors import UserError
     from ..report.compare import compare_records
-    from ..results import check_output_path, load_records
+    from ..files import check_output_path
+    from ..results import load_records
 
     if bootstrap_samples < 100:
         raise UserError(f"--bootstrap-samples must be at least 100 (got {bootstrap_samples})")

@@ -45,7 +45,6 @@ default, or the first N when it is ``first``; the kept documents stay in source 
 
 from __future__ import annotations
 
-import importlib.resources
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..files import bundled_folder
 
 SOURCE_TYPES = ("text", "jsonl", "parquet", "hub", "longlora_bin")
 
@@ -152,14 +152,7 @@ def bundled_tasks_dir() -> Path | None:
     Installed, the project's top-level ``tasks/`` folder is the package
     ``scca_eval.tasks``; in a source checkout it sits next to the ``scca_eval`` folder.
     """
-    try:
-        root = Path(str(importlib.resources.files("scca_eval.tasks")))
-        if root.is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    checkout = Path(__file__).resolve().parents[2] / "tasks"
-    return checkout if checkout.is_dir() else None
+    return bundled_folder("scca_eval.tasks", "tasks")
 
 
 def display_path(path: Path) -> str:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..files import atomic_write
 from .sources import Document, iter_file_chunks, read_documents, read_token_stream
 from .tasks import TaskSpec
 
@@ -216,19 +216,8 @@ def _write_cache(path: Path, meta: dict, tokenized: _Tokenized) -> None:
     meta = {**meta, "bytes": tokenized.bytes, "words": tokenized.words,
             "ids_sha256": hashlib.sha256(arrays["ids"].tobytes()).hexdigest()}
     arrays["meta"] = np.array(json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file in the same folder, then rename: a reader never sees a
-    # half-written cache file, even if this process is killed.
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False)
-    try:
-        with handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    # Atomic: a reader never sees a half-written cache file, even if this process is killed.
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def _read_cache(path: Path, expected: dict) -> _Tokenized | None:

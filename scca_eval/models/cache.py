@@ -8,13 +8,14 @@ into place, so a killed process never leaves a half-written entry behind.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..files import atomic_write_json
 
 
 def cache_root() -> Path:
@@ -34,15 +35,7 @@ def models_cache_dir() -> Path:
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, data, indent=1, sort_keys=True)
 
 
 @contextmanager

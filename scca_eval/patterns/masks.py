@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from fractions import Fraction
 
 import torch
 
 from ..errors import MissingDependency, UserError
+from ..files import atomic_path
 from .rules import Rule
 from .spec import PatternSpec
 
@@ -178,13 +178,5 @@ def save_png(spec: PatternSpec, n: int, num_heads: int, path: str | os.PathLike,
         axes.tick_params(labelsize=6)
     figure.suptitle(f"{spec.name}: N={n}, H={num_heads}, density {density(spec, n, num_heads):.3f}", fontsize=9)
     figure.tight_layout()
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(handle)
-    try:
+    with atomic_path(path, suffix=".png") as temp:
         figure.savefig(temp, format="png", dpi=120)
-        os.chmod(temp, 0o644)  # mkstemp makes it private; a picture is not
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise

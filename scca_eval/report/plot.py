@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import MissingDependency, UserError
-from ..results import atomic_write, check_output_path
+from ..files import atomic_write, check_output_path
 from .grid import METRICS, Row, build_grids
 
 FORMATS = ("png", "svg")

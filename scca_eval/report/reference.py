@@ -21,7 +21,6 @@ then among the reference files installed with the package; a path works too.
 
 from __future__ import annotations
 
-import importlib.resources
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
+from ..files import bundled_folder
 from .grid import METRICS
 
 FIELDS = {"title": True, "source": True, "url": False, "setting": True, "label": True, "task": True,
@@ -66,14 +66,7 @@ class ReferenceSet:
 
 def bundled_reference_dir() -> Path | None:
     """The reference files installed with the package (``results/reference`` of the source tree)."""
-    try:
-        root = Path(str(importlib.resources.files("scca_eval.reference")))
-        if root.is_dir():
-            return root
-    except (ModuleNotFoundError, TypeError):
-        pass
-    checkout = Path(__file__).resolve().parents[2] / "results" / "reference"
-    return checkout if checkout.is_dir() else None
+    return bundled_folder("scca_eval.reference", "results/reference")
 
 
 def _reference_files() -> dict[str, Path]:

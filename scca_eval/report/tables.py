@@ -19,6 +19,13 @@ FORMATS = ("markdown", "csv", "latex")
 MISSING = "–"
 
 
+def markdown_tables(records: Sequence[dict], digits: int = 2) -> str:
+    """One markdown table per task in the paper's layout (rows: patterns, or model · pattern
+    for several models; columns: ctx; best value per column in bold): the end-of-run table of
+    `scca-eval ppl` and `sweep`, the same as `scca-eval table` prints."""
+    return render_tables(records, digits=digits)
+
+
 def render_tables(records: Sequence[dict], *, format: str = "markdown", metric: str = "perplexity",
                   rows: str = "auto", ci: bool = False, references: Sequence = (), digits: int = 2) -> str:
     """Tables of ``records`` (and ``references``, see :mod:`.reference`) as text.

@@ -1,0 +1,145 @@
+"""Files the harness writes or ships: atomic writes and the bundled resource folders.
+
+Every output (records, progress files, caches, tables, plots, masks) is written through
+:func:`atomic_write` or :func:`atomic_path`: a temporary file in the same folder that then
+replaces the destination (``os.replace`` is atomic within one file system), so a reader
+never sees half a file and a failed write leaves the old file as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.resources
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from .errors import UserError
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (so no folder can be made)."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor if ancestor.exists() and not ancestor.is_dir() else None
+
+
+def _unwritable(path: Path, error: OSError | None = None) -> UserError:
+    """The one-line message for an output file that cannot be written, saying what to do."""
+    if path.is_dir():
+        return UserError(f"cannot write {path}: it is a folder; give a file name (e.g. {path / 'out'})")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        return UserError(f"cannot write {path}: {blocker} is a file, not a folder; choose another path")
+    if error is not None and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write {path}: permission denied; choose a folder you can write to")
+    if error is not None and error.errno == errno.ENOSPC:
+        return UserError(f"cannot write {path}: the disk is full; free some space or choose another disk")
+    reason = (error.strerror or str(error)) if error is not None else "unknown reason"
+    return UserError(f"cannot write {path}: {reason}; choose another path")
+
+
+def check_output_path(path: str | Path) -> None:
+    """Raise :class:`UserError` when ``path`` is a folder or lies under a file. Callers check
+    before the work that makes the output, since writing would only fail after it."""
+    path = Path(path)
+    if path.is_dir() or _file_in_the_way(path) is not None:
+        raise _unwritable(path)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(handle)`` so that the file is either old or complete.
+
+    ``write`` fills a temporary file in the same folder, which then replaces ``path``
+    (``os.replace`` is atomic within one file system); on any failure the temporary file is
+    removed. A destination that cannot be written raises :class:`UserError`.
+    """
+    path = Path(path)
+    check_output_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _unwritable(path, error) from None
+    try:
+        _plain_permissions(tmp)
+        with os.fdopen(fd, "wb") as handle:
+            try:
+                write(handle)
+            except OSError as error:
+                # A full disk shows up inside write(); other OSErrors there are not about the path.
+                if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise _unwritable(path, error) from None
+                raise
+            try:
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError as error:
+                raise _unwritable(path, error) from None
+        try:
+            os.replace(tmp, path)
+        except OSError as error:
+            raise _unwritable(path, error) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` so that the file is either old or complete."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str | Path, data, indent: int = 2, sort_keys: bool = False) -> None:
+    """Write ``data`` as JSON to ``path`` so that the file is either old or complete."""
+    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path next to ``path`` for writers that want a file name (matplotlib,
+    numpy memory maps); it replaces ``path`` when the block ends without an error, and is
+    removed otherwise."""
+    path = Path(path)
+    check_output_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as error:
+        raise _unwritable(path, error) from None
+    try:
+        _plain_permissions(tmp)
+        yield Path(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError as error:
+            raise _unwritable(path, error) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain_permissions(tmp: str) -> None:
+    # mkstemp makes the file private (0600); give it the permissions of a plain open().
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
+def bundled_folder(package: str, checkout: str) -> Path | None:
+    """A data folder shipped with scca-eval: installed, the package ``package`` (e.g.
+    ``scca_eval.tasks``); in a source checkout, the folder ``checkout`` (e.g. ``tasks``)
+    next to the ``scca_eval`` folder. None when neither exists."""
+    try:
+        root = Path(str(importlib.resources.files(package)))
+        if root.is_dir():
+            return root
+    except (ModuleNotFoundError, TypeError):
+        pass
+    folder = Path(__file__).resolve().parents[1] / checkout
+    return folder if folder.is_dir() else None
