@@ -11,8 +11,7 @@ Backends (all take q [B, H, N, D], k, v [B, H_kv, N, D] and return [B, H, N, D])
 - ``flash``:     the chunked layout run by the flash-attn package's kernel
                  (optional: ``pip install 'scca-eval[flash]'``).
 - ``auto``:      SDPA for the full pattern, ``strided`` on CUDA, ``chunked`` elsewhere
-                 (``strided`` met the speed goals on an H200 where ``flex`` did not,
-                 see benchmarks/README.md).
+                 (chosen from the measurements in benchmarks/README.md).
 
 A per-process counter records which backend ran, so that callers can check
 that a pattern really took effect (``call_counts()``).
@@ -25,6 +24,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from ..choices import ATTENTION_BACKENDS
 from ..errors import MissingDependency, UserError
 from ..patterns.masks import build_mask
 from ..patterns.spec import PatternSpec
@@ -32,7 +32,7 @@ from .chunked import chunked_pattern_attention
 from .reference import masked_attention
 from .strided import strided_pattern_attention
 
-BACKENDS = ("auto", "reference", "chunked", "strided", "flex", "flash", "sdpa")
+BACKENDS = ATTENTION_BACKENDS + ("sdpa",)
 
 _calls: Counter = Counter()
 

@@ -17,13 +17,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..choices import ATTENTION_BENCH_PATTERNS
 from ..errors import UserError
 from ..patterns.masks import density
 from ..patterns.parse import resolve_pattern
 from ..patterns.spec import PatternSpec
 from .timing import graph_time_ms, synchronize, time_ms
 
-DEFAULT_PATTERNS = ("s2", "scca_fixed", "scca_flow", "sda", "sda-r4", "longmixed")
+DEFAULT_PATTERNS = ATTENTION_BENCH_PATTERNS
 BACKENDS = ("flex", "chunked", "strided", "strided-serial", "auto")
 
 _SDA_RATE = re.compile(r"^sda[-_]r(\d+)$")

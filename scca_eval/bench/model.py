@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..choices import PRESETS
 from ..errors import UserError
 from ..patterns.masks import density
 from .attention import pattern_from_label
@@ -42,7 +43,7 @@ SHAPES: dict[str, dict] = {
                          tie_word_embeddings=True),
 }
 
-DEFAULT_PATTERNS = ("full", "s2", "scca_fixed", "scca_flow", "sda", "longmixed")
+DEFAULT_PATTERNS = PRESETS
 
 
 def random_model(shape: str | dict, *, device: torch.device, dtype: torch.dtype, max_ctx: int,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
+from ..choices import ATTENTION_BENCH_PATTERNS, DTYPES, PRESETS
 from .options import INT_LIST, NAME_LIST, rope_scaling_options
 
-CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"], case_sensitive=False)
-ATTENTION_PATTERNS = "s2,scca_fixed,scca_flow,sda,sda-r4,longmixed"
-MODEL_PATTERNS = "full,s2,scca_fixed,scca_flow,sda,longmixed"
+CHOICE_DTYPES = click.Choice(list(DTYPES), case_sensitive=False)
+ATTENTION_PATTERNS = ",".join(ATTENTION_BENCH_PATTERNS)
+MODEL_PATTERNS = ",".join(PRESETS)
 # Without a GPU the attention benchmark runs at these lengths, so it finishes in seconds.
 CPU_LENGTHS = [512, 1024]
 

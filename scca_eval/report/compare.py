@@ -18,7 +18,8 @@ from typing import Sequence
 
 from ..errors import UserError
 from ..metrics import paired_bootstrap
-from .grid import PRESET_ORDER, pattern_identity, pattern_labels
+from ..records import comparison_key
+from .grid import PRESET_ORDER, pattern_labels
 
 
 @dataclass
@@ -103,14 +104,10 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _cell_key(record: dict) -> tuple:
-    return (record["task"], pattern_identity(record), int(record["ctx"]))
-
-
 def _index(records: Sequence[dict], side: str, labels: dict[str, str]) -> dict[tuple, dict]:
     cells: dict[tuple, dict] = {}
     for record in records:
-        key = _cell_key(record)
+        key = comparison_key(record)
         if key in cells:
             other = cells[key]
             raise UserError(f"{side} holds two records for {record['task']} · {labels[key[1]]} · ctx {key[2]} "

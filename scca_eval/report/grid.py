@@ -16,7 +16,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from ..choices import PRESETS
 from ..errors import UserError
+from ..records import pattern_config, pattern_identity
 
 # metric key in a record -> how titles and axes name it (lower is better for all of them)
 METRICS = {
@@ -29,7 +31,7 @@ ROW_MODES = ("auto", "pattern", "model", "model-pattern")
 
 # Rows of the presets come in the order the paper discusses them; other patterns follow
 # in the order they first appear.
-PRESET_ORDER = ("full", "s2", "scca_fixed", "scca_flow", "sda", "longmixed")
+PRESET_ORDER = PRESETS
 
 # How a differing pattern setting shows in a label.
 _SETTING_NAMES = {"chunk_size": "G", "chunk_ratio": "G/ctx", "dilation": "r"}
@@ -96,17 +98,6 @@ class TaskGrid:
 
 
 # ---------------------------------------------------------------- labels
-
-def pattern_config(record: dict) -> dict:
-    """The record's pattern settings ({name, groups, chunk_size, chunk_ratio, dilation})."""
-    config = record.get("config", {}).get("pattern")
-    return config if isinstance(config, dict) else {"name": record["pattern"]}
-
-
-def pattern_identity(record: dict) -> str:
-    """Equal for two records exactly when they ran the same pattern with the same settings."""
-    return json.dumps(pattern_config(record), sort_keys=True)
-
 
 def pattern_name(record: dict) -> str:
     """The preset name, or for a custom mix its groups (``1/2 local + 1/2 cross(1)``)."""
