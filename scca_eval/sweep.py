@@ -4,7 +4,7 @@ Each model is loaded once and each pattern applied to it in turn; each task is t
 once per tokenizer (the data module caches the token ids on disk, so later cells and later
 runs reuse them). A record is written as soon as its cell is done, so an interrupted sweep
 keeps what it finished, and a cell is skipped when the output folder already holds a
-record made with the same configuration (:func:`config_key`). Running the same sweep
+record made with the same configuration (``records.config_key``). Running the same sweep
 again therefore continues where it stopped, and a changed setting recomputes exactly the
 cells it affects.
 
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import yaml
 
 from .errors import UserError
+from .records import config_key  # a stored record's key (re-exported for the tests and callers)
 
 if TYPE_CHECKING:
     from .patterns.spec import PatternSpec
@@ -44,8 +45,6 @@ DEFAULT_OUT = "results/sweep"
 # load_model options that may be set per model in a sweep file
 MODEL_OPTIONS = ("adapter", "merge_adapter", "trainable_params", "rope_scaling", "original_ctx",
                  "finetuned_ctx", "tokenizer")
-ATTENTION_BACKENDS = ("auto", "strided", "chunked", "flex", "reference", "flash")
-DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 # sweep setting -> (kind, default); kinds are checked by _read_setting
 SETTINGS: dict[str, tuple[str, Any]] = {
@@ -120,7 +119,7 @@ class SweepResult:
 
 
 def _cell_label(model: str, task: str, spec: PatternSpec, ctx: int) -> str:
-    from .api import record_pattern_name
+    from .records import record_pattern_name
 
     # The name the cell's record carries (custom mixes: "custom-<8 hex>"), so labels tell mixes apart.
     return f"{model} · {task} · {record_pattern_name(spec)} · ctx {ctx}"
@@ -215,9 +214,10 @@ def _read_setting(key: str, value: Any, where: str) -> Any:
 
 def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     """Check every setting (bad input fails here, before any model is loaded)."""
-    from .api import check_ctx_and_stride, record_pattern_name, resolve_tasks
-    from .patterns.parse import check_against_ctx, resolve_pattern
+    from .records import record_pattern_name
     from .results import record_filename
+    from .validation import (check_attention_backend, check_ctx_and_stride, check_dtype_name,
+                             resolve_patterns, resolve_tasks)
 
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
@@ -228,17 +228,12 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     for key in ("max_tokens", "batch_size"):
         if values[key] is not None and values[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1 (got {values[key]})")
-    if values["dtype"] is not None and values["dtype"].lower() not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got {values['dtype']!r})")
-    if values["attention_backend"] not in ATTENTION_BACKENDS:
-        raise UserError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)} "
-                        f"(got {values['attention_backend']!r})")
+    check_dtype_name(values["dtype"])
+    check_attention_backend(values["attention_backend"])
 
     specs: dict[str, Any] = {}
-    for text in values["patterns"]:
-        spec = resolve_pattern(text, chunk_size=values["chunk_size"], dilation=values["dilation"])
-        for ctx in values["ctx"]:
-            check_against_ctx(spec, ctx)
+    for spec in resolve_patterns(values["patterns"], values["ctx"], chunk_size=values["chunk_size"],
+                                 dilation=values["dilation"]):
         specs.setdefault(json.dumps(spec.to_dict(), sort_keys=True), spec)
     # Records are named by record_pattern_name (custom mixes by a hash of their groups), so
     # two patterns with one name would overwrite each other's records.
@@ -277,37 +272,7 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     )
 
 
-# ---------------------------------------------------------------- the configuration key
-
-def _model_part(model_id: str, model_info: dict) -> dict:
-    fingerprint = model_info.get("fingerprint")
-    return {
-        "id": model_id,
-        "weights": fingerprint.get("digest") if isinstance(fingerprint, dict) else None,
-        "adapter": model_info.get("adapter"),
-        "rope_scaling": model_info.get("rope_scaling"),
-    }
-
-
-def _key(**fields) -> str:
-    # JSON with sorted keys: equal settings give equal text, whether they come from a
-    # record read back from disk or from the planned cell.
-    return json.dumps(fields, sort_keys=True, default=str)
-
-
-def config_key(record: dict) -> str:
-    """What decides whether a stored record answers a cell of a sweep: model (id, weights,
-    adapter, RoPE scaling), task data and tokenizer, pattern settings, ctx, stride, protocol,
-    --max-tokens, BOS, dtype and the bootstrap seed."""
-    config = record["config"]
-    return _key(
-        model=_model_part(record["model"], config.get("model") or {}),
-        task=record["task"], data=config.get("data_fingerprint"), tokenizer=config.get("tokenizer_fingerprint"),
-        pattern=config.get("pattern"), ctx=record["ctx"], stride=record["stride"],
-        protocol=config.get("protocol", "stride"), max_tokens=config.get("max_tokens"),
-        add_bos=config.get("add_bos"), dtype=config.get("dtype"), seed=config.get("bootstrap_seed"),
-    )
-
+# ---------------------------------------------------------------- stored records
 
 def _existing_records(out: Path, say: Callable[[str], None]) -> dict[str, dict]:
     """config key -> record, for every readable record in ``out``."""
@@ -339,29 +304,30 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
     from .api import evaluate
     from .data import tokenize_task
     from .models import load_model, model_record
+    from .records import cell_identity, model_dtype, model_identity, sweep_key
 
     say = log or (lambda message: None)
     existing = _existing_records(sweep.out, say)
     result = SweepResult()
     common = dict(stride=sweep.stride, batch_size=sweep.batch_size, max_tokens=sweep.max_tokens,
-                  out=str(sweep.out), chunk_size=sweep.chunk_size, dilation=sweep.dilation,
-                  add_bos=sweep.add_bos, allow_long_context=sweep.allow_long_context, seed=sweep.seed,
+                  out=str(sweep.out), add_bos=sweep.add_bos, allow_long_context=sweep.allow_long_context, seed=sweep.seed,
                   attention_backend=sweep.attention_backend, compile=sweep.compile, progress=progress)
     for entry in sweep.models:
+        # The patterns are resolved specs (chunk size and dilation inside): applied as they are.
         lm, tokenizer = load_model(entry.model, pattern=sweep.patterns[0], dtype=sweep.dtype, device=sweep.device,
-                                   chunk_size=sweep.chunk_size, dilation=sweep.dilation,
                                    attention_backend=sweep.attention_backend, **dict(entry.options))
         try:
-            model_part = _model_part(entry.model, model_record(lm, tokenizer))
-            dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")
+            model_part = model_identity(entry.model, model_record(lm, tokenizer))
+            dtype = model_dtype(lm)
             for task, task_arguments in sweep.tasks:
                 tokenized = tokenize_task(task, tokenizer, add_bos=sweep.add_bos)
                 for spec in sweep.patterns:
                     planned = {
-                        ctx: _key(model=model_part, task=task.name, data=tokenized.data_fingerprint,
-                                  tokenizer=tokenized.tokenizer_fingerprint, pattern=spec.to_dict(), ctx=ctx,
-                                  stride=sweep.stride or ctx, protocol="stride", max_tokens=sweep.max_tokens,
-                                  add_bos=sweep.add_bos, dtype=dtype, seed=sweep.seed)
+                        ctx: sweep_key(cell_identity(
+                            model=model_part, task=task.name, data=tokenized.data_fingerprint,
+                            tokenizer=tokenized.tokenizer_fingerprint, pattern=spec.to_dict(), ctx=ctx,
+                            stride=sweep.stride or ctx, protocol="stride", max_tokens=sweep.max_tokens,
+                            add_bos=sweep.add_bos, dtype=dtype), sweep.seed)
                         for ctx in sweep.ctx
                     }
                     missing = [ctx for ctx, key in planned.items() if key not in existing]

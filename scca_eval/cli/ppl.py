@@ -8,12 +8,13 @@ import sys
 
 import click
 
+from ..choices import ATTENTION_BACKENDS, DTYPES, PROTOCOLS
 from ..errors import UserError
 from .options import INT_LIST, rope_scaling_options
 
 DEVICE_MAPS = ["auto", "balanced", "balanced_low_0", "sequential"]
 
-CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"], case_sensitive=False)
+CHOICE_DTYPES = click.Choice(list(DTYPES), case_sensitive=False)
 
 
 @click.command()
@@ -40,7 +41,7 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
               help="Chunk size G in tokens for the chunked rules. Default: a quarter of the window.")
 @click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
 @click.option("--attention-backend",
-              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
+              type=click.Choice(ATTENTION_BACKENDS),
               default="auto", show_default=True,
               help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU.")
 @click.option("--batch-size", "-b", type=int, default=None,
@@ -67,15 +68,15 @@ CHOICE_DTYPES = click.Choice(["float32", "fp32", "bfloat16", "bf16", "float16", 
               help="Tokenizer folder or hub id, for checkpoints saved without one. Default: the model's.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Run code shipped with the model (never done unless you give this flag).")
-@click.option("--protocol", type=click.Choice(["stride", "longlora"]), default="stride", show_default=True,
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="stride", show_default=True,
               help="stride: per document, every token scored once (see --stride). longlora: LongLoRA's "
                    "eval.py exactly — documents joined into one stream, ctx-token windows every --stride "
                    "tokens (default 256), every token of every window scored, exp(mean window loss).")
 @click.option("--compile", "compile_layers", is_flag=True,
-              help="Compile the decoder layers and the loss step (fused elementwise kernels): once "
-                   "compiled about 1.3x faster for a 7B model on a GPU, 1.2x on CPU; compiling takes "
-                   "about 10 s per pattern and ctx on a GPU, a minute on CPU, so it pays on long runs "
-                   "(about a million tokens and more). Numbers change only within float noise.")
+              help="Compile the decoder layers and the loss step (fused elementwise kernels). Faster once "
+                   "compiled, but compiling takes time per pattern and ctx, so it pays on long runs such as "
+                   "sweeps, not on quick looks (benchmarks/README.md has the measurements). Numbers change "
+                   "only within float noise.")
 @click.option("--allow-long-context", is_flag=True,
               help="Evaluate a ctx beyond what the model's RoPE settings cover (with one warning); without "
                    "it such a ctx is refused, naming a --rope-scaling value that covers it.")
@@ -122,18 +123,15 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
       torchrun --nproc-per-node 2 -m scca_eval ppl --model ./llama-2-7b --ctx 8192
     """
     from .. import distributed
-    from ..api import check_ctx_and_stride, check_out_folder, check_run_options, resolve_tasks
-    from ..patterns.parse import check_against_ctx, resolve_pattern
+    from ..validation import (check_ctx_and_stride, check_out_folder, check_run_options, resolve_patterns,
+                              resolve_tasks)
 
     # Every cheap check first: bad input fails before a model is loaded or processes start.
     try:
         check_ctx_and_stride(ctx, stride)
         check_run_options(batch_size=batch_size, max_tokens=max_tokens, save_every=save_every)
         check_out_folder(None if no_write else out)
-        specs = [resolve_pattern(p, chunk_size=chunk_size, dilation=dilation) for p in (list(patterns) or ["full"])]
-        for spec in specs:
-            for c in ctx:
-                check_against_ctx(spec, c)
+        specs = resolve_patterns(list(patterns) or ["full"], ctx, chunk_size=chunk_size, dilation=dilation)
         resolve_tasks(tasks, data)
         if device_map is not None:
             _check_device_map(device, gpus)
@@ -158,7 +156,7 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
     ranks, device = distributed.setup(device)
     try:
         _run(ranks, model=model, tasks=tasks, data=data, ctx=ctx, stride=stride, specs=specs,
-             chunk_size=chunk_size, dilation=dilation, attention_backend=attention_backend,
+             attention_backend=attention_backend,
              batch_size=batch_size, max_tokens=max_tokens, add_bos=add_bos, dtype=dtype, device=device,
              device_map=device_map, adapter=adapter, merge_adapter=merge_adapter, rope_scaling=rope_scaling,
              allow_long_context=allow_long_context, out=None if no_write else out, save_every=save_every,
@@ -183,19 +181,18 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
 
 
 def _run(ranks, *, model, specs, out, quiet, device, device_map, adapter, merge_adapter, rope_scaling,
-         model_options,
-         chunk_size, dilation, attention_backend, dtype, **options):
+         model_options, attention_backend, dtype, **options):
     from ..api import evaluate
     from ..models import load_model
-    from ..results import markdown_tables
+    from ..report.tables import markdown_tables
     from ..resume import remove_progress
     from .progress import RichProgress
 
     if device_map is not None:
         _need_accelerate()
     loaded = load_model(
-        model, pattern=specs[0], dtype=dtype, device=device, device_map=device_map, chunk_size=chunk_size,
-        dilation=dilation, attention_backend=attention_backend, adapter=adapter, merge_adapter=merge_adapter,
+        model, pattern=specs[0], dtype=dtype, device=device, device_map=device_map,
+        attention_backend=attention_backend, adapter=adapter, merge_adapter=merge_adapter,
         rope_scaling=rope_scaling, **model_options,
     )
     records = []
@@ -204,7 +201,7 @@ def _run(ranks, *, model, specs, out, quiet, device, device_map, adapter, merge_
     with bar as progress:
         for spec in specs:
             records += evaluate(
-                model, pattern=spec, out=out, chunk_size=chunk_size, dilation=dilation, device_map=device_map,
+                model, pattern=spec, out=out, device_map=device_map,
                 loaded=loaded, progress=progress, attention_backend=attention_backend, keep_progress=True,
                 **options,
             )

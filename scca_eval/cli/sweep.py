@@ -6,6 +6,7 @@ import contextlib
 
 import click
 
+from ..choices import ATTENTION_BACKENDS
 from .options import INT_LIST, rope_scaling_options
 
 
@@ -33,7 +34,7 @@ from .options import INT_LIST, rope_scaling_options
 @click.option("--allow-long-context", is_flag=True, default=None,
               help="Evaluate a ctx beyond what the model's RoPE settings cover (with one warning).")
 @click.option("--attention-backend",
-              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
+              type=click.Choice(ATTENTION_BACKENDS),
               default=None, help="Kernel for sparse patterns. Default: auto (strided SDPA layout on GPU, "
                                  "chunked on CPU).")
 @click.option("--adapter", type=click.Path(), default=None,
@@ -64,7 +65,7 @@ def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, ba
           --ctx 1024,2048,4096,8192 --max-tokens 16384 --out results/smollm2-135m
       scca-eval sweep results/smollm2-135m.yaml --device cuda
     """
-    from ..results import markdown_tables
+    from ..report.tables import markdown_tables
     from ..sweep import ModelEntry, load_sweep_file, make_sweep, run_sweep, split_patterns
 
     settings = load_sweep_file(sweep_file) if sweep_file else {}

@@ -1,0 +1,295 @@
+"""One (task, ctx) cell: its windows scored in groups of whole documents, then its record.
+
+The windows of the protocol are planned over all documents; the documents are then
+scored in groups of about ``save_every`` batches of work (windows of several documents
+batched together). After each group the per-document sums are saved to a progress file
+next to the record (``resume.py``), so a run that is stopped — Ctrl-C, SIGKILL, a lost
+machine — continues where it stopped when the same command runs again. Inside a
+torch.distributed run each rank scores whole batches of every group and the sums are
+added up exactly (``distributed.py``); rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from . import distributed
+from .data import TokenizedTask
+from .engine import WindowScores, auto_batch_size, model_device, plan_batches, score_windows
+from .errors import UserError
+from .metrics import DocScore, summarize
+from .records import cell_config, device_name, new_record, progress_key, record_pattern_name, runtime
+from .results import record_filename
+from .resume import DocumentDone, Interrupted, ProgressFile, progress_path
+from .windows import Window, limit_scored_tokens, longlora_perplexity, plan_longlora_windows, plan_windows
+
+# Progress is saved after about this many batches of forward work (whole documents).
+DEFAULT_SAVE_EVERY = 32
+LONGLORA_STEP = 256  # LongLoRA's eval.py: a window starts every 256 tokens
+
+
+class Progress(Protocol):
+    """What ``evaluate`` reports while it runs (the CLI draws a progress bar)."""
+
+    def begin(self, label: str, total_tokens: int) -> None: ...
+    def advance(self, tokens: int) -> None: ...
+    def end(self) -> None: ...
+
+
+def notify_stderr(message: str) -> None:
+    print(f"scca-eval: {message}", file=sys.stderr, flush=True)
+
+
+def evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, step, *,
+                           batch_size, max_tokens, add_bos, progress, ranks) -> dict:
+    """One cell under LongLoRA's protocol (windows.plan_longlora_windows): the task's
+    documents joined into one stream, as LongLoRA's pre-tokenized .bin files are. It is
+    a single computation over the stream, so it keeps no per-document progress."""
+    stream = np.concatenate([d.ids for d in tokenized.docs]) if tokenized.docs else np.zeros(0, np.int32)
+    windows = plan_longlora_windows(len(stream), ctx, step)
+    if max_tokens is not None:  # the first windows, enough to score max_tokens targets
+        windows = windows[: max(1, -(-max_tokens // (ctx - 1)))]
+    device = model_device(lm)
+    batch = batch_size or auto_batch_size(ctx, device, windows)
+    total = sum(w.scored for w in windows)
+    label = f"{tokenized.task.name} · {record_pattern_name(spec)} · ctx {ctx} · longlora"
+    if progress is not None:
+        progress.begin(label, total)
+    started = time.perf_counter()
+    began_at = datetime.now(timezone.utc)
+    try:
+        scores = _score_group(lm, [stream], windows, batch, ranks,
+                              progress.advance if progress is not None else None, ctx)
+    except _OutOfMemory:
+        raise _out_of_memory_error(ctx, batch, lm, None, 0, 1, ranks) from None
+    finally:
+        if progress is not None:
+            progress.end()
+    seconds = time.perf_counter() - started
+    window_losses = scores.nll_sum / scores.tokens
+    nll_sum, scored = float(scores.nll_sum.sum()), int(scores.tokens.sum())
+    record = new_record(model_id, spec, tokenized, ctx, step, {
+        "protocol": "longlora",
+        "longlora_step": step,
+        **cell_config(lm, tokenizer, spec, tokenized, add_bos=add_bos, max_tokens=max_tokens, batch=batch),
+    })
+    record["metrics"] = {
+        "perplexity": longlora_perplexity(window_losses),
+        "perplexity_batched_as_published": longlora_perplexity(window_losses, batch_size=batch),
+        "nll_sum": nll_sum,
+        "tokens": scored,
+        "distinct_tokens_scored": int(min(len(stream) - 1, windows[-1].end - 1)) if windows else 0,
+        "windows": len(windows),
+        "mean_nll": float(np.mean(window_losses)),
+        "bits_per_byte": None,
+        "byte_perplexity": None,
+        "word_perplexity": None,
+        "ci95": None,
+    }
+    record["documents"] = [{"id": "stream", "nll_sum": nll_sum, "tokens": scored, "bytes": None, "words": None}]
+    record["runtime"] = runtime(lm, seconds=seconds, tokens_per_second=round(scored / seconds, 1) if seconds > 0 else None,
+                                device_text=device_name(device), processes=ranks.world_size, started=began_at)
+    return record
+
+
+def plan_groups(windows: Sequence[Window], target_tokens: int) -> list[list[int]]:
+    """Window indices cut into groups of whole documents, each closed once it holds at least
+    ``target_tokens`` tokens of forward work. Greedy and in document order, so a run that
+    resumes after the first k groups forms the same remaining groups."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    work = 0
+    for index, window in enumerate(windows):
+        if current and window.doc != windows[current[-1]].doc and work >= target_tokens:
+            groups.append(current)
+            current, work = [], 0
+        current.append(index)
+        work += window.end - window.start
+    if current:
+        groups.append(current)
+    return groups
+
+
+def engine_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
+    """How the engine cuts ``windows`` into batches (window indices per batch). A rank takes
+    whole batches, so every window is computed in the same batch as in a one-process run."""
+    return plan_batches(windows, batch_size)
+
+
+class _OutOfMemory(Exception):
+    """Raised on every rank when one of them ran out of memory in a group."""
+
+
+def _score_group(lm, documents, windows: Sequence[Window], batch: int, ranks, advance, ctx: int) -> WindowScores:
+    """Per-window sums of one group; each rank scores its share, the sums are exchanged."""
+    mine = distributed.my_batches(engine_batches(windows, batch), ranks)
+    nll = np.zeros(len(windows), dtype=np.float64)
+    tokens = np.zeros(len(windows), dtype=np.int64)
+    out_of_memory = False
+    try:
+        scores = score_windows(lm, documents, [windows[i] for i in mine], batch_size=batch, progress=advance,
+                               window_length=ctx)
+        nll[mine] = scores.nll_sum
+        tokens[mine] = scores.tokens
+    except torch.OutOfMemoryError:
+        out_of_memory = True
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    # Every rank must reach the same collectives, so a rank that failed says so first.
+    if not distributed.all_agree(not out_of_memory, ranks):
+        raise _OutOfMemory
+    return WindowScores(distributed.sum_over_ranks(nll, ranks), distributed.sum_over_ranks(tokens, ranks))
+
+
+class _ScaledAdvance:
+    """Rank 0's progress bar for the whole run: rank 0 sees only its own batches, so its
+    counts are scaled to the group, and corrected to the exact total when the group ends."""
+
+    def __init__(self, progress: Progress | None, group_total: int, own_total: int):
+        self.progress, self.group_total, self.shown = progress, group_total, 0
+        self.scale = group_total / own_total if own_total else 0.0
+        self.own = 0
+
+    def __call__(self, tokens: int) -> None:
+        if self.progress is None:
+            return
+        self.own += tokens
+        target = min(self.group_total, int(self.own * self.scale))
+        if target > self.shown:
+            self.progress.advance(target - self.shown)
+            self.shown = target
+
+    def finish(self) -> None:
+        if self.progress is not None and self.group_total > self.shown:
+            self.progress.advance(self.group_total - self.shown)
+            self.shown = self.group_total
+
+
+def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, stride, *,
+                   batch_size, max_tokens, add_bos, seed, progress, out=None, save_every=None,
+                   resume=True, ranks=distributed.SINGLE, notify=notify_stderr,
+                   device_map=None) -> tuple[dict, ProgressFile | None]:
+    """Score one (task, ctx) cell; return its record and its progress file (None without ``out``)."""
+    docs = tokenized.docs
+    lengths = [len(d.ids) for d in docs]
+    if max_tokens is not None:
+        lengths = limit_scored_tokens(lengths, ctx, max_tokens)
+    windows = plan_windows(lengths, ctx, stride)
+    device = model_device(lm)
+    batch = batch_size or auto_batch_size(ctx, device, windows)
+    expected = {i: (doc.id, length - 1) for i, (doc, length) in enumerate(zip(docs, lengths)) if length >= 2}
+    if not expected:
+        raise UserError(f"task {tokenized.task.name}: no document has two or more tokens to score")
+    total = sum(count for _, count in expected.values())
+    record = new_record(model_id, spec, tokenized, ctx, stride, {
+        "protocol": "stride",
+        **cell_config(lm, tokenizer, spec, tokenized, add_bos=add_bos, max_tokens=max_tokens, batch=batch),
+        "device_map": device_map,
+        "bootstrap_seed": seed,
+    })
+    label = f"{tokenized.task.name} · {record['pattern']} · ctx {ctx}"
+
+    progress_file = None
+    done: dict[int, DocumentDone] = {}
+    seconds_before = 0.0
+    if out is not None:
+        progress_file = ProgressFile(progress_path(Path(out) / record_filename(record)),
+                                     progress_key(record, total), expected,
+                                     lambda message: notify(f"warning: {message}"))
+        if resume and ranks.is_main:
+            done = progress_file.load()
+            seconds_before = progress_file.loaded_seconds
+        done = distributed.share_from_main(done, ranks)
+    resumed = saved = len(done)  # saved: documents in the progress file as it is on disk
+    if resumed and ranks.is_main:
+        notify(f"resuming {label} from {progress_file.path}: {resumed} of {len(expected)} documents are done")
+
+    todo = [w for w in windows if w.doc not in done]
+    groups = plan_groups(todo, (save_every or DEFAULT_SAVE_EVERY) * batch * ctx)
+    if progress is not None:
+        progress.begin(label, total)
+        progress.advance(sum(d.tokens for d in done.values()))
+    documents = [d.ids for d in docs]
+    scored_now = 0  # targets scored by this run (not read from the progress file)
+    started = time.perf_counter()
+    began_at = datetime.now(timezone.utc)
+    try:
+        for group in groups:
+            group_windows = [todo[i] for i in group]
+            group_total = sum(w.end - w.score_from for w in group_windows)
+            own = distributed.my_batches(engine_batches(group_windows, batch), ranks)
+            advance = _ScaledAdvance(progress, group_total, sum(group_windows[i].scored for i in own))
+            scores = _score_group(lm, documents, group_windows, batch, ranks, advance, ctx)
+            advance.finish()
+            scored_now += group_total
+            nll, counts = scores.per_document(group_windows, len(docs))
+            for doc in dict.fromkeys(w.doc for w in group_windows):
+                done[doc] = DocumentDone(doc, docs[doc].id, float(nll[doc]), int(counts[doc]))
+            if progress_file is not None and ranks.is_main:
+                progress_file.save(done.values(), seconds_before + time.perf_counter() - started)
+                saved = len(done)
+    except _OutOfMemory:
+        raise _out_of_memory_error(ctx, batch, lm, progress_file, saved, len(expected), ranks) from None
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(progress_file, saved, len(expected), label)) from None
+    finally:
+        if progress is not None:
+            progress.end()
+    seconds = time.perf_counter() - started
+    if progress_file is not None and ranks.is_main and not groups:
+        progress_file.save(done.values(), seconds_before)  # nothing left to score: the file is complete
+
+    doc_scores = []
+    for index, (doc, length) in enumerate(zip(docs, lengths)):
+        if index not in expected:
+            continue
+        n_bytes, n_words = doc.prefix_stats(length)
+        saved = done[index]
+        doc_scores.append(DocScore(doc.id, saved.nll_sum, saved.tokens, n_bytes, n_words))
+    record["metrics"] = summarize(doc_scores, seed=seed)
+    record["documents"] = [
+        {"id": d.id, "nll_sum": d.nll_sum, "tokens": d.tokens, "bytes": d.bytes, "words": d.words}
+        for d in doc_scores
+    ]
+    device_text = device_name(device)
+    if ranks.is_distributed:
+        device_text += f" × {ranks.world_size} processes ({ranks.backend})"
+    record["runtime"] = runtime(
+        lm, seconds=seconds_before + seconds,
+        tokens_per_second=round(scored_now / seconds, 1) if seconds > 0 and scored_now else None,
+        device_text=device_text, processes=ranks.world_size, started=began_at, resumed_documents=resumed)
+    return record, progress_file
+
+
+def _interrupted_message(progress_file, saved: int, n_docs: int, label: str) -> str:
+    if progress_file is None:
+        return f"interrupted during {label}; nothing was saved (records are not written with --no-write)"
+    if not saved:
+        return f"interrupted during {label} before its first documents were done; nothing to resume yet"
+    return (f"interrupted: {saved} of {n_docs} documents of {label} are saved in {progress_file.path}; "
+            "run the same command again to continue")
+
+
+def _out_of_memory_error(ctx, batch, lm, progress_file, saved: int, n_docs: int, ranks) -> UserError:
+    device = model_device(lm)
+    where = f"{device.type} (in one of {ranks.world_size} processes)" if ranks.is_distributed else str(device)
+    if batch > 1:
+        advice = f"give a smaller --batch-size (e.g. --batch-size {batch // 2})"
+    else:
+        advice = ("one window does not fit next to the model: use --device-map auto to spread the model over "
+                  "several GPUs, --dtype bfloat16, or a smaller --ctx")
+    kept = ""
+    if progress_file is not None and saved:
+        kept = f"; the {saved} of {n_docs} documents already done are saved and will not be scored again"
+    error = UserError(f"out of memory on {where} at ctx {ctx} with batch size {batch} "
+                      f"({batch} window{'s' if batch > 1 else ''} of up to {ctx} tokens per forward pass): "
+                      f"{advice}{kept}")
+    error.reported_by_main = not ranks.is_main  # every rank raises it; rank 0 says it
+    return error

@@ -1,0 +1,196 @@
+"""What a result record holds, built in one place, and what makes two cells the same.
+
+A record is one JSON object per (model, task, pattern, ctx): see README, "Record". The
+two protocols' cells (``cells.py``) fill the same skeleton here. A cell's identity (the
+settings that decide its per-document sums) is defined here once and used three ways:
+a progress file must match it to be resumed (``resume.py``), a sweep reuses a stored
+record that matches it (``sweep.py``), and ``compare`` pairs cells by task, pattern
+settings and ctx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+
+from . import __version__
+
+SCHEMA = 1
+
+
+# ---------------------------------------------------------------- names and identities
+
+def record_pattern_name(spec) -> str:
+    """The ``pattern`` of a record (and of its file name): the preset name, or for a custom mix
+    ``custom-`` and 8 hex digits of the sha256 of its canonical text (``spec.canonical()``,
+    e.g. ``1/2 local + 1/2 cross(1)``), so two different mixes never share a record file,
+    and the same mix written two ways (``0.5 local`` / ``1/2 local``, text or YAML list)
+    gets the same name. Chunk size and dilation are not part of the name, as for presets;
+    the record's ``config.pattern`` holds every setting."""
+    if spec.name != "custom":
+        return spec.name
+    return "custom-" + hashlib.sha256(spec.canonical().encode("utf-8")).hexdigest()[:8]
+
+
+def pattern_config(record: dict) -> dict:
+    """The record's pattern settings ({name, groups, chunk_size, chunk_ratio, dilation})."""
+    config = record.get("config", {}).get("pattern")
+    return config if isinstance(config, dict) else {"name": record["pattern"]}
+
+
+def pattern_identity(record: dict) -> str:
+    """Equal for two records exactly when they ran the same pattern with the same settings."""
+    return json.dumps(pattern_config(record), sort_keys=True)
+
+
+def comparison_key(record: dict) -> tuple:
+    """The cell a record answers in a comparison of two runs: task, pattern settings, ctx."""
+    return (record["task"], pattern_identity(record), int(record["ctx"]))
+
+
+def model_identity(model_id: str, model_info: dict) -> dict:
+    """The model part of a cell's identity: id, weights digest, adapter, RoPE scaling."""
+    fingerprint = model_info.get("fingerprint")
+    return {
+        "id": model_id,
+        "weights": fingerprint.get("digest") if isinstance(fingerprint, dict) else None,
+        "adapter": model_info.get("adapter"),
+        "rope_scaling": model_info.get("rope_scaling"),
+    }
+
+
+def cell_identity(*, model: dict, task: str, data, tokenizer, pattern: dict, ctx: int, stride: int,
+                  protocol: str, max_tokens, add_bos, dtype) -> dict:
+    """Everything that decides a cell's per-document sums (``model`` from model_identity)."""
+    return {"model": model, "task": task, "data": data, "tokenizer": tokenizer, "pattern": pattern,
+            "ctx": ctx, "stride": stride, "protocol": protocol, "max_tokens": max_tokens,
+            "add_bos": add_bos, "dtype": dtype}
+
+
+def record_identity(record: dict) -> dict:
+    """The cell_identity of a stored or just computed record."""
+    config = record["config"]
+    return cell_identity(
+        model=model_identity(record["model"], config.get("model") or {}), task=record["task"],
+        data=config.get("data_fingerprint"), tokenizer=config.get("tokenizer_fingerprint"),
+        pattern=config.get("pattern"), ctx=record["ctx"], stride=record["stride"],
+        protocol=config.get("protocol", "stride"), max_tokens=config.get("max_tokens"),
+        add_bos=config.get("add_bos"), dtype=config.get("dtype"))
+
+
+def progress_key(record: dict, scored_tokens: int) -> dict:
+    """What a progress file must match to be resumed: the cell, and the targets it scores."""
+    return {**record_identity(record), "scored_tokens": scored_tokens}
+
+
+def sweep_key(identity: dict, seed) -> str:
+    """What decides whether a stored record answers a cell of a sweep: the cell identity and
+    the bootstrap seed, as JSON with sorted keys (equal settings give equal text, whether
+    they come from a record read back from disk or from a planned cell)."""
+    return json.dumps({**identity, "seed": seed}, sort_keys=True, default=str)
+
+
+def config_key(record: dict) -> str:
+    """sweep_key of a record."""
+    return sweep_key(record_identity(record), record["config"].get("bootstrap_seed"))
+
+
+# ---------------------------------------------------------------- building a record
+
+def package_versions() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "scca_eval": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
+
+
+def model_dtype(model) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def determinism(model) -> tuple[bool, str]:
+    """Whether running the same cell again on this device gives the same float64 sums bit for
+    bit, and why. CPU kernels sum in a fixed order for a given number of threads (tested);
+    on a GPU, matrix-product and attention kernels are chosen per shape and may split their
+    sums differently from run to run, so a GPU run is not claimed to be bitwise repeatable."""
+    import torch
+
+    from .engine import model_device
+
+    device = model_device(model)
+    attention = getattr(model.config, "_attn_implementation", None) or "unknown"
+    if device.type == "cpu":
+        return True, (f"CPU run with {torch.get_num_threads()} threads: kernels sum in a fixed order, so the "
+                      f"same run gives the same numbers bit for bit (attention: {attention})")
+    flag = torch.are_deterministic_algorithms_enabled()
+    return False, (f"{device.type} run: cuBLAS matrix products and the attention kernels ({attention}) may "
+                   "choose different algorithms or summation orders from run to run, and the per-window sums "
+                   "are accumulated with atomic adds, so repeated runs can differ in the last bits; "
+                   f"torch.are_deterministic_algorithms_enabled() was {str(flag).lower()}")
+
+
+def new_record(model_id: str, spec, tokenized, ctx: int, stride: int, config: dict) -> dict:
+    """A record's skeleton: metrics, documents and runtime are filled in once the cell ran."""
+    return {
+        "schema": SCHEMA,
+        "model": model_id,
+        "task": tokenized.task.name,
+        "pattern": record_pattern_name(spec),
+        "ctx": ctx,
+        "stride": stride,
+        "metrics": None,
+        "documents": None,
+        "skipped_documents": list(tokenized.skipped),
+        "config": config,
+    }
+
+
+def cell_config(lm, tokenizer, spec, tokenized, *, add_bos, max_tokens, batch) -> dict:
+    """The settings every record stores, whatever its protocol."""
+    from .models import model_record
+
+    return {
+        "model": model_record(lm, tokenizer),
+        "pattern": spec.to_dict(),
+        "task": tokenized.describe(),
+        "data_fingerprint": tokenized.data_fingerprint,
+        "tokenizer_fingerprint": tokenized.tokenizer_fingerprint,
+        "add_bos": add_bos,
+        "max_tokens": max_tokens,
+        "batch_size": batch,
+        "dtype": model_dtype(lm),
+        "versions": package_versions(),
+    }
+
+
+def runtime(lm, *, seconds: float, tokens_per_second, device_text: str, processes: int, started, **extra) -> dict:
+    """The record's ``runtime``: timing, device, processes, determinism, compilation."""
+    from .engine import is_compiled
+
+    deterministic, note = determinism(lm)
+    return {
+        "seconds": round(seconds, 3),
+        "tokens_per_second": tokens_per_second,
+        "device": device_text,
+        "processes": processes,
+        "started": started.isoformat(timespec="seconds"),
+        **extra,
+        "deterministic": deterministic,
+        "determinism_note": note,
+        "compiled": is_compiled(lm),
+    }

@@ -1,0 +1,114 @@
+"""Checks of a run's settings, worded as the CLI options they come from.
+
+Every command and ``evaluate`` run the same checks before anything slow starts (a model
+load, a tokenization, processes for several GPUs): bad input fails with one line that
+says what to do. Patterns are resolved here, once, into the specs that travel on.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .choices import ATTENTION_BACKENDS, DTYPES, PROTOCOLS
+from .errors import UserError
+
+
+def check_ctx_and_stride(ctxs: Sequence[int], stride: int | None) -> None:
+    for ctx in ctxs:
+        if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
+            raise UserError(f"--ctx must be whole numbers of at least 2 tokens (got {ctx!r})")
+        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int)
+                                   or not 1 <= stride <= ctx):
+            raise UserError(f"--stride must be between 1 and ctx ({ctx}); got {stride!r}")
+
+
+def check_protocol(protocol: str, ctxs: Sequence[int], stride: int | None) -> None:
+    """The protocol, and ctx and stride under it (LongLoRA's stride is a step, not bounded by ctx)."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "longlora" and stride is not None and stride < 1:
+        raise UserError(f"--stride (the LongLoRA window step) must be at least 1; got {stride}")
+    check_ctx_and_stride(ctxs, None if protocol == "longlora" else stride)
+
+
+def check_run_options(*, batch_size=None, max_tokens=None, save_every=None) -> None:
+    """The numeric options of a run that must be whole numbers of at least 1."""
+    for option, value in (("--batch-size", batch_size), ("--max-tokens", max_tokens),
+                          ("--save-every", save_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{option} must be a whole number of at least 1 (got {value!r})")
+
+
+def check_out_folder(out) -> None:
+    """``--out`` must be a folder (or not exist yet, to be made)."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the result records")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file, not a folder; give a folder for the result records")
+            break
+
+
+def check_dtype_name(dtype: str | None) -> None:
+    if dtype is not None and str(dtype).lower() not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+
+
+def check_attention_backend(backend: str) -> None:
+    if backend not in ATTENTION_BACKENDS:
+        raise UserError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)} (got {backend!r})")
+
+
+def resolve_patterns(patterns: Iterable, ctxs: Sequence[int], *, chunk_size: int | None = None,
+                     dilation: int | None = None) -> list:
+    """Each pattern (a name, a mix, a YAML list or a resolved spec) as a spec checked against
+    every ctx: the one place where a run's patterns are resolved and validated."""
+    from .patterns.parse import check_against_ctx, resolve_pattern
+
+    specs = [resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation) for pattern in patterns]
+    for spec in specs:
+        for ctx in ctxs:
+            check_against_ctx(spec, ctx)
+    return specs
+
+
+def resolve_tasks(tasks: Iterable[str] | None, data: Iterable[str] | None):
+    """TaskSpecs from task names/YAML paths and --data paths (default: the sample tasks)."""
+    from .data import load_task, task_from_data_path
+
+    tasks = list(tasks or [])
+    data = list(data or [])
+    if not tasks and not data:
+        tasks = list(DEFAULT_TASKS)
+    return [load_task(name) for name in tasks] + [task_from_data_path(path) for path in data]
+
+
+DEFAULT_TASKS = ("pg19_sample", "proof_pile_sample")
+
+
+# The longest beyond-RoPE ctx each model was warned about (ppl runs one evaluate per pattern).
+_LONG_CONTEXT_WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def check_trained_length(model, ctxs: Sequence[int], allow_long_context: bool, say=lambda message: None) -> None:
+    """Refuse a ctx beyond what the model's RoPE settings cover, naming a --rope-scaling that
+    covers it; with ``allow_long_context``, say so once per model instead."""
+    from .models import trained_length
+    from .models.rope import beyond_length_message
+
+    limit = trained_length(model)
+    too_long = [c for c in ctxs if limit is not None and c > limit]
+    if not too_long:
+        return
+    beyond = beyond_length_message(model, max(too_long))
+    if not allow_long_context:
+        raise UserError(f"{beyond}, or --allow-long-context evaluates it anyway")
+    if _LONG_CONTEXT_WARNED.get(model) != max(too_long):  # once per model, not once per pattern
+        _LONG_CONTEXT_WARNED[model] = max(too_long)
+        say(f"warning: {beyond}; evaluating as it is (--allow-long-context)")
