@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny random LLaMA with a real (small) BPE tokenizer, saved as a
-model folder, and small text slices of the bundled samples."""
+model folder, and small text slices of the bundled samples; and the one hook that skips
+tests marked ``gpu`` on a machine without CUDA. Shared helper functions live in
+helpers.py."""
 
 from __future__ import annotations
 
@@ -20,6 +22,16 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("SCCA_EVAL_CACHE", str(tmp_path_factory.mktemp("cache")))
     os.environ["HF_HUB_OFFLINE"] = "1"
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA GPU: skipped, and said so, on a machine without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 def train_bpe_tokenizer(texts, vocab_size: int = 320):

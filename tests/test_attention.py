@@ -143,11 +143,6 @@ def test_flash_backend_names_the_extra():
         pattern_attention(q, k, v, resolve_pattern("s2"), 0.3, backend="flash")
 
 
-def _flex_available() -> bool:
-    return importlib.util.find_spec("scca_eval.attention.flex") is not None
-
-
-@pytest.mark.skipif(not _flex_available(), reason="the FlexAttention backend is not present")
 @pytest.mark.parametrize("name", PRESETS)
 def test_flex_backend_through_dispatch_on_cpu(name):
     q, k, v = qkv(2, 9, 3, 37)
@@ -158,14 +153,11 @@ def test_flex_backend_through_dispatch_on_cpu(name):
 
 
 # -- GPU (skipped without one) -------------------------------------------------------------
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 # bf16 keeps 8 bits of mantissa; outputs are averages of values of size ~1, so
 # two correct bf16 computations differ by a few units of 2^-8.
 BF16_TOLERANCE = 3e-2
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["chunked", "auto"])
 def test_gpu_bf16_against_reference(backend):

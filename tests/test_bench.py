@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from scca_eval.bench import attention_bench, markdown_attention, markdown_model, model_bench
 from scca_eval.cli.bench import bench
-from test_flex import dense_mask, spec_named
+from helpers import dense_mask, spec_named
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from scca_eval.errors import UserError
 from scca_eval.report.compare import compare_records
@@ -75,15 +76,6 @@ def sides(tmp_path):
                              tmp_path / "new")
         return str(tmp_path / "base"), str(tmp_path / "new")
     return write
-
-
-def run_cli(args, capsys):
-    from scca_eval.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_clear_regression_fails_the_gate(sides, capsys):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from test_perplexity import _texts, reference_perplexity
+from helpers import reference_perplexity, texts_of
 
 
 def run_ppl(args, capsys):
@@ -27,7 +27,7 @@ def test_compiled_run_matches_plain_loop_and_eager_run(tiny_model_dir, sample_da
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    expected, expected_tokens = reference_perplexity(model, tokenizer, _texts(sample_data_dir), 128, 128)
+    expected, expected_tokens = reference_perplexity(model, tokenizer, texts_of(sample_data_dir), 128, 128)
 
     common = ["--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--ctx", "128", "--batch-size", "4",
               "--pattern", "full", "--pattern", "longmixed", "--device", "cpu", "--quiet"]

@@ -10,7 +10,7 @@ import pytest
 
 from scca_eval.api import evaluate, record_pattern_name
 from scca_eval.patterns.parse import resolve_pattern
-from test_report import run_cli
+from helpers import run_cli
 
 MIX_A = "1/2 local + 1/2 cross(1)"
 MIX_B = "1/2 local + 1/2 shifted"

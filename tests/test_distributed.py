@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scca_eval import distributed
-from scca_eval.api import _engine_batches, _plan_groups
+from scca_eval.cells import engine_batches as _engine_batches, plan_groups as _plan_groups
 from scca_eval.distributed import Ranks
 from scca_eval.windows import plan_windows
 

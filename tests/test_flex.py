@@ -8,57 +8,16 @@ table itself.
 from __future__ import annotations
 
 import os
-from fractions import Fraction as F
 
 import pytest
 import torch
+from helpers import BF16_REL_TOL, dense_attention, dense_mask, random_qkv, spec_named
 
 from scca_eval.attention import flex
 from scca_eval.attention.flex import flex_pattern_attention
-from scca_eval.patterns import PatternSpec, Rule, preset
+from scca_eval.patterns import preset
 
 PRESETS = ["full", "s2", "scca_fixed", "scca_flow", "sda", "longmixed"]
-
-# Mixed rates (lcm 6), a non-default shift, a distant cross and a causal head.
-CUSTOM = PatternSpec("custom", (
-    (F(1, 4), Rule("shifted", shift=3)),
-    (F(1, 4), Rule("cross", distance=2)),
-    (F(1, 8), Rule("dilated", rate=3, offset=2)),
-    (F(1, 8), Rule("dilated", rate=2, offset=1)),
-    (F(1, 4), Rule("causal")),
-), chunk_size=24)
-
-
-def spec_named(name: str) -> PatternSpec:
-    if name == "custom":
-        return CUSTOM
-    if name == "sda4":
-        return preset("sda", dilation=4)
-    return preset(name)
-
-
-def dense_mask(spec: PatternSpec, n: int, num_heads: int) -> torch.Tensor:
-    pos = torch.arange(n)
-    chunk = spec.chunk_for(n)
-    return torch.stack([rule.allows(pos[:, None], pos[None, :], chunk) for rule in spec.head_rules(n, num_heads)])
-
-
-def dense_attention(q, k, v, mask, scaling):
-    """float64 softmax attention; query head h uses key/value head h // (H // H_kv)."""
-    per_kv = q.shape[1] // k.shape[1]
-    k = k.double().repeat_interleave(per_kv, dim=1)
-    v = v.double().repeat_interleave(per_kv, dim=1)
-    scores = (q.double() @ k.transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
-
-
-def random_qkv(batch, heads, kv_heads, n, dim, dtype=torch.float32, device="cpu", seed=0):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(batch, heads, n, dim, generator=gen, device=device, dtype=dtype)
-    k = torch.randn(batch, kv_heads, n, dim, generator=gen, device=device, dtype=dtype)
-    v = torch.randn(batch, kv_heads, n, dim, generator=gen, device=device, dtype=dtype)
-    return q, k, v
 
 
 @pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
@@ -190,17 +149,13 @@ def test_compiled_kernel_on_cpu():
 # float64 reference must stay below BF16_REL_TOL, and within BF16_SDPA_FACTOR
 # times the error that PyTorch's own SDPA makes on full causal attention with
 # the same bf16 inputs (the yardstick of what bf16 attention normally loses).
-BF16_REL_TOL = 1e-2
 BF16_SDPA_FACTOR = 2.0
-
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def relative_error(out, ref):
     return float((out.double() - ref).norm() / ref.norm())
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
 @pytest.mark.parametrize("n", [2048, 1000])
@@ -219,7 +174,6 @@ def test_gpu_bf16_matches_reference(name, n):
     assert error < BF16_SDPA_FACTOR * sdpa_error, (error, sdpa_error)
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_fp32_matches_reference():
     spec = preset("longmixed")
@@ -230,7 +184,6 @@ def test_gpu_fp32_matches_reference():
     assert relative_error(out, ref) < 1e-3
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_flex_stays_compiled_where_the_engine_runs_eagerly():
     """The engine runs a compiled model's odd-shaped batches under the force_eager
@@ -249,7 +202,6 @@ def test_gpu_flex_stays_compiled_where_the_engine_runs_eagerly():
     assert relative_error(out, ref) < BF16_REL_TOL
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_flex_is_chosen_only_by_name():
     # auto runs the strided layout on CUDA; FlexAttention stays reachable as backend="flex"

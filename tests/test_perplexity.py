@@ -10,38 +10,9 @@ tokenizer call.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import pytest
 import torch
-
-
-def reference_perplexity(model, tokenizer, texts, ctx, stride):
-    nll_sum, scored = 0.0, 0
-    for text in texts:
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
-        length = ids.shape[1]
-        prev_end = 0
-        for begin in range(0, length, min(stride, ctx - 1)):
-            end = min(begin + ctx, length)
-            target_len = end - prev_end
-            inputs = ids[:, begin:end]
-            labels = inputs.clone()
-            labels[:, :-target_len] = -100
-            with torch.no_grad():
-                loss = model(input_ids=inputs, labels=labels).loss
-            count = int((labels[:, 1:] != -100).sum())
-            nll_sum += float(loss) * count
-            scored += count
-            prev_end = end
-            if end == length:
-                break
-    return math.exp(nll_sum / scored), scored
-
-
-def _texts(folder: Path):
-    return [p.read_text(encoding="utf-8") for p in sorted(folder.iterdir())]
+from helpers import reference_perplexity, texts_of
 
 
 @pytest.mark.parametrize("ctx,stride", [(256, 256), (256, 96), (200, 200)])
@@ -53,7 +24,7 @@ def test_tiny_model_matches_plain_loop(tiny_model_dir, sample_data_dir, ctx, str
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    expected, expected_tokens = reference_perplexity(model, tokenizer, _texts(sample_data_dir), ctx, stride)
+    expected, expected_tokens = reference_perplexity(model, tokenizer, texts_of(sample_data_dir), ctx, stride)
 
     (record,) = evaluate(str(tiny_model_dir), data=[str(sample_data_dir)], ctx=ctx, stride=stride,
                          batch_size=batch_size, device="cpu")
@@ -66,7 +37,7 @@ def test_default_model_matches_plain_loop(sample_data_dir):
     from scca_eval import evaluate, load_model
 
     model, tokenizer = load_model("default", device="cpu")
-    texts = [t[:2500] for t in _texts(sample_data_dir)]
+    texts = [t[:2500] for t in texts_of(sample_data_dir)]
     folder = sample_data_dir.parent / "default-slice"
     folder.mkdir(exist_ok=True)
     for i, text in enumerate(texts):

@@ -11,7 +11,7 @@ from scca_eval.errors import MissingDependency, UserError
 from scca_eval.report.plot import output_paths, plot_records
 from scca_eval.report.reference import load_reference
 from scca_eval.results import write_record
-from test_report import make_record, run_cli
+from helpers import make_record, run_cli
 
 pytest.importorskip("matplotlib")
 

@@ -8,33 +8,12 @@ import json
 
 import pytest
 
+from helpers import make_record, run_cli
+
 from scca_eval.errors import UserError
 from scca_eval.report.reference import load_reference
-from scca_eval.report.tables import render_tables
-from scca_eval.results import load_records, markdown_tables, write_record
-
-PATTERN_GROUPS = {"full": "1 causal", "s2": "1/2 local + 1/2 shifted", "scca_fixed": "1/2 local + 1/2 cross(1)",
-                  "sda": "1/2 dilated(2,0) + 1/2 dilated(2,1)"}
-
-
-def make_record(model="m", task="pg19_sample", pattern="full", ctx=1024, ppl=10.0, *, stride=None, ci95=None,
-                bits_per_byte=None, word_perplexity=None, dilation=None, chunk_size=None):
-    """A result record with the given numbers (only the fields tables read are meaningful)."""
-    return {
-        "schema": 1, "model": model, "task": task, "pattern": pattern, "ctx": ctx, "stride": stride or ctx,
-        "metrics": {"perplexity": ppl, "nll_sum": 1.0, "tokens": 100, "bits_per_byte": bits_per_byte,
-                    "word_perplexity": word_perplexity, "byte_perplexity": None, "ci95": ci95},
-        "documents": [{"id": "d0", "nll_sum": 1.0, "tokens": 100, "bytes": 400, "words": 80}],
-        "skipped_documents": [],
-        "config": {"protocol": "stride", "model": {"id": model, "fingerprint": {"digest": f"sha256:{model}"}},
-                   "pattern": {"name": pattern, "groups": PATTERN_GROUPS.get(pattern, pattern),
-                               "chunk_size": chunk_size, "chunk_ratio": "1/4", "dilation": dilation},
-                   "task": {"name": task}, "data_fingerprint": "data", "tokenizer_fingerprint": "tok",
-                   "add_bos": False, "max_tokens": None, "batch_size": 1, "dtype": "float32",
-                   "bootstrap_seed": 0, "versions": {}},
-        "runtime": {"seconds": 1.0, "tokens_per_second": 100.0, "device": "cpu", "started": "now"},
-    }
-
+from scca_eval.report.tables import markdown_tables, render_tables
+from scca_eval.results import load_records, write_record
 
 def table_rows(markdown: str) -> dict[str, list[str]]:
     """Row label -> cell texts, for every table row of a markdown block."""
@@ -194,15 +173,6 @@ def test_files_folders_and_ppl_renderer(tmp_path, grid_records):
     assert len(records) == len(grid_records)
     assert "path" not in json.loads(first.read_text())   # read location is not stored
     assert markdown_tables(records) == render_tables(grid_records)  # `ppl`'s end-of-run table
-
-
-def run_cli(args, capsys):
-    from scca_eval.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_cli_table(tmp_path, grid_records, capsys):

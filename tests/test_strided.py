@@ -20,7 +20,8 @@ from scca_eval.attention import (
 )
 from scca_eval.attention import register, strided
 from scca_eval.patterns import PRESET_DESCRIPTIONS, build_mask, resolve_pattern
-from test_pattern_model import logits, tiny_llama, token_batch
+from helpers import (BF16_REL_TOL, CUSTOM, dense_attention, dense_mask, logits, random_qkv, spec_named, tiny_llama,
+                     token_batch)
 
 PRESETS = list(PRESET_DESCRIPTIONS)
 MIXES = [
@@ -107,7 +108,6 @@ def test_view_path_without_fallback(monkeypatch, pattern, heads, kv_heads, n):
 @pytest.mark.parametrize("batch,n,heads,kv_heads", [(1, 256, 8, 4), (2, 131, 9, 3), (2, 96, 6, 6)])
 def test_strided_matches_the_float64_rule_reference(name, batch, n, heads, kv_heads):
     """A second yardstick: the mask straight from Rule.allows, float64 softmax (tests/test_flex.py)."""
-    from test_flex import dense_attention, dense_mask, random_qkv, spec_named
 
     spec = spec_named(name)
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -212,14 +212,10 @@ def test_hand_over_to_transformers_copies_only_when_needed(models, monkeypatch, 
 
 
 # -- GPU (skipped without one) --------------------------------------------------------------
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", PRESETS + ["sda-r4", "custom"])
 def test_gpu_strided_bf16_matches_reference(name):
-    from test_flex import BF16_REL_TOL, CUSTOM, dense_attention, dense_mask, random_qkv
 
     specials = {"custom": CUSTOM, "sda-r4": resolve_pattern("sda", dilation=4)}
     spec = specials[name] if name in specials else resolve_pattern(name)
@@ -231,7 +227,6 @@ def test_gpu_strided_bf16_matches_reference(name):
     assert float((out.double() - ref).norm() / ref.norm()) < BF16_REL_TOL
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["longmixed", MIXES[0], MIXES[1]])
 def test_gpu_streams_equal_one_stream_and_reference(pattern):
