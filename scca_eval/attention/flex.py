@@ -15,7 +15,7 @@ dense triangles again; ``mask_mod`` reads the original positions through the
 reordering, and the output is put back in natural order. With
 ``split_layouts=True`` the heads are split instead into runs that do and do
 not need the reordering, one kernel call each, so chunk heads keep the cheaper
-natural layout (the default, measured faster).
+natural layout (the default; benchmarks/README.md, FlexAttention tuning).
 
 On CUDA the kernel is compiled (``torch.compile``); elsewhere FlexAttention's
 eager implementation runs, which materializes the scores: fine for tests and
@@ -43,12 +43,11 @@ from ..patterns.spec import PatternSpec
 # although every query attends some key: the Triton kernel drops its guard in
 # every tile, so a row with no key in the first tile it visits (the strictly
 # causal residue blocks of dilated rules, chunks that do not start on a tile)
-# turns into NaN; on an H200 the guard cost nothing measurable anyway. USE_TMA
-# gained ~5% at 32k tokens and lost up to 5% at 8k (benchmarks/README.md), so
-# it stays off.
+# turns into NaN. USE_TMA stays off: it did not pay at every length
+# (benchmarks/README.md, FlexAttention tuning).
 DEFAULT_KERNEL_OPTIONS: dict = {}
 # Split heads into dilated and other runs (one kernel call each) by default:
-# longmixed ran 6-10% faster on an H200 than with every head in residue order.
+# it was faster for mixes of both (benchmarks/README.md, FlexAttention tuning).
 DEFAULT_SPLIT_LAYOUTS = True
 DEFAULT_BLOCK_SIZE = 128
 

@@ -99,9 +99,9 @@ def sustained_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfl
                             seconds: float = 6.0) -> float | None:
     """TFLOP/s of size^3 matrix products run back to back for ``seconds``, over the
     second half of that time. A GPU at its power limit lowers its clock after a
-    few seconds of dense matrix work (an H200 at 700 W: from 1980 MHz to about
-    1500), so this is the rate a long evaluation can reach, below the burst peak
-    of ``matmul_peak_tflops``. None off CUDA."""
+    few seconds of dense matrix work (benchmarks/README.md has a measured case),
+    so this is the rate a long evaluation can reach, below the burst peak of
+    ``matmul_peak_tflops``. None off CUDA."""
     if device.type != "cuda":
         return None
     gen = torch.Generator(device=device).manual_seed(0)

@@ -1,7 +1,7 @@
 """GGUF files: validate them, convert them once, and cache the converted model.
 
-transformers reads a GGUF file by dequantizing every tensor in Python, which takes
-about 30 s for SmolLM2-135M. We do that once per file content: the dequantized fp32
+transformers reads a GGUF file by dequantizing every tensor in Python, which is slow
+(tens of seconds for SmolLM2-135M). It is done once per file content: the dequantized fp32
 model and its tokenizer are saved with ``save_pretrained`` (safetensors) under
 ``<cache>/models/<name>-<first 16 hex of the file's SHA-256>/`` and later runs load
 that folder in about a second. The saved values are the dequantized fp32 values
@@ -98,7 +98,7 @@ def converted_gguf_folder(path: Path, cache_name: str | None = None) -> tuple[Pa
         with exclusive_lock(folder.parent / f".{folder.name}.lock"):
             if (folder / SOURCE_FILE).is_file():  # another process converted it while we waited
                 return folder, sha
-            logger.info("Converting %s once (about 30 s); later runs load it from %s", path.name, folder)
+            logger.info("Converting %s once; later runs load it from %s", path.name, folder)
             with publish_folder(folder) as partial:
                 _convert(path, partial)
                 write_json_atomic(
