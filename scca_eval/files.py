@@ -51,20 +51,27 @@ def check_output_path(path: str | Path) -> None:
         raise _unwritable(path)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, os_errors: bool = False) -> None:
     """Write ``path`` through ``write(handle)`` so that the file is either old or complete.
 
     ``write`` fills a temporary file in the same folder, which then replaces ``path``
     (``os.replace`` is atomic within one file system); on any failure the temporary file is
-    removed. A destination that cannot be written raises :class:`UserError`.
+    removed. A destination that cannot be written raises :class:`UserError`, or with
+    ``os_errors=True`` the ``OSError`` itself (caches: their callers treat an unwritable
+    cache as a slower run, not as bad input).
     """
     path = Path(path)
-    check_output_path(path)
+
+    def unwritable(error: OSError | None = None) -> Exception:
+        return error if os_errors and error is not None else _unwritable(path, error)
+
+    if not os_errors:
+        check_output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise _unwritable(path, error) from None
+        raise unwritable(error) from None
     try:
         _plain_permissions(tmp)
         with os.fdopen(fd, "wb") as handle:
@@ -73,30 +80,31 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             except OSError as error:
                 # A full disk shows up inside write(); other OSErrors there are not about the path.
                 if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise _unwritable(path, error) from None
+                    raise unwritable(error) from None
                 raise
             try:
                 handle.flush()
                 os.fsync(handle.fileno())
             except OSError as error:
-                raise _unwritable(path, error) from None
+                raise unwritable(error) from None
         try:
             os.replace(tmp, path)
         except OSError as error:
-            raise _unwritable(path, error) from None
+            raise unwritable(error) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, *, os_errors: bool = False) -> None:
     """Write ``text`` (UTF-8) to ``path`` so that the file is either old or complete."""
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), os_errors=os_errors)
 
 
-def atomic_write_json(path: str | Path, data, indent: int = 2, sort_keys: bool = False) -> None:
+def atomic_write_json(path: str | Path, data, indent: int = 2, sort_keys: bool = False, *,
+                      os_errors: bool = False) -> None:
     """Write ``data`` as JSON to ``path`` so that the file is either old or complete."""
-    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n", os_errors=os_errors)
 
 
 @contextmanager

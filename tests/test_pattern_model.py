@@ -36,12 +36,10 @@ def with_pattern(model, spec, backend="auto"):
 
 
 # A second, independent attention implementation for the tests: the dense mask
-# of the spec and plain softmax, registered under its own name.
-_DENSE_SPECS: dict[int, object] = {}
-
-
+# of the spec and plain softmax, registered under its own name; the spec rides on
+# the reference model's config as a plain object.
 def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    spec = _DENSE_SPECS[id(module.config)]
+    spec = module.config.dense_reference_spec
     mask = build_mask(spec, query.shape[2], query.shape[1])
     return masked_attention(query, key, value, mask, scaling).transpose(1, 2).contiguous(), None
 
@@ -51,7 +49,7 @@ def with_dense_reference(model, spec):
 
     AttentionInterface.register("dense_reference_for_tests", _dense_attention)
     reference = copy.deepcopy(model)
-    _DENSE_SPECS[id(reference.config)] = spec
+    reference.config.dense_reference_spec = spec
     reference.set_attn_implementation("dense_reference_for_tests")
     return reference
 

@@ -217,7 +217,7 @@ def _write_cache(path: Path, meta: dict, tokenized: _Tokenized) -> None:
             "ids_sha256": hashlib.sha256(arrays["ids"].tobytes()).hexdigest()}
     arrays["meta"] = np.array(json.dumps(meta))
     # Atomic: a reader never sees a half-written cache file, even if this process is killed.
-    atomic_write(path, lambda handle: np.savez(handle, **arrays))
+    atomic_write(path, lambda handle: np.savez(handle, **arrays), os_errors=True)
 
 
 def _read_cache(path: Path, expected: dict) -> _Tokenized | None:

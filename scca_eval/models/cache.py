@@ -34,8 +34,8 @@ def models_cache_dir() -> Path:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    atomic_write_json(path, data, indent=1, sort_keys=True)
+    """Write JSON to ``path`` through a temporary file and a rename (OSError when it cannot)."""
+    atomic_write_json(path, data, indent=1, sort_keys=True, os_errors=True)
 
 
 @contextmanager

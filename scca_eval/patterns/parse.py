@@ -256,5 +256,7 @@ def pattern_from_dict(data: dict) -> PatternSpec:
     settings = {"chunk_size": data.get("chunk_size"), "chunk_ratio": _read_ratio(data.get("chunk_ratio", "1/4"))}
     if data["name"] in PRESET_DESCRIPTIONS:
         return preset(data["name"], dilation=data.get("dilation"), **settings)
+    if str(data.get("groups", "")).startswith("flow:"):  # a flow spec under a name of its own
+        return PatternSpec(data["name"], flow=True, dilation=data.get("dilation"), **settings)
     groups = parse_mix(str(data.get("groups", "")))
     return PatternSpec(data["name"], groups, dilation=data.get("dilation"), source=_list_source(groups), **settings)
