@@ -33,7 +33,7 @@ from scca_eval.bench import markdown_model, model_bench, pattern_from_label, ran
 from scca_eval.bench.model import DEFAULT_PATTERNS, _apply, _documents, _peak_memory, _reset_peak  # noqa: E402
 from scca_eval.bench.model import _linear_params, attention_flops  # noqa: E402
 from scca_eval.bench.timing import wall_s  # noqa: E402
-from scca_eval.results import atomic_write_text  # noqa: E402
+from scca_eval.files import atomic_write_text  # noqa: E402
 
 CTXS = "8192,16384,32768,65536,131072,262144"
 
