@@ -25,7 +25,7 @@ import torch
 
 from ..errors import UserError
 from ..models.adapters import ADAPTER_CONFIG, TRAINABLE_PARAMS
-from ..results import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text
 from .lora import fully_trained_state, trainable_parameters
 from .loop import History, Trainer
 

@@ -78,7 +78,7 @@ def finetune(
     """
     from ..data import load_task, task_from_data_path, tokenize_task
     from ..models import load_model, model_record, parse_rope_scaling, trained_length
-    from ..patterns.parse import check_against_ctx, resolve_pattern
+    from ..validation import resolve_patterns
 
     from ..distributed import current
 
@@ -97,8 +97,7 @@ def finetune(
     if recipe.accumulation % ranks.world_size:
         raise UserError(f"{ranks.world_size} processes share each step's {recipe.accumulation} passes: give "
                         f"--grad-accum (or --tokens-per-step) as a multiple of {ranks.world_size}")
-    spec = resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation)
-    check_against_ctx(spec, ctx)
+    (spec,) = resolve_patterns([pattern], [ctx], chunk_size=chunk_size, dilation=dilation)
     parse_rope_scaling(rope_scaling, ctx)
     out = Path(out).expanduser()
     resume_from = ckpt.check_out_folder(out, resume)
@@ -142,7 +141,7 @@ def finetune(
                             f"give --steps {resumed_at} or more")
         say(f"resuming {out} from step {resumed_at} of {recipe.steps}")
 
-    from ..api import record_pattern_name  # noqa: PLC0415  (a pure naming rule, shared with ppl records)
+    from ..records import record_pattern_name  # noqa: PLC0415  (a pure naming rule, shared with ppl records)
 
     def record(finished: bool) -> dict:
         return training_record(
