@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import UserError
 from .bench import bench
 from .finetune import finetune
+from .passkey import passkey
 from .patterns_cmd import patterns
 from .ppl import ppl
 from .report import compare, plot, table
@@ -29,6 +30,7 @@ def cli():
     Quick start (offline, embedded SmolLM2-135M, bundled PG19/Proof-pile samples):
       scca-eval ppl --ctx 512,1024 --max-tokens 2048
       scca-eval ppl --pattern longmixed --ctx 8192
+      scca-eval passkey --pattern full,s2,longmixed --ctx 1024,4096
       scca-eval table results/runs
     """
 
@@ -38,6 +40,7 @@ cli.add_command(table)
 cli.add_command(compare)
 cli.add_command(plot)
 cli.add_command(sweep)
+cli.add_command(passkey)
 cli.add_command(patterns)
 cli.add_command(bench)
 cli.add_command(finetune)

@@ -53,6 +53,8 @@ def _write(text: str, output: str | None) -> None:
 def table(paths, fmt, metric, rows, ci, references, digits, output):
     """Paper-style tables from result files or folders: one table per task, rows = patterns
     (or models), columns = the ctx values present, best value per column in bold.
+    Passkey records (`scca-eval passkey`) get their own tables: accuracy by pattern × ctx,
+    and by depth × ctx for each pattern (markdown or csv).
 
     \b
     Examples:
@@ -67,8 +69,23 @@ def table(paths, fmt, metric, rows, ci, references, digits, output):
     if output is not None:
         check_output_path(output)
     records = load_records(paths) if paths else []
-    _write(render_tables(records, format=fmt, metric=metric, rows=rows, ci=ci,
-                         references=_load_references(references), digits=digits), output)
+    passkey, records = _split_passkey(records)
+    parts = []
+    if records or references or not passkey:
+        parts.append(render_tables(records, format=fmt, metric=metric, rows=rows, ci=ci,
+                                   references=_load_references(references), digits=digits))
+    if passkey:
+        from ..report.passkey import passkey_tables
+
+        parts.append(passkey_tables(passkey, format=fmt))
+    _write("\n\n".join(parts), output)
+
+
+def _split_passkey(records):
+    """(passkey records, the others): passkey records have views of their own."""
+    from ..passkey import is_passkey_record
+
+    return [r for r in records if is_passkey_record(r)], [r for r in records if not is_passkey_record(r)]
 
 
 @click.command()
@@ -111,7 +128,11 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
         raise UserError(f"--bootstrap-samples must be at least 100 (got {bootstrap_samples})")
     if output is not None:
         check_output_path(output)  # before the report is printed, so a bad path fails alone
-    comparison = compare_records(load_records([base]), load_records([new]), alpha=alpha,
+    base_records, new_records = load_records([base]), load_records([new])
+    if _split_passkey(base_records)[0] or _split_passkey(new_records)[0]:
+        raise UserError("compare works on perplexity records; passkey records have no per-document losses to "
+                        "compare (show them side by side with scca-eval table)")
+    comparison = compare_records(base_records, new_records, alpha=alpha,
                                  max_regression=max_regression, n_boot=bootstrap_samples, seed=seed,
                                  base_name=f"`{base}`", new_name=f"`{new}`")
     report = comparison.to_markdown()
@@ -137,17 +158,29 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
 def plot(paths, prefix, metric, rows, references, title):
     """Plot perplexity (or --metric) against ctx on a log2 axis from result files or
     folders: one panel per task, one line per pattern (or model), error bars from the 95%
-    bootstrap intervals, published rows dashed. Needs matplotlib
-    (pip install 'scca-eval[plot]').
+    bootstrap intervals, published rows dashed. Passkey records (`scca-eval passkey`) are
+    drawn as heat maps instead: accuracy by depth × ctx, one panel per pattern. Needs
+    matplotlib (pip install 'scca-eval[plot]').
 
     \b
     Example:
       scca-eval plot results/smollm2-135m --out results/smollm2-135m --reference scca_paper_pg19
     """
+    from ..errors import UserError
     from ..report.plot import plot_records
     from ..results import load_records
 
     records = load_records(paths) if paths else []
+    passkey, records = _split_passkey(records)
+    if passkey:
+        if records or references:
+            raise UserError("passkey records are drawn as heat maps of their own; plot them apart from "
+                            "perplexity records and --reference rows (give their folder alone)")
+        from ..report.passkey import plot_heatmaps
+
+        for path in plot_heatmaps(passkey, prefix, title=title):
+            click.echo(f"wrote {path}", err=True)
+        return
     for path in plot_records(records, prefix, metric=metric, rows=rows,
                              references=_load_references(references), title=title):
         click.echo(f"wrote {path}", err=True)

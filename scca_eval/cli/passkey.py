@@ -1,0 +1,126 @@
+"""`scca-eval passkey`: passkey retrieval accuracy by ctx and depth, for one or more patterns."""
+
+from __future__ import annotations
+
+import contextlib
+
+import click
+
+from ..errors import UserError
+from .options import INT_LIST
+from .ppl import CHOICE_DTYPES
+
+
+@click.command()
+@click.option("--model", "-m", default="default", show_default=True,
+              help="'default' (embedded SmolLM2-135M), a Hugging Face model folder or hub id "
+                   "(offline: from the local cache), or a .gguf file.")
+@click.option("--pattern", "-p", "patterns", multiple=True,
+              help="Attention patterns, comma-separated or repeated: full, s2, scca_fixed, scca_flow, sda, "
+                   "longmixed, or custom mixes such as '1/2 local + 1/2 cross(1)'. Default: full.")
+@click.option("--ctx", "ctx", type=INT_LIST, default="1024", show_default=True,
+              help="Prompt lengths in tokens (each prompt fills exactly one window), e.g. 1024,2048,4096,8192.")
+@click.option("--trials", type=int, default=10, show_default=True,
+              help="Prompts per depth bucket and ctx, each with its own random key and depth.")
+@click.option("--depths", type=int, default=5, show_default=True,
+              help="Depth buckets: the filler is split into this many equal shares, and the key line is "
+                   "put at a random place inside each in turn.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the keys and depths; the same seed gives every pattern and model the same prompts.")
+@click.option("--chunk-size", type=int, default=None,
+              help="Chunk size G in tokens for the chunked rules. Default: a quarter of the window.")
+@click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
+@click.option("--attention-backend",
+              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
+              default="auto", show_default=True,
+              help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU.")
+@click.option("--batch-size", "-b", type=int, default=None,
+              help="Prompts per forward pass. Default: about 8k tokens per batch on CPU, 16k on GPU.")
+@click.option("--dtype", type=CHOICE_DTYPES, default=None,
+              help="Compute dtype. Default: float32 on CPU, bfloat16 on GPU.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@click.option("--adapter", type=click.Path(), default=None,
+              help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too.")
+@click.option("--merge-adapter", is_flag=True, help="Merge the adapter into the weights before evaluating (faster).")
+@click.option("--rope-scaling", default=None,
+              help="Position interpolation: 'linear:F', 'longlora:CTX' (F = ceil(CTX / the model's original "
+                   "length)), 'longlora' (CTX = the largest --ctx), or 'none'.")
+@click.option("--original-ctx", type=int, default=None,
+              help="The base model's original context length for --rope-scaling longlora:CTX "
+                   "(default: the config's max_position_embeddings).")
+@click.option("--trainable-params", type=click.Path(), default=None,
+              help="LongLoRA's trainable_params.bin when it is not in the adapter folder.")
+@click.option("--tokenizer", "tokenizer_path", default=None,
+              help="Tokenizer folder or hub id, for checkpoints saved without one. Default: the model's.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run code shipped with the model (never done unless you give this flag).")
+@click.option("--allow-long-context", is_flag=True,
+              help="Evaluate a ctx beyond the model's trained length (without position interpolation).")
+@click.option("--out", "-o", type=click.Path(), default="results/runs", show_default=True,
+              help="Folder for the JSON records (one per model, pattern and ctx). A cell whose record is "
+                   "already there with the same settings is not run again.")
+@click.option("--no-write", is_flag=True, help="Do not write result records.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (for CI logs); the tables are still printed.")
+def passkey(patterns, ctx, trials, depths, seed, chunk_size, dilation, attention_backend, batch_size, dtype,
+            device, adapter, merge_adapter, rope_scaling, original_ctx, trainable_params, tokenizer_path,
+            trust_remote_code, allow_long_context, model, out, no_write, quiet):
+    """Passkey retrieval (LongLoRA's test): a five-digit key hidden at a random depth in
+    repeated filler text, and the question asking for it; the answer is right when greedy
+    decoding gives exactly the key's tokens. Each prompt is exactly CTX tokens long, so
+    under a pattern the model sees one full window, as in `ppl`.
+
+    A trial is scored in one forward pass over prompt and key (teacher-forced: the most
+    likely token at each answer position must be the next key token), which is what
+    greedy decoding decides, without incremental decoding.
+
+    One JSON record per (model, pattern, ctx) goes to --out with the accuracy per depth
+    bucket and every trial's key, depth and answer; accuracy tables by ctx and depth are
+    printed. `scca-eval table` and `scca-eval plot` (heat maps) read the records.
+
+    \b
+    Examples:
+      scca-eval passkey --pattern full,s2,longmixed --ctx 1024,4096,8192
+      scca-eval passkey --model ./llama-2-7b --adapter ./longlora-8k --rope-scaling longlora:8192 --ctx 8192
+      scca-eval plot results/runs --out passkey
+    """
+    from ..api import check_out_folder, check_run_options
+    from ..patterns.parse import check_against_ctx, resolve_pattern
+    from ..sweep import split_patterns
+
+    for option, value in (("--trials", trials), ("--depths", depths)):
+        if value < 1:
+            raise UserError(f"{option} must be a whole number of at least 1 (got {value})")
+    for c in ctx:
+        if c < 2:
+            raise UserError(f"--ctx must be whole numbers of at least 2 tokens (got {c})")
+    check_run_options(batch_size=batch_size)
+    check_out_folder(None if no_write else out)
+    texts = split_patterns(patterns) or ["full"]
+    specs = [resolve_pattern(text, chunk_size=chunk_size, dilation=dilation) for text in texts]
+    for spec in specs:
+        for c in ctx:
+            check_against_ctx(spec, c)
+
+    from ..models import load_model
+
+    loaded = load_model(model, pattern=specs[0], dtype=dtype, device=device, chunk_size=chunk_size,
+                        dilation=dilation, attention_backend=attention_backend, adapter=adapter,
+                        merge_adapter=merge_adapter, rope_scaling=rope_scaling, original_ctx=original_ctx,
+                        finetuned_ctx=max(ctx), trainable_params=trainable_params, tokenizer=tokenizer_path,
+                        trust_remote_code=trust_remote_code)
+    from ..passkey import run_passkey
+
+    from .progress import RichProgress
+
+    bar = contextlib.nullcontext(None) if quiet else RichProgress()
+    log = None if quiet else (lambda line: click.echo(line, err=True))
+    with bar as progress:
+        records = run_passkey(loaded, model, specs, list(dict.fromkeys(ctx)), trials=trials, depths=depths,
+                              seed=seed, batch_size=batch_size, attention_backend=attention_backend,
+                              allow_long_context=allow_long_context, out=None if no_write else out,
+                              progress=progress, log=log)
+    from ..report.passkey import passkey_tables
+
+    click.echo(passkey_tables(records))
+    if not no_write:
+        click.echo(f"\n{len(records)} record(s) in {out}/", err=True)

@@ -1,0 +1,222 @@
+"""Passkey retrieval: the prompts, the one-pass scoring against transformers' greedy
+``generate``, the records, the CLI and its views."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scca_eval.cli import main
+from scca_eval.passkey import (DESCRIPTION, QUESTION, PromptBuilder, Trial, information_line, make_trials,
+                               score_trials)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def run(argv) -> int:
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+# ---------------------------------------------------------------- prompts
+
+def test_prompts_fill_ctx_and_hide_the_key_at_the_drawn_depth(tiny):
+    _, tokenizer = tiny
+    builder = PromptBuilder(tokenizer)
+    trials = make_trials(builder, 300, trials=3, depths=4, seed=7)
+    assert len(trials) == 12
+    for trial in trials:
+        assert len(trial.ids) == 300
+        assert len(trial.key) == 5 and trial.key.isdigit()
+        # What the model reads: description, filler, the key line, filler, question, key.
+        text = tokenizer.decode(trial.ids.tolist())
+        assert text.startswith(DESCRIPTION)
+        assert information_line(trial.key) in text
+        assert text.endswith(QUESTION + " " + trial.key)
+        assert tokenizer.decode(trial.answer.tolist()).strip() == trial.key
+        # The key line starts where the record says, after the drawn share of the filler.
+        line_start = tokenizer.decode(trial.ids[trial.key_position:].tolist())
+        assert line_start.lstrip("\n").startswith(information_line(trial.key))
+        assert trial.bucket / 4 - 0.01 <= trial.depth <= (trial.bucket + 1) / 4 + 0.01
+    assert len({t.key for t in trials}) > 1
+
+
+def test_trials_are_seeded_and_shared_between_runs(tiny):
+    _, tokenizer = tiny
+    first = make_trials(PromptBuilder(tokenizer), 256, trials=2, depths=2, seed=1)
+    again = make_trials(PromptBuilder(tokenizer), 256, trials=2, depths=2, seed=1)
+    other = make_trials(PromptBuilder(tokenizer), 256, trials=2, depths=2, seed=2)
+    assert [t.ids.tolist() for t in first] == [t.ids.tolist() for t in again]
+    assert [t.key for t in first] != [t.key for t in other]
+    # More trials keep the earlier ones.
+    more = make_trials(PromptBuilder(tokenizer), 256, trials=3, depths=2, seed=1)
+    assert [t.key for t in more if t.number < 2] == [t.key for t in first]
+
+
+def test_too_short_ctx_is_refused_with_the_length_needed(tiny):
+    from scca_eval.errors import UserError
+
+    _, tokenizer = tiny
+    builder = PromptBuilder(tokenizer)
+    need = builder.minimum_ctx(4)
+    make_trials(builder, need, trials=1, depths=4, seed=0)
+    with pytest.raises(UserError, match=f"at least {need} tokens"):
+        make_trials(builder, need - 1, trials=1, depths=4, seed=0)
+
+
+# ---------------------------------------------------------------- one pass == greedy generate
+
+def _generate(model, trial: Trial) -> np.ndarray:
+    prompt = torch.from_numpy(trial.ids[: trial.answer_start]).unsqueeze(0)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(trial.answer),
+                         do_sample=False, num_beams=1, pad_token_id=0)
+    return out[0, trial.answer_start:].numpy()
+
+
+def _with_answer(trial: Trial, answer: np.ndarray) -> Trial:
+    ids = np.concatenate([trial.ids[: trial.answer_start], answer])
+    return Trial(trial.ctx, trial.bucket, trial.number, trial.key, trial.depth, trial.key_position,
+                 trial.answer_start, ids)
+
+
+def test_one_pass_verdict_equals_greedy_generate_tiny_model(tiny):
+    """A random model never says the key, so both verdicts would agree trivially. Instead the
+    targets are made from generate's own output: its greedy tokens must be judged right, and
+    the same tokens with one of them changed must be judged wrong, with the argmax tokens up
+    to the change equal to generate's."""
+    model, tokenizer = tiny
+    model = model.double()  # no near-ties between the cached and the full forward pass
+    trials = make_trials(PromptBuilder(tokenizer), 200, trials=2, depths=2, seed=3)
+    right, wrong = [], []
+    for index, trial in enumerate(trials):
+        greedy = _generate(model, trial)
+        right.append(_with_answer(trial, greedy))
+        changed = greedy.copy()
+        position = index % len(changed)
+        changed[position] = (changed[position] + 1) % model.config.vocab_size
+        wrong.append((_with_answer(trial, changed), position, greedy))
+    verdicts = score_trials(model, right, batch_size=3)
+    assert all(v.correct for v in verdicts)
+    assert all((v.predicted == v.trial.answer).all() for v in verdicts)
+    for verdict, (_, position, greedy) in zip(score_trials(model, [w[0] for w in wrong], batch_size=2), wrong):
+        assert not verdict.correct
+        assert (verdict.predicted[: position + 1] == greedy[: position + 1]).all()
+
+
+@pytest.mark.slow
+def test_one_pass_verdict_equals_greedy_generate_default_model():
+    """The real model, where some keys are found and some are not: each trial's verdict (and
+    the tokens up to the first wrong one) must be generate's."""
+    from scca_eval.models import load_model
+
+    model, tokenizer = load_model("default", device="cpu")
+    trials = make_trials(PromptBuilder(tokenizer), 320, trials=4, depths=4, seed=0)
+    verdicts = score_trials(model, trials, batch_size=4)
+    outcomes = []
+    for verdict in verdicts:
+        greedy = _generate(model, verdict.trial)
+        outcomes.append(bool((greedy == verdict.trial.answer).all()))
+        assert verdict.correct == outcomes[-1]
+        wrong = np.flatnonzero(greedy != verdict.trial.answer)
+        upto = wrong[0] + 1 if len(wrong) else len(greedy)
+        assert (verdict.predicted[:upto] == greedy[:upto]).all()
+    # The comparison means something only when both outcomes occur.
+    assert any(outcomes) and not all(outcomes), outcomes
+
+
+# ---------------------------------------------------------------- command, records, views
+
+@pytest.fixture(scope="module")
+def passkey_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("passkey")
+    argv = ["passkey", "--model", tiny_model_dir, "--pattern", "full,s2", "--ctx", "192,256", "--trials", "2",
+            "--depths", "3", "--device", "cpu", "-q", "--out", out]
+    assert run(argv) == 0
+    return out, argv
+
+
+def test_passkey_writes_one_record_per_pattern_and_ctx(passkey_run):
+    out, _ = passkey_run
+    files = sorted(p.name for p in out.glob("*.json"))
+    assert len(files) == 4 and all("__passkey__" in name for name in files)
+    record = json.loads((out / next(n for n in files if "__s2__ctx256" in n)).read_text())
+    assert record["pattern"] == "s2" and record["ctx"] == 256 and record["task"] == "passkey"
+    assert record["config"]["pattern"]["name"] == "s2"
+    assert record["config"]["passkey"]["depths"] == 3
+    trials = record["documents"]
+    assert len(trials) == 6
+    # The summary is the count of the trials' own verdicts.
+    assert record["metrics"]["correct"] == sum(t["correct"] for t in trials)
+    for depth in record["metrics"]["by_depth"]:
+        members = [t for t in trials if t["bucket"] == depth["bucket"]]
+        assert depth["trials"] == 2 and depth["correct"] == sum(t["correct"] for t in members)
+        assert all(depth["depth_from"] - 0.01 <= t["depth"] <= depth["depth_to"] + 0.01 for t in members)
+    # Every pattern answers the same prompts.
+    full = json.loads((out / next(n for n in files if "__full__ctx256" in n)).read_text())
+    assert [t["key"] for t in full["documents"]] == [t["key"] for t in trials]
+
+
+def test_passkey_run_again_reuses_its_records(passkey_run, capsys):
+    out, argv = passkey_run
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert run([a for a in argv if a != "-q"]) == 0
+    assert "have" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.json")} == before
+
+
+def test_table_and_plot_show_passkey_records(passkey_run, tmp_path, capsys):
+    out, _ = passkey_run
+    assert run(["table", out]) == 0
+    text = capsys.readouterr().out
+    assert "**passkey**" in text and "| full |" in text and "| s2 |" in text
+    assert "**passkey · s2**" in text and "| 0–33% |" in text
+    assert run(["table", out, "--format", "csv", "-o", tmp_path / "p.csv"]) == 0
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "model,pattern,ctx,depth_from,depth_to,correct,trials,accuracy"
+    assert len(rows) == 1 + 4 * (1 + 3)
+    pytest.importorskip("matplotlib")
+    assert run(["plot", out, "--out", tmp_path / "heat"]) == 0
+    assert (tmp_path / "heat.png").stat().st_size > 0 and (tmp_path / "heat.svg").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--trials", "0"], "--trials"),
+    (["--depths", "0"], "--depths"),
+    (["--ctx", "40"], "too short"),
+    (["--ctx", "4096"], "--allow-long-context"),
+    (["--pattern", "s3"], "unknown pattern"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_passkey_bad_input(tiny_model_dir, tmp_path, capsys, extra, fragment):
+    argv = ["passkey", "--model", tiny_model_dir, "--ctx", "192", "--trials", "1", "--depths", "2",
+            "--device", "cpu", "-q", "--out", tmp_path / "out", *extra]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_passkey_records_refused_where_they_do_not_fit(passkey_run, tmp_path, capsys):
+    out, _ = passkey_run
+    for argv, fragment in ((["compare", out, out], "perplexity records"),
+                           (["table", out, "--format", "latex"], "markdown or csv")):
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0]
+    pytest.importorskip("matplotlib")
+    assert run(["plot", out, "--reference", "scca_paper_pg19", "--out", tmp_path / "x"]) == 2
+    assert "heat maps" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x.*"))
