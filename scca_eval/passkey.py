@@ -105,8 +105,9 @@ class PromptBuilder:
 
     def filler(self, count: int) -> list[int]:
         """The first ``count`` tokens of the repeated filler (cut mid-sentence, as LongLoRA cuts)."""
+        repeats = 8
         while len(self._filler) < count:
-            repeats = max(8, 2 * (count // max(1, len(self._filler) or 20)))
+            repeats *= 2
             self._filler = self._encode(" ".join([FILLER] * repeats))
         return self._filler[:count]
 
