@@ -349,6 +349,7 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
 
     from .attention.register import apply_pattern
     from .models import trained_length
+    from .models.rope import beyond_length_message
     from .results import atomic_write_text
 
     lm, tokenizer = loaded
@@ -360,9 +361,11 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
                             f"give at least {builder.minimum_ctx(depths)} tokens")
     limit = trained_length(lm)
     too_long = [c for c in ctxs if limit is not None and c > limit]
-    if too_long and not allow_long_context:
-        raise UserError(f"ctx {max(too_long)} is beyond the model's trained length ({limit} tokens); "
-                        "use --rope-scaling to extend it, or --allow-long-context to evaluate anyway")
+    if too_long:
+        beyond = beyond_length_message(lm, max(too_long))
+        if not allow_long_context:
+            raise UserError(f"{beyond}, or --allow-long-context evaluates it anyway")
+        say(f"warning: {beyond}; evaluating as it is (--allow-long-context)")
     existing = _existing_records(out, say) if out is not None else {}
     records = []
     for spec in specs:

@@ -7,7 +7,7 @@ import contextlib
 import click
 
 from ..errors import UserError
-from .options import INT_LIST
+from .options import INT_LIST, rope_scaling_options
 from .ppl import CHOICE_DTYPES
 
 
@@ -42,12 +42,7 @@ from .ppl import CHOICE_DTYPES
 @click.option("--adapter", type=click.Path(), default=None,
               help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too.")
 @click.option("--merge-adapter", is_flag=True, help="Merge the adapter into the weights before evaluating (faster).")
-@click.option("--rope-scaling", default=None,
-              help="Position interpolation: 'linear:F', 'longlora:CTX' (F = ceil(CTX / the model's original "
-                   "length)), 'longlora' (CTX = the largest --ctx), or 'none'.")
-@click.option("--original-ctx", type=int, default=None,
-              help="The base model's original context length for --rope-scaling longlora:CTX "
-                   "(default: the config's max_position_embeddings).")
+@rope_scaling_options(" Also 'longlora': CTX = the largest --ctx.", bare_longlora=True)
 @click.option("--trainable-params", type=click.Path(), default=None,
               help="LongLoRA's trainable_params.bin when it is not in the adapter folder.")
 @click.option("--tokenizer", "tokenizer_path", default=None,
@@ -55,7 +50,8 @@ from .ppl import CHOICE_DTYPES
 @click.option("--trust-remote-code", is_flag=True,
               help="Run code shipped with the model (never done unless you give this flag).")
 @click.option("--allow-long-context", is_flag=True,
-              help="Evaluate a ctx beyond the model's trained length (without position interpolation).")
+              help="Evaluate a ctx beyond what the model's RoPE settings cover (with one warning); without "
+                   "it such a ctx is refused, naming a --rope-scaling value that covers it.")
 @click.option("--out", "-o", type=click.Path(), default="results/runs", show_default=True,
               help="Folder for the JSON records (one per model, pattern and ctx). A cell whose record is "
                    "already there with the same settings is not run again.")
