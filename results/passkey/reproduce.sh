@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
 NAME=results/passkey/smollm2-135m
 
-"$PYTHON" -m scca_eval passkey --model default --pattern full,s2,scca_fixed,scca_flow,sda,longmixed \
+"$PYTHON" -m scca_eval passkey --model default --pattern full,s2,scca_fixed,scca_flow,sda,longmixed,local \
     --ctx 1024,2048,4096,8192 --trials 10 --depths 5 --seed 0 --dtype float32 --out "$NAME" "$@"
 "$PYTHON" -m scca_eval table "$NAME" --output "$NAME.md"
 "$PYTHON" -m scca_eval table "$NAME" --format csv --output "$NAME.csv"

@@ -83,7 +83,7 @@ def _markdown_table(header: list[str], lines: list[list[str]]) -> list[str]:
 
 def _trials_text(records: Sequence[dict]) -> str:
     counts = sorted({d["trials"] for r in records for d in r["metrics"]["by_depth"]})
-    return "/".join(str(c) for c in counts)
+    return "/".join(str(c) for c in counts) + (" trial" if counts == [1] else " trials")
 
 
 def passkey_tables(records: Sequence[dict], *, format: str = "markdown") -> str:
@@ -97,7 +97,7 @@ def passkey_tables(records: Sequence[dict], *, format: str = "markdown") -> str:
     models = list(dict.fromkeys(row.model for row in rows))
     context = f" · model: {models[0]}" if len(models) == 1 else ""
     parts = [f"**passkey** — retrieval accuracy (%), higher is better{context} · "
-             f"{_trials_text(records)} trials per depth bucket", ""]
+             f"{_trials_text(records)} per depth bucket", ""]
     parts += _markdown_table(["pattern" if len(models) == 1 else "model · pattern", *map(str, ctxs)], [
         [row.label] + [_percent(row.records[c]["metrics"]["correct"], row.records[c]["metrics"]["trials"])
                        if c in row.records else MISSING for c in ctxs]
@@ -167,7 +167,7 @@ def plot_heatmaps(records: Sequence[dict], out_prefix: str | Path, *, title: str
     for index in range(len(rows), lines * columns):
         panels[index // columns][index % columns].set_visible(False)
     figure.colorbar(image, ax=panels, label="passkey accuracy", shrink=0.8)
-    figure.suptitle(title or f"passkey retrieval accuracy ({_trials_text(records)} trials per cell)")
+    figure.suptitle(title or f"passkey retrieval accuracy ({_trials_text(records)} per depth bucket and ctx)")
     for path in paths:
         atomic_write(path, lambda handle, ext=path.suffix[1:]: figure.savefig(handle, format=ext, dpi=150))
     return paths
