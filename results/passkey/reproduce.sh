@@ -3,7 +3,7 @@
 # results/passkey/README.md): the records in results/passkey/smollm2-135m/, the tables
 # results/passkey/smollm2-135m.{md,csv} and the heat maps results/passkey/smollm2-135m.{png,svg}.
 #
-#   results/passkey/reproduce.sh                     # every preset at 1k-8k (a GPU: about a minute)
+#   results/passkey/reproduce.sh                     # every preset and local at 1k-8k (meant for a GPU)
 #   results/passkey/reproduce.sh --device cpu --ctx 1024,2048 --trials 2
 #
 # Extra arguments go to `scca-eval passkey` and override the defaults below. A cell whose
