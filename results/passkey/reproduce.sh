@@ -6,7 +6,8 @@
 #   results/passkey/reproduce.sh                     # every preset and local at 1k-8k (meant for a GPU)
 #   results/passkey/reproduce.sh --device cpu --ctx 1024,2048 --trials 2
 #
-# Extra arguments go to `scca-eval passkey` and override the defaults below. A cell whose
+# Extra arguments go to `scca-eval passkey` and override the defaults below (a --pattern
+# given there adds a pattern). A cell whose
 # record already exists with the same settings is not run again, so an interrupted run
 # continues where it stopped.
 set -euo pipefail
