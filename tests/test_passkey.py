@@ -263,3 +263,35 @@ def test_heads_that_never_reach_the_key_cannot_answer(tiny_model_dir):
     assert not torch.allclose(answer_logits(first), answer_logits(second))
     apply_pattern(model, resolve_pattern("local"))
     assert torch.equal(answer_logits(first), answer_logits(second))
+
+
+def test_committed_passkey_results_match_their_command_and_findings():
+    """results/passkey/README.md: its commands parse, the committed records are what its
+    passkey command makes (patterns, ctx, trials, depths, seed, dtype), and each row of its
+    findings table states its record's count."""
+    import re
+    import shlex
+
+    from scca_eval.cli import cli
+    from scca_eval.results import load_records
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "results" / "passkey" / "README.md").read_text(encoding="utf-8")
+    block = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)[0].replace("\\\n", " ")
+    commands = [shlex.split(line)[1:] for line in block.splitlines() if line.strip().startswith("scca-eval ")]
+    for name, *args in commands:
+        with cli.get_command(None, name).make_context(name, list(args)) as context:
+            if name == "passkey":
+                options = context.params
+    records = load_records([repo / options["out"]])
+    asked = options["patterns"][0].split(",")
+    presets = sorted(r["pattern"] for r in records if not r["pattern"].startswith("custom"))
+    assert presets == sorted(p for p in asked if p != "local") and len(records) == len(asked)
+    for record in records:
+        assert record["ctx"] in options["ctx"] and record["config"]["dtype"] == options["dtype"]
+        assert record["config"]["passkey"]["trials_per_depth"] == options["trials"]
+        assert record["config"]["passkey"]["depths"] == options["depths"]
+        assert record["config"]["passkey"]["seed"] == options["seed"]
+        name = "local (control)" if record["pattern"].startswith("custom") else record["pattern"]
+        row = re.search(rf"^\| {re.escape(name)} \| (\d+)/(\d+) \|", readme, flags=re.M)
+        assert row and (int(row[1]), int(row[2])) == (record["metrics"]["correct"], record["metrics"]["trials"])
