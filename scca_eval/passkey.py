@@ -240,12 +240,11 @@ def config_key(record: dict) -> str:
     """What decides a passkey record: model (id, weights, adapter, RoPE scaling), tokenizer,
     pattern settings, ctx, trials, depths, seed and dtype. An existing record with the same
     key answers the cell (so a stopped run, run again, continues with the next cell)."""
+    from .records import model_identity
+
     config = record["config"]
-    model = config.get("model") or {}
-    fingerprint = model.get("fingerprint")
     return json.dumps({
-        "model": record["model"], "weights": fingerprint.get("digest") if isinstance(fingerprint, dict) else None,
-        "adapter": model.get("adapter"), "rope_scaling": model.get("rope_scaling"),
+        "model": model_identity(record["model"], config.get("model") or {}),
         "tokenizer": config.get("tokenizer_fingerprint"), "pattern": config.get("pattern"), "ctx": record["ctx"],
         "passkey": config.get("passkey"), "dtype": config.get("dtype"),
     }, sort_keys=True, default=str)
@@ -253,8 +252,8 @@ def config_key(record: dict) -> str:
 
 def cell_config(lm, tokenizer, spec, *, trials: int, depths: int, seed: int) -> dict:
     """The settings a passkey record stores (those of ``config_key`` among them)."""
-    from .api import _package_versions
     from .models import model_record
+    from .records import model_dtype, package_versions
 
     info = model_record(lm, tokenizer)
     return {
@@ -265,8 +264,8 @@ def cell_config(lm, tokenizer, spec, *, trials: int, depths: int, seed: int) -> 
         "model": info,
         "pattern": spec.to_dict(),
         "tokenizer_fingerprint": (info.get("tokenizer") or {}).get("fingerprint"),
-        "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."),
-        "versions": _package_versions(),
+        "dtype": model_dtype(lm),
+        "versions": package_versions(),
     }
 
 
@@ -274,8 +273,8 @@ def evaluate_passkey(lm, tokenizer, model_id: str, spec, ctx: int, *, trials: in
                      batch_size: int | None = None, progress=None) -> dict:
     """Run the trials of one (pattern, ctx) cell on a loaded model with ``spec`` applied;
     return its record."""
-    from .api import _device_name, determinism, record_pattern_name
     from .engine import auto_batch_size, model_device
+    from .records import device_name, record_pattern_name, runtime
 
     builder = PromptBuilder(tokenizer)
     cell_trials = make_trials(builder, ctx, trials=trials, depths=depths, seed=seed)
@@ -293,7 +292,6 @@ def evaluate_passkey(lm, tokenizer, model_id: str, spec, ctx: int, *, trials: in
         if progress is not None:
             progress.end()
     seconds = time.perf_counter() - started
-    deterministic, determinism_note = determinism(lm)
     return {
         "schema": 1,
         "model": model_id,
@@ -305,16 +303,8 @@ def evaluate_passkey(lm, tokenizer, model_id: str, spec, ctx: int, *, trials: in
         "documents": trial_entries(verdicts, tokenizer),
         "skipped_documents": [],
         "config": {**cell_config(lm, tokenizer, spec, trials=trials, depths=depths, seed=seed), "batch_size": batch},
-        "runtime": {
-            "seconds": round(seconds, 3),
-            "tokens_per_second": round(len(cell_trials) * ctx / seconds, 1) if seconds > 0 else None,
-            "device": _device_name(device),
-            "processes": 1,
-            "started": began_at.isoformat(timespec="seconds"),
-            "deterministic": deterministic,
-            "determinism_note": determinism_note,
-            "compiled": False,
-        },
+        "runtime": runtime(lm, seconds=seconds, device_text=device_name(device), processes=1, started=began_at,
+                           tokens_per_second=round(len(cell_trials) * ctx / seconds, 1) if seconds > 0 else None),
     }
 
 
@@ -348,9 +338,8 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
     from pathlib import Path
 
     from .attention.register import apply_pattern
-    from .models import trained_length
-    from .models.rope import beyond_length_message
-    from .results import atomic_write_text
+    from .files import atomic_write_text
+    from .validation import check_trained_length
 
     lm, tokenizer = loaded
     say = log or (lambda message: None)
@@ -359,13 +348,7 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
         if builder.minimum_ctx(depths) > ctx:
             raise UserError(f"--ctx {ctx} is too short for the passkey prompt with {depths} depth buckets; "
                             f"give at least {builder.minimum_ctx(depths)} tokens")
-    limit = trained_length(lm)
-    too_long = [c for c in ctxs if limit is not None and c > limit]
-    if too_long:
-        beyond = beyond_length_message(lm, max(too_long))
-        if not allow_long_context:
-            raise UserError(f"{beyond}, or --allow-long-context evaluates it anyway")
-        say(f"warning: {beyond}; evaluating as it is (--allow-long-context)")
+    check_trained_length(lm, ctxs, allow_long_context, say)
     existing = _existing_records(out, say) if out is not None else {}
     records = []
     for spec in specs:

@@ -79,7 +79,7 @@ def passkey(patterns, ctx, trials, depths, seed, chunk_size, dilation, attention
       scca-eval passkey --model ./llama-2-7b --adapter ./longlora-8k --rope-scaling longlora:8192 --ctx 8192
       scca-eval plot results/runs --out passkey
     """
-    from ..api import check_out_folder, check_run_options
+    from ..validation import check_out_folder, check_run_options
     from ..patterns.parse import check_against_ctx, resolve_pattern
     from ..sweep import split_patterns
 

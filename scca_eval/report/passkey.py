@@ -132,7 +132,7 @@ def _csv(rows: list[PasskeyRow]) -> str:
 def plot_heatmaps(records: Sequence[dict], out_prefix: str | Path, *, title: str | None = None) -> list[Path]:
     """One heat map per row (pattern, or model · pattern): accuracy by depth bucket × ctx.
     Writes PREFIX.png and PREFIX.svg; returns the paths."""
-    from ..results import atomic_write, check_output_path
+    from ..files import atomic_write, check_output_path
     from .plot import _figure_class, output_paths
 
     rows = passkey_rows(records)
