@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scca_eval.attention import (
     chunked_pattern_attention,
@@ -130,6 +131,40 @@ def test_strided_view_layout_gradients_without_fallback(monkeypatch, pattern, he
     expected = reference_gradients(q, k, v, upstream, spec, 0.3)
     got = gradients(lambda q, k, v: strided_pattern_attention(q, k, v, spec, 0.3), q, k, v, upstream)
     assert largest_difference(got, expected) <= FLOAT64_TOLERANCE
+
+
+class _SdpaBackwardLayouts(TorchDispatchMode):
+    """Records, for every fused SDPA backward that runs, whether its incoming
+    gradient has the strides of the output it belongs to."""
+
+    def __init__(self):
+        super().__init__()
+        self.matches: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "scaled_dot_product" in name and name.split(".")[1].endswith("_backward"):
+            grad_out, out = args[0], args[4]  # every fused backward: (grad_out, q, k, v, out, ...)
+            self.matches.append(grad_out.stride() == out.stride())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_sdpa_backward_gets_its_gradient_in_the_output_layout(backend):
+    """The gradient reaching each SDPA backward is laid out like its output. Here (batch 1,
+    scca_flow's cross(1) group split from its key/value heads, N not a multiple of G) it
+    would otherwise be a slice of a transposed longer gradient that counts as contiguous;
+    CUDA's fused kernels take that as it is and gave wrong bf16 gradients (see
+    test_gpu_bf16_gradients_match_the_reference at N=1030); CPU's kernel reads any
+    layout, so the gradients alone cannot show it here."""
+    spec = resolve_pattern("scca_flow", chunk_size=5)
+    q, k, v, upstream = qkv_and_upstream(1, 4, 2, 11, dtype=torch.float32, seed=4)
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = BACKENDS[backend](q, k, v, spec, 0.3)
+    with _SdpaBackwardLayouts() as layouts:
+        out.backward(upstream)
+    assert layouts.matches, "no fused SDPA backward ran: the check tested nothing"
+    assert all(layouts.matches), layouts.matches
 
 
 def test_sparse_patterns_change_the_gradients():

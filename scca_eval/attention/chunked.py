@@ -37,7 +37,32 @@ BlockAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float
 
 
 def sdpa_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scaling: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling)
+    return grad_in_output_layout(F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling))
+
+
+def grad_in_output_layout(out: torch.Tensor) -> torch.Tensor:
+    """``out``, whose incoming gradient is handed on in ``out``'s own strides.
+
+    The gradient that reaches an SDPA backward takes whatever layout the ops
+    after it leave (here: a slice of a transposed, longer gradient, whose
+    batch stride differs from the output's). PyTorch's CPU kernel reads any
+    layout; the fused CUDA kernels take a gradient that counts as contiguous
+    as it is, and gave wrong bf16 gradients for such a slice (strided
+    backend, scca_flow, N not a multiple of G). Copying it into the
+    output's layout, only where it differs, gives every kernel the layout that
+    a plain loss on the output would.
+    """
+    if not out.requires_grad:
+        return out
+    size, stride = out.shape, out.stride()
+
+    def to_output_layout(grad: torch.Tensor) -> torch.Tensor:
+        if grad.stride() == stride:
+            return grad
+        return torch.empty_strided(size, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+    out.register_hook(to_output_layout)
+    return out
 
 
 def query_heads_per_kv(q: torch.Tensor, k: torch.Tensor) -> int:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
-from .chunked import chunked_pattern_attention, query_heads_per_kv
+from .chunked import chunked_pattern_attention, grad_in_output_layout, query_heads_per_kv
 
 
 def _sdpa(q, k, v, causal: bool, scaling: float):
@@ -36,7 +36,7 @@ def _sdpa(q, k, v, causal: bool, scaling: float):
     gqa = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          is_causal=causal, scale=scaling, **gqa)
-    return out.transpose(1, 2)
+    return grad_in_output_layout(out).transpose(1, 2)
 
 
 _STREAMS: dict[int, list] = {}
