@@ -267,8 +267,9 @@ def test_heads_that_never_reach_the_key_cannot_answer(tiny_model_dir):
 
 def test_committed_passkey_results_match_their_command_and_findings():
     """results/passkey/README.md: its commands parse, the committed records are what its
-    passkey command makes (patterns, ctx, trials, depths, seed, dtype), and each row of its
-    findings table states its record's count."""
+    passkey command makes (one per pattern and ctx; trials, depths, seed, dtype, device),
+    and its findings table states each record's count in the row of its pattern and the
+    column of its ctx."""
     import re
     import shlex
 
@@ -285,13 +286,22 @@ def test_committed_passkey_results_match_their_command_and_findings():
                 options = context.params
     records = load_records([repo / options["out"]])
     asked = options["patterns"][0].split(",")
-    presets = sorted(r["pattern"] for r in records if not r["pattern"].startswith("custom"))
-    assert presets == sorted(p for p in asked if p != "local") and len(records) == len(asked)
+    ctxs = list(options["ctx"])
+    cells = sorted((r["pattern"], r["ctx"]) for r in records if not r["pattern"].startswith("custom"))
+    assert cells == sorted((p, c) for p in asked if p != "local" for c in ctxs)
+    assert len(records) == len(asked) * len(ctxs) and len({(r["pattern"], r["ctx"]) for r in records}) == len(records)
+    header = re.search(r"^\| pattern \|((?: \d+ \|)+)", readme, flags=re.M)
+    assert header and [int(c) for c in header[1].split("|") if c.strip()] == ctxs
     for record in records:
-        assert record["ctx"] in options["ctx"] and record["config"]["dtype"] == options["dtype"]
+        assert record["config"]["dtype"] == options["dtype"]
+        assert record["config"]["model"]["device"].split(":")[0] == options["device"]
         assert record["config"]["passkey"]["trials_per_depth"] == options["trials"]
         assert record["config"]["passkey"]["depths"] == options["depths"]
         assert record["config"]["passkey"]["seed"] == options["seed"]
         name = "local (control)" if record["pattern"].startswith("custom") else record["pattern"]
-        row = re.search(rf"^\| {re.escape(name)} \| (\d+)/(\d+) \|", readme, flags=re.M)
-        assert row and (int(row[1]), int(row[2])) == (record["metrics"]["correct"], record["metrics"]["trials"])
+        row = re.search(rf"^\| {re.escape(name)} \|((?: \d+/\d+ \|)+)", readme, flags=re.M)
+        assert row, f"no findings row for {name}"
+        counts = [tuple(map(int, c.split("/"))) for c in row[1].split("|") if c.strip()]
+        assert len(counts) == len(ctxs), f"findings row of {name} has {len(counts)} counts for {len(ctxs)} ctx"
+        stated = counts[ctxs.index(record["ctx"])]
+        assert stated == (record["metrics"]["correct"], record["metrics"]["trials"])
