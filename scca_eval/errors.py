@@ -13,8 +13,9 @@ class UserError(ValueError):
 class MissingDependency(UserError):
     """An optional package is needed; the message names the extra to install."""
 
-    def __init__(self, package: str, extra: str, purpose: str):
-        super().__init__(
-            f"{purpose} needs the package '{package}': install it with "
-            f"pip install 'scca-eval[{extra}]' (or pip install {package})"
-        )
+    def __init__(self, package: str, extra: str | None, purpose: str):
+        if extra is None:  # a dependency of the default install that is missing here
+            how = f"pip install {package} (scca-eval's default install includes it)"
+        else:
+            how = f"pip install 'scca-eval[{extra}]' (or pip install {package})"
+        super().__init__(f"{purpose} needs the package '{package}': install it with {how}")

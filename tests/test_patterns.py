@@ -360,7 +360,7 @@ def test_cli_errors_are_user_errors(patterns_group, args, fragment):
     assert fragment in str(result.exception)
 
 
-def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
+def test_missing_matplotlib_says_how_to_install_it(monkeypatch, tmp_path):
     import builtins
 
     real_import = builtins.__import__
@@ -371,7 +371,7 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(MissingDependency, match=r"scca-eval\[plot\]"):
+    with pytest.raises(MissingDependency, match=r"pip install matplotlib"):
         save_png(resolve_pattern("s2"), 16, 2, tmp_path / "x.png")
 
 
@@ -387,3 +387,50 @@ def test_pattern_settings_read_back_to_the_same_spec(text, settings):
         spec = dataclasses.replace(spec, name="my_flow")  # a flow spec under another name reads back too
     again = pattern_from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec and again.to_dict() == spec.to_dict()
+
+
+def _panels(text: str) -> list[list[str]]:
+    """The drawing rows of each rich panel in ``text``."""
+    panels, current = [], None
+    for line in text.splitlines():
+        if line.startswith("╭"):
+            current = []
+        elif line.startswith("╰"):
+            panels.append(current)
+            current = None
+        elif current is not None:
+            current.append(line.split("│")[1][1:].rstrip())
+    return panels
+
+
+def test_patterns_show_draws_one_cell_per_token_when_the_terminal_is_wide_enough(monkeypatch, capsys):
+    """The README's example: every token of ctx 64 gets its own column, so the stripes of the
+    dilated heads have their true period; checked against the dense reference mask."""
+    from scca_eval.cli import main
+    from scca_eval.patterns.masks import build_mask
+
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["patterns", "show", "longmixed", "--ctx", "64", "--heads", "16"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "downsampled" not in out
+    spec = resolve_pattern("longmixed")
+    mask = build_mask(spec, 64, 16)
+    groups = spec.head_groups(64, 16)
+    panels = _panels(out)
+    assert len(panels) == len(groups)
+    for (first, _, _), rows in zip(groups, panels):
+        expected = ["".join("█" if mask[first, q, k] else "·" for k in range(q + 1)) for q in range(64)]
+        assert rows == expected
+
+
+def test_patterns_show_says_when_it_downsamples(monkeypatch, capsys):
+    from scca_eval.cli import main
+
+    monkeypatch.setenv("COLUMNS", "40")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["patterns", "show", "s2", "--ctx", "64", "--heads", "2"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "downsampled" in out and "36 of 64" in out
+    assert all(len(rows) == 36 for rows in _panels(out))

@@ -55,16 +55,27 @@ def test_cli_plot(tmp_path, records, capsys):
     assert code == 2 and "--out" in err
 
 
-def test_missing_matplotlib_names_the_extra(tmp_path, records, monkeypatch, capsys):
+def test_matplotlib_is_in_the_default_install():
+    """`plot` works after the README's install line (no extra needed)."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert "matplotlib" in {Requirement(r).name for r in project["dependencies"]}
+
+
+def test_missing_matplotlib_says_how_to_install_it(tmp_path, records, monkeypatch, capsys):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` fail
-    with pytest.raises(MissingDependency, match=r"scca-eval\[plot\]"):
+    with pytest.raises(MissingDependency, match=r"pip install matplotlib"):
         plot_records(records, tmp_path / "fig")
     for record in records[:2]:
         write_record(record, tmp_path / "runs")
     code, out, err = run_cli(["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")], capsys)
-    assert code == 2 and "pip install 'scca-eval[plot]'" in err
+    assert code == 2 and "pip install matplotlib" in err
     assert not (tmp_path / "fig.png").exists()
 
 

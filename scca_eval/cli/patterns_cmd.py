@@ -72,19 +72,26 @@ def list_patterns(ctx, heads, chunk_size, dilation):
     console.print("Custom mixes: e.g. --pattern '1/2 local + 1/2 cross(1)' (see docs/patterns.md).")
 
 
+# A rich Panel takes two columns for its borders and two for its padding.
+_PANEL_BORDER = 4
+
+
 @patterns.command("show")
 @click.argument("name")
 @_window_options
 @click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None,
-              help="Also draw the masks into this PNG file (needs matplotlib).")
-@click.option("--cells", type=click.IntRange(4, 200), default=48, show_default=True,
-              help="Characters per side of each terminal drawing.")
+              help="Also draw the masks into this PNG file (with matplotlib).")
+@click.option("--cells", type=click.IntRange(4, 1000), default=None,
+              help="Characters per side of each terminal drawing. Default: one per token, as many "
+                   "as the terminal's width allows.")
 def show(name, ctx, heads, chunk_size, dilation, png_path, cells):
     """Draw each head group's mask of NAME in the terminal.
 
-    NAME is a preset or a custom mix. Rows are queries, columns keys, each
-    character a block of about ctx/cells positions: '█' keeps all its causal
-    pairs, '▓▒░' fewer, '·' none; blank cells lie after the diagonal.
+    NAME is a preset or a custom mix. Rows are queries, columns keys, one
+    character per token when the terminal is wide enough; otherwise each
+    character is a block of about ctx/cells positions (the drawing says so):
+    '█' keeps all its causal pairs, '▓▒░' fewer, '·' none; blank cells lie
+    after the diagonal.
     """
     from rich.console import Console
     from rich.panel import Panel
@@ -94,8 +101,14 @@ def show(name, ctx, heads, chunk_size, dilation, png_path, cells):
     spec = _spec_for(name, ctx, heads, chunk_size, dilation)
     chunk = spec.chunk_for(ctx)
     console = Console()
+    if cells is None:
+        cells = max(4, console.width - _PANEL_BORDER)
+    cells = min(cells, ctx)
     console.print(f"[bold]{spec.name}[/bold] ({spec.canonical()}): ctx {ctx}, {heads} heads, "
                   f"density {density(spec, ctx, heads):.3f}")
+    if cells < ctx:
+        console.print(f"downsampled: each character covers about {ctx / cells:.1f} tokens per side "
+                      f"({cells} of {ctx}); a smaller --ctx or a wider terminal draws one per token")
     for first, end, rule in spec.head_groups(ctx, heads):
         drawing = "\n".join(render_rule(rule, ctx, chunk, cells))
         console.print(Panel(drawing, title=group_title(first, end, rule, chunk), expand=False))

@@ -159,8 +159,8 @@ def plot(paths, prefix, metric, rows, references, title):
     """Plot perplexity (or --metric) against ctx on a log2 axis from result files or
     folders: one panel per task, one line per pattern (or model), error bars from the 95%
     bootstrap intervals, published rows dashed. Passkey records (`scca-eval passkey`) are
-    drawn as heat maps instead: accuracy by depth × ctx, one panel per pattern. Needs
-    matplotlib (pip install 'scca-eval[plot]').
+    drawn as heat maps instead: accuracy by depth × ctx, one panel per pattern (matplotlib,
+    part of the default install).
 
     \b
     Example:

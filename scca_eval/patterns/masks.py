@@ -156,7 +156,7 @@ def save_png(spec: PatternSpec, n: int, num_heads: int, path: str | os.PathLike,
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise MissingDependency("matplotlib", "plot", "drawing a pattern as PNG") from None
+        raise MissingDependency("matplotlib", None, "drawing a pattern as PNG") from None
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
