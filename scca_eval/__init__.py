@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "evaluate", "finetune", "load_model"]
+__all__ = ["__version__", "evaluate", "finetune", "load_model", "read_records"]
 
 
 def __getattr__(name):
@@ -20,4 +20,8 @@ def __getattr__(name):
         from .models import load_model
 
         return load_model
+    if name == "read_records":
+        from .report.frame import read_records
+
+        return read_records
     raise AttributeError(name)

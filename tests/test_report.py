@@ -200,3 +200,63 @@ def test_bad_reference_file(tmp_path):
                     "ctx: [1024, 2048]\nrows:\n  - {name: S2, pattern: s2, values: [1.0]}\n")
     with pytest.raises(UserError, match="one value per ctx"):
         load_reference(path)
+
+
+# -- records as a DataFrame, variants, budgets ---------------------------------------------
+def _variant(record, *, adapter=None, rope=None, trained=None, max_tokens=None):
+    model = record["config"]["model"]
+    if adapter is not None:
+        model["adapter"] = {"path": adapter, **({"training_pattern": trained} if trained else {})}
+    model["rope_scaling"] = rope
+    record["config"]["max_tokens"] = max_tokens
+    return record
+
+
+def test_read_records_gives_one_row_per_cell_and_the_documents(tmp_path):
+    import scca_eval
+
+    records = [make_record(pattern="full", ctx=1024, ppl=10.0), make_record(pattern="s2", ctx=2048, ppl=12.5)]
+    records[1]["documents"].append({"id": "d1", "nll_sum": 2.5, "tokens": 50, "bytes": 200, "words": 40})
+    for record in records:
+        write_record(record, tmp_path)
+    frame = scca_eval.read_records(tmp_path)
+    assert len(frame) == 2
+    by_pattern = frame.set_index("pattern")
+    assert by_pattern.loc["s2", "perplexity"] == 12.5 and by_pattern.loc["full", "ctx"] == 1024
+    assert by_pattern.loc["s2", "documents"] == 2 and by_pattern.loc["s2", "protocol"] == "stride"
+    documents = scca_eval.read_records(tmp_path, per_document=True)
+    assert sorted(documents["document"]) == ["d0", "d0", "d1"]
+    s2 = documents[documents["pattern"] == "s2"]
+    assert s2["nll_sum"].sum() == 3.5 and s2["tokens"].sum() == 150
+
+
+def test_rows_are_labelled_by_the_variant_setting_that_differs():
+    """Same model id and pattern, different RoPE scaling or adapter: two rows, not a refusal."""
+    records = [_variant(make_record(ppl=10.0)),
+               _variant(make_record(ppl=9.0), rope={"rope_type": "linear", "factor": 2.0, "requested": "linear:2"}),
+               _variant(make_record(ppl=8.0), adapter="/x/ft-s2", trained="s2",
+                        rope={"rope_type": "linear", "factor": 2.0, "requested": "linear:2"})]
+    rows = table_rows(render_tables(records))
+    assert set(rows) - {"pattern"} == {"full · no adapter · no RoPE scaling",
+                         "full · no adapter · RoPE linear:2",
+                         "full · adapter ft-s2 · RoPE linear:2 · trained under s2"}
+
+
+def test_records_of_different_budgets_are_not_put_in_one_column():
+    records = [_variant(make_record(pattern="full", ppl=10.0), max_tokens=16384),
+               _variant(make_record(pattern="s2", ppl=12.0), max_tokens=None)]
+    with pytest.raises(UserError, match="different --max-tokens"):
+        render_tables(records)
+    records[1]["config"]["max_tokens"] = 16384
+    records[1]["config"]["protocol"] = "longlora"
+    with pytest.raises(UserError, match="different --protocol"):
+        render_tables(records)
+
+
+def test_table_says_what_lies_behind_each_cell():
+    records = [make_record(ctx=1024, ppl=10.0), make_record(ctx=8192, ppl=9.0)]
+    records[1]["metrics"]["tokens"] = 16384
+    records[1]["documents"] = records[1]["documents"] * 2
+    text = render_tables(records)
+    assert "*scored per cell: ctx 1024: 100 tokens of 1 document; ctx 8192: 16,384 tokens of 2 documents*" in text
+    assert "*100 tokens of 1 document per cell*" in render_tables(records[:1])

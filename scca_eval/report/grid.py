@@ -4,21 +4,29 @@ Tables and plots draw the same grids, so both agree on what a row is, how it is 
 and which value counts as the best of a column. Published reference rows are kept apart
 from measured ones (``TaskGrid.published``) and never take part in the "best" mark.
 
-A row is identified by the model (when rows show models), the pattern, and — when they
-differ from the default — the stride and the protocol. Two patterns with the same name but
-different settings (chunk size, dilation) get labels that show the setting that differs,
-e.g. ``sda (r=2)`` and ``sda (r=4)``; a custom mix is labelled by its groups.
+A row is identified by the model (when rows show models), the pattern, the model's
+variant (adapter, RoPE scaling, the pattern an adapter was trained under) and — when it
+differs from the default — the stride. Two patterns with the same name but different
+settings (chunk size, dilation) get labels that show the setting that differs, e.g.
+``sda (r=2)`` and ``sda (r=4)``; a custom mix is labelled by its groups; runs of one model
+with different variants get labels that show the variant setting that differs.
+
+A column compares rows only when they measured the same thing: records of one task made
+with different token budgets (``--max-tokens``) or protocols are refused, as ``compare``
+refuses them. The grids are built from :func:`.frame.records_frame`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from ..choices import PRESETS
 from ..errors import UserError
 from ..records import pattern_config, pattern_identity
+from .frame import records_frame
 
 # metric key in a record -> how titles and axes name it (lower is better for all of them)
 METRICS = {
@@ -77,6 +85,19 @@ class TaskGrid:
     sources: list[str] = field(default_factory=list)  # one line per reference set shown
     models: list[str] = field(default_factory=list)
     patterns: list[str] = field(default_factory=list)
+    # ctx -> (scored tokens, documents) of the column's cells, or None where they differ
+    scored: dict[int, tuple[int, int] | None] = field(default_factory=dict)
+
+    def scored_note(self) -> str | None:
+        """What lies behind the cells: '147,456 tokens of 6 documents per cell', or per
+        column when the columns differ (e.g. a budget that covers fewer documents at 8k)."""
+        if not self.scored:
+            return None
+        texts = {ctx: "varies" if s is None else f"{s[0]:,} tokens of {s[1]} document{'s' * (s[1] != 1)}"
+                 for ctx, s in sorted(self.scored.items())}
+        if len(set(texts.values())) == 1:
+            return f"{next(iter(texts.values()))} per cell"
+        return "scored per cell: " + "; ".join(f"ctx {ctx}: {text}" for ctx, text in texts.items())
 
     def best(self, ctx: int, digits: int | None = None) -> float | None:
         """The lowest measured value of column ``ctx`` (rounded to ``digits`` when given),
@@ -137,6 +158,23 @@ def pattern_labels(records: Iterable[dict]) -> dict[str, str]:
     return labels
 
 
+_VARIANT_KEYS = ("adapter", "rope_scaling", "training_pattern")
+
+
+def _variant_text(key: str, value) -> str:
+    if value is None:
+        return {"adapter": "no adapter", "rope_scaling": "no RoPE scaling", "training_pattern": ""}[key]
+    if key == "adapter":
+        return f"adapter {str(value).rstrip('/').split('/')[-1]}"
+    if key == "rope_scaling":
+        try:
+            scaling = json.loads(value)
+        except ValueError:
+            return f"RoPE {value}"
+        return f"RoPE {scaling.get('requested') or scaling.get('rope_type')}"
+    return f"trained under {value}"
+
+
 def _stride_tag(record: dict) -> int | None:
     return None if record["stride"] == record["ctx"] else int(record["stride"])
 
@@ -184,7 +222,15 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     mode = resolve_row_mode(records, rows)
+    frame = records_frame(records)
+    if len(frame):
+        _refuse_mixed_measurements(frame)
     labels = pattern_labels(records)
+    variants = {id(r): tuple(None if _setting_shown(row[k]) == "none" else row[k] for k in _VARIANT_KEYS)
+                for r, (_, row) in zip(records, frame.iterrows())} if len(frame) else {}
+    # The variant settings that differ between records of one model: they go into the labels.
+    differing = [k for k in _VARIANT_KEYS
+                 if len(frame) and (frame.groupby("model")[k].nunique(dropna=False) > 1).any()]
     model_order = list(dict.fromkeys(r["model"] for r in records))
     pattern_order = list(dict.fromkeys(labels[pattern_identity(r)] for r in records))
 
@@ -194,7 +240,7 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
             parts.append(record["model"])
         if mode in ("pattern", "model-pattern"):
             parts.append(pattern_identity(record))
-        return (*parts, _stride_tag(record), _protocol_tag(record))
+        return (*parts, variants[id(record)], _stride_tag(record), _protocol_tag(record))
 
     def row_label(record: dict) -> str:
         parts = []
@@ -202,6 +248,8 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
             parts.append(record["model"])
         if mode in ("pattern", "model-pattern"):
             parts.append(labels[pattern_identity(record)])
+        parts += [text for k, v in zip(_VARIANT_KEYS, variants[id(record)])
+                  if k in differing and (text := _variant_text(k, v))]
         if _stride_tag(record) is not None:
             parts.append(f"stride {record['stride']}")
         if _protocol_tag(record) is not None:
@@ -214,7 +262,8 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
         preset_rank = PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER)
         pattern_rank = (preset_rank, pattern_order.index(label)) if mode != "model" else (0, 0)
         model_rank = model_order.index(record["model"]) if mode != "pattern" else 0
-        return (model_rank, *pattern_rank, _stride_tag(record) or 0, _protocol_tag(record) or "")
+        variant = tuple(str(v) for v in variants[id(record)])
+        return (model_rank, *pattern_rank, variant, _stride_tag(record) or 0, _protocol_tag(record) or "")
 
     grids: list[TaskGrid] = []
     for task in dict.fromkeys(r["task"] for r in records):
@@ -248,6 +297,7 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
             ))
         grids.append(TaskGrid(
             task=task, metric=metric, ctxs=sorted({r["ctx"] for r in task_records}), rows=grid_rows,
+            scored=_scored_per_column(frame[frame["task"] == task]),
             row_header=ROW_HEADERS[mode],
             models=list(dict.fromkeys(r["model"] for r in task_records)),
             patterns=list(dict.fromkeys(labels[pattern_identity(r)] for r in task_records)),
@@ -256,6 +306,35 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
     for reference in references:
         _attach_reference(grids, reference, metric, mode)
     return grids
+
+
+def _refuse_mixed_measurements(frame) -> None:
+    """One task's records must share the token budget and the protocol, or a column would
+    put side by side numbers measured on different tokens (``compare`` refuses them too)."""
+    for column, option in (("max_tokens", "--max-tokens"), ("protocol", "--protocol")):
+        shown = frame[column].map(_setting_shown)
+        for task, group in frame.groupby("task", sort=False):
+            values = shown[group.index]
+            if values.nunique() > 1:
+                other = values[values != values.iloc[0]].index[0]
+                raise UserError(
+                    f"{task}: records made with different {option} ({values.iloc[0]} in {group['path'].iloc[0]}, "
+                    f"{values[other]} in {frame['path'][other]}) measure different tokens and cannot share "
+                    "a table; tabulate them separately (e.g. one folder each)")
+
+
+def _setting_shown(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "none"
+    return str(int(value)) if isinstance(value, float) else str(value)
+
+
+def _scored_per_column(frame) -> dict[int, tuple[int, int] | None]:
+    scored = {}
+    for ctx, group in frame.groupby("ctx"):
+        pairs = set(zip(group["tokens"], group["documents"]))
+        scored[int(ctx)] = (int(group["tokens"].iloc[0]), int(group["documents"].iloc[0])) if len(pairs) == 1 else None
+    return scored
 
 
 def _attach_reference(grids: list[TaskGrid], reference, metric: str, mode: str) -> None:

@@ -4,7 +4,7 @@ The x axis is log2 (ctx doubles from one column to the next), error bars are the
 bootstrap intervals of the records, and published reference rows are dashed. Files are
 written with matplotlib's Agg (PNG) and SVG canvases, without pyplot, so no display and
 no global backend setting are involved; each file is written atomically, like a record.
-matplotlib is optional: ``pip install 'scca-eval[plot]'``.
+matplotlib is part of the default install.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _figure_class():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise MissingDependency("matplotlib", "plot", "scca-eval plot") from None
+        raise MissingDependency("matplotlib", None, "scca-eval plot") from None
     return Figure, FigureCanvasAgg
 
 
@@ -93,6 +93,8 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
         heading = grid.task
         if grid.row_header == "pattern" and len(grid.models) == 1:
             heading += f" · {grid.models[0]}"
+        if grid.scored_note():  # the tokens and documents behind the points
+            heading += f"\n{grid.scored_note()}"
         axes.set_title(heading, fontsize="medium")
         axes.grid(True, alpha=0.3)
         # Below the panel, so that it never hides a line.

@@ -1,16 +1,17 @@
 """The paper-style table: one per task, rows × ctx columns, best measured value per column in bold.
 
 Formats: markdown (for READMEs and pull requests), CSV (one file for every task, full
-precision, for further processing; no bold) and LaTeX (booktabs, one ``table`` per task).
-Published reference rows come after the measured ones, under their own heading, with a
-line that names their source.
+precision, for further processing; no bold; written by pandas) and LaTeX (booktabs, one
+``table`` per task). Published reference rows come after the measured ones, under their
+own heading, with a line that names their source. Under each markdown and LaTeX table a
+line says how many tokens and documents lie behind each cell.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Sequence
+
+import pandas as pd
 
 from ..errors import UserError
 from .grid import METRICS, Cell, Row, TaskGrid, build_grids
@@ -90,9 +91,10 @@ def _markdown(grid: TaskGrid, ci: bool, digits: int) -> str:
     if grid.published:
         lines.append("| *published figures, not measured here* | " + " | ".join("" for _ in grid.ctxs) + " |")
         lines += [_markdown_row(grid, row, False, digits) for row in grid.published]
-    if grid.sources:
+    notes = ([f"*{grid.scored_note()}*"] if grid.scored_note() else []) + list(grid.sources)
+    if notes:
         lines.append("")
-        lines += [f"{source}" for source in grid.sources]
+        lines += notes
     return "\n".join(lines)
 
 
@@ -135,7 +137,7 @@ def _latex(grid: TaskGrid, ci: bool, digits: int) -> str:
         lines += [_latex_row(grid, row, False, digits) for row in grid.published]
     lines.append(r"\bottomrule")
     lines.append(r"\end{tabular}")
-    for source in grid.sources:
+    for source in ([grid.scored_note()] if grid.scored_note() else []) + grid.sources:
         lines.append(rf"\par\footnotesize {latex_escape(source)}")
     lines.append(r"\end{table}")
     return "\n".join(lines)
@@ -145,25 +147,20 @@ def _latex(grid: TaskGrid, ci: bool, digits: int) -> str:
 
 def _csv(grids: list[TaskGrid], ci: bool) -> str:
     ctxs = sorted({ctx for grid in grids for ctx in grid.ctxs})
-    header = ["task", "metric", "kind", "model", "pattern", "row"]
-    for ctx in ctxs:
-        header.append(str(ctx))
-        if ci:
-            header += [f"{ctx}_ci95_low", f"{ctx}_ci95_high"]
-    header.append("source")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
+    lines = []
     for grid in grids:
         for row in grid.rows + grid.published:
-            line = [grid.task, grid.metric, "published" if row.published else "measured",
-                    row.model or "", row.pattern or "", row.label]
+            line = {"task": grid.task, "metric": grid.metric, "kind": "published" if row.published else "measured",
+                    "model": row.model or "", "pattern": row.pattern or "", "row": row.label}
             for ctx in ctxs:
                 cell = row.cells.get(ctx)
-                line.append(repr(cell.value) if cell else "")
+                line[str(ctx)] = cell.value if cell else None
                 if ci:
-                    interval = cell.ci95 if cell is not None and cell.ci95 else ("", "")
-                    line += [repr(v) if v != "" else "" for v in interval]
-            line.append(" ".join(grid.sources) if row.published else "")
-            writer.writerow(line)
-    return buffer.getvalue().rstrip("\n")
+                    interval = cell.ci95 if cell is not None and cell.ci95 else (None, None)
+                    line[f"{ctx}_ci95_low"], line[f"{ctx}_ci95_high"] = interval
+            line["source"] = " ".join(grid.sources) if row.published else ""
+            lines.append(line)
+    columns = ["task", "metric", "kind", "model", "pattern", "row"]
+    for ctx in ctxs:
+        columns += [str(ctx)] + ([f"{ctx}_ci95_low", f"{ctx}_ci95_high"] if ci else [])
+    return pd.DataFrame(lines, columns=columns + ["source"]).to_csv(index=False, lineterminator="\n").rstrip("\n")
