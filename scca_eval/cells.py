@@ -1,8 +1,8 @@
-"""One (task, ctx) cell: its windows scored in groups of whole documents, then its record.
+"""One (task, ctx) cell: its windows scored in groups, then its record.
 
-The windows of the protocol are planned over all documents; the documents are then
-scored in groups of about ``save_every`` batches of work (windows of several documents
-batched together). After each group the per-document sums are saved to a progress file
+The windows of the protocol are planned over all documents; they are then scored in
+groups of about ``save_every`` batches of work (windows of several documents batched
+together, a long document cut between windows). After each group the per-document sums are saved to a progress file
 next to the record (``resume.py``), so a run that is stopped — Ctrl-C, SIGKILL, a lost
 machine — continues where it stopped when the same command runs again. Inside a
 torch.distributed run each rank scores whole batches of every group and the sums are
@@ -14,13 +14,14 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime, timezone
+from collections import Counter
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
-from . import distributed
+from . import cost, distributed
 from .data import TokenizedTask
 from .engine import WindowScores, auto_batch_size, model_device, plan_batches, score_windows
 from .errors import UserError
@@ -30,7 +31,7 @@ from .results import record_filename
 from .resume import DocumentDone, Interrupted, ProgressFile, progress_path
 from .windows import Window, limit_scored_tokens, longlora_perplexity, plan_longlora_windows, plan_windows
 
-# Progress is saved after about this many batches of forward work (whole documents).
+# Progress is saved after about this many batches of forward work.
 DEFAULT_SAVE_EVERY = 32
 LONGLORA_STEP = 256  # LongLoRA's eval.py: a window starts every 256 tokens
 
@@ -38,7 +39,9 @@ LONGLORA_STEP = 256  # LongLoRA's eval.py: a window starts every 256 tokens
 class Progress(Protocol):
     """What ``evaluate`` reports while it runs (the CLI draws a progress bar)."""
 
-    def begin(self, label: str, total_tokens: int) -> None: ...
+    def begin(self, label: str, total_tokens: int, done_tokens: int = 0) -> None:
+        """A cell starts: ``total_tokens`` to score, of which ``done_tokens`` were read back
+        from its progress file (done by an earlier run)."""
     def advance(self, tokens: int) -> None: ...
     def end(self) -> None: ...
 
@@ -100,14 +103,15 @@ def evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTa
 
 
 def plan_groups(windows: Sequence[Window], target_tokens: int) -> list[list[int]]:
-    """Window indices cut into groups of whole documents, each closed once it holds at least
-    ``target_tokens`` tokens of forward work. Greedy and in document order, so a run that
-    resumes after the first k groups forms the same remaining groups."""
+    """Window indices cut into groups, each closed once it holds at least ``target_tokens``
+    tokens of forward work — also inside a long document, whose finished windows are then
+    saved part-way. Greedy and in window order, so a run that resumes after the first k
+    groups forms the same remaining groups (and adds up the same partial sums)."""
     groups: list[list[int]] = []
     current: list[int] = []
     work = 0
     for index, window in enumerate(windows):
-        if current and window.doc != windows[current[-1]].doc and work >= target_tokens:
+        if current and work >= target_tokens:
             groups.append(current)
             current, work = [], 0
         current.append(index)
@@ -195,6 +199,8 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
         "bootstrap_seed": seed,
     })
     label = f"{tokenized.task.name} · {record['pattern']} · ctx {ctx}"
+    if max_tokens is not None and ranks.is_main:
+        say_budget_coverage(label, [len(d.ids) for d in docs], lengths, ctx, max_tokens, notify)
 
     progress_file = None
     done: dict[int, DocumentDone] = {}
@@ -207,15 +213,24 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
             done = progress_file.load()
             seconds_before = progress_file.loaded_seconds
         done = distributed.share_from_main(done, ranks)
-    resumed = saved = len(done)  # saved: documents in the progress file as it is on disk
-    if resumed and ranks.is_main:
-        notify(f"resuming {label} from {progress_file.path}: {resumed} of {len(expected)} documents are done")
+    resumed = saved = _finished(done)  # saved: finished documents in the progress file as it is on disk
+    saved_part_way = len(done) - saved
+    if done and ranks.is_main:
+        notify(f"resuming {label} from {progress_file.path}: {resumed} of {len(expected)} documents are done"
+               + (f", {saved_part_way} part-way" if saved_part_way else ""))
 
-    todo = [w for w in windows if w.doc not in done]
+    todo = _windows_to_do(windows, done)
+    windows_per_doc = Counter(w.doc for w in windows)
     groups = plan_groups(todo, (save_every or DEFAULT_SAVE_EVERY) * batch * ctx)
+    device_text = device_name(device)
+    if ranks.is_main:  # the size and cost of the cell, before a long one starts
+        rate = cost.remembered_rate(device_text, model_id, record["pattern"], ctx)
+        line = cost.estimate_line(label, sum(w.scored for w in todo), len(todo), len({w.doc for w in todo}),
+                                  rate=rate, on_cpu=device.type == "cpu")
+        if line:
+            notify(line)
     if progress is not None:
-        progress.begin(label, total)
-        progress.advance(sum(d.tokens for d in done.values()))
+        progress.begin(label, total, sum(d.tokens for d in done.values()))
     documents = [d.ids for d in docs]
     scored_now = 0  # targets scored by this run (not read from the progress file)
     started = time.perf_counter()
@@ -229,16 +244,15 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
             scores = _score_group(lm, documents, group_windows, batch, ranks, advance, ctx)
             advance.finish()
             scored_now += group_total
-            nll, counts = scores.per_document(group_windows, len(docs))
-            for doc in dict.fromkeys(w.doc for w in group_windows):
-                done[doc] = DocumentDone(doc, docs[doc].id, float(nll[doc]), int(counts[doc]))
+            _add_group(done, scores, group_windows, docs, windows_per_doc)
             if progress_file is not None and ranks.is_main:
                 progress_file.save(done.values(), seconds_before + time.perf_counter() - started)
-                saved = len(done)
+                saved = _finished(done)
+                saved_part_way = len(done) - saved
     except _OutOfMemory:
         raise _out_of_memory_error(ctx, batch, lm, progress_file, saved, len(expected), ranks) from None
     except KeyboardInterrupt:
-        raise Interrupted(_interrupted_message(progress_file, saved, len(expected), label)) from None
+        raise Interrupted(_interrupted_message(progress_file, saved, len(expected), label, saved_part_way)) from None
     finally:
         if progress is not None:
             progress.end()
@@ -258,7 +272,9 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
         {"id": d.id, "nll_sum": d.nll_sum, "tokens": d.tokens, "bytes": d.bytes, "words": d.words}
         for d in doc_scores
     ]
-    device_text = device_name(device)
+    if ranks.is_main and not ranks.is_distributed:
+        cost.remember_rate(device_text, model_id, record["pattern"], ctx,
+                           scored_now / seconds if seconds > 0 and scored_now else None)
     if ranks.is_distributed:
         device_text += f" × {ranks.world_size} processes ({ranks.backend})"
     record["runtime"] = runtime(
@@ -268,12 +284,54 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
     return record, progress_file
 
 
-def _interrupted_message(progress_file, saved: int, n_docs: int, label: str) -> str:
+def say_budget_coverage(label, full_lengths, lengths, ctx, max_tokens, notify) -> None:
+    """--max-tokens shares the budget among the documents in whole windows; when it is too small
+    for a window of every document, say so and what budget would cover them all."""
+    scorable = [n for n in full_lengths if n >= 2]
+    covered = sum(1 for n in lengths if n >= 2)
+    if covered < len(scorable):
+        need = sum(min(n, ctx) - 1 for n in scorable)
+        notify(f"{label}: --max-tokens {max_tokens:,} covers {covered} of {len(scorable)} documents (each gets "
+               f"at least one whole window); --max-tokens {need:,} or more covers them all")
+
+
+def _finished(done: dict[int, DocumentDone]) -> int:
+    return sum(d.finished for d in done.values())
+
+
+def _windows_to_do(windows: Sequence[Window], done: dict[int, DocumentDone]) -> list[Window]:
+    """The windows not covered by ``done``: none of a finished document, and a document saved
+    part-way after its first ``windows`` windows."""
+    todo, seen = [], Counter()
+    for window in windows:
+        saved = done.get(window.doc)
+        seen[window.doc] += 1
+        if saved is None or (not saved.finished and seen[window.doc] > saved.windows):
+            todo.append(window)
+    return todo
+
+
+def _add_group(done: dict[int, DocumentDone], scores: WindowScores, group_windows: Sequence[Window], docs,
+               windows_per_doc: Counter) -> None:
+    """Add a scored group's per-document sums to ``done``; a document whose last window is not
+    yet scored stays part-way, with the count of its windows done."""
+    nll, counts = scores.per_document(group_windows, len(docs))
+    for doc, count in Counter(w.doc for w in group_windows).items():
+        before = done.get(doc)
+        windows = count + (before.windows if before is not None else 0)
+        nll_sum = float(nll[doc]) + (before.nll_sum if before is not None else 0.0)
+        tokens = int(counts[doc]) + (before.tokens if before is not None else 0)
+        finished = windows == windows_per_doc[doc]
+        done[doc] = DocumentDone(doc, docs[doc].id, nll_sum, tokens, None if finished else windows)
+
+
+def _interrupted_message(progress_file, saved: int, n_docs: int, label: str, part_way: int = 0) -> str:
     if progress_file is None:
         return f"interrupted during {label}; nothing was saved (records are not written with --no-write)"
-    if not saved:
-        return f"interrupted during {label} before its first documents were done; nothing to resume yet"
-    return (f"interrupted: {saved} of {n_docs} documents of {label} are saved in {progress_file.path}; "
+    if not saved and not part_way:
+        return f"interrupted during {label} before its first windows were saved; nothing to resume yet"
+    part = f" and the finished windows of {part_way} more" if part_way else ""
+    return (f"interrupted: {saved} of {n_docs} documents{part} of {label} are saved in {progress_file.path}; "
             "run the same command again to continue")
 
 

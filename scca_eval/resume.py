@@ -1,7 +1,8 @@
 """Progress files: what a cell has finished, per document, so a stopped run can continue.
 
-While a cell runs, its documents are scored in groups; after each group the NLL sums of
-the documents finished so far are written to ``<record>.progress`` next to the record
+While a cell runs, its windows are scored in groups; after each group the NLL sums of
+the documents finished so far — and of the document in progress, with the number of its
+windows done, so that a long document keeps its finished windows — are written to ``<record>.progress`` next to the record
 (``default__pg19_sample__full__ctx1024.json.progress``), atomically. Running the same
 command again reads the file and scores only the documents it lacks; once the record is
 written, the progress file is removed. (The name does not end in ``.json``, so ``table``,
@@ -29,7 +30,7 @@ from typing import Callable, Iterable
 from .files import atomic_write_text
 
 FORMAT = "scca-eval progress"
-VERSION = 1
+VERSION = 2  # 2: documents may be saved part-way (groups no longer end at documents)
 SUFFIX = ".progress"
 
 
@@ -39,12 +40,19 @@ class Interrupted(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class DocumentDone:
-    """A finished document of a cell: its index in the task, id, NLL sum and scored tokens."""
+    """A document of a cell, scored: its index in the task, id, NLL sum and scored tokens;
+    ``windows`` is None when the document is finished, else the number of its first windows
+    that the sums cover (a long document saved part-way)."""
 
     index: int
     id: str
     nll_sum: float
     tokens: int
+    windows: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.windows is None
 
 
 def progress_path(record_path: str | Path) -> Path:
@@ -115,26 +123,34 @@ class ProgressFile:
         return done
 
     def _document(self, entry) -> DocumentDone:
-        if not (isinstance(entry, list) and len(entry) == 4):
+        if not (isinstance(entry, list) and len(entry) in (4, 5)):
             raise _Untrusted(f"a document entry is malformed ({str(entry)[:60]})")
-        index, doc_id, nll_sum, tokens = entry
+        index, doc_id, nll_sum, tokens = entry[:4]
+        windows = entry[4] if len(entry) == 5 else None  # a document saved part-way
         if isinstance(index, bool) or not isinstance(index, int) or index not in self.expected:
             raise _Untrusted(f"document index {index!r} is not one of this cell's documents")
         want_id, want_tokens = self.expected[index]
         if doc_id != want_id:
             raise _Untrusted(f"document {index} is {doc_id!r} there but {want_id!r} here")
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens != want_tokens:
+        if windows is not None:
+            if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+                raise _Untrusted(f"document {want_id!r} has an impossible count of finished windows {windows!r}")
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens < want_tokens:
+                raise _Untrusted(f"document {want_id!r} is saved part-way with {tokens!r} scored tokens, "
+                                 f"not between 1 and {want_tokens - 1}")
+        elif isinstance(tokens, bool) or not isinstance(tokens, int) or tokens != want_tokens:
             raise _Untrusted(f"document {want_id!r} has {tokens!r} scored tokens there but {want_tokens} here")
         if isinstance(nll_sum, bool) or not isinstance(nll_sum, (int, float)) or not math.isfinite(nll_sum) \
                 or nll_sum < 0:
             raise _Untrusted(f"document {want_id!r} has an impossible NLL sum {nll_sum!r}")
-        return DocumentDone(index, doc_id, float(nll_sum), tokens)
+        return DocumentDone(index, doc_id, float(nll_sum), tokens, windows)
 
     # -- writing ---------------------------------------------------------------
     def save(self, done: Iterable[DocumentDone], seconds: float = 0.0) -> None:
-        """Write the finished documents and the scoring time spent on them so far."""
+        """Write the documents scored so far (finished or part-way) and the scoring time spent."""
         seconds = round(float(seconds), 3)
-        documents = [[d.index, d.id, d.nll_sum, d.tokens] for d in sorted(done, key=lambda d: d.index)]
+        documents = [[d.index, d.id, d.nll_sum, d.tokens] + ([] if d.finished else [d.windows])
+                     for d in sorted(done, key=lambda d: d.index)]
         payload = {
             "format": FORMAT,
             "version": VERSION,

@@ -360,7 +360,8 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
 
 
 def split_patterns(values: Sequence[str]) -> list[str]:
-    """Split comma-separated pattern lists, except inside parentheses (``dilated(2,0)``)."""
+    """The items of a multi-value option or setting, as every command reads them: commas
+    separate items, except inside parentheses (``dilated(2,0)``); repeated values add up."""
     out = []
     for value in values:
         depth, current = 0, ""

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 from .choices import ATTENTION_BACKENDS, DTYPES, PROTOCOLS
 from .errors import UserError
+from .files import check_writable_folder
 
 
 def check_ctx_and_stride(ctxs: Sequence[int], stride: int | None) -> None:
@@ -53,6 +54,7 @@ def check_out_folder(out) -> None:
             if not parent.is_dir():
                 raise UserError(f"--out {out}: {parent} is a file, not a folder; give a folder for the result records")
             break
+    check_writable_folder(path)
 
 
 def check_dtype_name(dtype: str | None) -> None:

@@ -80,8 +80,9 @@ def same_numbers(record, reference):
 
 
 def saved_documents(path: Path) -> int:
+    """Finished documents in a progress file (a document saved part-way has a fifth field)."""
     try:
-        return len(json.loads(path.read_text())["documents"])
+        return sum(len(entry) == 4 for entry in json.loads(path.read_text())["documents"])
     except (OSError, ValueError, KeyError):
         return 0  # not written yet
 
@@ -148,7 +149,7 @@ class StopAfter:
     def __init__(self, tokens: int, error: BaseException):
         self.tokens, self.error, self.seen = tokens, error, 0
 
-    def begin(self, label, total_tokens):
+    def begin(self, label, total_tokens, done_tokens=0):
         pass
 
     def advance(self, tokens):
@@ -211,7 +212,14 @@ CORRUPTIONS = {
     "foreign document": (lambda p: rewrite(p, lambda d: d["documents"][0].__setitem__(1, "other.txt")),
                          "is 'other.txt' there"),
     "negative sum": (lambda p: rewrite(p, lambda d: d["documents"][0].__setitem__(2, -1.0)), "impossible NLL"),
+    "part-way with all tokens": (lambda p: rewrite(p, _part_way_complete), "saved part-way"),
 }
+
+
+def _part_way_complete(data):
+    """A document marked part-way that claims as many tokens as the whole document has."""
+    finished = data["documents"][0]
+    data["documents"][0] = finished[:4] + [1]
 
 
 def _edit_number(path: Path) -> None:
@@ -238,12 +246,18 @@ def test_untrusted_progress_file_is_reported_and_recomputed(kind, model_dir, doc
 
 
 def test_a_valid_partial_file_is_trusted(model_dir, docs_dir, reference, stopped, tmp_path):
+    """Stopped inside a document, the file holds that document's finished windows too (a fifth
+    field: how many of its windows the sums cover); the resumed run scores only the rest and
+    ends with the uninterrupted run's numbers, bit for bit."""
     out = tmp_path / "out"
     progress = copy_to(stopped, out)
     saved = saved_documents(progress)
+    (part_way,) = [entry for entry in json.loads(progress.read_text())["documents"] if len(entry) == 5]
+    assert part_way[4] >= 1 and part_way[3] >= 1
     notices = []
     record = evaluate(**api_options(model_dir, docs_dir, out), notify=notices.append)[0]
-    assert notices == [f"resuming docs · full · ctx 16 from {progress}: {saved} of {DOCS} documents are done"]
+    assert notices == [f"resuming docs · full · ctx 16 from {progress}: {saved} of {DOCS} documents are done, "
+                       "1 part-way"]
     assert record["runtime"]["resumed_documents"] == saved
     same_numbers(record, reference)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ class CountingProgress:
         self.stop_in_cell = stop_in_cell
         self.labels: list[str] = []
 
-    def begin(self, label, total_tokens):
+    def begin(self, label, total_tokens, done_tokens=0):
         self.labels.append(label)
 
     def advance(self, tokens):
@@ -254,3 +255,40 @@ def test_committed_results_command_is_consistent(monkeypatch, capsys):
         outputs.append((out, err))
     assert outputs[0] == outputs[1]
     assert len(outputs[0][0].splitlines()) == 48 and "max_tokens=147456" in outputs[0][1]
+
+
+def test_one_list_syntax_for_every_multi_value_option():
+    """Commas between items (not inside a rule's parentheses), and repeating adds up."""
+    import click
+
+    from scca_eval.cli.options import ints_callback, names_callback
+
+    assert names_callback(None, None, ("full,s2", "1/2 local + 1/2 dilated(2,0)")) == [
+        "full", "s2", "1/2 local + 1/2 dilated(2,0)"]
+    assert ints_callback(None, None, ("1024,2048", "4096")) == [1024, 2048, 4096]
+    with pytest.raises(click.BadParameter, match="'2k' is not a whole number"):
+        ints_callback(None, None, ("1024,2k",))
+
+
+def test_ppl_takes_a_comma_separated_pattern_list(tmp_path, capsys):
+    """`ppl --pattern full,s2` means two patterns (as in sweep); a malformed mix says how to
+    give several patterns."""
+    from scca_eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ppl", "--pattern", "full,s2", "--pattern", "1/2 local 1/2 cross", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "'1/2 local 1/2 cross'" in err and "'full,s2'" not in err
+    assert "-p full,s2 or -p full -p s2" in err
+
+
+def test_an_unwritable_out_folder_is_refused_before_any_work(tmp_path):
+    from scca_eval.results import check_writable_folder
+
+    folder = Path("/proc/1/scca-eval-out")
+    if not Path("/proc/1").is_dir():
+        pytest.skip("needs /proc")
+    with pytest.raises(UserError, match="cannot write in /proc/1"):
+        check_writable_folder(folder)
+    check_writable_folder(tmp_path / "new" / "folder")  # a folder that can be made is fine
+    assert not (tmp_path / "new").exists()               # and the check makes nothing

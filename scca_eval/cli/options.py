@@ -1,8 +1,44 @@
-"""Click parameter types shared by the commands."""
+"""Click parameter types shared by the commands, and the one list syntax of every option
+that takes several values: items separated by commas (a comma inside a rule's parentheses,
+as in ``dilated(2,0)``, belongs to the rule), and the option may be repeated."""
 
 from __future__ import annotations
 
+import os
+
 import click
+
+from ..sweep import split_patterns as split_items
+
+LIST_SYNTAX = "comma-separated or repeated"
+
+
+def names_callback(ctx, param, values) -> list[str]:
+    """A repeatable option's values split into items: ``-p full,s2 -p sda`` -> 3 names."""
+    return split_items(values or ())
+
+
+def paths_callback(ctx, param, values) -> list[str]:
+    """Like :func:`names_callback`, except that an existing path is never split (a file name
+    may hold a comma)."""
+    out = []
+    for value in values or ():
+        out += [value] if os.path.exists(value) else split_items([value])
+    return out
+
+
+def ints_callback(ctx, param, values) -> list[int] | None:
+    """Whole numbers, comma-separated or repeated: ``--ctx 1024,2048 --ctx 4096``."""
+    if not values:
+        return None
+    numbers = []
+    for item in split_items(values):
+        try:
+            numbers.append(int(item))
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not a whole number; give e.g. 1024,2048 or repeat the "
+                                     "option", ctx, param) from None
+    return numbers
 
 
 class IntList(click.ParamType):

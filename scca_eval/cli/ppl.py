@@ -10,32 +10,46 @@ import click
 
 from ..choices import ATTENTION_BACKENDS, DTYPES, PROTOCOLS
 from ..errors import UserError
-from .options import INT_LIST, rope_scaling_options
+from .options import ints_callback, names_callback, paths_callback, rope_scaling_options
+from .sections import SectionedCommand
 
 DEVICE_MAPS = ["auto", "balanced", "balanced_low_0", "sequential"]
 
 CHOICE_DTYPES = click.Choice(list(DTYPES), case_sensitive=False)
 
 
-@click.command()
+HELP_SECTIONS = {
+    "What to evaluate": ["model", "tasks", "data", "patterns", "ctx", "max_tokens", "adapter", "merge_adapter",
+                         "rope_scaling", "original_ctx", "trainable_params", "tokenizer_path",
+                         "trust_remote_code", "allow_long_context"],
+    "How it is measured": ["protocol", "stride", "add_bos", "chunk_size", "dilation", "dtype", "seed"],
+    "Where to write": ["out", "no_write", "save_every", "no_resume", "quiet"],
+    "Performance": ["device", "batch_size", "attention_backend", "compile_layers", "gpus", "device_map"],
+}
+
+
+@click.command(cls=SectionedCommand, sections=HELP_SECTIONS)
 @click.option("--model", "-m", default="default", show_default=True,
               help="'default' (embedded SmolLM2-135M), a Hugging Face model folder or hub id "
                    "(offline: from the local cache), or a .gguf file.")
-@click.option("--task", "-t", "tasks", multiple=True,
-              help="Task name (a YAML in ./tasks or a bundled one) or a task YAML path; repeatable. "
+@click.option("--task", "-t", "tasks", multiple=True, callback=names_callback,
+              help="Task name (a YAML in ./tasks or a bundled one) or a task YAML path; comma-separated "
+                   "or repeated. "
                    "Default: pg19_sample and proof_pile_sample.")
-@click.option("--data", "data", multiple=True, type=click.Path(),
+@click.option("--data", "data", multiple=True, type=click.Path(), callback=paths_callback,
               help="Evaluate a local file or folder (.txt, .txt.gz, .jsonl, .jsonl.gz, .parquet, LongLoRA .bin) "
-                   "without writing a task YAML; repeatable.")
-@click.option("--ctx", "ctx", type=INT_LIST, default="1024", show_default=True,
-              help="Window length(s) in tokens, comma-separated, e.g. 1024,2048,4096,8192.")
+                   "without writing a task YAML; comma-separated or repeated.")
+@click.option("--ctx", "ctx", multiple=True, default=["1024"], show_default=True, callback=ints_callback,
+              metavar="N[,N...]",
+              help="Window length(s) in tokens, comma-separated or repeated, e.g. 1024,2048,4096,8192.")
 @click.option("--stride", type=int, default=None,
               help="Tokens a window advances, 1..ctx. Default: ctx (disjoint windows). "
                    "Smaller strides give each scored token more context and cost ctx/stride times more. "
                    "With --protocol longlora: the step between window starts (default 256).")
-@click.option("--pattern", "-p", "patterns", multiple=True,
-              help="Attention pattern: full, s2, scca_fixed, scca_flow, sda, longmixed, or a custom mix "
-                   "such as '1/2 local + 1/2 cross(1)' (see `scca-eval patterns list`); repeatable. "
+@click.option("--pattern", "-p", "patterns", multiple=True, callback=names_callback,
+              help="Attention pattern(s): full, s2, scca_fixed, scca_flow, sda, longmixed, or a custom mix "
+                   "such as '1/2 local + 1/2 cross(1)' (see `scca-eval patterns list`); comma-separated "
+                   "(full,s2) or repeated. "
                    "Default: full.")
 @click.option("--chunk-size", type=int, default=None,
               help="Chunk size G in tokens for the chunked rules. Default: a quarter of the window.")
@@ -94,7 +108,8 @@ CHOICE_DTYPES = click.Choice(list(DTYPES), case_sensitive=False)
                    "runs, its progress is saved next to its record (RECORD.json.progress).")
 @click.option("--no-write", is_flag=True, help="Do not write result records (and keep no progress).")
 @click.option("--save-every", type=int, default=None, metavar="BATCHES",
-              help="Save progress after about this many batches of work (whole documents). Default: 32.")
+              help="Save progress after about this many batches of work (also inside a long document). "
+                   "Default: 32.")
 @click.option("--no-resume", is_flag=True,
               help="Start every cell from the beginning, even when a progress file from a stopped run exists.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap interval.")
@@ -110,7 +125,7 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
     (model, task, pattern, ctx) goes to --out, and a markdown table is printed.
 
     A stopped run (Ctrl-C, a killed process, a lost machine) continues where it
-    stopped when the same command is run again: finished documents are kept in a
+    stopped when the same command is run again: finished windows are kept in a
     progress file next to each record, removed once the command has written all
     its records. Ctrl-C exits with status 130, bad input with 2.
 

@@ -7,21 +7,33 @@ import contextlib
 import click
 
 from ..choices import ATTENTION_BACKENDS
-from .options import INT_LIST, rope_scaling_options
+from .options import ints_callback, names_callback, paths_callback, rope_scaling_options
+from .sections import SectionedCommand
+
+HELP_SECTIONS = {
+    "What to evaluate": ["models", "tasks", "data", "patterns", "ctx", "max_tokens", "adapter", "rope_scaling",
+                         "original_ctx", "allow_long_context"],
+    "How it is measured": ["stride", "add_bos", "chunk_size", "dilation", "dtype", "seed"],
+    "Where to write": ["out", "dry_run", "quiet"],
+    "Performance": ["device", "batch_size", "attention_backend", "compile_engine"],
+}
 
 
-@click.command()
+@click.command(cls=SectionedCommand, sections=HELP_SECTIONS)
 @click.argument("sweep_file", required=False, type=click.Path())
-@click.option("--model", "-m", "models", multiple=True,
-              help="Model: 'default', a model folder, a .gguf file or a hub id; repeatable. Default: default.")
-@click.option("--pattern", "-p", "patterns", multiple=True,
+@click.option("--model", "-m", "models", multiple=True, callback=paths_callback,
+              help="Model: 'default', a model folder, a .gguf file or a hub id; comma-separated or repeated. "
+                   "Default: default.")
+@click.option("--pattern", "-p", "patterns", multiple=True, callback=names_callback,
               help="Patterns, comma-separated or repeated: full,s2,scca_fixed,scca_flow,sda,longmixed "
                    "or custom mixes. Default: full.")
-@click.option("--ctx", type=INT_LIST, default=None, help="Window lengths, e.g. 1024,2048,4096,8192. Default: 1024.")
-@click.option("--task", "-t", "tasks", multiple=True,
-              help="Task name or task YAML path; repeatable. Default: pg19_sample and proof_pile_sample.")
-@click.option("--data", "data", multiple=True, type=click.Path(),
-              help="A local file or folder evaluated as a task; repeatable.")
+@click.option("--ctx", multiple=True, callback=ints_callback, metavar="N[,N...]",
+              help="Window lengths, comma-separated or repeated, e.g. 1024,2048,4096,8192. Default: 1024.")
+@click.option("--task", "-t", "tasks", multiple=True, callback=names_callback,
+              help="Task name or task YAML path; comma-separated or repeated. Default: pg19_sample and "
+                   "proof_pile_sample.")
+@click.option("--data", "data", multiple=True, type=click.Path(), callback=paths_callback,
+              help="A local file or folder evaluated as a task; comma-separated or repeated.")
 @click.option("--stride", type=int, default=None, help="Tokens a window advances, 1..ctx. Default: ctx.")
 @click.option("--max-tokens", type=int, default=None,
               help="Cap on scored tokens per cell (equal document prefixes), the same for every cell.")
@@ -66,11 +78,11 @@ def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, ba
       scca-eval sweep results/smollm2-135m.yaml --device cuda
     """
     from ..report.tables import markdown_tables
-    from ..sweep import ModelEntry, load_sweep_file, make_sweep, run_sweep, split_patterns
+    from ..sweep import ModelEntry, load_sweep_file, make_sweep, run_sweep
 
     settings = load_sweep_file(sweep_file) if sweep_file else {}
     given = {
-        "models": list(models) or None, "patterns": split_patterns(patterns) or None, "ctx": ctx,
+        "models": list(models) or None, "patterns": list(patterns) or None, "ctx": ctx,
         "tasks": list(tasks) or None, "data": list(data) or None, "stride": stride, "max_tokens": max_tokens,
         "batch_size": batch_size, "dtype": dtype, "device": device, "chunk_size": chunk_size,
         "dilation": dilation, "add_bos": add_bos, "allow_long_context": allow_long_context,
@@ -91,8 +103,10 @@ def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, ba
         click.echo(f"{len(cells)} cell(s); records go to {plan.out}/; {settings_text}", err=True)
         return
 
+    from ..files import check_writable_folder
     from .progress import RichProgress
 
+    check_writable_folder(plan.out)  # before any model is loaded
     log = None if quiet else (lambda line: click.echo(line, err=True))
     bar = contextlib.nullcontext(None) if quiet else RichProgress()
     with bar as progress:

@@ -27,6 +27,8 @@ from .rules import RULE_KINDS, Rule
 from .spec import PatternSpec
 
 MIX_EXAMPLE = "'1/2 local + 1/2 shifted'"
+# Said where a mix does not parse: a user who meant several patterns learns both list forms.
+LIST_HINT = "several patterns: -p full,s2 or -p full -p s2"
 
 # One term of a mix: an optional share, a rule name, optional parameters.
 _TERM = re.compile(
@@ -134,8 +136,9 @@ def parse_mix(text: str) -> tuple[tuple[Fraction, Rule], ...]:
     for term in terms:
         match = _TERM.match(term)
         if not match:
-            raise UserError(f"{where}: cannot read {term!r}; write each term as a share and a rule, "
-                            f"like {MIX_EXAMPLE}")
+            what = "it" if len(terms) == 1 else repr(term)
+            raise UserError(f"{where}: cannot read {what}; write each term as a share and a rule, "
+                            f"like {MIX_EXAMPLE} ({LIST_HINT})")
         share_text = match.group("share")
         if share_text is None:
             if len(terms) > 1:
