@@ -92,9 +92,8 @@ def _markdown(grid: TaskGrid, ci: bool, digits: int) -> str:
         lines.append("| *published figures, not measured here* | " + " | ".join("" for _ in grid.ctxs) + " |")
         lines += [_markdown_row(grid, row, False, digits) for row in grid.published]
     notes = ([f"*{grid.scored_note()}*"] if grid.scored_note() else []) + list(grid.sources)
-    if notes:
-        lines.append("")
-        lines += notes
+    for note in notes:  # each its own paragraph
+        lines += ["", note]
     return "\n".join(lines)
 
 
