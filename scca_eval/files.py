@@ -51,24 +51,25 @@ def check_output_path(path: str | Path) -> None:
         raise _unwritable(path)
 
 
-def check_writable_folder(folder: str | Path, option: str = "--out") -> None:
+def check_writable_folder(folder: str | Path, option: str = "--out", label: str | None = None) -> None:
     """Raise :class:`UserError` unless files can be made in ``folder`` (or, when it does not
     exist yet, in the nearest folder above it, where it will be made). Tried with a real
     temporary file, so a read-only disk or a permission the user lacks shows before any work."""
     folder = Path(folder)
+    label = label or f"{option} {folder}"
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"{option} {folder} is a file, not a folder; give a folder")
+        raise UserError(f"{label} is a file, not a folder; give a folder")
     existing = folder if folder.exists() else folder.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{option} {folder}: {existing} is a file, not a folder; choose another path")
+        raise UserError(f"{label}: {existing} is a file, not a folder; choose another path")
     try:
         with tempfile.TemporaryFile(dir=existing, prefix=".scca-eval-probe-"):
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise UserError(f"{option} {folder}: cannot write in {existing} ({reason}); choose a folder you can "
+        raise UserError(f"{label}: cannot write in {existing} ({reason}); choose a folder you can "
                         "write to") from None
 
 

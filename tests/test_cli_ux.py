@@ -106,3 +106,24 @@ def test_an_error_before_the_first_cell_leaves_no_blank_line():
         with RichProgress(console=console):
             raise ValueError("bad data")
     assert buffer.getvalue() == ""
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "attention", "--json", "/proc/1/bench.json"],
+    ["bench", "model", "--shape", "smollm2-135m", "--markdown", "/proc/1/bench.md"],
+    ["patterns", "show", "s2", "--ctx", "64", "--png", "/proc/1/s2.png"],
+    ["table", "results/smollm2-135m", "--output", "/proc/1/table.md"],
+])
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(args, capsys, monkeypatch):
+    from pathlib import Path
+
+    from scca_eval.cli import main
+
+    if not Path("/proc/1").is_dir():
+        pytest.skip("needs /proc")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""  # nothing was computed or drawn
+    assert captured.err.count("\n") == 1 and "cannot write in /proc/1" in captured.err

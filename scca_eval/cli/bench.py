@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..choices import ATTENTION_BENCH_PATTERNS, DTYPES, PRESETS
-from .options import INT_LIST, NAME_LIST, rope_scaling_options
+from .options import INT_LIST, NAME_LIST, output_file_callback, rope_scaling_options
 
 CHOICE_DTYPES = click.Choice(list(DTYPES), case_sensitive=False)
 ATTENTION_PATTERNS = ",".join(ATTENTION_BENCH_PATTERNS)
@@ -56,8 +56,10 @@ def _check_positive(values, option: str, least: int = 1) -> None:
               help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--repeats", type=int, default=None, help="Timed calls per cell (median). Default: 20 on GPU, 3 on CPU.")
 @click.option("--no-check", is_flag=True, help="Skip the comparison with a float32 run of the chunked path.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=output_file_callback,
+              help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              callback=output_file_callback,
               help="Write the tables as markdown.")
 def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, dtype, repeats, no_check,
                       json_path, markdown_path):
@@ -117,8 +119,10 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 @rope_scaling_options()
 @click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=output_file_callback,
+              help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              callback=output_file_callback,
               help="Write the table as markdown.")
 def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, repeats, no_plain, compile_engine,
                   layers, rope_scaling, original_ctx, dtype, device, json_path, markdown_path):

@@ -27,6 +27,20 @@ def paths_callback(ctx, param, values) -> list[str]:
     return out
 
 
+def output_file_callback(ctx, param, value):
+    """An output file option, checked when the command line is read, before any work: not a
+    folder, not under a file, and in a folder where files can be made."""
+    if value is None:
+        return value
+    from pathlib import Path
+
+    from ..files import check_output_path, check_writable_folder
+
+    check_output_path(value)
+    check_writable_folder(Path(value).parent, label=f"{param.opts[-1]} {value}")
+    return value
+
+
 def ints_callback(ctx, param, values) -> list[int] | None:
     """Whole numbers, comma-separated or repeated: ``--ctx 1024,2048 --ctx 4096``."""
     if not values:

@@ -7,6 +7,7 @@ import os
 import click
 
 from ..errors import UserError
+from .options import output_file_callback
 
 NAME_HELP = ("A preset (full, s2, scca_fixed, scca_flow, sda, longmixed) or a custom mix such as "
              "'1/2 local + 1/2 cross(1)' (see docs/patterns.md).")
@@ -79,7 +80,7 @@ _PANEL_BORDER = 4
 @patterns.command("show")
 @click.argument("name")
 @_window_options
-@click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None, callback=output_file_callback,
               help="Also draw the masks into this PNG file (with matplotlib).")
 @click.option("--cells", type=click.IntRange(4, 1000), default=None,
               help="Characters per side of each terminal drawing. Default: one per token, as many "

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .options import output_file_callback
+
 METRIC_CHOICE = click.Choice(["perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity"])
 ROWS_CHOICE = click.Choice(["auto", "pattern", "model", "model-pattern"])
 
@@ -49,7 +51,8 @@ def _write(text: str, output: str | None) -> None:
 @click.option("--ci", is_flag=True, help="Show ± half the width of the 95% bootstrap interval (perplexity only).")
 @reference_option
 @click.option("--digits", type=int, default=2, show_default=True, help="Decimals shown (markdown and LaTeX).")
-@click.option("--output", "-o", type=click.Path(), default=None, help="Write to this file instead of stdout.")
+@click.option("--output", "-o", type=click.Path(), default=None, callback=output_file_callback,
+              help="Write to this file instead of stdout.")
 def table(paths, fmt, metric, rows, ci, references, digits, output):
     """Paper-style tables from result files or folders: one table per task, rows = patterns
     (or models), columns = the ctx values present, best value per column in bold.
@@ -99,7 +102,7 @@ def _split_passkey(records):
 @click.option("--bootstrap-samples", type=int, default=2000, show_default=True,
               help="Resamples of the paired bootstrap over documents.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
-@click.option("--output", "-o", type=click.Path(), default=None,
+@click.option("--output", "-o", type=click.Path(), default=None, callback=output_file_callback,
               help="Also write the markdown report to this file (e.g. for a pull-request comment).")
 @click.pass_context
 def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, output):
