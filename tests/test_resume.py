@@ -39,7 +39,7 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def docs_dir(tmp_path_factory):
-    """Six documents of different lengths: one progress group each with --save-every 1."""
+    """Six documents of different lengths, each saved in two to four pieces with --save-every 16."""
     folder = tmp_path_factory.mktemp("resume") / "docs"
     folder.mkdir()
     text = sample_slice("pg19_sample/carroll_alice.txt", 40000)
@@ -50,13 +50,13 @@ def docs_dir(tmp_path_factory):
 
 def ppl_args(model_dir, docs_dir, out, *extra):
     # ctx 16 with stride 8: many small windows, so a run lasts long enough to be stopped
-    # part-way; --save-every 1 saves after every document.
+    # part-way; --save-every 16 saves after about 16 batches of two windows, a few times per document.
     return ["ppl", "--model", str(model_dir), "--data", str(docs_dir), "--ctx", "16", "--stride", "8",
-            "--batch-size", "2", "--save-every", "1", "--device", "cpu", "-q", "--out", str(out), *extra]
+            "--batch-size", "2", "--save-every", "16", "--device", "cpu", "-q", "--out", str(out), *extra]
 
 
 def api_options(model_dir, docs_dir, out, **extra):
-    return dict(model=str(model_dir), data=[str(docs_dir)], ctx=16, stride=8, batch_size=2, save_every=1,
+    return dict(model=str(model_dir), data=[str(docs_dir)], ctx=16, stride=8, batch_size=2, save_every=16,
                 device="cpu", out=None if out is None else str(out), **extra)
 
 
