@@ -14,8 +14,9 @@ LIST_SYNTAX = "comma-separated or repeated"
 
 
 def names_callback(ctx, param, values) -> list[str]:
-    """A repeatable option's values split into items: ``-p full,s2 -p sda`` -> 3 names."""
-    return split_items(values or ())
+    """A repeatable option's values split into items: ``-p full,s2 -p sda`` -> 3 names. A value
+    with no item in it (``-p ''``) is passed on as it is, for its own error message."""
+    return [item for value in values or () for item in (split_items([value]) or [value])]
 
 
 def paths_callback(ctx, param, values) -> list[str]:
@@ -45,13 +46,15 @@ def ints_callback(ctx, param, values) -> list[int] | None:
     """Whole numbers, comma-separated or repeated: ``--ctx 1024,2048 --ctx 4096``."""
     if not values:
         return None
+    if any(not split_items([value]) for value in values):
+        raise click.BadParameter("give at least one number", ctx, param)
     numbers = []
     for item in split_items(values):
         try:
             numbers.append(int(item))
         except ValueError:
-            raise click.BadParameter(f"{item!r} is not a whole number; give e.g. 1024,2048 or repeat the "
-                                     "option", ctx, param) from None
+            raise click.BadParameter(f"{item!r} is not a whole number; give whole numbers such as 1024,2048, "
+                                     "or repeat the option", ctx, param) from None
     return numbers
 
 
