@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import rope_scaling_options
+from .options import names_callback, paths_callback, rope_scaling_options
 from .ppl import CHOICE_DTYPES
 
 _LL = "LongLoRA's fine-tune.py"
@@ -24,11 +24,13 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
               help="Folder for the adapter, trainable_params.bin, training.json and checkpoint.pt.")
 @rope_scaling_options(" Also 'longlora': CTX = --ctx, the rule of LongLoRA's fine-tune.py. ppl --adapter "
                       "applies the scaling a run was trained with.", bare_longlora=True)
-@click.option("--task", "-t", "tasks", multiple=True,
-              help="Training task (a YAML in ./tasks, a bundled one, or a YAML path); repeatable. "
+@click.option("--task", "-t", "tasks", multiple=True, callback=names_callback,
+              help="Training task (a YAML in ./tasks, a bundled one, or a YAML path); comma-separated or "
+                   "repeated. "
                    "Default: pg19_train and proof_pile_train (bundled, disjoint from the evaluation samples).")
-@click.option("--data", "data", multiple=True, type=click.Path(),
-              help="Train on a local file or folder (.txt, .jsonl, .jsonl.gz, .parquet, LongLoRA .bin); repeatable.")
+@click.option("--data", "data", multiple=True, type=click.Path(), callback=paths_callback,
+              help="Train on a local file or folder (.txt, .jsonl, .jsonl.gz, .parquet, LongLoRA .bin); "
+                   "comma-separated or repeated.")
 @click.option("--steps", type=int, default=1000, show_default=True, help=f"Optimizer steps ({_LL_README}).")
 @click.option("--batch-size", "-b", type=int, default=1, show_default=True,
               help=f"Windows per forward/backward pass ({_LL_README}: 1 per GPU).")
