@@ -283,7 +283,7 @@ def test_ppl_takes_a_comma_separated_pattern_list(tmp_path, capsys):
 
 
 def test_an_unwritable_out_folder_is_refused_before_any_work(tmp_path):
-    from scca_eval.results import check_writable_folder
+    from scca_eval.files import check_writable_folder
 
     folder = Path("/proc/1/scca-eval-out")
     if not Path("/proc/1").is_dir():
