@@ -42,18 +42,20 @@ def test_each_window_is_scored_by_exactly_one_rank_in_whole_engine_batches():
                 assert sorted(_engine_batches(own, 3)) == sorted(expected)
 
 
-def test_groups_are_whole_documents_and_resume_forms_the_same_groups():
+def test_groups_cut_long_documents_and_resume_forms_the_same_groups():
     windows = plan_windows([700, 150, 420, 96, 260], ctx=48, stride=24)
     groups = _plan_groups(windows, target_tokens=300)
     assert [i for g in groups for i in g] == list(range(len(windows)))
-    docs_of = [{windows[i].doc for i in g} for g in groups]
-    for a, b in zip(docs_of, docs_of[1:]):
-        assert not a & b  # a document never spans two groups
-    # Resuming after the first group: the remaining windows form the remaining groups.
-    first = set(docs_of[0])
-    rest = [w for w in windows if w.doc not in first]
-    again = _plan_groups(rest, target_tokens=300)
-    assert [{rest[i].doc for i in g} for g in again] == docs_of[1:]
+    work = [sum(windows[i].end - windows[i].start for i in g) for g in groups]
+    assert all(w >= 300 for w in work[:-1])                        # each closed once it holds the target
+    assert all(w - (windows[g[-1]].end - windows[g[-1]].start) < 300 for w, g in zip(work, groups))  # not later
+    assert any(len({windows[i].doc for i in g}) == 1 and windows[g[-1]].doc == windows[groups[k + 1][0]].doc
+               for k, g in enumerate(groups[:-1]))                   # the 700-token document is cut
+    # Resuming after any group: the remaining windows form the remaining groups.
+    for k in range(1, len(groups)):
+        rest = windows[groups[k][0]:]
+        again = _plan_groups(rest, target_tokens=300)
+        assert [[rest[i] for i in g] for g in again] == [[windows[i] for i in g] for g in groups[k:]]
 
 
 def test_one_process_needs_no_process_group():
