@@ -71,8 +71,7 @@ report() {
     $PY -m scca_eval table "$fa" --ci --reference scca_paper_pg19 --output "$RESULTS/full-attention.md"
     $PY -m scca_eval table "$fa" --ci --format csv --output "$RESULTS/full-attention.csv"
     $PY -m scca_eval table "$tp" "$fa/full" --ci --output "$RESULTS/trained-pattern.md"
-    $PY -m scca_eval plot "$fa" --out "$RESULTS/full-attention" --title "SmolLM2-135M, 2x PI, fine-tuned under each pattern; evaluated with full attention"
-    $PY -m scca_eval plot "$tp" "$fa/full" --out "$RESULTS/trained-pattern" --title "Evaluated under the training pattern"
+    $PY "$HERE/ppl_vs_ctx.py" "$fa" --out "$RESULTS/full-attention"
     # Every row against the checkpoint trained with s2 (the paper's baseline): paired bootstrap.
     mkdir -p "$RESULTS/compare"
     for row in base base-pi2 "${PATTERNS[@]}"; do
