@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import names_callback, paths_callback, rope_scaling_options
+from .options import names_callback, paths_callback, pattern_settings_options, rope_scaling_options
 from .ppl import CHOICE_DTYPES
 
 _LL = "LongLoRA's fine-tune.py"
@@ -66,13 +66,7 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
               help="Write checkpoint.pt (atomically) every this many steps, and at the end.")
 @click.option("--resume", is_flag=True,
               help="Continue the run whose checkpoint.pt is in --out (same options; --steps may grow).")
-@click.option("--chunk-size", type=int, default=None,
-              help="Chunk size G in tokens for the chunked rules. Default: a quarter of the window.")
-@click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
-@click.option("--attention-backend",
-              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
-              default="auto", show_default=True,
-              help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU.")
+@pattern_settings_options
 @click.option("--allow-long-context", is_flag=True,
               help="Train at a ctx beyond the model's trained length without position interpolation.")
 @click.option("--gpus", type=int, default=None,

@@ -127,3 +127,20 @@ def rope_scaling_options(extra_help: str = "", bare_longlora: bool = False):
                             help=ROPE_SCALING_HELP + extra_help)(command)
 
     return decorate
+
+
+def pattern_settings_options(func):
+    """--chunk-size, --dilation and --attention-backend: how a pattern is sized and run, for the
+    commands that load one model under a pattern (finetune, passkey)."""
+    from ..choices import ATTENTION_BACKENDS
+
+    for option in reversed([
+        click.option("--chunk-size", type=int, default=None,
+                     help="Chunk size G in tokens for the chunked rules. Default: a quarter of the window."),
+        click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2."),
+        click.option("--attention-backend", type=click.Choice(list(ATTENTION_BACKENDS)), default="auto",
+                     show_default=True,
+                     help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU."),
+    ]):
+        func = option(func)
+    return func

@@ -7,7 +7,7 @@ import contextlib
 import click
 
 from ..errors import UserError
-from .options import INT_LIST, rope_scaling_options
+from .options import INT_LIST, pattern_settings_options, rope_scaling_options
 from .ppl import CHOICE_DTYPES
 
 
@@ -27,13 +27,7 @@ from .ppl import CHOICE_DTYPES
                    "put at a random place inside each in turn.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the keys and depths; the same seed gives every pattern and model the same prompts.")
-@click.option("--chunk-size", type=int, default=None,
-              help="Chunk size G in tokens for the chunked rules. Default: a quarter of the window.")
-@click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
-@click.option("--attention-backend",
-              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
-              default="auto", show_default=True,
-              help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU.")
+@pattern_settings_options
 @click.option("--batch-size", "-b", type=int, default=None,
               help="Prompts per forward pass. Default: about 8k tokens per batch on CPU, 16k on GPU.")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None,
