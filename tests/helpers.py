@@ -148,3 +148,14 @@ def run_cli(args, capsys):
         main(args)
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny tensors (use it with autouse in that module)."""
+    # these tensors are tiny: a second intra-op thread only adds synchronisation,
+    # which costs up to 40x on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from helpers import one_thread  # noqa: F401  (a fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scca_eval.attention import (
@@ -33,13 +35,8 @@ FLOAT64_TOLERANCE = 1e-12
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tensors are tiny: a second intra-op thread only adds synchronisation,
-    # which costs up to 40x on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 SHAPES = [
     # (batch, heads, kv_heads, n, chunk_size)

@@ -10,6 +10,8 @@ import copy
 import pytest
 import torch
 
+from helpers import one_thread  # noqa: F401  (a fixture)
+
 from scca_eval.attention import apply_pattern, call_counts, reset_call_counts
 from scca_eval.errors import UserError
 from scca_eval.patterns import PRESET_DESCRIPTIONS, resolve_pattern
@@ -22,13 +24,8 @@ TOLERANCE = 1e-12
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tensors are tiny: a second intra-op thread only adds synchronisation,
-    # which costs up to 40x on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
