@@ -101,6 +101,32 @@ def test_bfloat16_weights_train_float32_copies_under_autocast(tiny_model_dir, sa
     assert all(t.dtype == torch.float32 for t in state.values())
 
 
+@pytest.mark.gpu
+def test_offloaded_activations_train_the_same_weights(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
+    """On a GPU what autograd saves waits in host memory and comes back unchanged: a run with
+    offloading ends with the weights of a run without it, and it did move tensors to the host."""
+    moved = []
+    library_offload = torch.autograd.graph.save_on_cpu
+
+    class CountingOffload(library_offload):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+            self.pack_hook = lambda tensor: (moved.append(tensor.is_cuda), pack(tensor))[1]
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CountingOffload)
+    runs = {}
+    for offload in (False, True):
+        out = tmp_path / f"offload-{offload}"
+        _finetune(tiny_model_dir, sample_data_dir, out, device="cuda", dtype="float32", offload_activations=offload)
+        runs[offload] = torch.load(out / "trainable_params.bin", weights_only=True)
+        if not offload:
+            assert moved == []
+    assert moved and all(moved)  # every saved tensor of the offloaded run was a GPU tensor sent to the host
+    for name, kept in runs[False].items():  # equal up to the GPU's atomic-add order in the embedding backward
+        torch.testing.assert_close(runs[True][name], kept, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_float32_embedding_feeds_the_layers_in_the_compute_dtype(tiny_model_dir):
     from scca_eval.models import load_model
     from scca_eval.training.lora import attach_lora, keep_activations_in

@@ -6,7 +6,7 @@
 # with full attention and under the pattern each checkpoint was trained with.
 #
 #   results/finetune-smollm2-16k/reproduce.sh               # all stages, one GPU
-#   results/finetune-smollm2-16k/reproduce.sh finetune      # or one stage: finetune, evaluate, report
+#   results/finetune-smollm2-16k/reproduce.sh finetune      # or stages: finetune, evaluate, passkey, report
 #   PARALLEL=6 results/finetune-smollm2-16k/reproduce.sh    # run that many fine-tunes/evaluations at once
 #
 # Every stage resumes: a fine-tune continues from its last checkpoint, a sweep skips the
@@ -32,6 +32,9 @@ FINETUNE=(--model default --ctx "$CTX" --rope-scaling linear:2 --steps "$STEPS" 
 # Evaluation: the paper's lengths scaled 2x, the first 24,577 tokens of each document.
 EVAL_CTX=${EVAL_CTX:-2048,4096,8192,16384}
 EVAL=(--ctx "$EVAL_CTX" --task pg19_sample --task proof_pile_sample --max-tokens "${MAX_TOKENS:-147456}")
+
+# Passkey retrieval: 10 trials in each of 5 depth buckets, at the fine-tuned length and below.
+PASSKEY=(--ctx "${PASSKEY_CTX:-4096,8192,16384}" --trials 10 --depths 5 --seed 0 --quiet)
 
 run_parallel() {  # run the given commands (one per line on stdin), PARALLEL at a time
     local pids=() failed=0
@@ -66,6 +69,16 @@ evaluate() {
     } | run_parallel
 }
 
+passkey() {  # LongLoRA's passkey test on every checkpoint and the interpolated base, full attention
+    local pk="$RESULTS/passkey"
+    {
+        echo "$PY -m scca_eval passkey --model default --rope-scaling linear:2 --pattern full ${PASSKEY[*]} --out $pk/base-pi2"
+        for p in "${PATTERNS[@]}"; do
+            echo "$PY -m scca_eval passkey --model default --adapter $CKPT/$p --pattern full ${PASSKEY[*]} --out $pk/$p"
+        done
+    } | run_parallel
+}
+
 report() {
     local fa="$RESULTS/full-attention" tp="$RESULTS/trained-pattern"
     $PY -m scca_eval table "$fa" --ci --reference scca_paper_pg19 --output "$RESULTS/full-attention.md"
@@ -79,12 +92,15 @@ report() {
         $PY -m scca_eval compare "$fa/s2" "$fa/$row" --output "$RESULTS/compare/$row-vs-s2.md" > /dev/null
     done
     $PY "$HERE/loss_curves.py" "$RESULTS/training" --out "$RESULTS/loss"
+    if [ -d "$RESULTS/passkey" ]; then
+        $PY -m scca_eval table "$RESULTS/passkey" --output "$RESULTS/passkey.md"
+    fi
 }
 
-stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(finetune evaluate report)
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(finetune evaluate passkey report)
 for stage in "${stages[@]}"; do
     case "$stage" in
-        finetune|evaluate|report) "$stage" ;;
-        *) echo "reproduce.sh: unknown stage '$stage'; give finetune, evaluate or report" >&2; exit 2 ;;
+        finetune|evaluate|passkey|report) "$stage" ;;
+        *) echo "reproduce.sh: unknown stage '$stage'; give finetune, evaluate, passkey or report" >&2; exit 2 ;;
     esac
 done

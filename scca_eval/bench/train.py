@@ -7,7 +7,8 @@ q/k/v/o plus trainable embeddings and norms, gradient checkpointing):
 - ``baseline``: peft + transformers with SDPA attention, ``model(ids, labels=ids).loss``,
   backward, AdamW — the weights as loaded (bf16 on a GPU), LoRA in peft's float32;
 - ``finetune`` under each pattern: ``scca_eval.training``'s step (float32 trained weights
-  under autocast, the chunked checkpointed loss, the pattern's kernels).
+  under autocast, the chunked checkpointed loss, the pattern's kernels, and on a GPU the
+  saved activations in host memory unless ``offload_activations=False``).
 
 Each cell runs warm-up steps, then timed steps; it reports tokens/s, peak device memory
 (``max_memory_allocated`` from just before its first step: weights, optimizer state and
@@ -37,8 +38,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _trained_in_full(base) -> dict[str, torch.Tensor]:
-    """Copies of the weights every cell trains in full (embeddings, norms), to put back after it."""
-    return {name: p.detach().clone() for name, p in base.named_parameters() if "embed" in name or "norm" in name}
+    """Copies of the weights every cell trains in full (embeddings, norms), to put back after it
+    (in host memory: they are not part of any cell's peak)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in base.named_parameters()
+            if "embed" in name or "norm" in name}
 
 
 def _restore(base, dtype: torch.dtype, original: dict[str, torch.Tensor]) -> None:
@@ -89,7 +92,7 @@ def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original) 
         _restore(base, dtype, original)
 
 
-def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, original) -> dict:
+def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, original, offload: bool) -> dict:
     from ..attention.register import apply_pattern
     from ..training.lora import attach_lora, enable_gradient_checkpointing, keep_activations_in
     from ..training.loop import Trainer
@@ -98,7 +101,7 @@ def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, orig
 
     ctx = ids.shape[1]
     apply_pattern(base, spec)
-    recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0)
+    recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0, offload_activations=offload)
     model = attach_lora(base, recipe, "random")
     hook = keep_activations_in(model, dtype) if dtype != torch.float32 else None
     enable_gradient_checkpointing(model)
@@ -135,7 +138,7 @@ def _timed(step: Callable[[], float], steps: int, warmup: int, device) -> dict:
 def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 patterns: Sequence[str] = DEFAULT_PATTERNS, *, device: torch.device | None = None,
                 dtype: torch.dtype | None = None, steps: int = 1, warmup: int = 1, baseline: bool = True,
-                compile: bool = False, layers: int | None = None, seed: int = 0,
+                compile: bool = False, offload_activations: bool = True, layers: int | None = None, seed: int = 0,
                 log: Callable[[str], None] | None = print) -> dict:
     """Baseline and finetune-step throughput and memory for each ctx and pattern (one window a step)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,6 +156,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     result = {"shape": shape, "layers": base.config.num_hidden_layers, "dtype": str(dtype).removeprefix("torch."),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": steps, "warmup": warmup, "compiled": compile,
+              "offload_activations": offload_activations,
               "window_per_step": 1, "rows": []}
     say(f"bench train: {shape} ({base.config.num_hidden_layers} layers, random weights, {dtype}), one window "
         f"per step, {warmup} warm-up + {steps} timed step(s) per cell")
@@ -166,7 +170,8 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
         cells = [("baseline", "full", baseline_cell)] if baseline else []
         for label, spec in specs.items():
             cells.append(("finetune", label,
-                          lambda spec=spec: _finetune_cell(base, ids, spec, steps, warmup, device, dtype, original)))
+                          lambda spec=spec: _finetune_cell(base, ids, spec, steps, warmup, device, dtype, original,
+                                                                offload_activations)))
         for path, label, run in cells:
             row = {"ctx": ctx, "path": path, "pattern": label, "error": None}
             try:
@@ -212,9 +217,14 @@ def _add_ratios(result: dict) -> None:
 
 
 def markdown_train(result: dict) -> str:
+    settings = "gradient checkpointing"
+    if result.get("offload_activations"):
+        settings += ", finetune's activations offloaded to host memory"
+    if result.get("compiled"):
+        settings += ", finetune's decoder layers compiled"
     lines = [f"Fine-tuning step, {result['shape']} ({result['layers']} layers, random weights), {result['dtype']}, "
              f"{result['device']}, torch {result['torch']}; one window per step, LoRA q/k/v/o + embed + norm, "
-             f"gradient checkpointing; {result['warmup']} warm-up + {result['steps']} timed step(s) (median).", "",
+             f"{settings}; {result['warmup']} warm-up + {result['steps']} timed step(s) (median).", "",
              "| ctx | path | pattern | s/step | tok/s | peak GiB | vs baseline | memory vs baseline | vs full "
              "| goal vs full | first loss |",
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -168,14 +168,16 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--no-baseline", is_flag=True, help="Skip the peft + transformers baseline loop.")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers for the finetune cells (the baseline stays eager).")
+@click.option("--offload-activations/--no-offload-activations", default=True, show_default=True,
+              help="The finetune cells keep what the backward pass needs in host memory (finetune's default).")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the table as markdown.")
-def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, layers, dtype, device,
-                  json_path, markdown_path):
+def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, offload_activations, layers,
+                  dtype, device, json_path, markdown_path):
     """Fine-tuning step throughput and peak memory, next to the loop a user writes today.
 
     For each ctx: the baseline (peft + transformers SDPA + gradient checkpointing,
@@ -193,6 +195,7 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
         _check_positive([layers], "--layers")
     device = parse_device(device)
     result = train_bench(shape, ctxs, patterns, device=device, dtype=parse_dtype(dtype, device), steps=steps,
-                         warmup=warmup, baseline=not no_baseline, compile=compile_layers, layers=layers,
+                         warmup=warmup, baseline=not no_baseline, compile=compile_layers,
+                         offload_activations=offload_activations, layers=layers,
                          log=click.echo)
     _write_outputs(result, markdown_train(result), json_path, markdown_path)

@@ -62,6 +62,10 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
               help=f"Recompute each decoder layer in the backward pass to save memory ({_LL}).")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers (torch.compile; fused elementwise kernels).")
+@click.option("--offload-activations/--no-offload-activations", default=True, show_default=True,
+              help="On a GPU, keep what the backward pass needs (under --gradient-checkpointing: each decoder "
+                   "layer's input) in pinned host memory, not on the GPU: memory that grows with ctx x layers, "
+                   "for a copy each way.")
 @click.option("--save-every", type=int, default=50, show_default=True, metavar="STEPS",
               help="Write checkpoint.pt (atomically) every this many steps, and at the end.")
 @click.option("--resume", is_flag=True,
@@ -76,8 +80,8 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, steps, batch_size, grad_accum, tokens_per_step,
              lr, warmup_steps, weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, lora_targets,
-             trainable, dtype, device, gradient_checkpointing, compile_layers, save_every, resume, chunk_size,
-             dilation, attention_backend, allow_long_context, gpus, quiet):
+             trainable, dtype, device, gradient_checkpointing, compile_layers, offload_activations, save_every, resume,
+             chunk_size, dilation, attention_backend, allow_long_context, gpus, quiet):
     """LoRA fine-tuning under an attention pattern, with LongLoRA's recipe.
 
     Trains LoRA on the attention projections plus the embeddings and norms of MODEL on
@@ -123,7 +127,7 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
             warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
             trainable=trainable, gradient_checkpointing=gradient_checkpointing, compile=compile_layers,
-            save_every=save_every,
+            offload_activations=offload_activations, save_every=save_every,
         )
     except UserError:
         if not ranks.is_main:  # every rank meets the same bad input; rank 0 says it

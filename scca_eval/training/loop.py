@@ -6,6 +6,11 @@ chunk of positions at a time, each chunk under activation checkpointing: the ful
 ``[batch, ctx, vocab]`` logits (and their fp32 copy) never exist, in the forward or the
 backward pass. A step averages over all its windows (``batch_size`` per pass, ``grad_accum``
 passes), so it does not depend on how the windows are split into passes.
+
+On a GPU the tensors autograd keeps for the backward pass can wait in pinned host memory
+(``Recipe.offload_activations``, torch's ``save_on_cpu``). Under gradient checkpointing
+those are mainly each decoder layer's input, ``[batch, ctx, hidden]`` per layer, which
+otherwise grow with ctx × layers; each comes back to the GPU when its layer is recomputed.
 """
 
 from __future__ import annotations
@@ -116,6 +121,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _saved_tensors_place(self):
+        """Where autograd keeps what the backward pass needs: pinned host memory when offloading."""
+        if not (self.recipe.offload_activations and self.device.type == "cuda"):
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+
     def step(self) -> dict:
         """One optimizer step; returns its loss, lr, gradient norm, tokens and seconds."""
         recipe, history = self.recipe, self.history
@@ -133,7 +144,7 @@ class Trainer:
                 first = history.position + index * recipe.batch_size
                 ids = torch.from_numpy(batch_ids(self.stream, recipe.seed, first, recipe.batch_size))
                 ids = ids.to(self.device, non_blocking=True)
-                with self._autocast():
+                with self._autocast(), self._saved_tensors_place():
                     pass_nll = window_nll_sum(self.model, ids, recipe.loss_chunk)
                 (pass_nll / targets).backward()
                 nll += pass_nll.detach().double()

@@ -69,6 +69,7 @@ class Recipe:
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE
     gradient_checkpointing: bool = True
     compile: bool = False
+    offload_activations: bool = True  # on a GPU: what autograd keeps for the backward pass waits in host memory
     save_every: int = 50
     loss_chunk: int = 1024  # positions per chunk of the LM head's loss (never full fp32 logits)
     extra: dict = field(default_factory=dict)

@@ -69,7 +69,7 @@ def finetune(
 
     ``recipe_options`` are the fields of :class:`~scca_eval.training.recipe.Recipe` (steps,
     batch_size, grad_accum or tokens_per_step, lr, warmup_steps, seed, lora_rank,
-    lora_alpha, lora_dropout, lora_targets, trainable, gradient_checkpointing, compile,
+    lora_alpha, lora_dropout, lora_targets, trainable, gradient_checkpointing, compile, offload_activations,
     save_every, …); the defaults are LongLoRA's. ``tasks``/``data`` name the training text
     as ``ppl`` takes it (default: the bundled training samples, disjoint from the
     evaluation samples). The folder ``out`` receives a peft adapter, ``trainable_params.bin``,
