@@ -51,6 +51,7 @@ def evaluate(
     seed: int = 0,
     attention_backend: str = "auto",
     protocol: str = "stride",
+    last_window: str = "full",
     compile: bool = False,
     save_every: int | None = None,
     resume: bool = True,
@@ -73,7 +74,10 @@ def evaluate(
     protocol:   "stride" (default: per document, every token scored once) or "longlora"
                 (LongLoRA's eval.py: the documents as one stream, ctx-token windows every
                 ``stride`` tokens — default 256 — all their tokens scored, perplexity =
-                exp(mean of the window losses)); see docs/protocols.md
+                exp(mean of the window losses)) or "lm-eval" (lm-evaluation-harness's
+                loglikelihood_rolling, ctx = its max_length); see docs/protocols.md
+    last_window: "full" (default: a document's last window ends at its end and is ctx
+                long) or "short" (only the tokens left, as the transformers/YaRN recipes)
     compile:    compile the model's decoder layers and the loss step first
                 (``engine.compile_for_evaluation``; numbers change within float noise)
     out:        folder to write one JSON record per cell into (None: don't write, and keep
@@ -92,7 +96,7 @@ def evaluate(
     ranks; every rank returns the same records, and only rank 0 writes files.
     """
     ctxs = [ctx] if isinstance(ctx, int) else list(ctx)
-    check_protocol(protocol, ctxs, stride)
+    check_protocol(protocol, ctxs, stride, last_window=last_window, add_bos=add_bos)
     check_run_options(batch_size=batch_size, max_tokens=max_tokens, save_every=save_every)
     check_out_folder(out)
     (spec,) = resolve_patterns([pattern], ctxs, chunk_size=chunk_size, dilation=dilation)
@@ -128,7 +132,8 @@ def evaluate(
                 lm, tokenizer, model, spec, tokenized, c, stride or c,
                 batch_size=batch_size, max_tokens=max_tokens, add_bos=add_bos, seed=seed,
                 progress=progress if ranks.is_main else None, out=out, save_every=save_every,
-                resume=resume, ranks=ranks, notify=say, device_map=device_map,
+                resume=resume, ranks=ranks, notify=say, device_map=device_map, protocol=protocol,
+                last_window=last_window,
             )
             if out is not None and ranks.is_main:
                 record["path"] = str(write_record(record, out))

@@ -29,7 +29,9 @@ from .metrics import DocScore, summarize
 from .records import cell_config, device_name, new_record, progress_key, record_pattern_name, runtime
 from .results import record_filename
 from .resume import DocumentDone, Interrupted, ProgressFile, progress_path
-from .windows import Window, limit_scored_tokens, longlora_perplexity, plan_longlora_windows, plan_windows
+from .window_sums import encode_windows
+from .windows import (Window, limit_scored_tokens, longlora_perplexity, plan_lm_eval_windows, plan_longlora_windows,
+                      plan_windows)
 
 # Progress is saved after about this many batches of forward work.
 DEFAULT_SAVE_EVERY = 32
@@ -179,13 +181,22 @@ class _ScaledAdvance:
 def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, stride, *,
                    batch_size, max_tokens, add_bos, seed, progress, out=None, save_every=None,
                    resume=True, ranks=distributed.SINGLE, notify=notify_stderr,
-                   device_map=None) -> tuple[dict, ProgressFile | None]:
+                   device_map=None, protocol="stride", last_window="full") -> tuple[dict, ProgressFile | None]:
     """Score one (task, ctx) cell; return its record and its progress file (None without ``out``)."""
     docs = tokenized.docs
+    protocol_config: dict = {"protocol": protocol, "last_window": last_window}
+    if protocol == "lm-eval":  # lm-eval's prefix token in front; ctx is its max_length
+        from .lm_eval_protocol import lm_eval_documents
+
+        docs, protocol_config["lm_eval"] = lm_eval_documents(tokenized, tokenizer)
+    window_span = ctx + 1 if protocol == "lm-eval" else ctx  # tokens of a window, its last target included
     lengths = [len(d.ids) for d in docs]
     if max_tokens is not None:
-        lengths = limit_scored_tokens(lengths, ctx, max_tokens)
-    windows = plan_windows(lengths, ctx, stride)
+        lengths = limit_scored_tokens(lengths, window_span, max_tokens)
+    if protocol == "lm-eval":
+        windows = plan_lm_eval_windows(lengths, ctx)
+    else:
+        windows = plan_windows(lengths, ctx, stride, last_window)
     device = model_device(lm)
     batch = batch_size or auto_batch_size(ctx, device, windows)
     expected = {i: (doc.id, length - 1) for i, (doc, length) in enumerate(zip(docs, lengths)) if length >= 2}
@@ -193,14 +204,14 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
         raise UserError(f"task {tokenized.task.name}: no document has two or more tokens to score")
     total = sum(count for _, count in expected.values())
     record = new_record(model_id, spec, tokenized, ctx, stride, {
-        "protocol": "stride",
+        **protocol_config,
         **cell_config(lm, tokenizer, spec, tokenized, add_bos=add_bos, max_tokens=max_tokens, batch=batch),
         "device_map": device_map,
         "bootstrap_seed": seed,
     })
     label = f"{tokenized.task.name} · {record['pattern']} · ctx {ctx}"
     if max_tokens is not None and ranks.is_main:
-        say_budget_coverage(label, [len(d.ids) for d in docs], lengths, ctx, max_tokens, notify)
+        say_budget_coverage(label, [len(d.ids) for d in docs], lengths, window_span, max_tokens, notify)
 
     progress_file = None
     done: dict[int, DocumentDone] = {}
@@ -272,6 +283,9 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
         {"id": d.id, "nll_sum": d.nll_sum, "tokens": d.tokens, "bytes": d.bytes, "words": d.words}
         for d in doc_scores
     ]
+    for entry, index in zip(record["documents"], [i for i in range(len(docs)) if i in expected]):
+        if len(done[index].window_tokens) == windows_per_doc[index]:  # every window's sums are kept
+            entry["windows"] = encode_windows(np.array(done[index].window_nll), np.array(done[index].window_tokens))
     if ranks.is_main and not ranks.is_distributed:
         cost.remember_rate(device_text, model_id, record["pattern"], ctx,
                            scored_now / seconds if seconds > 0 and scored_now else None)
@@ -316,13 +330,17 @@ def _add_group(done: dict[int, DocumentDone], scores: WindowScores, group_window
     """Add a scored group's per-document sums to ``done``; a document whose last window is not
     yet scored stays part-way, with the count of its windows done."""
     nll, counts = scores.per_document(group_windows, len(docs))
+    of_doc = np.fromiter((w.doc for w in group_windows), dtype=np.int64, count=len(group_windows))
     for doc, count in Counter(w.doc for w in group_windows).items():
         before = done.get(doc)
         windows = count + (before.windows if before is not None else 0)
         nll_sum = float(nll[doc]) + (before.nll_sum if before is not None else 0.0)
         tokens = int(counts[doc]) + (before.tokens if before is not None else 0)
         finished = windows == windows_per_doc[doc]
-        done[doc] = DocumentDone(doc, docs[doc].id, nll_sum, tokens, None if finished else windows)
+        mine = of_doc == doc  # this document's windows in this group, in order: kept for compare's test
+        done[doc] = DocumentDone(doc, docs[doc].id, nll_sum, tokens, None if finished else windows,
+                                 (before.window_nll if before else ()) + tuple(scores.nll_sum[mine].tolist()),
+                                 (before.window_tokens if before else ()) + tuple(scores.tokens[mine].tolist()))
 
 
 def _interrupted_message(progress_file, saved: int, n_docs: int, label: str, part_way: int = 0) -> str:

@@ -33,5 +33,8 @@ DTYPES = {
 # which runs the full pattern only and is what "auto" picks for it).
 ATTENTION_BACKENDS = ("auto", "strided", "chunked", "flex", "reference", "flash")
 
-# stride: per document, every token scored once; longlora: LongLoRA's eval.py (docs/protocols.md)
-PROTOCOLS = ("stride", "longlora")
+# stride: per document, every token scored once; longlora: LongLoRA's eval.py; lm-eval:
+# lm-evaluation-harness's loglikelihood_rolling (docs/protocols.md)
+PROTOCOLS = ("stride", "longlora", "lm-eval")
+# how the stride protocol ends a document: a full ctx-long window, or only the tokens left
+LAST_WINDOWS = ("full", "short")

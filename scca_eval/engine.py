@@ -48,7 +48,7 @@ def auto_batch_size(ctx: int, device: torch.device, windows: Sequence[Window] | 
     budget = AUTO_BATCH_TOKENS.get(device.type, AUTO_BATCH_TOKENS["cpu"])
     size = max(1, min(64, budget // ctx))
     if windows:
-        full = sum(1 for w in windows if w.end - w.start == ctx)
+        full = sum(1 for w in windows if w.fed == ctx)
         size = min(size, full or len(windows))
     return size
 
@@ -59,10 +59,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def plan_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
     """How ``score_windows`` cuts ``windows`` into batches (window indices per batch):
-    grouped by length (first-seen order), then cut into runs of ``batch_size``."""
+    grouped by the length fed (first-seen order), then cut into runs of ``batch_size``."""
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, window in enumerate(windows):
-        by_length[window.end - window.start].append(index)
+        by_length[window.fed].append(index)
     return [
         indices[i : i + batch_size]
         for indices in by_length.values()
@@ -122,7 +122,7 @@ def score_windows(
 ) -> WindowScores:
     """NLL sums of every window's scored targets.
 
-    ``documents[w.doc][w.start:w.end]`` is fed for window ``w``; targets at
+    ``documents[w.doc][w.start:w.start + w.fed]`` is fed for window ``w``; targets at
     indices ``w.score_from .. w.end - 1`` are scored, each predicted by the
     hidden state one position before it. ``progress(n)`` is called with the
     number of targets scored after each batch.
@@ -144,29 +144,30 @@ def score_windows(
     # host prepares the next batch while the device still computes this one.
     nll_sum = torch.zeros(len(windows), dtype=torch.float64, device=device)
     if batch_size is None:
-        batch_size = auto_batch_size(window_length or max(w.end - w.start for w in windows), device, windows)
+        batch_size = auto_batch_size(window_length or max(w.fed for w in windows), device, windows)
 
     compiled = model in _COMPILED_MODELS
-    compiled_shape = (batch_size, window_length or max(w.end - w.start for w in windows))
+    compiled_shape = (batch_size, window_length or max(w.fed for w in windows))
     for batch in plan_batches(windows, batch_size):
         rows = [windows[i] for i in batch]
-        input_ids = _to_device(np.stack([documents[w.doc][w.start : w.end] for w in rows]).astype(np.int64), device)
+        input_ids = _to_device(np.stack([documents[w.doc][w.start : w.start + w.fed] for w in rows])
+                               .astype(np.int64), device)
         with _eager_unless(not compiled or tuple(input_ids.shape) == compiled_shape):
             hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         # With a device map the last layers (and the head) may sit on another device.
         out_device = hidden.device
 
-        # Flat (row, position, window) triples of every scored target in the batch,
-        # copied in one go.
+        # Flat (row, position, window, target) of every scored target in the batch, copied
+        # in one go. Targets come from the document: a window's last target may not be fed.
         pairs = []
         for row, (index, w) in enumerate(zip(batch, rows)):
             first = w.score_from - w.start - 1  # hidden position that predicts score_from
             count = w.end - w.score_from
-            pairs.append(np.stack([np.full(count, row), np.arange(first, first + count), np.full(count, index)]))
+            pairs.append(np.stack([np.full(count, row), np.arange(first, first + count), np.full(count, index),
+                                   documents[w.doc][w.score_from : w.end].astype(np.int64)]))
             tokens[index] = count
-        row_index, position, window_of_pair = _to_device(np.concatenate(pairs, axis=1), out_device)
+        row_index, position, window_of_pair, targets = _to_device(np.concatenate(pairs, axis=1), out_device)
         window_of_pair = window_of_pair.to(device, non_blocking=True)
-        targets = input_ids.to(out_device)[row_index, position + 1]
 
         for begin in range(0, len(targets), loss_chunk):
             end = begin + loss_chunk

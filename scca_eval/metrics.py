@@ -151,10 +151,47 @@ def paired_bootstrap(base: Mapping[str, tuple[float, int]], new: Mapping[str, tu
         "bootstrap": {"samples": n_boot, "seed": seed, "unit": "document", "paired": True},
     }
     if len(ids) >= 2 and n_boot > 0:
-        sums = _resampled_sums(np.stack([nll_new - nll_base, tokens], axis=1), n_boot, seed)
-        log_ratio = sums[:, 0] / sums[:, 1]
-        result["ci95"] = _percentile_interval(np.expm1(log_ratio))
-        at_most = int(np.count_nonzero(log_ratio <= 0))
-        at_least = int(np.count_nonzero(log_ratio >= 0))
-        result["p_value"] = min(1.0, 2.0 * (min(at_most, at_least) + 1) / (n_boot + 1))
+        result.update(_paired_test(np.stack([nll_new - nll_base, tokens], axis=1), n_boot, seed))
+    return result
+
+
+def _paired_test(units: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Interval and p-value of the log ratio from [n, 2] rows (NLL difference, tokens) per unit."""
+    sums = _resampled_sums(units, n_boot, seed)
+    log_ratio = sums[:, 0] / sums[:, 1]
+    at_most = int(np.count_nonzero(log_ratio <= 0))
+    at_least = int(np.count_nonzero(log_ratio >= 0))
+    return {"ci95": _percentile_interval(np.expm1(log_ratio)),
+            "p_value": min(1.0, 2.0 * (min(at_most, at_least) + 1) / (n_boot + 1))}
+
+
+def paired_block_bootstrap(base: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                           new: Mapping[str, tuple[np.ndarray, np.ndarray]], *, block: int,
+                           n_boot: int = 2000, seed: int = 0) -> dict:
+    """:func:`paired_bootstrap` for few documents: resamples contiguous blocks of windows.
+
+    Both map document id -> (per-window NLL sums, per-window scored tokens), windows in
+    document order. Each document's windows are cut into consecutive blocks of ``block``
+    windows (its last block may be shorter; blocks never cross documents), and the blocks
+    are resampled with replacement, paired, as documents are by :func:`paired_bootstrap`
+    (a non-overlapping block bootstrap: the loss of neighbouring windows is correlated,
+    and a block keeps that together). Same statistic, interval and p-value."""
+    if set(base) != set(new):
+        raise UserError("the two results cover different documents; compare runs on the same task data")
+    ids = sorted(base)
+    diffs, counts = [], []
+    for doc_id in ids:
+        (nll_base, tokens_base), (nll_new, tokens_new) = base[doc_id], new[doc_id]
+        if len(tokens_base) != len(tokens_new) or not np.array_equal(tokens_base, tokens_new):
+            raise UserError(f"document {doc_id!r} has other windows in the base and the new result; compare "
+                            "runs with the same ctx, stride and --last-window")
+        for begin in range(0, len(tokens_base), block):
+            diffs.append(math.fsum(nll_new[begin:begin + block]) - math.fsum(nll_base[begin:begin + block]))
+            counts.append(int(tokens_base[begin:begin + block].sum()))
+    result = paired_bootstrap({i: (math.fsum(base[i][0]), int(np.sum(base[i][1]))) for i in ids},
+                              {i: (math.fsum(new[i][0]), int(np.sum(new[i][1]))) for i in ids}, n_boot=0)
+    result.update(_paired_test(np.stack([np.array(diffs), np.array(counts, dtype=np.float64)], axis=1),
+                               n_boot, seed))
+    result["bootstrap"] = {"samples": n_boot, "seed": seed, "unit": "block of windows", "paired": True,
+                           "block": block, "blocks": len(diffs)}
     return result

@@ -49,6 +49,17 @@ def comparison_key(record: dict) -> tuple:
     return (record["task"], pattern_identity(record), int(record["ctx"]))
 
 
+def last_window_of(record: dict) -> str | None:
+    """How the record's protocol ended a document: "full" (its last window right-aligned and
+    ctx long), "short" (only the tokens left), or None (LongLoRA's stream protocol). Records
+    made before the option existed say nothing and were made with short last windows."""
+    config = record.get("config", {})
+    protocol = config.get("protocol", "stride")
+    if protocol == "longlora":
+        return None
+    return config.get("last_window") or ("full" if protocol == "lm-eval" else "short")
+
+
 def model_identity(model_id: str, model_info: dict) -> dict:
     """The model part of a cell's identity: id, weights digest, adapter, RoPE scaling."""
     fingerprint = model_info.get("fingerprint")
@@ -61,11 +72,11 @@ def model_identity(model_id: str, model_info: dict) -> dict:
 
 
 def cell_identity(*, model: dict, task: str, data, tokenizer, pattern: dict, ctx: int, stride: int,
-                  protocol: str, max_tokens, add_bos, dtype) -> dict:
+                  protocol: str, last_window, max_tokens, add_bos, dtype) -> dict:
     """Everything that decides a cell's per-document sums (``model`` from model_identity)."""
     return {"model": model, "task": task, "data": data, "tokenizer": tokenizer, "pattern": pattern,
-            "ctx": ctx, "stride": stride, "protocol": protocol, "max_tokens": max_tokens,
-            "add_bos": add_bos, "dtype": dtype}
+            "ctx": ctx, "stride": stride, "protocol": protocol, "last_window": last_window,
+            "max_tokens": max_tokens, "add_bos": add_bos, "dtype": dtype}
 
 
 def record_identity(record: dict) -> dict:
@@ -75,8 +86,8 @@ def record_identity(record: dict) -> dict:
         model=model_identity(record["model"], config.get("model") or {}), task=record["task"],
         data=config.get("data_fingerprint"), tokenizer=config.get("tokenizer_fingerprint"),
         pattern=config.get("pattern"), ctx=record["ctx"], stride=record["stride"],
-        protocol=config.get("protocol", "stride"), max_tokens=config.get("max_tokens"),
-        add_bos=config.get("add_bos"), dtype=config.get("dtype"))
+        protocol=config.get("protocol", "stride"), last_window=last_window_of(record),
+        max_tokens=config.get("max_tokens"), add_bos=config.get("add_bos"), dtype=config.get("dtype"))
 
 
 def progress_key(record: dict, scored_tokens: int) -> dict:

@@ -32,6 +32,8 @@ def record_filename(record: dict) -> str:
     protocol = record.get("config", {}).get("protocol", "stride")
     if protocol != "stride":
         name += f"__{protocol}"
+    elif record.get("config", {}).get("last_window") == "short":
+        name += "__short-last"
     return name + ".json"
 
 

@@ -42,13 +42,16 @@ class Interrupted(KeyboardInterrupt):
 class DocumentDone:
     """A document of a cell, scored: its index in the task, id, NLL sum and scored tokens;
     ``windows`` is None when the document is finished, else the number of its first windows
-    that the sums cover (a long document saved part-way)."""
+    that the sums cover (a long document saved part-way); ``window_nll`` and
+    ``window_tokens`` are the sums of those windows one by one, in order (empty when not kept)."""
 
     index: int
     id: str
     nll_sum: float
     tokens: int
     windows: int | None = None
+    window_nll: tuple[float, ...] = ()
+    window_tokens: tuple[int, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -123,10 +126,13 @@ class ProgressFile:
         return done
 
     def _document(self, entry) -> DocumentDone:
-        if not (isinstance(entry, list) and len(entry) in (4, 5)):
+        # [index, id, nll_sum, tokens], + [windows done] when saved part-way, or
+        # + [windows done or null, [window nll sums], [window tokens]] when window sums are kept
+        if not (isinstance(entry, list) and len(entry) in (4, 5, 7)):
             raise _Untrusted(f"a document entry is malformed ({str(entry)[:60]})")
         index, doc_id, nll_sum, tokens = entry[:4]
-        windows = entry[4] if len(entry) == 5 else None  # a document saved part-way
+        windows = entry[4] if len(entry) >= 5 else None  # a document saved part-way
+        window_nll, window_tokens = entry[5:] if len(entry) == 7 else ([], [])
         if isinstance(index, bool) or not isinstance(index, int) or index not in self.expected:
             raise _Untrusted(f"document index {index!r} is not one of this cell's documents")
         want_id, want_tokens = self.expected[index]
@@ -143,13 +149,18 @@ class ProgressFile:
         if isinstance(nll_sum, bool) or not isinstance(nll_sum, (int, float)) or not math.isfinite(nll_sum) \
                 or nll_sum < 0:
             raise _Untrusted(f"document {want_id!r} has an impossible NLL sum {nll_sum!r}")
-        return DocumentDone(index, doc_id, float(nll_sum), tokens, windows)
+        if len(entry) == 7 and not _valid_windows(window_nll, window_tokens, tokens, windows):
+            raise _Untrusted(f"document {want_id!r} has per-window sums that do not add up")
+        return DocumentDone(index, doc_id, float(nll_sum), tokens, windows, tuple(float(x) for x in window_nll),
+                            tuple(window_tokens))
 
     # -- writing ---------------------------------------------------------------
     def save(self, done: Iterable[DocumentDone], seconds: float = 0.0) -> None:
         """Write the documents scored so far (finished or part-way) and the scoring time spent."""
         seconds = round(float(seconds), 3)
-        documents = [[d.index, d.id, d.nll_sum, d.tokens] + ([] if d.finished else [d.windows])
+        documents = [[d.index, d.id, d.nll_sum, d.tokens]
+                     + ([d.windows, list(d.window_nll), list(d.window_tokens)] if d.window_tokens
+                        else [] if d.finished else [d.windows])
                      for d in sorted(done, key=lambda d: d.index)]
         payload = {
             "format": FORMAT,
@@ -170,6 +181,19 @@ def remove_progress(records: Iterable[dict]) -> None:
     for record in records:
         if record.get("path"):
             progress_path(record["path"]).unlink(missing_ok=True)
+
+
+def _valid_windows(window_nll, window_tokens, tokens, windows) -> bool:
+    if not (isinstance(window_nll, list) and isinstance(window_tokens, list)
+            and len(window_nll) == len(window_tokens)):
+        return False
+    if windows is not None and len(window_tokens) != windows:
+        return False
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in window_tokens):
+        return False
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in window_nll):
+        return False
+    return sum(window_tokens) == tokens
 
 
 class _Untrusted(Exception):

@@ -326,7 +326,8 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
                         ctx: sweep_key(cell_identity(
                             model=model_part, task=task.name, data=tokenized.data_fingerprint,
                             tokenizer=tokenized.tokenizer_fingerprint, pattern=spec.to_dict(), ctx=ctx,
-                            stride=sweep.stride or ctx, protocol="stride", max_tokens=sweep.max_tokens,
+                            stride=sweep.stride or ctx, protocol="stride", last_window="full",
+                            max_tokens=sweep.max_tokens,
                             add_bos=sweep.add_bos, dtype=dtype), sweep.seed)
                         for ctx in sweep.ctx
                     }

@@ -11,7 +11,7 @@ import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .choices import ATTENTION_BACKENDS, DTYPES, PROTOCOLS
+from .choices import ATTENTION_BACKENDS, DTYPES, LAST_WINDOWS, PROTOCOLS
 from .errors import UserError
 from .files import check_writable_folder
 
@@ -25,10 +25,24 @@ def check_ctx_and_stride(ctxs: Sequence[int], stride: int | None) -> None:
             raise UserError(f"--stride must be between 1 and ctx ({ctx}); got {stride!r}")
 
 
-def check_protocol(protocol: str, ctxs: Sequence[int], stride: int | None) -> None:
-    """The protocol, and ctx and stride under it (LongLoRA's stride is a step, not bounded by ctx)."""
+def check_protocol(protocol: str, ctxs: Sequence[int], stride: int | None, *, last_window: str = "full",
+                   add_bos: bool = False) -> None:
+    """The protocol, and ctx and stride under it (LongLoRA's stride is a step, not bounded by ctx),
+    and the options that only some protocols take."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if last_window not in LAST_WINDOWS:
+        raise UserError(f"unknown --last-window {last_window!r}; choose one of {', '.join(LAST_WINDOWS)}")
+    if protocol == "lm-eval":
+        if stride is not None:
+            raise UserError("--stride does not apply to --protocol lm-eval (its windows advance by max_length "
+                            "= ctx); leave --stride out")
+        if add_bos:
+            raise UserError("--bos does not apply to --protocol lm-eval: lm-eval puts its own prefix token in "
+                            "front of every document; leave --bos out")
+        if last_window != "full":
+            raise UserError("--last-window short does not apply to --protocol lm-eval (its last window is "
+                            "always right-aligned); leave it out")
     if protocol == "longlora" and stride is not None and stride < 1:
         raise UserError(f"--stride (the LongLoRA window step) must be at least 1; got {stride}")
     check_ctx_and_stride(ctxs, None if protocol == "longlora" else stride)

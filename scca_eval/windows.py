@@ -5,11 +5,15 @@ targets ``score_from .. end-1``; the target at index ``t`` is predicted from
 ``ids[start:t]``, the tokens before it inside the window. A window of ``n`` tokens can
 therefore score at most ``n - 1`` targets: its first token has nothing before it.
 
-Two protocols:
+Three protocols:
 
-* :func:`plan_windows` — the default, per document, as in the Hugging Face perplexity
-  guide: every token except a document's first is scored exactly once, with as much
-  context as its window gives, and windows never cross documents.
+* :func:`plan_windows` — the default, per document: every token except a document's
+  first is scored exactly once, with as much context as its window gives, and windows
+  never cross documents. The last window of a document is right-aligned to its end and a
+  full ``ctx`` long (``last_window="full"``); ``"short"`` keeps it to the tokens left, as
+  in the Hugging Face perplexity guide and the transformers/YaRN recipes.
+* :func:`plan_lm_eval_windows` — lm-evaluation-harness's ``loglikelihood_rolling``
+  (``scca_eval.lm_eval_protocol`` prepares its documents).
 * :func:`plan_longlora_windows` — exactly what LongLoRA's ``eval.py`` computes on its
   flat token streams, to reproduce published numbers.
 """
@@ -31,10 +35,19 @@ class Window:
     start: int
     end: int
     score_from: int
+    # False: the model is fed ids[start:end-1] only. The last token is a target and never
+    # context, so its hidden state is unused; lm-eval does not feed it, and under a pattern
+    # the length the layers see decides the chunk size.
+    feeds_last: bool = True
 
     @property
     def scored(self) -> int:
         return self.end - self.score_from
+
+    @property
+    def fed(self) -> int:
+        """Tokens the model is fed for this window."""
+        return self.end - self.start - (0 if self.feeds_last else 1)
 
 
 def _check_ctx(ctx: int, stride: int | None = None) -> None:
@@ -44,12 +57,20 @@ def _check_ctx(ctx: int, stride: int | None = None) -> None:
         raise UserError(f"stride must be a whole number between 1 and ctx ({ctx}); got {stride!r}")
 
 
-def plan_windows(lengths: Sequence[int], ctx: int, stride: int) -> list[Window]:
+LAST_WINDOWS = ("full", "short")
+
+
+def plan_windows(lengths: Sequence[int], ctx: int, stride: int, last_window: str = "full") -> list[Window]:
     """The default protocol's windows over documents of the given lengths (in tokens).
 
     Per document of ``L`` tokens: windows start at ``0, step, 2*step, ...`` with
     ``step = min(stride, ctx - 1)``, each ``min(ctx, L - start)`` tokens long, and the
-    last one is the first that reaches the end of the document. Each window scores the
+    last one is the first that reaches the end of the document. With
+    ``last_window="full"`` (the default) that last window is moved back to start at
+    ``L - ctx`` when the document has at least ``ctx`` tokens, so it is a full ``ctx``
+    long and ends at the document's end: it re-reads already scored tokens as context
+    and scores the same new targets, each with more context. ``"short"`` leaves it
+    short (fewer tokens of context for its targets). Each window scores the
     targets that no earlier window scored (``score_from`` = the previous window's end; 1
     for the first window, so a document's first token is never scored). So every target
     ``1 .. L-1`` is scored exactly once, with ``t - start`` tokens of context, and windows
@@ -65,6 +86,8 @@ def plan_windows(lengths: Sequence[int], ctx: int, stride: int) -> list[Window]:
     at least ``ctx - stride`` tokens of context.
     """
     _check_ctx(ctx, stride)
+    if last_window not in LAST_WINDOWS:
+        raise UserError(f"unknown last window {last_window!r}; choose one of {', '.join(LAST_WINDOWS)}")
     step = min(stride, ctx - 1)
     windows: list[Window] = []
     for doc, length in enumerate(lengths):
@@ -76,12 +99,35 @@ def plan_windows(lengths: Sequence[int], ctx: int, stride: int) -> list[Window]:
         start = 0
         while True:
             end = min(start + ctx, length)
+            if end == length and last_window == "full":
+                start = max(0, min(start, length - ctx))
             windows.append(Window(doc, start, end, scored_until))
             if end == length:
                 break
             scored_until = end
             start += step
     return windows
+
+
+def plan_lm_eval_windows(lengths: Sequence[int], max_length: int) -> list[Window]:
+    """lm-evaluation-harness's rolling windows (``loglikelihood_rolling``) over documents
+    whose ids start with lm-eval's prefix token (``lm_eval_protocol.lm_eval_documents``).
+
+    lm-eval (``utils.get_rolling_token_windows`` with ``context_len=1``, then
+    ``make_disjoint_window``) predicts every token of a document of ``n`` tokens: the first
+    window feeds the prefix token and the first ``min(n, max_length) - 1`` tokens and
+    predicts ``min(n, max_length)`` tokens; each later window predicts the next
+    ``max_length`` tokens (fewer in the last) and feeds the ``max_length`` tokens before
+    its last target, so the last window is right-aligned to the document's end. On the
+    ids with the prefix token in front (``L = n + 1`` of them) these are exactly the
+    default protocol's windows of ``max_length + 1`` tokens with a full last window,
+    except that a window's last token (a target only) is not fed: the model sees
+    ``max_length`` tokens at most, as in lm-eval.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise UserError(f"ctx (lm-eval's max_length) must be a whole number of at least 1 (got {max_length!r})")
+    return [Window(w.doc, w.start, w.end, w.score_from, feeds_last=False)
+            for w in plan_windows(lengths, max_length + 1, max_length + 1, "full")]
 
 
 def limit_scored_tokens(lengths: Sequence[int], ctx: int, max_tokens: int) -> list[int]:

@@ -4,6 +4,7 @@ models and inputs, hand-made result records, and a CLI runner."""
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction as F
 from pathlib import Path
@@ -89,7 +90,9 @@ def logits(model, ids, **kwargs):
 
 
 # -- perplexity reference (the transformers perplexity guide's loop) ------------------------
-def reference_perplexity(model, tokenizer, texts, ctx, stride):
+def reference_perplexity(model, tokenizer, texts, ctx, stride, last_window="full"):
+    """With last_window="full" (the default protocol) a document's last window is moved back
+    to end at the document's end with ctx tokens, its scored targets unchanged."""
     nll_sum, scored = 0.0, 0
     for text in texts:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
@@ -98,6 +101,8 @@ def reference_perplexity(model, tokenizer, texts, ctx, stride):
         for begin in range(0, length, min(stride, ctx - 1)):
             end = min(begin + ctx, length)
             target_len = end - prev_end
+            if end == length and last_window == "full":
+                begin = max(0, length - ctx)
             inputs = ids[:, begin:end]
             labels = inputs.clone()
             labels[:, :-target_len] = -100
@@ -131,7 +136,8 @@ def make_record(model="m", task="pg19_sample", pattern="full", ctx=1024, ppl=10.
                     "word_perplexity": word_perplexity, "byte_perplexity": None, "ci95": ci95},
         "documents": [{"id": "d0", "nll_sum": 1.0, "tokens": 100, "bytes": 400, "words": 80}],
         "skipped_documents": [],
-        "config": {"protocol": "stride", "model": {"id": model, "fingerprint": {"digest": f"sha256:{model}"}},
+        "config": {"protocol": "stride", "last_window": "full",
+                   "model": {"id": model, "fingerprint": {"digest": f"sha256:{model}"}},
                    "pattern": {"name": pattern, "groups": PATTERN_GROUPS.get(pattern, pattern),
                                "chunk_size": chunk_size, "chunk_ratio": "1/4", "dilation": dilation},
                    "task": {"name": task}, "data_fingerprint": "data", "tokenizer_fingerprint": "tok",
@@ -159,3 +165,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- a local lm-evaluation-harness task ----------------------------------------------------
+# A local lm-evaluation-harness task over a JSON-lines file: rolling log-likelihood of each
+# document's ``text`` with lm-eval's word perplexity, byte perplexity and bits per byte. It
+# needs no network: lm-eval reads the file with the datasets ``json`` builder.
+
+TASK_NAME = "scca_local_rolling"
+
+TASK_YAML = f"""task: {TASK_NAME}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {{data}}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+def write_local_task(folder: Path, texts: list[str]) -> tuple[Path, Path]:
+    """Write ``docs.jsonl`` and a task YAML into ``folder``; returns (task folder, data file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "docs.jsonl"
+    with data.open("w", encoding="utf-8") as handle:
+        for i, text in enumerate(texts):
+            handle.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
+    (folder / f"{TASK_NAME}.yaml").write_text(TASK_YAML.replace("{data}", str(data)), encoding="utf-8")
+    return folder, data

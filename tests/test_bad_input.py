@@ -43,7 +43,7 @@ def _record(tmp: Path, name: str, ppl: float, pattern: str = "full", tokenizer: 
         "metrics": {"perplexity": ppl, "nll_sum": float(np.log(ppl) * 400), "tokens": 400,
                     "bits_per_byte": 1.0, "word_perplexity": 2.0, "ci95": [ppl * 0.9, ppl * 1.1]},
         "documents": docs,
-        "config": {"protocol": "stride", "tokenizer_fingerprint": tokenizer, "data_fingerprint": "data-a",
+        "config": {"protocol": "stride", "last_window": "full", "tokenizer_fingerprint": tokenizer, "data_fingerprint": "data-a",
                    "max_tokens": None, "pattern": {"name": pattern}},
         "runtime": {"seconds": 1.0},
     }

@@ -14,10 +14,11 @@ from scca_eval.report.compare import compare_records
 from scca_eval.results import write_record
 
 N_DOCS = 40
+WORSE_HEAD_SCALE = 3.1  # the tiny random model with its output layer sharpened: about 10% worse
 
 
 def make_record(docs, *, model="base-model", task="pg19_sample", pattern="full", ctx=1024, stride=None,
-                tokenizer="tok-a", data="data-a", protocol="stride", max_tokens=None):
+                tokenizer="tok-a", data="data-a", protocol="stride", max_tokens=None, last_window=None):
     """A record whose documents are ``docs`` = [(id, nll_sum, tokens)]; metrics follow from them."""
     nll = math.fsum(d[1] for d in docs)
     tokens = sum(d[2] for d in docs)
@@ -30,7 +31,8 @@ def make_record(docs, *, model="base-model", task="pg19_sample", pattern="full",
                    "pattern": {"name": pattern, "groups": pattern, "chunk_size": None, "chunk_ratio": "1/4",
                                "dilation": None},
                    "data_fingerprint": data, "tokenizer_fingerprint": tokenizer, "add_bos": False,
-                   "max_tokens": max_tokens, "dtype": "float32", "bootstrap_seed": 0, "versions": {}},
+                   "max_tokens": max_tokens, "dtype": "float32", "bootstrap_seed": 0, "versions": {},
+                   **({"last_window": last_window} if last_window else {})},
         "runtime": {"seconds": 1.0},
     }
 
@@ -160,6 +162,7 @@ def test_step_summary_is_appended(sides, tmp_path, capsys, monkeypatch):
     ({"protocol": "longlora"}, "the protocols differ"),
     ({"stride": 512}, "the strides differ"),
     ({"max_tokens": 4096}, "--max-tokens differs"),
+    ({"last_window": "full"}, "the last windows differ"),  # base: a record from before --last-window
 ])
 def test_incomparable_records_are_refused(sides, capsys, change, message):
     base, new = sides([1.05] * N_DOCS, **change)
@@ -202,11 +205,69 @@ def test_bad_input_exits_2(sides, tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_single_document_cannot_fail_the_gate():
+def test_a_cell_too_small_for_a_test_fails_the_gate_closed():
+    # One document and no per-window sums (a record from before they were kept): no test.
     docs = base_docs()[:1]
-    result = compare_records([make_record(docs)], [make_record(scaled(docs, [1.2]))], max_regression=1)
-    assert result.passed and result.cells[0].significant is None
-    assert "single document" in result.to_markdown()
+    result = compare_records([make_record(docs)], [make_record(scaled(docs, [1.0]))], max_regression=1)
+    assert not result.passed and result.cells[0].significant is None
+    text = result.to_markdown()
+    assert "not testable" in text and "fails the gate" in text and "**Gate failed**" in text
+    # Without a gate the same comparison only reports.
+    assert compare_records([make_record(docs)], [make_record(docs)]).passed
+
+
+def one_stream(n_windows, factor=1.0, noise=0.0, seed=0, window_tokens=255):
+    """A single-document record whose per-window sums are kept (``windows``), each window's
+    mean NLL varying along the stream; ``factor`` multiplies the perplexity, ``noise`` adds
+    per-window jitter to the mean NLL (a checkpoint that differs window by window)."""
+    from scca_eval.window_sums import encode_windows
+
+    rng = np.random.default_rng(seed)
+    tokens = np.full(n_windows, window_tokens)
+    tokens[0] -= 1  # the first window scores one target fewer
+    mean = 2.5 + 0.5 * np.sin(np.arange(n_windows) / 7)  # neighbouring windows are alike
+    nll = tokens * (mean + math.log(factor) + noise * rng.standard_normal(n_windows))
+    record = make_record([("stream", float(math.fsum(nll)), int(tokens.sum()))])
+    record["documents"][0]["windows"] = encode_windows(nll, tokens)
+    return record
+
+
+def test_a_single_stream_regression_fails_the_gate():
+    base = one_stream(120)
+    worse = one_stream(120, factor=1.10, noise=0.05, seed=1)
+    result = compare_records([base], [worse], max_regression=1)
+    (cell,) = result.cells
+    assert cell.relative_change == pytest.approx(0.10, abs=0.01)
+    assert cell.significant and cell.regression and not result.passed
+    assert cell.unit.startswith("blocks of 5 windows")  # round(120 ** (1/3)) = 5, 24 blocks
+    # A checkpoint that differs only by noise passes: the test can go either way.
+    same = one_stream(120, factor=1.0, noise=0.05, seed=2)
+    assert compare_records([base], [same], max_regression=1).passed
+
+
+def test_block_interval_equals_a_plain_block_bootstrap_loop():
+    """The block bootstrap's interval against a loop written out here (its own draws)."""
+    from scca_eval.window_sums import decode_windows
+
+    base, new = one_stream(120), one_stream(120, factor=1.03, noise=0.05, seed=3)
+    (cell,) = compare_records([base], [new]).cells
+    nll_b, tokens = decode_windows(base["documents"][0], "base")
+    nll_n, _ = decode_windows(new["documents"][0], "new")
+    blocks = [(nll_n[i:i + 5].sum() - nll_b[i:i + 5].sum(), tokens[i:i + 5].sum()) for i in range(0, 120, 5)]
+    rng = np.random.default_rng(11)
+    samples = []
+    for _ in range(4000):
+        pick = rng.integers(0, len(blocks), size=len(blocks))
+        samples.append(math.expm1(sum(blocks[j][0] for j in pick) / sum(blocks[j][1] for j in pick)))
+    low, high = np.percentile(samples, [2.5, 97.5])
+    assert cell.ci95[0] == pytest.approx(low, abs=0.003) and cell.ci95[1] == pytest.approx(high, abs=0.003)
+
+
+def test_too_few_windows_fail_the_gate_closed():
+    base, worse = one_stream(6), one_stream(6, factor=1.10)
+    result = compare_records([base], [worse], max_regression=1)
+    assert not result.passed and result.cells[0].significant is None
+    assert "fewer than 10" in result.cells[0].untested_reason
 
 
 def test_inputs_are_not_modified():
@@ -265,3 +326,36 @@ def test_the_documented_workflow_uses_real_options():
     # CI evaluates exactly as the baseline was made, apart from where the records go
     strip = lambda args: [a for a in args if a not in ("--out", "new", "results/baseline", "--model", "default")]
     assert strip(evaluate_ci) == strip(evaluate_baseline)
+
+
+def test_a_worse_checkpoint_on_one_document_fails_the_gate(tiny_model_dir, tmp_path, capsys):
+    """End to end: `ppl` on a single text file with the tiny model and with a checkpoint whose
+    output layer is sharpened (about 10% worse perplexity), then `compare --max-regression 1`:
+    the gate tests the single document through blocks of its windows and exits 1; the base
+    against itself passes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import sample_slice
+
+    worse_dir = tmp_path / "worse"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(WORSE_HEAD_SCALE)
+    model.save_pretrained(worse_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(worse_dir)
+    text = tmp_path / "book.txt"
+    text.write_text(sample_slice("pg19_sample/carroll_alice.txt", 9000), encoding="utf-8")
+
+    for name, folder in (("base", tiny_model_dir), ("new", worse_dir)):
+        code, _, err = run_cli(["ppl", "--model", str(folder), "--data", str(text), "--ctx", "64", "--device",
+                                "cpu", "--quiet", "--out", str(tmp_path / name)], capsys)
+        assert code in (0, None), err
+    code, out, _ = run_cli(["compare", str(tmp_path / "base"), str(tmp_path / "new"), "--max-regression", "1"],
+                           capsys)
+    change = float(out.split("| +")[1].split("%")[0]) / 100
+    assert 0.07 < change < 0.13, out
+    assert code == 1 and "**regression**" in out and "blocks of" in out
+    code, out, _ = run_cli(["compare", str(tmp_path / "base"), str(tmp_path / "base"), "--max-regression", "1"],
+                           capsys)
+    assert code in (0, None) and "Gate passed" in out

@@ -121,7 +121,7 @@ def test_automatic_batch_is_no_larger_than_the_full_windows():
 
     cpu = torch.device("cpu")
     assert auto_batch_size(64, cpu) == 64  # the token budget alone (8192 // 64), capped at 64
-    three_full = plan_windows([127 + 63 + 20], 64, 64)  # 3 windows of 64 and a last, shorter one
+    three_full = plan_windows([127 + 63 + 20], 64, 64, "short")  # 3 windows of 64 and a last, shorter one
     assert [w.end - w.start for w in three_full] == [64, 64, 64, 21]
     assert auto_batch_size(64, cpu, three_full) == 3
     only_short = plan_windows([20, 30], 64, 64)

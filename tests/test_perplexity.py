@@ -4,7 +4,9 @@ The reference is the sliding-window recipe of the transformers perplexity guide:
 one window at a time, the model's own loss with labels = -100 on context tokens.
 One deliberate difference, the protocol's definition: windows advance by
 min(stride, ctx - 1), so that with disjoint windows (stride = ctx) no token at a
-window's start goes unscored. It shares no code with scca_eval beyond the
+window's start goes unscored. With last_window="full" (the default protocol) a
+document's last window is moved back to end at the document's end with ctx tokens,
+its scored targets unchanged. It shares no code with scca_eval beyond the
 tokenizer call.
 """
 
@@ -15,19 +17,23 @@ import torch
 from helpers import reference_perplexity, texts_of
 
 
-@pytest.mark.parametrize("ctx,stride", [(256, 256), (256, 96), (200, 200)])
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_tiny_model_matches_plain_loop(tiny_model_dir, sample_data_dir, ctx, stride, batch_size):
+@pytest.mark.parametrize("ctx,stride,batch_size,last_window", [
+    (256, 256, 1, "full"), (256, 256, 3, "full"), (256, 96, 3, "full"), (200, 200, 1, "full"),
+    (256, 256, 3, "short"), (256, 96, 1, "short"), (200, 200, 3, "short"),
+])
+def test_tiny_model_matches_plain_loop(tiny_model_dir, sample_data_dir, ctx, stride, batch_size, last_window):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from scca_eval import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    expected, expected_tokens = reference_perplexity(model, tokenizer, texts_of(sample_data_dir), ctx, stride)
+    expected, expected_tokens = reference_perplexity(model, tokenizer, texts_of(sample_data_dir), ctx, stride,
+                                                     last_window)
 
     (record,) = evaluate(str(tiny_model_dir), data=[str(sample_data_dir)], ctx=ctx, stride=stride,
-                         batch_size=batch_size, device="cpu")
+                         batch_size=batch_size, device="cpu", last_window=last_window)
+    assert record["config"]["last_window"] == last_window
     assert record["metrics"]["tokens"] == expected_tokens
     assert record["metrics"]["perplexity"] == pytest.approx(expected, rel=1e-4)
 

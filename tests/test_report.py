@@ -260,3 +260,16 @@ def test_table_says_what_lies_behind_each_cell():
     text = render_tables(records)
     assert "*scored per cell: ctx 1024: 100 tokens of 1 document; ctx 8192: 16,384 tokens of 2 documents*" in text
     assert "*100 tokens of 1 document per cell*" in render_tables(records[:1])
+
+
+def test_records_with_short_last_windows_are_labelled():
+    """Records made with --last-window short, or before the option existed (no last_window in
+    their config), never share a row with default ones."""
+    legacy = make_record(pattern="full", ctx=2048, ppl=11.0)
+    del legacy["config"]["last_window"]
+    short = make_record(pattern="s2", ctx=2048, ppl=12.0)
+    short["config"]["last_window"] = "short"
+    rows = table_rows(render_tables([make_record(pattern="full", ctx=2048, ppl=10.0), legacy, short]))
+    assert rows["full"] == ["**10.00**"]
+    assert rows["full · short last window"] == ["11.00"]
+    assert rows["s2 · short last window"] == ["12.00"]

@@ -213,6 +213,8 @@ CORRUPTIONS = {
                          "is 'other.txt' there"),
     "negative sum": (lambda p: rewrite(p, lambda d: d["documents"][0].__setitem__(2, -1.0)), "impossible NLL"),
     "part-way with all tokens": (lambda p: rewrite(p, _part_way_complete), "saved part-way"),
+    "window counts off": (lambda p: rewrite(p, lambda d: d["documents"][0][6].__setitem__(0, 10**6)),
+                          "per-window sums"),
 }
 
 

@@ -11,6 +11,7 @@ from scca_eval.windows import (
     Window,
     limit_scored_tokens,
     longlora_perplexity,
+    plan_lm_eval_windows,
     plan_longlora_windows,
     plan_windows,
 )
@@ -36,7 +37,7 @@ def hf_guide_windows(length, ctx, stride):
     return out
 
 
-def check_protocol(lengths, ctx, stride, windows):
+def check_protocol(lengths, ctx, stride, windows, last_window="short"):
     """Every target 1..L-1 of every document scored exactly once, within the rules."""
     scored = {doc: np.zeros(length, dtype=int) for doc, length in enumerate(lengths)}
     step = min(stride, ctx - 1)
@@ -44,8 +45,12 @@ def check_protocol(lengths, ctx, stride, windows):
         length = lengths[w.doc]
         assert 0 <= w.start < w.score_from <= w.end <= length, w  # inside its document, context >= 1
         assert w.end - w.start <= ctx
-        # A window is as long as ctx allows: only a document's end cuts it short.
-        assert w.end - w.start == min(ctx, length - w.start)
+        # A window is as long as ctx allows: only a document's end cuts it short, and a full
+        # last window is never cut short when the document has ctx tokens.
+        if last_window == "full" and w.end == length:
+            assert w.end - w.start == min(ctx, length)
+        else:
+            assert w.end - w.start == min(ctx, length - w.start)
         scored[w.doc][w.score_from:w.end] += 1
         if w.start > 0:  # later windows: every scored target has at least ctx - step tokens before it
             assert w.score_from - w.start >= ctx - step
@@ -67,13 +72,31 @@ def test_random_documents_every_target_scored_exactly_once():
         lengths = [rng.choice([0, 1, 2, 3, rng.randint(2, 200)]) for _ in range(rng.randint(1, 5))]
         ctx = rng.randint(2, 64)
         stride = rng.randint(1, ctx)
-        check_protocol(lengths, ctx, stride, plan_windows(lengths, ctx, stride))
+        check_protocol(lengths, ctx, stride, plan_windows(lengths, ctx, stride, "short"), "short")
+        full = plan_windows(lengths, ctx, stride)
+        check_protocol(lengths, ctx, stride, full, "full")
+        short = plan_windows(lengths, ctx, stride, "short")
+        # The same targets in the same windows; a full last window only adds context.
+        assert [(w.doc, w.score_from, w.end) for w in full] == [(w.doc, w.score_from, w.end) for w in short]
+        assert all(f.start <= s.start for f, s in zip(full, short))
+
+
+def test_full_last_window_hand_example():
+    # 10 tokens, ctx 4: windows [0,4) [3,7) and a last one ending at 10. Short: [6,10) already
+    # full. 9 tokens: the short last window [6,9) scores 7..8 with 1..2 tokens of context;
+    # the full one [5,9) gives them 2..3.
+    assert plan_windows([9], 4, 4, "short") == [Window(0, 0, 4, 1), Window(0, 3, 7, 4), Window(0, 6, 9, 7)]
+    assert plan_windows([9], 4, 4) == [Window(0, 0, 4, 1), Window(0, 3, 7, 4), Window(0, 5, 9, 7)]
+    # A document shorter than ctx keeps its one window.
+    assert plan_windows([3], 4, 4) == [Window(0, 0, 3, 1)]
+    with pytest.raises(UserError, match="last window"):
+        plan_windows([9], 4, 4, "long")
 
 
 @pytest.mark.parametrize("length", [2, 5, 16, 17, 100, 257])
 @pytest.mark.parametrize("ctx,stride", [(2, 1), (2, 2), (4, 1), (4, 2), (4, 3), (8, 3), (16, 8), (16, 15)])
 def test_overlapping_strides_equal_the_hugging_face_guide(length, ctx, stride):
-    windows = plan_windows([length], ctx, stride)
+    windows = plan_windows([length], ctx, stride, "short")
     expected = hf_guide_windows(length, ctx, min(stride, ctx - 1))
     assert [(w.start, w.end, w.score_from) for w in windows] == expected
     check_protocol([length], ctx, stride, windows)
@@ -96,6 +119,30 @@ def test_windows_never_cross_documents_and_keep_document_order():
 def test_bad_ctx_or_stride_is_a_user_error(ctx, stride):
     with pytest.raises(UserError):
         plan_windows([10], ctx, stride)
+
+
+# ---------------------------------------------------------------- lm-eval
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 16, 17, 23, 40])
+@pytest.mark.parametrize("max_length", [1, 2, 4, 8])
+def test_lm_eval_windows_equal_lm_evals_own(n, max_length):
+    """Against lm-eval's own get_rolling_token_windows + make_disjoint_window (context_len=1,
+    as its loglikelihood_rolling calls them): the same tokens fed, the same tokens scored."""
+    utils = pytest.importorskip("lm_eval.utils")
+    tokens = list(range(100, 100 + n))
+    prefix = 7
+    ids = [prefix] + tokens
+    theirs = [utils.make_disjoint_window(pair) for pair in utils.get_rolling_token_windows(
+        token_list=tokens, prefix_token=prefix, max_seq_len=max_length, context_len=1)]
+    ours = plan_lm_eval_windows([len(ids)], max_length)
+    assert len(ours) == len(theirs)
+    for w, (context, continuation) in zip(ours, theirs):
+        # lm-eval feeds (context + continuation)[-(max_length + 1):][:-1], scores the continuation
+        fed = (context + continuation)[-(max_length + 1):][:-1]
+        assert ids[w.start:w.start + w.fed] == fed
+        assert w.fed == len(fed) <= max_length
+        assert ids[w.score_from:w.end] == continuation
 
 
 # ---------------------------------------------------------------- --max-tokens

@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import UserError
 from .bench import bench
 from .finetune import finetune
+from .lm_eval_cmd import lm_eval
 from .passkey import passkey
 from .patterns_cmd import patterns
 from .ppl import ppl
@@ -44,6 +45,7 @@ cli.add_command(passkey)
 cli.add_command(patterns)
 cli.add_command(bench)
 cli.add_command(finetune)
+cli.add_command(lm_eval)
 
 
 def _fail(message: str, status: int = 2) -> None:

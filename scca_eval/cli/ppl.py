@@ -85,7 +85,13 @@ HELP_SECTIONS = {
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="stride", show_default=True,
               help="stride: per document, every token scored once (see --stride). longlora: LongLoRA's "
                    "eval.py exactly — documents joined into one stream, ctx-token windows every --stride "
-                   "tokens (default 256), every token of every window scored, exp(mean window loss).")
+                   "tokens (default 256), every token of every window scored, exp(mean window loss). "
+                   "lm-eval: lm-evaluation-harness's loglikelihood_rolling token for token, --ctx = its "
+                   "max_length (every token scored, the first after lm-eval's prefix token).")
+@click.option("--last-window", type=click.Choice(["full", "short"]), default="full", show_default=True,
+              help="stride protocol: a document's last window ends at its end and is a full ctx long "
+                   "(re-reading scored tokens as context), or short: only the tokens left, as in the "
+                   "transformers/YaRN perplexity recipes. Either way every token is scored once.")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers and the loss step (fused elementwise kernels). Faster once "
                    "compiled, but compiling takes time per pattern and ctx, so it pays on long runs such as "
@@ -117,11 +123,12 @@ HELP_SECTIONS = {
 def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_backend, batch_size,
         max_tokens, add_bos, dtype, device, adapter, merge_adapter, rope_scaling, allow_long_context,
         model, device_map, gpus, out, no_write, save_every, no_resume, seed, quiet, original_ctx,
-        trainable_params, tokenizer_path, trust_remote_code, protocol, compile_layers):
+        trainable_params, tokenizer_path, trust_remote_code, protocol, last_window, compile_layers):
     """Token perplexity of a model on tasks × ctx, under one or more attention patterns.
 
-    Each document is cut into windows of CTX tokens advancing by STRIDE; every
-    token but the document's first is scored once. One JSON record per
+    Each document is cut into windows of CTX tokens advancing by STRIDE, the last
+    one ending at the document's end; every token but the document's first is
+    scored once (--protocol lm-eval: lm-eval's rolling windows). One JSON record per
     (model, task, pattern, ctx) goes to --out, and a markdown table is printed.
 
     A stopped run (Ctrl-C, a killed process, a lost machine) continues where it
@@ -138,12 +145,13 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
       torchrun --nproc-per-node 2 -m scca_eval ppl --model ./llama-2-7b --ctx 8192
     """
     from .. import distributed
-    from ..validation import (check_ctx_and_stride, check_out_folder, check_run_options, resolve_patterns,
-                              resolve_tasks)
+    from ..validation import (check_ctx_and_stride, check_out_folder, check_protocol, check_run_options,
+                              resolve_patterns, resolve_tasks)
 
     # Every cheap check first: bad input fails before a model is loaded or processes start.
     try:
         check_ctx_and_stride(ctx, stride)
+        check_protocol(protocol, ctx, stride, last_window=last_window, add_bos=add_bos)
         check_run_options(batch_size=batch_size, max_tokens=max_tokens, save_every=save_every)
         check_out_folder(None if no_write else out)
         specs = resolve_patterns(list(patterns) or ["full"], ctx, chunk_size=chunk_size, dilation=dilation)
@@ -175,7 +183,8 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
              batch_size=batch_size, max_tokens=max_tokens, add_bos=add_bos, dtype=dtype, device=device,
              device_map=device_map, adapter=adapter, merge_adapter=merge_adapter, rope_scaling=rope_scaling,
              allow_long_context=allow_long_context, out=None if no_write else out, save_every=save_every,
-             resume=not no_resume, seed=seed, quiet=quiet, protocol=protocol, compile=compile_layers,
+             resume=not no_resume, seed=seed, quiet=quiet, protocol=protocol, last_window=last_window,
+             compile=compile_layers,
              model_options={"original_ctx": original_ctx, "trainable_params": trainable_params,
                             "tokenizer": tokenizer_path, "trust_remote_code": trust_remote_code,
                             "finetuned_ctx": max(ctx)})

@@ -96,11 +96,12 @@ def _split_passkey(records):
 @click.argument("new", type=click.Path())
 @click.option("--max-regression", type=float, default=None, metavar="PCT",
               help="Gate: exit 1 when any cell's perplexity rose by more than PCT percent and significantly "
-                   "(p < --alpha). Without it, only report.")
+                   "(p < --alpha), or when a cell has too little data for a test (it fails closed). "
+                   "Without it, only report.")
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="Significance level of the paired bootstrap.")
 @click.option("--bootstrap-samples", type=int, default=2000, show_default=True,
-              help="Resamples of the paired bootstrap over documents.")
+              help="Resamples of the paired bootstrap.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--output", "-o", type=click.Path(), default=None, callback=output_file_callback,
               help="Also write the markdown report to this file (e.g. for a pull-request comment).")
@@ -108,9 +109,12 @@ def _split_passkey(records):
 def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, output):
     """Compare NEW result records with BASE ones, cell by cell (task, pattern, ctx).
 
-    For each cell: both perplexities, the relative change, and a paired bootstrap over
-    documents that says whether the change is significant. Records that are not comparable
-    (other tokenizer, task data, protocol, stride, --max-tokens or documents) are refused.
+    For each cell: both perplexities, the relative change, and a paired bootstrap that
+    says whether the change is significant: over documents when a cell has 10 or more,
+    else over blocks of consecutive windows (a single document or stream is testable);
+    a cell with too little for either cannot pass the gate. Records that are not
+    comparable (other tokenizer, task data, protocol, stride, last window, --max-tokens
+    or documents) are refused.
     Cells found on one side only are listed. When GITHUB_STEP_SUMMARY is set, the report is
     appended to that file.
 

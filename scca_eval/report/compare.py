@@ -1,14 +1,19 @@
 """Two sets of records, cell by cell: did the new checkpoint (or code) change perplexity?
 
 Cells are matched by (task, pattern, ctx). A pair is only compared when the numbers mean
-the same thing: same protocol, stride, tokenizer, task data, ``--max-tokens`` and the same
-documents with the same scored tokens; anything else is refused with one line. For each
-pair, a paired bootstrap over documents (:func:`scca_eval.metrics.paired_bootstrap`) gives
-the relative change of perplexity, its 95% interval and a p-value.
+the same thing: same protocol, stride, last window, tokenizer, task data, ``--max-tokens``
+and the same documents with the same scored tokens; anything else is refused with one line.
+For each pair, a paired bootstrap gives the relative change of perplexity, its 95% interval
+and a p-value. What it resamples (:func:`resampling_unit`): documents when the cell has at least
+``MIN_UNITS`` of them (:func:`scca_eval.metrics.paired_bootstrap`); otherwise contiguous
+blocks of windows inside the documents (a single long document or token stream), from the
+per-window sums the records keep, when there are at least ``MIN_UNITS`` blocks.
 
 The gate: with ``max_regression`` (percent), a cell fails when perplexity rose by more
 than that share *and* the rise is significant (p < alpha). Changes inside the noise never
-fail the gate; improvements never do.
+fail the gate; improvements never do. A cell with too little data for either test (or
+records without per-window sums) cannot show that it did not regress: it fails the gate
+("fails closed"), and the report says why.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..errors import UserError
-from ..metrics import paired_bootstrap
-from ..records import comparison_key
+from ..metrics import paired_bootstrap, paired_block_bootstrap
+from ..records import comparison_key, last_window_of
+from ..window_sums import decode_windows
 from .grid import PRESET_ORDER, pattern_labels
 
 
@@ -33,8 +39,10 @@ class CellComparison:
     ci95: tuple[float, float] | None       # of the relative change
     p_value: float | None
     documents: int
-    significant: bool | None               # None: not testable (one document)
+    significant: bool | None               # None: not testable (too little data)
     regression: bool = False               # fails the gate
+    unit: str = "documents"                # what the bootstrap resampled
+    untested_reason: str | None = None     # why there was no test
 
     @property
     def label(self) -> str:
@@ -42,10 +50,10 @@ class CellComparison:
 
     @property
     def verdict(self) -> str:
+        if self.significant is None:
+            return "**not testable: fails the gate**" if self.regression else "not testable"
         if self.regression:
             return "**regression**"
-        if self.significant is None:
-            return "not tested (one document)"
         if not self.significant:
             return "no significant change"
         return "worse" if self.relative_change > 0 else "better"
@@ -81,26 +89,39 @@ class Comparison:
                          f"{cell.new_perplexity:.3f} | {cell.relative_change:+.2%} | {interval} | "
                          f"{p_value} | {cell.verdict} |")
         lines.append("")
-        lines.append(f"Token perplexity; change = new / base − 1; paired bootstrap over documents, "
+        lines.append(f"Token perplexity; change = new / base − 1; paired bootstrap over documents (over "
+                     f"blocks of consecutive windows where a cell has fewer than {MIN_UNITS} documents), "
                      f"significant when p < {self.alpha:g}.")
+        blocks = [c for c in self.cells if c.significant is not None and c.unit != "documents"]
+        for cell in blocks:
+            lines.append(f"{cell.label}: resampled {cell.unit}.")
         if self.differences:
             lines.append("Settings that differ: " + "; ".join(self.differences) + ".")
         for side, cells in (("base", self.only_base), ("new", self.only_new)):
             if cells:
                 lines.append(f"Only in {side} ({len(cells)}, not compared): " + ", ".join(cells) + ".")
         untested = [c for c in self.cells if c.significant is None]
-        if untested:
-            lines.append(f"{len(untested)} cell(s) have a single document, so no significance test was "
-                         "possible; they cannot fail the gate.")
+        for cell in untested:
+            consequence = " so it fails the gate (it cannot show that it did not regress)" \
+                if self.max_regression is not None else ""
+            lines.append(f"{cell.label}: not testable: {cell.untested_reason};{consequence}.")
         if self.max_regression is not None:
             lines.append("")
             if self.passed:
                 lines.append(f"**Gate passed**: no cell regressed by more than {self.max_regression:g}% "
                              f"with p < {self.alpha:g}.")
             else:
-                worst = ", ".join(f"{c.label} ({c.relative_change:+.2%})" for c in self.regressions)
-                lines.append(f"**Gate failed**: {len(self.regressions)} of {len(self.cells)} cell(s) regressed "
-                             f"by more than {self.max_regression:g}% with p < {self.alpha:g}: {worst}.")
+                regressed = [c for c in self.regressions if c.significant is not None]
+                untestable = [c for c in self.regressions if c.significant is None]
+                parts = []
+                if regressed:
+                    worst = ", ".join(f"{c.label} ({c.relative_change:+.2%})" for c in regressed)
+                    parts.append(f"{len(regressed)} of {len(self.cells)} cell(s) regressed by more than "
+                                 f"{self.max_regression:g}% with p < {self.alpha:g}: {worst}")
+                if untestable:
+                    parts.append(f"{len(untestable)} cell(s) had too little data for a test and fail closed: "
+                                 + ", ".join(c.label for c in untestable))
+                lines.append("**Gate failed**: " + "; ".join(parts) + ".")
         return "\n".join(lines)
 
 
@@ -128,6 +149,9 @@ def _check_comparable(base: dict, new: dict, where: str) -> None:
         ("the protocols differ", b_config.get("protocol", "stride"), n_config.get("protocol", "stride"),
          "evaluate both with the same protocol"),
         ("the strides differ", base["stride"], new["stride"], "evaluate both with the same --stride"),
+        ("the last windows differ", last_window_of(base), last_window_of(new),
+         "evaluate both with the same --last-window (records made before the option had short last "
+         "windows: evaluate the base again)"),
         ("the tokenizers differ", b_config.get("tokenizer_fingerprint"), n_config.get("tokenizer_fingerprint"),
          "token perplexities of different tokenizers are not comparable (compare bits per byte with "
          "`scca-eval table --metric bits_per_byte`)"),
@@ -179,6 +203,49 @@ def _documents(record: dict) -> dict[str, tuple[float, int]]:
     return {str(d["id"]): (float(d["nll_sum"]), int(d["tokens"])) for d in record["documents"]}
 
 
+# Fewest resampling units (documents, or blocks of windows) for a bootstrap test: with fewer,
+# the resamples take too few distinct values for a p-value below 0.05 to mean anything.
+MIN_UNITS = 10
+
+
+def _windows(record: dict, where: str) -> dict[str, tuple] | None:
+    """Document id -> (window NLL sums, window tokens), or None when any document lacks them."""
+    out = {}
+    for entry in record["documents"]:
+        windows = decode_windows(entry, where)
+        if windows is None:
+            return None
+        out[str(entry["id"])] = windows
+    return out
+
+
+def resampling_unit(base: dict, new: dict, where: str) -> tuple[str, object, str | None]:
+    """What a cell's bootstrap resamples: ("documents", None, None) with at least MIN_UNITS
+    documents; else ("blocks", (base windows, new windows), None) when the records keep
+    per-window sums and there are at least MIN_UNITS blocks; else ("none", None, reason)."""
+    n_docs = len(base["documents"])
+    if n_docs >= MIN_UNITS:
+        return "documents", None, None
+    base_windows, new_windows = _windows(base, f"{where} (base)"), _windows(new, f"{where} (new)")
+    if base_windows is None or new_windows is None:
+        return "none", None, (f"{n_docs} document(s), fewer than {MIN_UNITS}, and the "
+                              f"{'base' if base_windows is None else 'new'} records keep no per-window sums "
+                              "(made before they were kept: evaluate again)")
+    n_windows = sum(len(w[0]) for w in base_windows.values())
+    blocks = sum(-(-len(w[0]) // block_length(n_windows)) for w in base_windows.values())
+    if blocks < MIN_UNITS:
+        return "none", None, (f"{n_docs} document(s) with {n_windows} window(s) give {blocks} block(s), fewer "
+                              f"than {MIN_UNITS}; evaluate more text, or a smaller --ctx for more windows")
+    return "blocks", (base_windows, new_windows), None
+
+
+def block_length(n_windows: int) -> int:
+    """Windows per block: about the cube root of the number of windows (the usual rate for a
+    block bootstrap), so blocks are long enough to keep neighbouring windows' dependence
+    together and many enough to resample."""
+    return max(1, round(n_windows ** (1 / 3)))
+
+
 def compare_records(base: Sequence[dict], new: Sequence[dict], *, alpha: float = 0.05,
                     max_regression: float | None = None, n_boot: int = 2000, seed: int = 0,
                     base_name: str = "base", new_name: str = "new") -> Comparison:
@@ -214,19 +281,33 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *, alpha: float =
         where = name(key)
         _check_comparable(b_record, n_record, where)
         try:
-            test = paired_bootstrap(_documents(b_record), _documents(n_record), n_boot=n_boot, seed=seed)
+            documents_test = paired_bootstrap(_documents(b_record), _documents(n_record), n_boot=0, seed=seed)
+            unit, windows, reason = resampling_unit(b_record, n_record, where)
+            if unit == "documents":
+                test = paired_bootstrap(_documents(b_record), _documents(n_record), n_boot=n_boot, seed=seed)
+            elif unit == "blocks":  # the interval and p-value; the point estimate from the documents' sums
+                test = {**paired_block_bootstrap(*windows, n_boot=n_boot, seed=seed,
+                                                 block=block_length(sum(len(w[0]) for w in windows[0].values()))),
+                        **{k: documents_test[k] for k in ("base_perplexity", "new_perplexity", "relative_change")}}
+            else:
+                test = documents_test
         except UserError as error:
             raise UserError(f"cannot compare {where}: {error}") from None
-        significant = None if test["p_value"] is None else test["p_value"] < alpha
+        significant = None if unit == "none" else test["p_value"] < alpha
         change = test["relative_change"]
-        regression = (max_regression is not None and bool(significant)
-                      and change * 100 > max_regression)
+        if significant is None:  # fails closed: a gate that could not test does not pass
+            regression = max_regression is not None
+        else:
+            regression = max_regression is not None and significant and change * 100 > max_regression
         cells.append(CellComparison(
             task=key[0], pattern=labels[key[1]], ctx=key[2],
             base_perplexity=test["base_perplexity"], new_perplexity=test["new_perplexity"],
             relative_change=change, ci95=tuple(test["ci95"]) if test["ci95"] else None,
-            p_value=test["p_value"], documents=test["documents"], significant=significant,
-            regression=regression,
+            p_value=test["p_value"] if significant is not None else None, documents=test["documents"],
+            significant=significant, regression=regression,
+            unit="documents" if unit != "blocks" else f"blocks of {test['bootstrap']['block']} windows "
+                                                       f"({test['bootstrap']['blocks']} blocks)",
+            untested_reason=reason,
         ))
     return Comparison(
         cells=cells,

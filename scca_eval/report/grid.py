@@ -180,8 +180,15 @@ def _stride_tag(record: dict) -> int | None:
 
 
 def _protocol_tag(record: dict) -> str | None:
+    """What a row says about its protocol: nothing for the default (stride, full last
+    window); records with short last windows (made with --last-window short, or before the
+    option existed) are labelled so, so that a table never mixes the two unmarked."""
+    from ..records import last_window_of
+
     protocol = record.get("config", {}).get("protocol", "stride")
-    return None if protocol == "stride" else str(protocol)
+    if protocol != "stride":
+        return f"{protocol} protocol"
+    return "short last window" if last_window_of(record) == "short" else None
 
 
 def resolve_row_mode(records: Sequence[dict], rows: str) -> str:
@@ -253,7 +260,7 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
         if _stride_tag(record) is not None:
             parts.append(f"stride {record['stride']}")
         if _protocol_tag(record) is not None:
-            parts.append(f"{_protocol_tag(record)} protocol")
+            parts.append(_protocol_tag(record))
         return " · ".join(parts)
 
     def sort_key(record: dict) -> tuple:

@@ -1,0 +1,87 @@
+"""`scca-eval lm-eval`: run lm-evaluation-harness tasks on a model under a pattern."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import click
+
+from ..errors import MissingDependency, UserError
+from .ppl import CHOICE_DTYPES
+
+
+@click.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--model", "-m", default="default", show_default=True,
+              help="'default' (embedded SmolLM2-135M), a Hugging Face model folder or hub id, or a .gguf file.")
+@click.option("--pattern", "-p", default="full", show_default=True,
+              help="Attention pattern: a preset (full, s2, scca_fixed, scca_flow, sda, longmixed) or a custom mix.")
+@click.option("--chunk-size", type=int, default=None,
+              help="Chunk size G in tokens. Default: a quarter of each sequence's length.")
+@click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
+@click.option("--attention-backend",
+              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
+              default="auto", show_default=True, help="Kernel for sparse patterns.")
+@click.option("--adapter", type=click.Path(), default=None,
+              help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too.")
+@click.option("--merge-adapter", is_flag=True, help="Merge the adapter into the weights first.")
+@click.option("--rope-scaling", default=None,
+              help="Position interpolation: 'linear:F', 'longlora:CTX' or 'none' (see `scca-eval ppl --help`).")
+@click.option("--dtype", type=CHOICE_DTYPES, default=None,
+              help="Compute dtype. Default: float32 on CPU, bfloat16 on GPU.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@click.option("--max-length", type=int, default=None,
+              help="lm-eval's max_length: the longest sequence fed, and the window of rolling "
+                   "log-likelihood tasks (the --ctx of `scca-eval ppl --protocol lm-eval`). "
+                   "Default: lm-eval's choice from the model's config.")
+@click.argument("lm_eval_args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval(model, pattern, chunk_size, dilation, attention_backend, adapter, merge_adapter, rope_scaling,
+            dtype, device, max_length, lm_eval_args):
+    """Run lm-evaluation-harness on a model under an attention pattern.
+
+    Everything after `--` goes to lm-eval's `run` command (--tasks, --num_fewshot,
+    --limit, --output_path, --include_path, --model_args for its HF model class ...);
+    the model is scca-eval's, loaded and patterned as by `scca-eval ppl`, inside
+    lm-eval's own HF model class. Under a sparse pattern every sequence runs alone
+    (batch size 1) and generative tasks are refused: a pattern is defined for whole
+    windows, not for tokens decoded one at a time.
+
+    \b
+    Examples:
+      scca-eval lm-eval --pattern longmixed --max-length 2048 -- --tasks wikitext
+      scca-eval lm-eval --model ./llama-2-7b --adapter ./longlora-8k --rope-scaling longlora:8192 \\
+          --pattern s2 --max-length 8192 -- --tasks my_task --include_path ./my_tasks --batch_size 1
+    """
+    from ..patterns.parse import resolve_pattern
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise MissingDependency("lm-eval", "lm-eval", "scca-eval lm-eval")
+    resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation)  # a bad pattern fails before loading
+    passed = list(lm_eval_args)
+    if passed and passed[0] == "run":
+        passed = passed[1:]
+    for name in ("--model", "--device"):
+        if any(arg == name or arg.startswith(name + "=") for arg in passed):
+            raise UserError(f"give {name} as scca-eval's option before `--`, not as lm-eval's after it")
+    if not any(arg in ("--tasks", "-t") or arg.startswith("--tasks=") for arg in passed):
+        raise UserError("no lm-eval tasks: add `-- --tasks NAME` (see `lm-eval ls tasks`)")
+    if max_length is not None and max_length < 1:
+        raise UserError(f"--max-length must be at least 1 (got {max_length})")
+    options = {"model": model, "pattern": pattern, "chunk_size": chunk_size, "dilation": dilation,
+               "attention_backend": attention_backend, "adapter": adapter, "merge_adapter": merge_adapter,
+               "rope_scaling": rope_scaling, "dtype": dtype, "max_length": max_length}
+    model_args = json.dumps({key: value for key, value in options.items() if value not in (None, False)})
+
+    from lm_eval.__main__ import cli_evaluate
+
+    from ..lm_eval_adapter import MODEL_NAME  # registers the model class with lm-eval
+
+    saved = sys.argv
+    # lm-eval hands its own --device to the model class, so the device travels that way
+    device_args = ["--device", device] if device else []
+    sys.argv = ["lm-eval", "run", "--model", MODEL_NAME, "--model_args", model_args, *device_args, *passed]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
