@@ -51,11 +51,12 @@ def comparison_key(record: dict) -> tuple:
 
 def last_window_of(record: dict) -> str | None:
     """How the record's protocol ended a document: "full" (its last window right-aligned and
-    ctx long), "short" (only the tokens left), or None (LongLoRA's stream protocol). Records
-    made before the option existed say nothing and were made with short last windows."""
+    ctx long), "short" (only the tokens left), or None (a protocol without per-document
+    windows: LongLoRA's stream, passkey). Records made before the option existed say nothing
+    and were made with short last windows."""
     config = record.get("config", {})
     protocol = config.get("protocol", "stride")
-    if protocol == "longlora":
+    if protocol not in ("stride", "lm-eval"):
         return None
     return config.get("last_window") or ("full" if protocol == "lm-eval" else "short")
 
