@@ -80,9 +80,11 @@ def same_numbers(record, reference):
 
 
 def saved_documents(path: Path) -> int:
-    """Finished documents in a progress file (a document saved part-way has a fifth field)."""
+    """Finished documents in a progress file (a document saved part-way has the count of its
+    windows done as a fifth field; null for a finished one that keeps its window sums)."""
     try:
-        return sum(len(entry) == 4 for entry in json.loads(path.read_text())["documents"])
+        return sum(len(entry) == 4 or (len(entry) == 7 and entry[4] is None)
+                   for entry in json.loads(path.read_text())["documents"])
     except (OSError, ValueError, KeyError):
         return 0  # not written yet
 
@@ -254,8 +256,9 @@ def test_a_valid_partial_file_is_trusted(model_dir, docs_dir, reference, stopped
     out = tmp_path / "out"
     progress = copy_to(stopped, out)
     saved = saved_documents(progress)
-    (part_way,) = [entry for entry in json.loads(progress.read_text())["documents"] if len(entry) == 5]
+    (part_way,) = [entry for entry in json.loads(progress.read_text())["documents"] if entry[4:5] not in ([], [None])]
     assert part_way[4] >= 1 and part_way[3] >= 1
+    assert len(part_way[5]) == part_way[4] and sum(part_way[6]) == part_way[3]  # its windows' sums so far
     notices = []
     record = evaluate(**api_options(model_dir, docs_dir, out), notify=notices.append)[0]
     assert notices == [f"resuming docs · full · ctx 16 from {progress}: {saved} of {DOCS} documents are done, "
