@@ -22,7 +22,7 @@ HELP_SECTIONS = {
     "What to evaluate": ["model", "tasks", "data", "patterns", "ctx", "max_tokens", "adapter", "merge_adapter",
                          "rope_scaling", "original_ctx", "trainable_params", "tokenizer_path",
                          "trust_remote_code", "allow_long_context"],
-    "How it is measured": ["protocol", "stride", "add_bos", "chunk_size", "dilation", "dtype", "seed"],
+    "How it is measured": ["protocol", "stride", "last_window", "add_bos", "chunk_size", "dilation", "dtype", "seed"],
     "Where to write": ["out", "no_write", "save_every", "no_resume", "quiet"],
     "Performance": ["device", "batch_size", "attention_backend", "compile_layers", "gpus", "device_map"],
 }
