@@ -104,3 +104,26 @@ def test_a_folder_in_the_way_fails_before_any_file(tmp_path, records):
     with pytest.raises(UserError, match=r"fig\.svg: it is a folder"):
         plot_records(records, tmp_path / "fig")
     assert [p.name for p in tmp_path.iterdir()] == ["fig.svg"]  # no PNG written first
+
+
+def _line_colours(svg: str) -> set[str]:
+    """Stroke colours of the drawn data lines (matplotlib's C0..C9 cycle)."""
+    import re
+
+    cycle = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+             "#17becf"}
+    return set(re.findall(r"stroke: (#[0-9a-f]{6})", svg)) & cycle
+
+
+def test_rows_of_one_pattern_with_other_adapters_get_a_colour_each(tmp_path):
+    records = []
+    for adapter, trained, base in ((None, None, 12.0), ("ckpt/s2", "s2", 11.0), ("ckpt/longmixed", "longmixed", 11.5)):
+        for step, ctx in enumerate((1024, 2048)):
+            record = make_record(pattern="full", ctx=ctx, ppl=base - step)
+            if adapter:
+                record["config"]["model"]["adapter"] = {"path": adapter, "training_pattern": trained}
+            records.append(record)
+    plot_records(records, tmp_path / "variants")
+    svg = (tmp_path / "variants.svg").read_text(encoding="utf-8")
+    assert len(_line_colours(svg)) == 3
+    assert "trained under longmixed" in svg

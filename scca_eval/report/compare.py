@@ -171,6 +171,18 @@ def _model_field(record: dict, key: str):
     return (record["config"].get("model") or {}).get(key)
 
 
+def _adapter(record: dict) -> str:
+    """An adapter in a few words: its folder, its weights' digest and the pattern it was trained under."""
+    adapter = _model_field(record, "adapter")
+    if not isinstance(adapter, dict):
+        return str(adapter)
+    fingerprint = adapter.get("fingerprint")
+    words = [str(adapter.get("path")), _short(fingerprint.get("digest") if isinstance(fingerprint, dict) else None)]
+    if adapter.get("training_pattern"):
+        words.append(f"trained under {adapter['training_pattern']}")
+    return f"{words[0]} ({', '.join(words[1:])})"
+
+
 def _weights(record: dict) -> str:
     fingerprint = _model_field(record, "fingerprint")
     return _short(fingerprint.get("digest") if isinstance(fingerprint, dict) else None)
@@ -181,7 +193,7 @@ def _weights(record: dict) -> str:
 _LISTED_SETTINGS = {
     "model": lambda r: r["model"],
     "weights": _weights,
-    "adapter": lambda r: _model_field(r, "adapter"),
+    "adapter": _adapter,
     "RoPE scaling": lambda r: _model_field(r, "rope_scaling"),
     "dtype": lambda r: r["config"].get("dtype"),
     "torch": lambda r: (r["config"].get("versions") or {}).get("torch"),

@@ -10,6 +10,7 @@ matplotlib is part of the default install.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -67,7 +68,8 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
     Figure, FigureCanvasAgg = _figure_class()
 
     # One colour per pattern (or row) across all panels; a published row takes the colour
-    # of the measured pattern it corresponds to, dashed.
+    # of the measured pattern it corresponds to, dashed. Rows of one pattern that differ in
+    # adapter, RoPE scaling or training pattern get a colour each.
     colours: dict[str, str] = {}
 
     def colour(key: str) -> str:
@@ -80,8 +82,9 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
     panels = figure.subplots(lines, columns, squeeze=False)
     for index, grid in enumerate(grids):
         axes = panels[index // columns][index % columns]
+        per_pattern = Counter(row.pattern for row in grid.rows)
         for row in grid.rows:
-            key = row.pattern if grid.row_header == "pattern" else row.label
+            key = row.pattern if grid.row_header == "pattern" and per_pattern[row.pattern] == 1 else row.label
             _draw_row(axes, row, {"marker": "o", "linestyle": "-", "color": colour(key)})
         for row in grid.published:
             _draw_row(axes, row, {"marker": "s", "linestyle": "--", "alpha": 0.7, "color": colour(row.pattern)})
@@ -98,7 +101,10 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
         axes.set_title(heading, fontsize="medium")
         axes.grid(True, alpha=0.3)
         # Below the panel, so that it never hides a line.
-        axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        labels = [row.label for row in [*grid.rows, *grid.published]]
+        long_labels = max(map(len, labels), default=0) > 28  # two columns of them overlap
+        axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1 if long_labels else 2,
+                    frameon=False)
     for index in range(len(grids), lines * columns):
         panels[index // columns][index % columns].set_visible(False)
     if title:
