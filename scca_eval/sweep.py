@@ -20,7 +20,7 @@ A sweep is given by options or by a YAML file (command-line options win)::
     out: results/smollm2-135m
 
 Other settings: ``data`` (files or folders evaluated as ad-hoc tasks), ``stride``,
-``batch_size``, ``dtype``, ``device``, ``chunk_size``, ``dilation``, ``add_bos``,
+``last_window``, ``batch_size``, ``dtype``, ``device``, ``chunk_size``, ``dilation``, ``add_bos``,
 ``allow_long_context``, ``seed``, ``attention_backend``, ``compile``. Relative paths are relative to the
 folder the command runs in, as on the command line.
 """
@@ -55,6 +55,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "data": ("strings", []),
     "out": ("string", DEFAULT_OUT),
     "stride": ("int", None),
+    "last_window": ("string", "full"),
     "max_tokens": ("int", None),
     "batch_size": ("int", None),
     "dtype": ("string", None),
@@ -87,6 +88,7 @@ class Sweep:
     tasks: list                  # (TaskSpec, evaluate() arguments naming it)
     out: Path
     stride: int | None = None
+    last_window: str = "full"
     max_tokens: int | None = None
     batch_size: int | None = None
     dtype: str | None = None
@@ -101,7 +103,7 @@ class Sweep:
 
     def settings(self) -> dict:
         """The settings shared by every cell (for --dry-run and logs)."""
-        return {key: getattr(self, key) for key in ("stride", "max_tokens", "batch_size", "dtype", "device",
+        return {key: getattr(self, key) for key in ("stride", "last_window", "max_tokens", "batch_size", "dtype", "device",
                                                     "chunk_size", "dilation", "add_bos", "allow_long_context",
                                                     "seed", "attention_backend", "compile")}
 
@@ -216,7 +218,7 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     """Check every setting (bad input fails here, before any model is loaded)."""
     from .records import record_pattern_name
     from .results import record_filename
-    from .validation import (check_attention_backend, check_ctx_and_stride, check_dtype_name,
+    from .validation import (check_attention_backend, check_dtype_name, check_protocol,
                              resolve_patterns, resolve_tasks)
 
     unknown = sorted(set(settings) - set(SETTINGS))
@@ -224,7 +226,7 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
         raise UserError(f"{where}: unknown setting {unknown[0]!r}; the settings are {', '.join(SETTINGS)}")
     values = {key: _read_setting(key, settings.get(key), where) for key in SETTINGS}
 
-    check_ctx_and_stride(values["ctx"], values["stride"])
+    check_protocol("stride", values["ctx"], values["stride"], last_window=values["last_window"])
     for key in ("max_tokens", "batch_size"):
         if values[key] is not None and values[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1 (got {values[key]})")
@@ -266,7 +268,7 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     return Sweep(
         models=values["models"], patterns=list(specs.values()), ctx=values["ctx"],
         tasks=list(zip(task_specs, origins)), out=Path(values["out"]),
-        **{key: values[key] for key in ("stride", "max_tokens", "batch_size", "dtype", "device", "chunk_size",
+        **{key: values[key] for key in ("stride", "last_window", "max_tokens", "batch_size", "dtype", "device", "chunk_size",
                                         "dilation", "add_bos", "allow_long_context", "seed",
                                         "attention_backend", "compile")},
     )
@@ -309,7 +311,7 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
     say = log or (lambda message: None)
     existing = _existing_records(sweep.out, say)
     result = SweepResult()
-    common = dict(stride=sweep.stride, batch_size=sweep.batch_size, max_tokens=sweep.max_tokens,
+    common = dict(stride=sweep.stride, last_window=sweep.last_window, batch_size=sweep.batch_size, max_tokens=sweep.max_tokens,
                   out=str(sweep.out), add_bos=sweep.add_bos, allow_long_context=sweep.allow_long_context, seed=sweep.seed,
                   attention_backend=sweep.attention_backend, compile=sweep.compile, progress=progress)
     for entry in sweep.models:
@@ -326,7 +328,7 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
                         ctx: sweep_key(cell_identity(
                             model=model_part, task=task.name, data=tokenized.data_fingerprint,
                             tokenizer=tokenized.tokenizer_fingerprint, pattern=spec.to_dict(), ctx=ctx,
-                            stride=sweep.stride or ctx, protocol="stride", last_window="full",
+                            stride=sweep.stride or ctx, protocol="stride", last_window=sweep.last_window,
                             max_tokens=sweep.max_tokens,
                             add_bos=sweep.add_bos, dtype=dtype), sweep.seed)
                         for ctx in sweep.ctx

@@ -124,6 +124,24 @@ def test_changed_setting_recomputes(uninterrupted, tiny_model_dir, sample_data_d
     assert json.loads(victim.read_text())["config"]["max_tokens"] == 256
 
 
+def test_last_window_short_is_its_own_cell_and_equals_ppl(uninterrupted, tiny_model_dir, sample_data_dir,
+                                                            tmp_path):
+    from scca_eval import evaluate
+
+    reference_out, _ = uninterrupted
+    out = tmp_path / "short"
+    out.mkdir()
+    for path in reference_out.glob("*.json"):
+        (out / path.name).write_bytes(path.read_bytes())
+    result = run_sweep(make_sweep(settings(tiny_model_dir, sample_data_dir, out, last_window="short",
+                                           patterns=["full"], ctx=[128])))
+    assert (result.computed, result.reused) == (1, 0)  # the full-last-window record is not reused
+    (record,) = [r for r in load_records([out]) if r["config"].get("last_window") == "short"]
+    (direct,) = evaluate(str(tiny_model_dir), ctx=128, data=[str(sample_data_dir)], max_tokens=384, device="cpu",
+                         last_window="short", out=None)
+    assert record["metrics"]["perplexity"] == pytest.approx(direct["metrics"]["perplexity"], rel=1e-12)
+
+
 def test_config_key_sees_every_setting(uninterrupted):
     out, _ = uninterrupted
     record = load_records([out])[0]
@@ -198,6 +216,7 @@ def test_two_custom_mixes_in_one_sweep(tiny_model_dir, sample_data_dir, tmp_path
     ("ctx: [1]\n", "--ctx"),
     ("stride: 4096\nctx: [1024]\n", "--stride"),
     ("max_tokens: 0\n", "--max-tokens"),
+    ("last_window: half\n", "unknown --last-window 'half'"),
     ("tasks: [no_such_task]\n", "unknown task"),
     ("models: [{model: default, colour: red}]\n", "unknown model option 'colour'"),
     ("[1, 2]\n", "YAML mapping"),

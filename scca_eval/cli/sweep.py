@@ -6,14 +6,14 @@ import contextlib
 
 import click
 
-from ..choices import ATTENTION_BACKENDS
+from ..choices import ATTENTION_BACKENDS, LAST_WINDOWS
 from .options import ints_callback, names_callback, paths_callback, rope_scaling_options
 from .sections import SectionedCommand
 
 HELP_SECTIONS = {
     "What to evaluate": ["models", "tasks", "data", "patterns", "ctx", "max_tokens", "adapter", "rope_scaling",
                          "original_ctx", "allow_long_context"],
-    "How it is measured": ["stride", "add_bos", "chunk_size", "dilation", "dtype", "seed"],
+    "How it is measured": ["stride", "last_window", "add_bos", "chunk_size", "dilation", "dtype", "seed"],
     "Where to write": ["out", "dry_run", "quiet"],
     "Performance": ["device", "batch_size", "attention_backend", "compile_engine"],
 }
@@ -35,6 +35,9 @@ HELP_SECTIONS = {
 @click.option("--data", "data", multiple=True, type=click.Path(), callback=paths_callback,
               help="A local file or folder evaluated as a task; comma-separated or repeated.")
 @click.option("--stride", type=int, default=None, help="Tokens a window advances, 1..ctx. Default: ctx.")
+@click.option("--last-window", type=click.Choice(LAST_WINDOWS), default=None,
+              help="A document's last window: full (ends at the document's end, a full ctx long) or short "
+                   "(only the tokens left), as `ppl --last-window`. Default: full.")
 @click.option("--max-tokens", type=int, default=None,
               help="Cap on scored tokens per cell (equal document prefixes), the same for every cell.")
 @click.option("--batch-size", "-b", type=int, default=None, help="Windows per forward pass. Default: automatic.")
@@ -59,7 +62,7 @@ HELP_SECTIONS = {
               help="Folder for the records. Default: results/sweep.")
 @click.option("--dry-run", is_flag=True, help="List the cells and exit without loading anything.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-cell lines (for CI logs).")
-def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, batch_size, dtype, device,
+def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, last_window, max_tokens, batch_size, dtype, device,
           chunk_size, dilation, add_bos, allow_long_context, attention_backend, adapter, rope_scaling,
           original_ctx, seed, compile_engine, out, dry_run, quiet):
     """Evaluate the grid models × tasks × patterns × ctx, writing one record per cell as
@@ -83,7 +86,8 @@ def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, max_tokens, ba
     settings = load_sweep_file(sweep_file) if sweep_file else {}
     given = {
         "models": list(models) or None, "patterns": list(patterns) or None, "ctx": ctx,
-        "tasks": list(tasks) or None, "data": list(data) or None, "stride": stride, "max_tokens": max_tokens,
+        "tasks": list(tasks) or None, "data": list(data) or None, "stride": stride,
+        "last_window": last_window, "max_tokens": max_tokens,
         "batch_size": batch_size, "dtype": dtype, "device": device, "chunk_size": chunk_size,
         "dilation": dilation, "add_bos": add_bos, "allow_long_context": allow_long_context,
         "attention_backend": attention_backend, "seed": seed, "compile": compile_engine, "out": out,
