@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from ..choices import ATTENTION_BACKENDS
 from ..errors import MissingDependency, UserError
 from .ppl import CHOICE_DTYPES
 
@@ -21,7 +22,7 @@ from .ppl import CHOICE_DTYPES
               help="Chunk size G in tokens. Default: a quarter of each sequence's length.")
 @click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
 @click.option("--attention-backend",
-              type=click.Choice(["auto", "strided", "chunked", "flex", "reference", "flash"]),
+              type=click.Choice(ATTENTION_BACKENDS),
               default="auto", show_default=True, help="Kernel for sparse patterns.")
 @click.option("--adapter", type=click.Path(), default=None,
               help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too.")
