@@ -207,6 +207,22 @@ def test_table_and_plot_show_passkey_records(passkey_run, tmp_path, capsys):
     assert (tmp_path / "heat.png").stat().st_size > 0 and (tmp_path / "heat.svg").stat().st_size > 0
 
 
+def test_records_of_other_adapters_are_rows_of_their_own(passkey_run):
+    """Checkpoints evaluated under one pattern: a row per adapter, labelled by it, not a refusal."""
+    from scca_eval.report.passkey import passkey_rows, passkey_tables
+
+    out, _ = passkey_run
+    full = [json.loads(p.read_text()) for p in sorted(out.glob("*full*.json"))]
+    tuned = json.loads(json.dumps(full))
+    for record in tuned:
+        record["config"]["model"]["adapter"] = {"path": "ckpt/s2", "training_pattern": "s2"}
+    rows = passkey_rows(full + tuned)
+    assert [row.label for row in rows] == ["full · adapter s2 · trained under s2", "full · no adapter"]
+    assert all(len(row.records) == len(full) for row in rows)
+    assert "| full · adapter s2 · trained under s2 |" in passkey_tables(full + tuned)
+    assert "full · adapter s2 · trained under s2" in passkey_tables(full + tuned, format="csv")
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--trials", "0"], "--trials"),
     (["--depths", "0"], "--depths"),

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 from ..choices import PRESETS
 from ..errors import UserError
 from ..records import pattern_config, pattern_identity
-from .frame import records_frame
+from .frame import cell_settings, records_frame
 
 # metric key in a record -> how titles and axes name it (lower is better for all of them)
 METRICS = {
@@ -173,6 +173,18 @@ def _variant_text(key: str, value) -> str:
             return f"RoPE {value}"
         return f"RoPE {scaling.get('requested') or scaling.get('rope_type')}"
     return f"trained under {value}"
+
+
+def variant_labels(records: Sequence[dict]) -> dict[int, str]:
+    """For each record (by ``id``), the adapter, RoPE scaling and training pattern that tell it
+    apart from other records of its model, in words ("" when none differ)."""
+    settings = {id(r): cell_settings(r) for r in records}
+    by_model: dict[str, list[dict]] = {}
+    for record in records:
+        by_model.setdefault(record["model"], []).append(settings[id(record)])
+    differing = [k for k in _VARIANT_KEYS if any(len({s[k] for s in group}) > 1 for group in by_model.values())]
+    return {id(r): " · ".join(text for k in differing if (text := _variant_text(k, settings[id(r)][k])))
+            for r in records}
 
 
 def _stride_tag(record: dict) -> int | None:

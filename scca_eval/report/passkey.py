@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from .grid import PRESET_ORDER, pattern_identity, pattern_labels, pattern_name
+from .grid import PRESET_ORDER, pattern_identity, pattern_labels, pattern_name, variant_labels
 
 MISSING = "–"
 
@@ -27,6 +27,7 @@ class PasskeyRow:
     label: str
     model: str
     pattern: str
+    variant: str = ""  # adapter, RoPE scaling, training pattern, where records of one model differ in them
     records: dict[int, dict] = field(default_factory=dict)
 
     def depth_buckets(self) -> list[tuple[float, float]]:
@@ -42,10 +43,12 @@ class PasskeyRow:
 
 
 def passkey_rows(records: Sequence[dict]) -> list[PasskeyRow]:
-    """Rows in the paper's pattern order; model in the label when there are several models."""
+    """Rows in the paper's pattern order; model in the label when there are several models, and
+    the adapter, RoPE scaling or training pattern when records of one model differ in them."""
     if not records:
         raise UserError("nothing to show: give passkey result files or folders")
     labels = pattern_labels(records)
+    variants = variant_labels(records)
     several_models = len({r["model"] for r in records}) > 1
     rows: dict[tuple, PasskeyRow] = {}
 
@@ -54,11 +57,12 @@ def passkey_rows(records: Sequence[dict]) -> list[PasskeyRow]:
         return (PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER),)
 
     models = list(dict.fromkeys(r["model"] for r in records))
-    for record in sorted(records, key=lambda r: (models.index(r["model"]), *order(r))):
-        key = (record["model"], pattern_identity(record))
+    for record in sorted(records, key=lambda r: (models.index(r["model"]), *order(r), variants[id(r)])):
+        key = (record["model"], pattern_identity(record), variants[id(record)])
         label = labels[pattern_identity(record)]
-        row = rows.setdefault(key, PasskeyRow(f"{record['model']} · {label}" if several_models else label,
-                                              record["model"], label))
+        shown = " · ".join(part for part in (record["model"] if several_models else "", label, variants[id(record)])
+                           if part)
+        row = rows.setdefault(key, PasskeyRow(shown, record["model"], label, variants[id(record)]))
         if record["ctx"] in row.records:
             raise UserError(f"passkey: two records for '{row.label}' at ctx {record['ctx']} "
                             f"({row.records[record['ctx']].get('path', '?')} and {record.get('path', '?')}); "
@@ -119,12 +123,13 @@ def _csv(rows: list[PasskeyRow]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "pattern", "ctx", "depth_from", "depth_to", "correct", "trials", "accuracy"])
     for row in rows:
+        pattern = " · ".join(part for part in (row.pattern, row.variant) if part)
         for ctx, record in sorted(row.records.items()):
             metrics = record["metrics"]
-            writer.writerow([row.model, row.pattern, ctx, 0.0, 1.0, metrics["correct"], metrics["trials"],
+            writer.writerow([row.model, pattern, ctx, 0.0, 1.0, metrics["correct"], metrics["trials"],
                              metrics["accuracy"]])
             for depth in metrics["by_depth"]:
-                writer.writerow([row.model, row.pattern, ctx, depth["depth_from"], depth["depth_to"],
+                writer.writerow([row.model, pattern, ctx, depth["depth_from"], depth["depth_to"],
                                  depth["correct"], depth["trials"], depth["accuracy"]])
     return buffer.getvalue().rstrip("\n")
 
