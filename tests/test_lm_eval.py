@@ -139,3 +139,23 @@ def test_lm_eval_command_bad_input(args, message, capsys):
         main(["lm-eval", *args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_without_device_lm_eval_gets_ours_not_its_cuda_default(monkeypatch):
+    """lm-eval's own --device default is cuda:0 even on a machine without CUDA; the command
+    always hands it scca-eval's choice (CUDA when there is one, else the CPU)."""
+    pytest.importorskip("lm_eval")
+    import sys
+
+    import lm_eval.__main__
+    import torch
+
+    from scca_eval.cli import main
+
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lm-eval", "--", "--tasks", "x"])
+    assert exit_info.value.code in (0, None)
+    (argv,) = seen
+    assert argv[argv.index("--device") + 1] == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -78,9 +78,12 @@ def lm_eval(model, pattern, chunk_size, dilation, attention_backend, adapter, me
 
     from ..lm_eval_adapter import MODEL_NAME  # registers the model class with lm-eval
 
+    from ..models import parse_device
+
     saved = sys.argv
-    # lm-eval hands its own --device to the model class, so the device travels that way
-    device_args = ["--device", device] if device else []
+    # lm-eval hands its own --device to the model class, so the device travels that way; its
+    # default is cuda:0 even without a GPU, so ours (CUDA when there is one) is always given
+    device_args = ["--device", str(parse_device(device))]
     sys.argv = ["lm-eval", "run", "--model", MODEL_NAME, "--model_args", model_args, *device_args, *passed]
     try:
         cli_evaluate()
