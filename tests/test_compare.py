@@ -136,16 +136,18 @@ def test_numbers_match_an_independent_computation():
     assert result.differences == ["model base-model → x", "weights base-model → x"]
 
 
-def test_an_adapter_that_differs_is_named_in_a_few_words():
+def test_an_adapter_and_a_rope_scaling_that_differ_are_named_in_a_few_words():
     docs = base_docs()
     base, new = make_record(docs), make_record(docs)
     base["config"]["model"]["adapter"] = {"path": "ckpt/s2", "fingerprint": {"digest": "sha256:" + "a" * 64},
                                           "training_pattern": "s2", "r": 8, "target_modules": ["q_proj"]}
     new["config"]["model"]["adapter"] = {"path": "ckpt/longmixed", "fingerprint": {"digest": "sha256:" + "b" * 64},
                                          "training_pattern": "longmixed", "r": 8, "target_modules": ["q_proj"]}
+    new["config"]["model"]["rope_scaling"] = {"rope_type": "linear", "factor": 2.0, "requested": "linear:2"}
     result = compare_records([base], [new])
     assert result.differences == ["adapter ckpt/s2 (aaaaaaaaaaaa, trained under s2) → "
-                                  "ckpt/longmixed (bbbbbbbbbbbb, trained under longmixed)"]
+                                  "ckpt/longmixed (bbbbbbbbbbbb, trained under longmixed)",
+                                  "RoPE scaling None → linear:2"]
 
 
 def test_cells_on_one_side_are_listed(sides, tmp_path, capsys):

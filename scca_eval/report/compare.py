@@ -183,6 +183,14 @@ def _adapter(record: dict) -> str:
     return f"{words[0]} ({', '.join(words[1:])})"
 
 
+def _rope_scaling(record: dict) -> str:
+    """A RoPE scaling as it was asked for (``linear:2``), not its whole parameter set."""
+    scaling = _model_field(record, "rope_scaling")
+    if not isinstance(scaling, dict):
+        return str(scaling)
+    return str(scaling.get("requested") or f"{scaling.get('rope_type')} {scaling.get('factor')}")
+
+
 def _weights(record: dict) -> str:
     fingerprint = _model_field(record, "fingerprint")
     return _short(fingerprint.get("digest") if isinstance(fingerprint, dict) else None)
@@ -194,7 +202,7 @@ _LISTED_SETTINGS = {
     "model": lambda r: r["model"],
     "weights": _weights,
     "adapter": _adapter,
-    "RoPE scaling": lambda r: _model_field(r, "rope_scaling"),
+    "RoPE scaling": _rope_scaling,
     "dtype": lambda r: r["config"].get("dtype"),
     "torch": lambda r: (r["config"].get("versions") or {}).get("torch"),
     "transformers": lambda r: (r["config"].get("versions") or {}).get("transformers"),
