@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from fractions import Fraction as F
 from pathlib import Path
 
@@ -201,3 +204,14 @@ def write_local_task(folder: Path, texts: list[str]) -> tuple[Path, Path]:
             handle.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
     (folder / f"{TASK_NAME}.yaml").write_text(TASK_YAML.replace("{data}", str(data)), encoding="utf-8")
     return folder, data
+
+
+def launch_two_processes(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``scca-eval ARGS`` as two gloo processes on this machine (what ``--gpus 2`` starts), from
+    a fresh interpreter that imports this checkout; returns the finished launcher."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    code = f"import sys; from scca_eval.distributed import launch; sys.exit(launch({list(args)!r}, 2))"
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+

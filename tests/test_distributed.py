@@ -4,19 +4,15 @@ write the same record as one process, and the sharding scores every window exact
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import launch_two_processes
 
 from scca_eval import distributed
 from scca_eval.cells import engine_batches as _engine_batches, plan_groups as _plan_groups
 from scca_eval.distributed import Ranks
 from scca_eval.windows import plan_windows
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def ppl_args(model_dir, data_dir, out):
@@ -73,11 +69,7 @@ def test_two_gloo_processes_write_the_record_of_one_process(tiny_model_dir, samp
         main(ppl_args(tiny_model_dir, sample_data_dir, single))
     assert exit_info.value.code == 0
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    code = ("import sys; from scca_eval.distributed import launch; "
-            f"sys.exit(launch({ppl_args(tiny_model_dir, sample_data_dir, double)!r}, 2))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = launch_two_processes(ppl_args(tiny_model_dir, sample_data_dir, double), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     # Rank 0 alone prints the table and writes the record.
@@ -98,11 +90,8 @@ def test_two_gloo_processes_write_the_record_of_one_process(tiny_model_dir, samp
 
 
 def test_bad_input_under_torchrun_is_one_line_and_status_2(tiny_model_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = ["ppl", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nowhere"), "--device", "cpu", "-q"]
-    code = f"import sys; from scca_eval.distributed import launch; sys.exit(launch({args!r}, 2))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = launch_two_processes(args, tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no such file or folder" in lines[0] and "Traceback" not in done.stderr

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import launch_two_processes
 from scca_eval.cli import main
-from scca_eval.errors import UserError
 
 CTX = 64
 # A few quick steps: 2 windows per pass, 2 passes per step.
@@ -408,15 +408,10 @@ def test_two_gloo_processes_train_the_weights_of_one_process(tiny_model_dir, sam
     two halves is taken in another order)."""
     from safetensors.torch import load_file
 
-    repo = Path(__file__).resolve().parents[1]
     args = ["finetune", "--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--ctx", str(CTX),
-            "--pattern", "s2", "--steps", "3", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
-            "--warmup-steps", "1", "--device", "cpu", "-q"]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    code = ("import sys; from scca_eval.distributed import launch; "
-            f"sys.exit(launch({[*args, '--out', str(tmp_path / 'two')]!r}, 2))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+            "--pattern", "s2", "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "1",
+            "--device", "cpu", "-q"]
+    done = launch_two_processes([*args, "--grad-accum", "2", "--out", str(tmp_path / "two")], tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained 3 steps") == 1  # rank 0 alone reports
     one = _finetune(tiny_model_dir, sample_data_dir, tmp_path / "one", save_every=100)
@@ -427,7 +422,6 @@ def test_two_gloo_processes_train_the_weights_of_one_process(tiny_model_dir, sam
         load_file(tmp_path / "two" / "adapter_model.safetensors")
     for key in left:
         torch.testing.assert_close(right[key], left[key], rtol=1e-4, atol=1e-6, msg=key)
-    lonely = subprocess.run([sys.executable, "-c", code.replace("'--grad-accum', '2'", "'--grad-accum', '3'")
-                             .replace("'two'", "'three'")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
+    lonely = launch_two_processes([*args, "--grad-accum", "3", "--out", str(tmp_path / "three")], tmp_path,
+                                  timeout=600)
     assert lonely.returncode == 2 and "multiple of 2" in lonely.stderr.strip().splitlines()[-1], lonely.stderr

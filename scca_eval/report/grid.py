@@ -175,15 +175,22 @@ def _variant_text(key: str, value) -> str:
     return f"trained under {value}"
 
 
+def variant_values(record: dict) -> tuple:
+    """The record's adapter, RoPE scaling and training pattern (None where unset): what tells
+    apart rows of one model and pattern."""
+    settings = cell_settings(record)
+    return tuple(settings[k] for k in _VARIANT_KEYS)
+
+
 def variant_labels(records: Sequence[dict]) -> dict[int, str]:
     """For each record (by ``id``), the adapter, RoPE scaling and training pattern that tell it
     apart from other records of its model, in words ("" when none differ)."""
-    settings = {id(r): cell_settings(r) for r in records}
+    values = {id(r): dict(zip(_VARIANT_KEYS, variant_values(r))) for r in records}
     by_model: dict[str, list[dict]] = {}
     for record in records:
-        by_model.setdefault(record["model"], []).append(settings[id(record)])
-    differing = [k for k in _VARIANT_KEYS if any(len({s[k] for s in group}) > 1 for group in by_model.values())]
-    return {id(r): " · ".join(text for k in differing if (text := _variant_text(k, settings[id(r)][k])))
+        by_model.setdefault(record["model"], []).append(values[id(record)])
+    differing = [k for k in _VARIANT_KEYS if any(len({v[k] for v in group}) > 1 for group in by_model.values())]
+    return {id(r): " · ".join(text for k in differing if (text := _variant_text(k, values[id(r)][k])))
             for r in records}
 
 
@@ -245,11 +252,8 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
     if len(frame):
         _refuse_mixed_measurements(frame)
     labels = pattern_labels(records)
-    variants = {id(r): tuple(None if _setting_shown(row[k]) == "none" else row[k] for k in _VARIANT_KEYS)
-                for r, (_, row) in zip(records, frame.iterrows())} if len(frame) else {}
-    # The variant settings that differ between records of one model: they go into the labels.
-    differing = [k for k in _VARIANT_KEYS
-                 if len(frame) and (frame.groupby("model")[k].nunique(dropna=False) > 1).any()]
+    variants = {id(r): variant_values(r) for r in records}
+    variant_text = variant_labels(records)  # the variant settings that differ within a model, in words
     model_order = list(dict.fromkeys(r["model"] for r in records))
     pattern_order = list(dict.fromkeys(labels[pattern_identity(r)] for r in records))
 
@@ -267,8 +271,8 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
             parts.append(record["model"])
         if mode in ("pattern", "model-pattern"):
             parts.append(labels[pattern_identity(record)])
-        parts += [text for k, v in zip(_VARIANT_KEYS, variants[id(record)])
-                  if k in differing and (text := _variant_text(k, v))]
+        if variant_text[id(record)]:
+            parts.append(variant_text[id(record)])
         if _stride_tag(record) is not None:
             parts.append(f"stride {record['stride']}")
         if _protocol_tag(record) is not None:

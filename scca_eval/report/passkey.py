@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from .grid import PRESET_ORDER, pattern_identity, pattern_labels, pattern_name, variant_labels
+from .grid import PRESET_ORDER, pattern_identity, pattern_labels, pattern_name, variant_labels, variant_values
 
 MISSING = "–"
 
@@ -58,7 +58,7 @@ def passkey_rows(records: Sequence[dict]) -> list[PasskeyRow]:
 
     models = list(dict.fromkeys(r["model"] for r in records))
     for record in sorted(records, key=lambda r: (models.index(r["model"]), *order(r), variants[id(r)])):
-        key = (record["model"], pattern_identity(record), variants[id(record)])
+        key = (record["model"], pattern_identity(record), variant_values(record))
         label = labels[pattern_identity(record)]
         shown = " · ".join(part for part in (record["model"] if several_models else "", label, variants[id(record)])
                            if part)
