@@ -125,7 +125,7 @@ def evaluate(
                     progress=progress if ranks.is_main else None, ranks=ranks,
                 )
                 if out is not None and ranks.is_main:
-                    record["path"] = str(write_record(record, out))
+                    record["path"] = str(write_record(record, out, say))
                 records.append(record)
                 continue
             record, progress_file = evaluate_cell(
@@ -136,7 +136,7 @@ def evaluate(
                 last_window=last_window,
             )
             if out is not None and ranks.is_main:
-                record["path"] = str(write_record(record, out))
+                record["path"] = str(write_record(record, out, say))
             if progress_file is not None and ranks.is_main:
                 finished_progress.append(progress_file)
             records.append(record)

@@ -38,3 +38,8 @@ ATTENTION_BACKENDS = ("auto", "strided", "chunked", "flex", "reference", "flash"
 PROTOCOLS = ("stride", "longlora", "lm-eval")
 # how the stride protocol ends a document: a full ctx-long window, or only the tokens left
 LAST_WINDOWS = ("full", "short")
+
+# passkey retrieval's defaults: trials per depth bucket, depth buckets, prompt seed
+PASSKEY_TRIALS, PASSKEY_DEPTHS, PASSKEY_SEED = 10, 5, 0
+# sda's dilation r when --dilation is not given
+DEFAULT_DILATION = 2

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .choices import PASSKEY_DEPTHS, PASSKEY_TRIALS
 from .errors import UserError
 
 TASK = "passkey"
@@ -43,8 +44,7 @@ DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant tex
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE = (10000, 100000)  # five digits
-DEFAULT_TRIALS = 10
-DEFAULT_DEPTHS = 5
+DEFAULT_TRIALS, DEFAULT_DEPTHS = PASSKEY_TRIALS, PASSKEY_DEPTHS
 
 
 def information_line(key: str) -> str:
@@ -226,28 +226,16 @@ def trial_entries(verdicts: Sequence[Verdict], tokenizer) -> list[dict]:
     } for v in verdicts]
 
 
-def record_filename(record: dict) -> str:
-    from .results import slug
-
-    return f"{slug(record['model'])}__{TASK}__{record['pattern']}__ctx{record['ctx']}.json"
-
-
 def is_passkey_record(record: dict) -> bool:
     return record.get("config", {}).get("protocol") == TASK
 
 
 def config_key(record: dict) -> str:
-    """What decides a passkey record: model (id, weights, adapter, RoPE scaling), tokenizer,
-    pattern settings, ctx, trials, depths, seed and dtype. An existing record with the same
-    key answers the cell (so a stopped run, run again, continues with the next cell)."""
-    from .records import model_identity
+    """An existing record with the same identity (``records.passkey_identity``) answers the
+    cell, so a stopped run, run again, continues with the next cell."""
+    from .records import passkey_identity
 
-    config = record["config"]
-    return json.dumps({
-        "model": model_identity(record["model"], config.get("model") or {}),
-        "tokenizer": config.get("tokenizer_fingerprint"), "pattern": config.get("pattern"), "ctx": record["ctx"],
-        "passkey": config.get("passkey"), "dtype": config.get("dtype"),
-    }, sort_keys=True, default=str)
+    return json.dumps(passkey_identity(record), sort_keys=True, default=str)
 
 
 def cell_config(lm, tokenizer, spec, *, trials: int, depths: int, seed: int) -> dict:
@@ -310,8 +298,6 @@ def evaluate_passkey(lm, tokenizer, model_id: str, spec, ctx: int, *, trials: in
 
 def _existing_records(out, log) -> dict[str, dict]:
     """config key -> record, for the passkey records already in ``out``."""
-    from pathlib import Path
-
     from .results import read_record
 
     found: dict[str, dict] = {}
@@ -335,10 +321,8 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
     """Every (pattern, ctx) cell on a loaded (model, tokenizer); one record per cell, written
     to ``out`` as soon as it is done. A cell whose record ``out`` already holds with the same
     settings (:func:`config_key`) is read instead of run."""
-    from pathlib import Path
-
     from .attention.register import apply_pattern
-    from .files import atomic_write_text
+    from .results import write_record
     from .validation import check_trained_length
 
     lm, tokenizer = loaded
@@ -363,8 +347,7 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
                 record = evaluate_passkey(lm, tokenizer, model_id, spec, ctx, trials=trials, depths=depths,
                                           seed=seed, batch_size=batch_size, progress=progress)
                 if out is not None:
-                    path = Path(out) / record_filename(record)
-                    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+                    path = write_record(record, out, say)
                     record["path"] = str(path)
                     say(f"wrote {record['pattern']} · ctx {ctx}: accuracy {record['metrics']['accuracy']:.0%} "
                         f"({path})")

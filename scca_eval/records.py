@@ -91,6 +91,48 @@ def record_identity(record: dict) -> dict:
         max_tokens=config.get("max_tokens"), add_bos=config.get("add_bos"), dtype=config.get("dtype"))
 
 
+def passkey_identity(record: dict) -> dict:
+    """What decides a passkey record: model (id, weights, adapter, RoPE scaling), tokenizer,
+    pattern settings, ctx, the trials (count, depths, seed) and dtype."""
+    config = record["config"]
+    return {"model": model_identity(record["model"], config.get("model") or {}),
+            "tokenizer": config.get("tokenizer_fingerprint"), "pattern": config.get("pattern"),
+            "ctx": record["ctx"], "passkey": config.get("passkey"), "dtype": config.get("dtype")}
+
+
+def identity_of(record: dict) -> dict:
+    """The identity of a record of either kind: a perplexity cell's or a passkey cell's."""
+    if record.get("config", {}).get("protocol") == "passkey":
+        return passkey_identity(record)
+    return record_identity(record)
+
+
+# identity field -> how a user names it
+_IDENTITY_WORDS = {
+    "model.id": "the model", "model.weights": "the model's weights", "model.adapter": "the adapter (--adapter)",
+    "model.rope_scaling": "the RoPE scaling (--rope-scaling)", "task": "the task", "data": "the data",
+    "tokenizer": "the tokenizer", "pattern": "the pattern settings (--chunk-size, --dilation)", "ctx": "ctx",
+    "stride": "the stride (--stride)", "protocol": "the protocol (--protocol)",
+    "last_window": "the last window (--last-window)", "max_tokens": "the token budget (--max-tokens)",
+    "add_bos": "the BOS setting (--bos)", "dtype": "the dtype (--dtype)",
+    "passkey": "the passkey trials (--trials, --depths, --seed)",
+}
+
+
+def identity_difference(first: dict, second: dict) -> str | None:
+    """None when the two records are of one identity, else the settings that differ, in words."""
+    a, b = identity_of(first), identity_of(second)
+    if set(a) != set(b):
+        return "their kind (a perplexity record and a passkey record)"
+    differing = []
+    for key in a:
+        if key == "model":
+            differing += [f"model.{part}" for part in a[key] if a[key].get(part) != b[key].get(part)]
+        elif json.dumps(a[key], sort_keys=True, default=str) != json.dumps(b[key], sort_keys=True, default=str):
+            differing.append(key)
+    return ", ".join(_IDENTITY_WORDS.get(key, key) for key in differing) or None
+
+
 def progress_key(record: dict, scored_tokens: int) -> dict:
     """What a progress file must match to be resumed: the cell, and the targets it scores."""
     return {**record_identity(record), "scored_tokens": scored_tokens}

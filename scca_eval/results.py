@@ -6,6 +6,7 @@ half a file. Tables and comparisons are built from records alone, without a mode
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import UserError
+from .choices import DEFAULT_DILATION, PASSKEY_DEPTHS, PASSKEY_SEED, PASSKEY_TRIALS
 from .files import atomic_write_text
+from .patterns.spec import DEFAULT_CHUNK_RATIO
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("model", "task", "pattern", "ctx", "stride", "metrics", "documents", "config", "runtime")
@@ -26,22 +29,102 @@ def slug(text: str) -> str:
 
 
 def record_filename(record: dict) -> str:
+    """``model__task__pattern__ctx`` and, after it, a readable tag for every setting of the
+    record's identity that differs from the plain run (stride, protocol, last window, adapter,
+    RoPE scaling, chunk size, dilation, BOS, token budget, dtype), so that two cells that
+    differ in any of them never share a file. What no tag names (two models whose folders have
+    the same name, two data sets of one task name) is kept apart by ``write_record``."""
     name = f"{slug(record['model'])}__{record['task']}__{record['pattern']}__ctx{record['ctx']}"
     if record["stride"] != record["ctx"]:
         name += f"__stride{record['stride']}"
     protocol = record.get("config", {}).get("protocol", "stride")
-    if protocol != "stride":
+    if protocol not in ("stride", "passkey"):
         name += f"__{protocol}"
     elif record.get("config", {}).get("last_window") == "short":
         name += "__short-last"
-    return name + ".json"
+    return name + "".join(f"__{tag}" for tag in identity_tags(record)) + ".json"
 
 
-def write_record(record: dict, out_dir: str | Path) -> Path:
+def identity_tags(record: dict) -> list[str]:
+    """The file-name tags of the settings that differ from a plain run (see record_filename)."""
+    config = record.get("config") or {}
+    model = config.get("model") or {}
+    tags = []
+    adapter = model.get("adapter")
+    if isinstance(adapter, dict):
+        folder = slug(Path(adapter.get("path") or "adapter").name)
+        tags.append(f"adapter-{folder}-{_short_digest(adapter.get('fingerprint'))}")
+    rope = model.get("rope_scaling")
+    if isinstance(rope, dict) and rope.get("source") == "option":
+        tags.append("rope-" + slug(str(rope.get("requested") or rope.get("rope_type") or "scaled").replace(":", "-")))
+    tags += _pattern_tags(config.get("pattern"))
+    if config.get("add_bos"):
+        tags.append("bos")
+    if config.get("max_tokens") is not None:
+        tags.append(f"max{config['max_tokens']}")
+    if config.get("dtype") not in (None, "float32"):
+        tags.append(str(config["dtype"]))
+    passkey = config.get("passkey")
+    if isinstance(passkey, dict):
+        settings = (passkey.get("trials_per_depth"), passkey.get("depths"), passkey.get("seed"))
+        if settings != (PASSKEY_TRIALS, PASSKEY_DEPTHS, PASSKEY_SEED):
+            tags.append("trials{}-depths{}-seed{}".format(*settings))
+    return tags
+
+
+def _pattern_tags(pattern) -> list[str]:
+    """Chunk size, chunk ratio and dilation where they differ from the pattern's defaults."""
+    if not isinstance(pattern, dict):
+        return []
+    tags = []
+    if pattern.get("chunk_size") is not None:
+        tags.append(f"G{pattern['chunk_size']}")
+    elif pattern.get("chunk_ratio") not in (None, str(DEFAULT_CHUNK_RATIO)):
+        tags.append("G" + str(pattern["chunk_ratio"]).replace("/", "-"))
+    if pattern.get("name") == "sda" and pattern.get("dilation") not in (None, DEFAULT_DILATION):
+        tags.append(f"r{pattern['dilation']}")  # a custom mix names its rates in its groups (its hash)
+    return tags
+
+
+def _short_digest(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:6]
+
+
+def write_record(record: dict, out_dir: str | Path, say=None) -> Path:
+    """Write ``record`` into ``out_dir`` under record_filename, atomically. A file of that name
+    that holds a record of another identity (a setting no file-name tag names) is kept: the
+    new record goes to a name with a digest of its identity added, and ``say`` is told."""
+    from .records import identity_difference
+
     path = Path(out_dir) / record_filename(record)
     stored = {key: value for key, value in record.items() if key != "path"}  # "path" is where it was read from
+    if path.exists():
+        difference = _difference_from_file(path, stored, identity_difference)
+        if difference:
+            path = path.with_name(f"{path.stem}__{_identity_digest(stored)}.json")
+            if say is not None:
+                say(f"note: {path.parent / record_filename(record)} holds a record that differs in {difference}; "
+                    f"this one is written to {path.name}")
     atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def _difference_from_file(path: Path, record: dict, identity_difference) -> str | None:
+    try:
+        existing = read_record(path)
+    except UserError:
+        return None  # not a readable record: nothing of value is replaced
+    try:
+        return identity_difference(existing, record)
+    except (KeyError, TypeError, AttributeError):
+        return "its settings (the file is of an older or other kind)"
+
+
+def _identity_digest(record: dict) -> str:
+    from .records import identity_of
+
+    return _short_digest(identity_of(record))[:8]
 
 
 def read_record(path: str | Path) -> dict:

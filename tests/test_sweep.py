@@ -111,10 +111,12 @@ def test_changed_setting_recomputes(uninterrupted, tiny_model_dir, sample_data_d
     result = run_sweep(make_sweep(settings(tiny_model_dir, sample_data_dir, out, max_tokens=256)),
                        progress=progress)
     assert (result.computed, len(progress.labels)) == (CELLS, CELLS)
-    assert all(r["config"]["max_tokens"] == 256 for r in load_records([out]))
+    # the new cells are records of their own, beside the earlier ones (nothing is replaced)
+    budgets = sorted(r["config"]["max_tokens"] for r in load_records([out]))
+    assert budgets == [256] * CELLS + [384] * CELLS
 
     # one corrupt record: only its cell is recomputed
-    victim = sorted(out.glob("*.json"))[0]
+    victim = sorted(out.glob("*__max256.json"))[0]
     victim.write_text("{truncated")
     lines, progress = [], CountingProgress()
     result = run_sweep(make_sweep(settings(tiny_model_dir, sample_data_dir, out, max_tokens=256)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction as F
 
-from ..choices import PRESET_DESCRIPTIONS
+from ..choices import DEFAULT_DILATION, PRESET_DESCRIPTIONS
 from .rules import Rule
 from .spec import PatternSpec
 
@@ -28,7 +28,7 @@ def preset(name: str, *, chunk_size: int | None = None, chunk_ratio: F | None = 
     if name == "scca_flow":
         return PatternSpec("scca_flow", flow=True, **common)
     if name == "sda":
-        r = 2 if dilation is None else dilation
+        r = DEFAULT_DILATION if dilation is None else dilation
         groups = tuple((F(1, r), Rule("dilated", rate=r, offset=j)) for j in range(r))
         return PatternSpec("sda", groups, dilation=r, **common)
     if name == "longmixed":

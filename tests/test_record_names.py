@@ -1,0 +1,102 @@
+"""Two cells that differ in any setting of their identity never share a record file.
+
+Each setting that enters a record's identity is run twice into one --out folder, once
+plain and once changed: both records must be there afterwards, the first one unchanged.
+A record of another identity that no file-name tag tells apart (two models whose folders
+have one name) is kept too: the later record goes to a name with a digest of its identity.
+"""
+
+import json
+
+import pytest
+import torch
+
+from scca_eval.records import identity_difference
+from scca_eval.results import read_record, record_filename, write_record
+
+from helpers import make_record, run_cli
+
+BASE = ["--ctx", "64", "--max-tokens", "256", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    base = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    folder = tmp_path_factory.mktemp("adapter") / "lora"
+    get_peft_model(base, lora).save_pretrained(folder)
+    return folder
+
+
+CHANGES = {
+    "adapter": ([], lambda a: ["--adapter", str(a)], "the adapter"),
+    "rope-scaling": ([], lambda a: ["--rope-scaling", "linear:2"], "the RoPE scaling"),
+    "dilation": (["--pattern", "sda"], lambda a: ["--pattern", "sda", "--dilation", "4"], "the pattern settings"),
+    "chunk-size": (["--pattern", "s2"], lambda a: ["--pattern", "s2", "--chunk-size", "16"], "the pattern settings"),
+    "bos": ([], lambda a: ["--bos"], "the BOS setting"),
+    "max-tokens": ([], lambda a: ["--max-tokens", "320"], "the token budget"),
+    "dtype": ([], lambda a: ["--dtype", "bfloat16"], "the dtype"),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(CHANGES))
+def test_each_setting_writes_a_record_of_its_own(setting, tiny_model_dir, sample_data_dir, adapter_dir, tmp_path,
+                                                 capsys):
+    plain, changed, words = CHANGES[setting]
+    common = ["ppl", "--model", str(tiny_model_dir), "--data", str(sample_data_dir), *BASE, "--out", str(tmp_path)]
+    code, _, err = run_cli(common + plain, capsys)
+    assert code == 0, err
+    (first,) = sorted(tmp_path.glob("*.json"))
+    before = first.read_text()
+
+    code, _, err = run_cli(common + changed(adapter_dir), capsys)
+    assert code == 0, err
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == 2, [f.name for f in files]
+    assert first.read_text() == before  # the first record is untouched
+    (second,) = [f for f in files if f != first]
+    difference = identity_difference(read_record(first), read_record(second))
+    assert difference is not None and words in difference
+    assert "note:" not in err  # told apart by the readable name, not by the fallback digest
+
+
+def test_a_changed_setting_run_again_replaces_only_its_own_record(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    common = ["ppl", "--model", str(tiny_model_dir), "--data", str(sample_data_dir), *BASE, "--out", str(tmp_path)]
+    for extra in ([], ["--bos"], ["--bos"]):
+        assert run_cli(common + extra, capsys)[0] == 0
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def _with_weights(record, digest):
+    record["config"]["model"] = {"fingerprint": {"digest": digest}, "adapter": None, "rope_scaling": None}
+    return record
+
+
+def test_a_difference_no_tag_names_keeps_both_records(tmp_path):
+    said = []
+    first = _with_weights(make_record(model="ckpt"), "sha256:aaa")
+    second = _with_weights(make_record(model="ckpt", ppl=11.0), "sha256:bbb")
+    assert record_filename(first) == record_filename(second)
+    path_one = write_record(first, tmp_path, said.append)
+    path_two = write_record(second, tmp_path, said.append)
+    assert path_one != path_two and path_one.exists() and path_two.exists()
+    assert json.loads(path_one.read_text())["metrics"] == first["metrics"]
+    assert len(said) == 1 and "the model's weights" in said[0]
+    # the same identity again replaces its own file, and says nothing
+    assert write_record(first, tmp_path, said.append) == path_one and len(said) == 1
+
+
+def test_passkey_records_of_other_trials_have_names_of_their_own():
+    def passkey_record(trials):
+        record = make_record(task="passkey")
+        record["config"].update(protocol="passkey", passkey={"trials_per_depth": trials, "depths": 5, "seed": 0})
+        return record
+
+    assert record_filename(passkey_record(10)) == "m__passkey__full__ctx1024.json"
+    assert record_filename(passkey_record(3)) == "m__passkey__full__ctx1024__trials3-depths5-seed0.json"
+    assert "passkey trials" in identity_difference(passkey_record(10), passkey_record(3))
