@@ -1,8 +1,9 @@
 """One (task, ctx) cell: its windows scored in groups, then its record.
 
 The windows of the protocol are planned over all documents; they are then scored in
-groups of about ``save_every`` batches of work (windows of several documents batched
-together, a long document cut between windows). After each group the per-document sums are saved to a progress file
+small groups of batches (windows of several documents batched together, a long document cut
+between windows). Every ``save_every`` batches of work, every 30 seconds and at Ctrl-C the
+per-document sums of the finished groups are saved to a progress file
 next to the record (``resume.py``), so a run that is stopped — Ctrl-C, SIGKILL, a lost
 machine — continues where it stopped when the same command runs again. Inside a
 torch.distributed run each rank scores whole batches of every group and the sums are
@@ -33,8 +34,13 @@ from .window_sums import encode_windows
 from .windows import (Window, limit_scored_tokens, longlora_perplexity, plan_lm_eval_windows, plan_longlora_windows,
                       plan_windows)
 
-# Progress is saved after about this many batches of forward work.
+# Progress is saved after about this many batches of forward work, or after SAVE_SECONDS of
+# scoring, whichever comes first, and when the run is interrupted. The windows are scored in
+# groups of at most GROUP_BATCHES batches per process: a save (and Ctrl-C) keeps every
+# finished group.
 DEFAULT_SAVE_EVERY = 32
+SAVE_SECONDS = 30.0
+GROUP_BATCHES = 4
 LONGLORA_STEP = 256  # LongLoRA's eval.py: a window starts every 256 tokens
 
 
@@ -232,7 +238,8 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
 
     todo = _windows_to_do(windows, done)
     windows_per_doc = Counter(w.doc for w in windows)
-    groups = plan_groups(todo, (save_every or DEFAULT_SAVE_EVERY) * batch * ctx)
+    save_batches = save_every or DEFAULT_SAVE_EVERY
+    groups = plan_groups(todo, min(save_batches, GROUP_BATCHES) * ranks.world_size * batch * ctx)
     device_text = device_name(device)
     if ranks.is_main:  # the size and cost of the cell, before a long one starts
         rate = cost.remembered_rate(device_text, model_id, record["pattern"], ctx)
@@ -246,8 +253,16 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
     scored_now = 0  # targets scored by this run (not read from the progress file)
     started = time.perf_counter()
     began_at = datetime.now(timezone.utc)
+    unsaved_work, last_save = 0, time.perf_counter()
+
+    def save_progress():
+        nonlocal saved, saved_part_way, unsaved_work, last_save
+        progress_file.save(done.values(), seconds_before + time.perf_counter() - started)
+        saved, saved_part_way = _finished(done), len(done) - _finished(done)
+        unsaved_work, last_save = 0, time.perf_counter()
+
     try:
-        for group in groups:
+        for number, group in enumerate(groups, 1):
             group_windows = [todo[i] for i in group]
             group_total = sum(w.end - w.score_from for w in group_windows)
             own = distributed.my_batches(engine_batches(group_windows, batch), ranks)
@@ -256,13 +271,16 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
             advance.finish()
             scored_now += group_total
             _add_group(done, scores, group_windows, docs, windows_per_doc)
-            if progress_file is not None and ranks.is_main:
-                progress_file.save(done.values(), seconds_before + time.perf_counter() - started)
-                saved = _finished(done)
-                saved_part_way = len(done) - saved
+            unsaved_work += sum(w.end - w.start for w in group_windows)
+            if progress_file is not None and ranks.is_main and (
+                    number == len(groups) or unsaved_work >= save_batches * batch * ctx
+                    or time.perf_counter() - last_save >= SAVE_SECONDS):
+                save_progress()
     except _OutOfMemory:
         raise _out_of_memory_error(ctx, batch, lm, progress_file, saved, len(expected), ranks) from None
     except KeyboardInterrupt:
+        if progress_file is not None and ranks.is_main and unsaved_work:
+            save_progress()  # every finished group is kept
         raise Interrupted(_interrupted_message(progress_file, saved, len(expected), label, saved_part_way)) from None
     finally:
         if progress is not None:

@@ -319,3 +319,16 @@ def test_no_write_keeps_no_progress(model_dir, docs_dir, reference, tmp_path, mo
     with pytest.raises(Interrupted, match="nothing was saved"):
         evaluate(**options, progress=StopAfter(half(reference), KeyboardInterrupt()))
     assert not list(tmp_path.rglob("*.progress"))
+
+
+def test_ctrl_c_on_a_short_cell_keeps_its_finished_windows(model_dir, docs_dir, reference, tmp_path):
+    """A cell of fewer batches than --save-every (here the default, 32) still keeps at Ctrl-C
+    every group of windows it finished, and the run again ends with the same numbers."""
+    options = {**api_options(model_dir, docs_dir, tmp_path), "save_every": None}
+    with pytest.raises(Interrupted, match="run the same command again"):
+        evaluate(**options, progress=StopAfter(half(reference), KeyboardInterrupt()))
+    kept = json.loads((tmp_path / PROGRESS).read_text())["documents"]
+    # everything scored before the stop is kept but the group in progress (4 batches of 2 windows)
+    assert sum(entry[3] for entry in kept) >= half(reference) - 4 * 2 * 15
+    (record,) = evaluate(**options, notify=lambda line: None)
+    same_numbers(record, reference)

@@ -114,7 +114,8 @@ HELP_SECTIONS = {
                    "runs, its progress is saved next to its record (RECORD.json.progress).")
 @click.option("--no-write", is_flag=True, help="Do not write result records (and keep no progress).")
 @click.option("--save-every", type=int, default=None, metavar="BATCHES",
-              help="Save progress after about this many batches of work (also inside a long document). "
+              help="Save progress after about this many batches of work (also inside a long document), "
+                   "and at least every 30 s of scoring and at Ctrl-C. "
                    "Default: 32.")
 @click.option("--no-resume", is_flag=True,
               help="Start every cell from the beginning, even when a progress file from a stopped run exists.")
