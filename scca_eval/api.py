@@ -147,3 +147,25 @@ def evaluate(
         for progress_file in finished_progress:
             progress_file.remove()
     return records
+
+
+def run_cost_line(model_id: str, loaded, specs, *, tasks=None, data=None, ctx, max_tokens=None,
+                  protocol: str = "stride", add_bos: bool = False) -> str | None:
+    """The line said before the first cell of a run of several cells: how many, how many tokens
+    to score in all, and how long that takes at the rates earlier runs reached on this device."""
+    from . import cost
+    from .cells import scored_tokens
+    from .engine import model_device
+    from .records import device_name, record_pattern_name
+
+    lm, tokenizer = loaded
+    device = model_device(lm)
+    device_text = device_name(device)
+    cells = []
+    for task_spec in resolve_tasks(tasks, data):
+        tokenized = tokenize_task(task_spec, tokenizer, add_bos=add_bos)
+        for c in ctx:
+            tokens = scored_tokens(tokenized, c, max_tokens=max_tokens, protocol=protocol)
+            cells += [(tokens, cost.remembered_rate(device_text, model_id, record_pattern_name(spec), c))
+                      for spec in specs]
+    return cost.run_line(cells, on_cpu=device.type == "cpu")

@@ -54,6 +54,12 @@ class Progress(Protocol):
     def end(self) -> None: ...
 
 
+def cell_label(task: str, pattern: str, ctx: int) -> str:
+    """How progress lines name a cell: ctx first, so that a label cut to fit a narrow bar
+    still says which cell it is."""
+    return f"ctx {ctx} · {pattern} · {task}"
+
+
 def notify_stderr(message: str) -> None:
     print(f"scca-eval: {message}", file=sys.stderr, flush=True)
 
@@ -70,7 +76,7 @@ def evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTa
     device = model_device(lm)
     batch = batch_size or auto_batch_size(ctx, device, windows)
     total = sum(w.scored for w in windows)
-    label = f"{tokenized.task.name} · {record_pattern_name(spec)} · ctx {ctx} · longlora"
+    label = cell_label(tokenized.task.name, record_pattern_name(spec), ctx) + " · longlora"
     if progress is not None:
         progress.begin(label, total)
     started = time.perf_counter()
@@ -184,6 +190,19 @@ class _ScaledAdvance:
             self.shown = self.group_total
 
 
+def scored_tokens(tokenized: TokenizedTask, ctx: int, *, max_tokens, protocol: str) -> int:
+    """How many targets a cell scores (before it runs, for the cost of a whole run). lm-eval's
+    protocol puts one prefix token in front of each document; LongLoRA's scores a stream."""
+    extra = 1 if protocol == "lm-eval" else 0
+    lengths = [len(d.ids) + extra for d in tokenized.docs]
+    if max_tokens is not None and protocol != "longlora":
+        lengths = limit_scored_tokens(lengths, ctx + extra, max_tokens)
+    if protocol == "longlora":
+        total = sum(lengths)
+        return min(total, max_tokens) if max_tokens is not None else total
+    return sum(n - 1 for n in lengths if n >= 2)
+
+
 def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, stride, *,
                    batch_size, max_tokens, add_bos, seed, progress, out=None, save_every=None,
                    resume=True, ranks=distributed.SINGLE, notify=notify_stderr,
@@ -215,7 +234,7 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
         "device_map": device_map,
         "bootstrap_seed": seed,
     })
-    label = f"{tokenized.task.name} · {record['pattern']} · ctx {ctx}"
+    label = cell_label(tokenized.task.name, record["pattern"], ctx)
     if max_tokens is not None and ranks.is_main:
         say_budget_coverage(label, [len(d.ids) for d in docs], lengths, window_span, max_tokens, notify)
 

@@ -70,3 +70,28 @@ def estimate_line(label: str, tokens: int, windows: int, documents: int, *, rate
     if long_on_cpu:
         line += f"; for a quick look add --max-tokens {QUICK_LOOK_TOKENS}"
     return line
+
+
+def run_line(cells: list[tuple[int, float | None]], *, on_cpu: bool) -> str | None:
+    """One line, before the first cell of a run of several, about the whole run: ``cells``
+    holds each cell's tokens to score and its remembered rate (None when there is none)."""
+    tokens = sum(n for n, _ in cells)
+    if len(cells) < 2 or tokens < QUIET_BELOW_TOKENS:
+        return None
+    line = f"this run: {len(cells)} cells, {tokens:,} tokens to score"
+    known = [(n, rate) for n, rate in cells if rate]
+    if known:
+        seconds = sum(n / rate for n, rate in known)
+        if len(known) == len(cells):
+            line += f"; about {timedelta(seconds=round(seconds))} in all (rates of earlier runs on this device)"
+        else:
+            line += (f"; about {timedelta(seconds=round(seconds))} for the {len(known)} cells with a rate from an "
+                     f"earlier run on this device, the others show theirs after their first batch")
+            seconds = None
+        if on_cpu and seconds is not None and seconds > LONG_ON_CPU_SECONDS:
+            line += f"; for a quick look add --max-tokens {QUICK_LOOK_TOKENS}"
+    else:
+        line += "; each cell's time shows after its first batch"
+        if on_cpu:
+            line += f" (on CPU a whole run can take long: --max-tokens {QUICK_LOOK_TOKENS} gives a quick look)"
+    return line

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
@@ -268,7 +269,7 @@ def evaluate_passkey(lm, tokenizer, model_id: str, spec, ctx: int, *, trials: in
     cell_trials = make_trials(builder, ctx, trials=trials, depths=depths, seed=seed)
     device = model_device(lm)
     batch = batch_size or auto_batch_size(ctx, device)
-    label = f"{TASK} · {record_pattern_name(spec)} · ctx {ctx}"
+    label = f"ctx {ctx} · {record_pattern_name(spec)} · {TASK}"
     if progress is not None:
         progress.begin(label, len(cell_trials) * ctx)
     began_at = datetime.now(timezone.utc)

@@ -153,7 +153,8 @@ def load_records(paths: Iterable[str | Path]) -> list[dict]:
         if entry.is_dir():
             found = sorted(p for p in entry.rglob("*.json") if not p.name.startswith("."))
             if not found:
-                raise UserError(f"{entry}: folder holds no result files (*.json)")
+                raise UserError(f"{entry}: folder holds no result files (*.json) yet; write some first, e.g. "
+                                f"`scca-eval ppl --out {entry}` (or `sweep`, `passkey` with --out {entry})")
             files.extend(found)
         elif entry.exists():
             files.append(entry)

@@ -321,18 +321,19 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
         try:
             model_part = model_identity(entry.model, model_record(lm, tokenizer))
             dtype = model_dtype(lm)
+
+            def planned_key(task, tokenized, spec, ctx):
+                return sweep_key(cell_identity(
+                    model=model_part, task=task.name, data=tokenized.data_fingerprint,
+                    tokenizer=tokenized.tokenizer_fingerprint, pattern=spec.to_dict(), ctx=ctx,
+                    stride=sweep.stride or ctx, protocol="stride", last_window=sweep.last_window,
+                    max_tokens=sweep.max_tokens, add_bos=sweep.add_bos, dtype=dtype), sweep.seed)
+
+            _say_run_cost(entry.model, lm, tokenizer, sweep, existing, planned_key, say)
             for task, task_arguments in sweep.tasks:
                 tokenized = tokenize_task(task, tokenizer, add_bos=sweep.add_bos)
                 for spec in sweep.patterns:
-                    planned = {
-                        ctx: sweep_key(cell_identity(
-                            model=model_part, task=task.name, data=tokenized.data_fingerprint,
-                            tokenizer=tokenized.tokenizer_fingerprint, pattern=spec.to_dict(), ctx=ctx,
-                            stride=sweep.stride or ctx, protocol="stride", last_window=sweep.last_window,
-                            max_tokens=sweep.max_tokens,
-                            add_bos=sweep.add_bos, dtype=dtype), sweep.seed)
-                        for ctx in sweep.ctx
-                    }
+                    planned = {ctx: planned_key(task, tokenized, spec, ctx) for ctx in sweep.ctx}
                     missing = [ctx for ctx, key in planned.items() if key not in existing]
                     for ctx in sweep.ctx:
                         if ctx not in missing:
@@ -360,6 +361,29 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return result
+
+
+def _say_run_cost(model_id, lm, tokenizer, sweep: Sweep, existing, planned_key, say) -> None:
+    """Before a model's first cell: the cells it still has to run, their tokens and time."""
+    from . import cost
+    from .cells import scored_tokens
+    from .data import tokenize_task
+    from .engine import model_device
+    from .records import device_name, record_pattern_name
+
+    device = model_device(lm)
+    device_text = device_name(device)
+    cells = []
+    for task, _ in sweep.tasks:
+        tokenized = tokenize_task(task, tokenizer, add_bos=sweep.add_bos)
+        for spec in sweep.patterns:
+            for ctx in sweep.ctx:
+                if planned_key(task, tokenized, spec, ctx) not in existing:
+                    cells.append((scored_tokens(tokenized, ctx, max_tokens=sweep.max_tokens, protocol="stride"),
+                                  cost.remembered_rate(device_text, model_id, record_pattern_name(spec), ctx)))
+    line = cost.run_line(cells, on_cpu=device.type == "cpu")
+    if line:
+        say(line)
 
 
 def split_patterns(values: Sequence[str]) -> list[str]:

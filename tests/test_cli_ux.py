@@ -127,3 +127,32 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(args, 
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and captured.out == ""  # nothing was computed or drawn
     assert captured.err.count("\n") == 1 and "cannot write in /proc/1" in captured.err
+
+
+def test_a_run_of_several_cells_says_its_total_before_the_first(monkeypatch, tmp_path):
+    from scca_eval import cost
+
+    assert cost.run_line([(200_000, None)], on_cpu=True) is None  # one cell: its own line says it
+    assert cost.run_line([(100, None), (200, None)], on_cpu=False) is None  # a quick run: nothing
+    line = cost.run_line([(100_000, 100.0), (200_000, 200.0)], on_cpu=False)
+    assert line == "this run: 2 cells, 300,000 tokens to score; about 0:33:20 in all (rates of earlier runs on this device)"
+    partial = cost.run_line([(100_000, 100.0), (200_000, None)], on_cpu=True)
+    assert partial.startswith("this run: 2 cells, 300,000 tokens to score; about 0:16:40 for the 1 cells")
+
+
+def test_scored_tokens_before_a_cell_equal_what_the_cell_scores(tiny_model_dir, sample_data_dir):
+    """The total said before a run is the sum of what its cells then score."""
+    from transformers import AutoTokenizer
+
+    from scca_eval import evaluate
+    from scca_eval.cells import scored_tokens
+    from scca_eval.data import tokenize_task
+    from scca_eval.validation import resolve_tasks
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (task,) = resolve_tasks(None, [str(sample_data_dir)])
+    tokenized = tokenize_task(task, tokenizer)
+    for protocol, max_tokens in (("stride", None), ("stride", 300), ("lm-eval", 300)):
+        (record,) = evaluate(str(tiny_model_dir), data=[str(sample_data_dir)], ctx=[64], device="cpu",
+                             max_tokens=max_tokens, protocol=protocol, notify=lambda line: None)
+        assert scored_tokens(tokenized, 64, max_tokens=max_tokens, protocol=protocol) == record["metrics"]["tokens"]

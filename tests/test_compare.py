@@ -228,6 +228,13 @@ def test_a_cell_too_small_for_a_test_fails_the_gate_closed():
     assert "not testable" in text and "fails the gate" in text and "**Gate failed**" in text
     # Without a gate the same comparison only reports.
     assert compare_records([make_record(docs)], [make_record(docs)]).passed
+    assert "--max-tokens" not in text
+    # When the records were capped, the line names the cap as the cause.
+    capped = [make_record(docs), make_record(scaled(docs, [1.0]))]
+    for record in capped:
+        record["config"]["max_tokens"] = 4096
+    text = compare_records([capped[0]], [capped[1]], max_regression=1).to_markdown()
+    assert "capped at --max-tokens 4,096" in text
 
 
 def one_stream(n_windows, factor=1.0, noise=0.0, seed=0, window_tokens=255):

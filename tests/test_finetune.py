@@ -26,7 +26,7 @@ QUICK = dict(steps=3, batch_size=2, grad_accum=2, warmup_steps=1, lr=1e-3, save_
 def _finetune(model_dir, data_dir, out, **options):
     from scca_eval import finetune
 
-    settings = {**QUICK, **options}
+    settings = {"keep_checkpoint": True, **QUICK, **options}  # the tests compare optimizer states
     return finetune(str(model_dir), ctx=settings.pop("ctx", CTX), out=out, data=[str(data_dir)],
                     pattern=settings.pop("pattern", "s2"), notify=lambda message: None, **settings)
 
@@ -267,7 +267,7 @@ def test_sigkill_then_resume_ends_bitwise_equal(tiny_model_dir, sample_data_dir,
     # One thread everywhere: CPU sums are bitwise repeatable for a given thread count, and a
     # busy machine runs small models much faster on one.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "scca_eval", "finetune", *args, "--out", str(killed)]
+    command = [sys.executable, "-m", "scca_eval", "finetune", *args, "--out", str(killed), "--keep-checkpoint"]
     process = subprocess.Popen([*command, "--save-every", "1"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     checkpoint = killed / "checkpoint.pt"
@@ -296,6 +296,20 @@ def test_sigkill_then_resume_ends_bitwise_equal(tiny_model_dir, sample_data_dir,
         torch.set_num_threads(threads)
     assert json.loads((killed / "training.json").read_text())["runtime"]["resumed_from_step"] == at
     _same_run(straight, killed)
+
+
+def test_a_finished_run_removes_its_checkpoint_unless_asked_to_keep_it(tiny_model_dir, sample_data_dir, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--ctx", str(CTX),
+            "--steps", "1", "--grad-accum", "1", "--device", "cpu", "-q", "--out", str(out)]
+    status, _, err = _run_cli(args, capsys)
+    assert status == 0, err
+    assert (out / "training.json").is_file() and not (out / "checkpoint.pt").exists()
+    _refused(capsys, [*args[1:], "--resume"], "finished and its checkpoint.pt was removed")
+    kept = tmp_path / "kept"
+    status, _, err = _run_cli([*args[:-1], str(kept), "--keep-checkpoint"], capsys)
+    assert status == 0 and (kept / "checkpoint.pt").is_file() and "is kept" in err
 
 
 # ---------------------------------------------------------------- bad input

@@ -159,3 +159,30 @@ def test_without_device_lm_eval_gets_ours_not_its_cuda_default(monkeypatch):
     assert exit_info.value.code in (0, None)
     (argv,) = seen
     assert argv[argv.index("--device") + 1] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_offline_way(monkeypatch, capsys):
+    """What datasets raises offline for a hub task (here raised by a stand-in for lm-eval's
+    run, with the real message's wording) ends in one line, exit 2."""
+    pytest.importorskip("lm_eval")
+    import lm_eval.__main__
+
+    from scca_eval.cli import main
+
+    def offline():
+        try:
+            raise OSError("[Errno -3] Temporary failure in name resolution")
+        except OSError as cause:
+            raise ConnectionError("Couldn't reach 'EleutherAI/wikitext_document_level' on the Hub "
+                                  "(LocalEntryNotFoundError)") from cause
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lm-eval", "--", "--tasks", "wikitext"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert "'EleutherAI/wikitext_document_level'" in err[0] and "--include_path" in err[0]
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: 1 / 0)  # any other failure is not hidden
+    with pytest.raises(ZeroDivisionError):
+        main(["lm-eval", "--", "--tasks", "wikitext"])

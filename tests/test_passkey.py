@@ -247,10 +247,24 @@ def test_passkey_records_refused_where_they_do_not_fit(passkey_run, tmp_path, ca
         assert run(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0]
+
+
+def test_plot_draws_passkey_heat_maps_beside_perplexity_rows(passkey_run, tmp_path, capsys):
+    """Passkey records and published rows from one command: the published rows under PREFIX,
+    the heat maps under PREFIX-passkey, with every text inside each picture and the colour
+    bar in the percent the cells show."""
+    from scca_eval.report.passkey import heatmap_figure
+    from scca_eval.report.plot import text_outside
+    from scca_eval.results import load_records
+
     pytest.importorskip("matplotlib")
-    assert run(["plot", out, "--reference", "scca_paper_pg19", "--out", tmp_path / "x"]) == 2
-    assert "heat maps" in capsys.readouterr().err
-    assert not list(tmp_path.glob("x.*"))
+    out, _ = passkey_run
+    assert run(["plot", out, "--reference", "scca_paper_pg19", "--out", tmp_path / "x"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("x*")) == ["x-passkey.png", "x-passkey.svg", "x.png", "x.svg"]
+    figure = heatmap_figure(load_records([out]))
+    assert text_outside(figure) == []
+    colour_bar = figure.axes[-1]
+    assert colour_bar.get_ylim() == (0.0, 100.0) and "%" in colour_bar.get_ylabel()
 
 
 def test_heads_that_never_reach_the_key_cannot_answer(tiny_model_dir):

@@ -127,3 +127,23 @@ def test_rows_of_one_pattern_with_other_adapters_get_a_colour_each(tmp_path):
     svg = (tmp_path / "variants.svg").read_text(encoding="utf-8")
     assert len(_line_colours(svg)) == 3
     assert "trained under longmixed" in svg
+
+
+def test_records_of_other_budgets_get_a_picture_each_with_every_text_inside(tmp_path):
+    """A folder holding a quick look (--max-tokens) beside whole-document runs is drawn, a
+    picture per budget, and no title or subtitle reaches beyond its picture."""
+    from scca_eval.report.grid import build_grids
+    from scca_eval.report.plot import grids_figure, text_outside
+
+    pytest.importorskip("matplotlib")
+    quick = [make_record(task=task, ctx=ctx, ppl=10.0 + ctx / 1024) for task in ("pg19_sample", "proof_pile_sample")
+             for ctx in (512, 1024)]
+    for record in quick:
+        record["config"]["max_tokens"] = 2048
+    whole = [make_record(task="pg19_sample", ctx=1024, ppl=9.0)]
+    for record in quick[1::2]:
+        record["metrics"]["tokens"] = 2046  # columns that differ: the long "scored per cell" subtitles
+    paths = plot_records(quick + whole, tmp_path / "ppl", title="a title " * 12)
+    assert sorted(p.name for p in paths) == ["ppl-max2048.png", "ppl-max2048.svg", "ppl-whole.png", "ppl-whole.svg"]
+    figure = grids_figure(build_grids(quick), "perplexity", "a title " * 12)
+    assert text_outside(figure) == []

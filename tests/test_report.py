@@ -11,6 +11,7 @@ import pytest
 from helpers import make_record, run_cli
 
 from scca_eval.errors import UserError
+from scca_eval.report.grid import build_grids
 from scca_eval.report.reference import load_reference
 from scca_eval.report.tables import markdown_tables, render_tables
 from scca_eval.results import load_records, write_record
@@ -242,15 +243,22 @@ def test_rows_are_labelled_by_the_variant_setting_that_differs():
                          "full · adapter ft-s2 · RoPE linear:2 · trained under s2"}
 
 
-def test_records_of_different_budgets_are_not_put_in_one_column():
+def test_records_of_different_budgets_get_tables_of_their_own():
     records = [_variant(make_record(pattern="full", ppl=10.0), max_tokens=16384),
                _variant(make_record(pattern="s2", ppl=12.0), max_tokens=None)]
-    with pytest.raises(UserError, match="different --max-tokens"):
-        render_tables(records)
+    text = render_tables(records)
+    first, second = text.split("### ")[1:]
+    assert first.startswith("--max-tokens 16,384") and "| full | 10.00 |" in first and "| s2 |" not in first
+    assert second.startswith("whole documents") and "| s2 | 12.00 |" in second and "| full |" not in second
+    csv_lines = render_tables(records, format="csv").splitlines()
+    assert "measured" in csv_lines[0].split(",") and len(csv_lines) == 3
     records[1]["config"]["max_tokens"] = 16384
     records[1]["config"]["protocol"] = "longlora"
+    headings = [part.split("\n")[0] for part in render_tables(records).split("### ")[1:]]
+    assert headings == ["protocol stride · --max-tokens 16,384", "protocol longlora · --max-tokens 16,384"]
+    # the grid itself still refuses to put them in one column
     with pytest.raises(UserError, match="different --protocol"):
-        render_tables(records)
+        build_grids(records)
 
 
 def test_table_says_what_lies_behind_each_cell():
@@ -273,3 +281,17 @@ def test_records_with_short_last_windows_are_labelled():
     assert rows["full"] == ["**10.00**"]
     assert rows["full · short last window"] == ["11.00"]
     assert rows["s2 · short last window"] == ["12.00"]
+
+
+def test_the_caption_names_the_adapter_every_row_shares():
+    rope = {"rope_type": "linear", "factor": 2.0, "requested": "linear:2"}
+    records = [_variant(make_record(model="default", pattern=p, ppl=10.0), adapter="/x/ft-s2", trained="s2", rope=rope)
+               for p in ("full", "s2")]
+    assert "model: default · adapter ft-s2 · RoPE linear:2 · trained under s2" in render_tables(records)
+    plain = render_tables([make_record(model="default")])
+    assert "model: default" in plain and "adapter" not in plain
+
+
+def test_table_of_an_empty_folder_says_what_to_run_first(tmp_path, capsys):
+    code, _, err = run_cli(["table", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"scca-eval ppl --out {tmp_path}" in err

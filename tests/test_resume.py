@@ -261,7 +261,7 @@ def test_a_valid_partial_file_is_trusted(model_dir, docs_dir, reference, stopped
     assert len(part_way[5]) == part_way[4] and sum(part_way[6]) == part_way[3]  # its windows' sums so far
     notices = []
     record = evaluate(**api_options(model_dir, docs_dir, out), notify=notices.append)[0]
-    assert notices == [f"resuming docs · full · ctx 16 from {progress}: {saved} of {DOCS} documents are done, "
+    assert notices == [f"resuming ctx 16 · full · docs from {progress}: {saved} of {DOCS} documents are done, "
                        "1 part-way"]
     assert record["runtime"]["resumed_documents"] == saved
     same_numbers(record, reference)

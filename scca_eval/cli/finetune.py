@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .options import names_callback, paths_callback, pattern_settings_options, rope_scaling_options
@@ -70,6 +72,9 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
               help="Write checkpoint.pt (atomically) every this many steps, and at the end.")
 @click.option("--resume", is_flag=True,
               help="Continue the run whose checkpoint.pt is in --out (same options; --steps may grow).")
+@click.option("--keep-checkpoint", is_flag=True,
+              help="Keep checkpoint.pt (trainable weights and optimizer state) when the run finishes, to extend "
+                   "it later with --resume and more --steps; without it a finished run removes it.")
 @pattern_settings_options
 @click.option("--allow-long-context", is_flag=True,
               help="Train at a ctx beyond the model's trained length without position interpolation.")
@@ -81,7 +86,7 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
 def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, steps, batch_size, grad_accum, tokens_per_step,
              lr, warmup_steps, weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, lora_targets,
              trainable, dtype, device, gradient_checkpointing, compile_layers, offload_activations, save_every, resume,
-             chunk_size, dilation, attention_backend, allow_long_context, gpus, quiet):
+             keep_checkpoint, chunk_size, dilation, attention_backend, allow_long_context, gpus, quiet):
     """LoRA fine-tuning under an attention pattern, with LongLoRA's recipe.
 
     Trains LoRA on the attention projections plus the embeddings and norms of MODEL on
@@ -122,6 +127,7 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
             model, ctx=ctx, out=out, pattern=pattern, tasks=tasks, data=data, rope_scaling=rope_scaling,
             original_ctx=original_ctx, chunk_size=chunk_size, dilation=dilation,
             attention_backend=attention_backend, dtype=dtype, device=device, resume=resume,
+            keep_checkpoint=keep_checkpoint,
             allow_long_context=allow_long_context, progress=None if quiet or not ranks.is_main else TrainingBar(),
             steps=steps, batch_size=batch_size, grad_accum=grad_accum, tokens_per_step=tokens_per_step, lr=lr,
             warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
@@ -141,5 +147,9 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
     loss = record["loss_curve"][-1] if record["loss_curve"] else float("nan")
     click.echo(f"trained {record['steps']} steps ({record['tokens_seen']:,} tokens) under {record['pattern_name']} "
                f"at ctx {ctx}: final loss {loss:.4f}, {runtime['tokens_per_second'] or 0:,.0f} tokens/s")
+    checkpoint = Path(out) / "checkpoint.pt"
+    if checkpoint.exists():
+        click.echo(f"{checkpoint} ({checkpoint.stat().st_size / 2**20:,.0f} MiB) is kept: --resume with more --steps "
+                   "extends the run; delete it when done", err=True)
     click.echo(f"adapter written to {out}/ — evaluate it with: scca-eval ppl --model {model} --adapter {out} "
                f"--ctx {ctx}", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 
 import click
@@ -87,5 +88,31 @@ def lm_eval(model, pattern, chunk_size, dilation, attention_backend, adapter, me
     sys.argv = ["lm-eval", "run", "--model", MODEL_NAME, "--model_args", model_args, *device_args, *passed]
     try:
         cli_evaluate()
+    except Exception as error:  # noqa: BLE001 - only a network failure is turned into one line
+        unreachable = _unreachable(error)
+        if unreachable is None:
+            raise
+        raise UserError(
+            f"lm-eval could not reach {unreachable} (no network?); run lm-eval offline with a local task "
+            "(`-- --tasks NAME --include_path DIR`, a task YAML whose dataset reads local files) or a data set "
+            "already in the Hugging Face cache (set HF_DATASETS_OFFLINE=1)") from None
     finally:
         sys.argv = saved
+
+
+# What the hub and data set libraries raise when the network is missing, by class name (they
+# come from requests, httpx, huggingface_hub and datasets, none of which this module imports).
+_NETWORK_ERRORS = ("ConnectionError", "ConnectError", "ConnectTimeout", "OfflineModeIsEnabled",
+                   "LocalEntryNotFoundError", "NameResolutionError", "MaxRetryError")
+
+
+def _unreachable(error: BaseException) -> str | None:
+    """What could not be reached (a repository name where the message gives one), or None when
+    ``error`` and its causes are no network failure."""
+    seen = error
+    while seen is not None:
+        if any(type(seen).__name__ == name or isinstance(seen, ConnectionError) for name in _NETWORK_ERRORS):
+            quoted = re.search(r"'([\w.-]+/[\w.-]+)'", str(error)) or re.search(r"'([\w.-]+/[\w.-]+)'", str(seen))
+            return f"'{quoted.group(1)}'" if quoted else "the Hugging Face hub"
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -220,6 +220,14 @@ def _run(ranks, *, model, specs, out, quiet, device, device_map, adapter, merge_
         attention_backend=attention_backend, adapter=adapter, merge_adapter=merge_adapter,
         rope_scaling=rope_scaling, **model_options,
     )
+    if ranks.is_main:
+        from ..api import run_cost_line
+
+        line = run_cost_line(model, loaded, specs, tasks=options["tasks"], data=options["data"], ctx=options["ctx"],
+                             max_tokens=options["max_tokens"], protocol=options["protocol"],
+                             add_bos=options["add_bos"])
+        if line:
+            click.echo(f"scca-eval: {line}", err=True)
     records = []
     show_bar = ranks.is_main and not quiet
     bar = RichProgress() if show_bar else contextlib.nullcontext(None)

@@ -56,6 +56,8 @@ def _write(text: str, output: str | None) -> None:
 def table(paths, fmt, metric, rows, ci, references, digits, output):
     """Paper-style tables from result files or folders: one table per task, rows = patterns
     (or models), columns = the ctx values present, best value per column in bold.
+    Records measured differently (another --max-tokens or protocol) get tables of their own,
+    each under a heading that says how they were measured.
     Passkey records (`scca-eval passkey`) get their own tables: accuracy by pattern × ctx,
     and by depth × ctx for each pattern (markdown or csv).
 
@@ -165,29 +167,32 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
 def plot(paths, prefix, metric, rows, references, title):
     """Plot perplexity (or --metric) against ctx on a log2 axis from result files or
     folders: one panel per task, one line per pattern (or model), error bars from the 95%
-    bootstrap intervals, published rows dashed. Passkey records (`scca-eval passkey`) are
-    drawn as heat maps instead: accuracy by depth × ctx, one panel per pattern (matplotlib,
-    part of the default install).
+    bootstrap intervals, published rows dashed. Records of another --max-tokens or protocol
+    get a picture of their own (PREFIX-max2048.png, …). Passkey records (`scca-eval passkey`)
+    are drawn as heat maps: accuracy (%) by depth × ctx, one panel per pattern, in
+    PREFIX-passkey.png when perplexity records are drawn too (matplotlib, part of the
+    default install).
 
     \b
     Example:
       scca-eval plot results/smollm2-135m --out results/smollm2-135m --reference scca_paper_pg19
     """
-    from ..errors import UserError
     from ..report.plot import plot_records
     from ..results import load_records
 
+    from ..report.plot import output_paths
+
     records = load_records(paths) if paths else []
     passkey, records = _split_passkey(records)
-    if passkey:
-        if records or references:
-            raise UserError("passkey records are drawn as heat maps of their own; plot them apart from "
-                            "perplexity records and --reference rows (give their folder alone)")
+    written = []
+    if passkey:  # heat maps, under PREFIX-passkey when perplexity records are drawn too
         from ..report.passkey import plot_heatmaps
 
-        for path in plot_heatmaps(passkey, prefix, title=title):
-            click.echo(f"wrote {path}", err=True)
-        return
-    for path in plot_records(records, prefix, metric=metric, rows=rows,
-                             references=_load_references(references), title=title):
+        base = output_paths(prefix)[0].with_suffix("")
+        heatmaps = base.with_name(f"{base.name}-passkey") if records or references else base
+        written += plot_heatmaps(passkey, heatmaps, title=title)
+    if records or references or not passkey:
+        written += plot_records(records, prefix, metric=metric, rows=rows,
+                                references=_load_references(references), title=title)
+    for path in written:
         click.echo(f"wrote {path}", err=True)

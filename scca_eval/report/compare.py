@@ -311,6 +311,10 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *, alpha: float =
                         **{k: documents_test[k] for k in ("base_perplexity", "new_perplexity", "relative_change")}}
             else:
                 test = documents_test
+                budget = b_record.get("config", {}).get("max_tokens")
+                if budget:  # the cap, not the data, is what left too little to test
+                    reason += (f" (both sides were capped at --max-tokens {budget:,}: a larger budget, or none, "
+                               "gives the test more windows)")
         except UserError as error:
             raise UserError(f"cannot compare {where}: {error}") from None
         significant = None if unit == "none" else test["p_value"] < alpha

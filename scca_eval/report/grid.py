@@ -194,6 +194,15 @@ def variant_labels(records: Sequence[dict]) -> dict[int, str]:
             for r in records}
 
 
+def model_label(model: str, records: Sequence[dict]) -> str:
+    """The model of ``records`` in words, with the adapter, RoPE scaling and training pattern
+    they all share ("default · adapter ft-s2 · RoPE linear:2 · trained under s2")."""
+    shared = [set(values) for values in zip(*(variant_values(r) for r in records))]
+    words = [_variant_text(key, next(iter(values))) for key, values in zip(_VARIANT_KEYS, shared)
+             if len(values) == 1 and next(iter(values)) is not None]
+    return " · ".join([model, *words])
+
+
 def _stride_tag(record: dict) -> int | None:
     return None if record["stride"] == record["ctx"] else int(record["stride"])
 
@@ -239,6 +248,33 @@ def _collision_hint(a: dict, b: dict, mode: str) -> str:
     if pattern_identity(a) != pattern_identity(b) and mode == "model":
         return "they ran different patterns: use --rows model-pattern"
     return "give only one of them (e.g. keep each run in its own folder)"
+
+
+def measurement_groups(records: Sequence[dict]) -> list[tuple[str, list[dict]]]:
+    """The records split by what they measured: protocol and token budget (``--max-tokens``).
+    Records of one group may share a table; records of two groups never do, since their
+    columns would set side by side numbers measured on different tokens. Returns
+    (label, records) pairs in order of first appearance; the label is "" for a single group,
+    else words such as "--max-tokens 2,048" or "protocol lm-eval · whole documents"."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        config = record.get("config", {})
+        groups.setdefault((config.get("protocol", "stride"), config.get("max_tokens")), []).append(record)
+    if len(groups) == 1:
+        return [("", records)]
+    protocols = {protocol for protocol, _ in groups}
+    labelled = []
+    for (protocol, budget), members in groups.items():
+        words = [f"protocol {protocol}"] if len(protocols) > 1 else []
+        words.append(f"--max-tokens {budget:,}" if budget else "whole documents")
+        labelled.append((" · ".join(words), members))
+    return labelled
+
+
+def measurement_tag(label: str) -> str:
+    """A file-name form of a measurement_groups label: "max2048", "lm-eval-whole"."""
+    tag = label.replace("protocol ", "").replace("--max-tokens ", "max").replace("whole documents", "whole")
+    return "-".join(part.replace(",", "") for part in tag.split(" · "))
 
 
 def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: str = "auto",
@@ -322,7 +358,8 @@ def build_grids(records: Sequence[dict], *, metric: str = "perplexity", rows: st
             task=task, metric=metric, ctxs=sorted({r["ctx"] for r in task_records}), rows=grid_rows,
             scored=_scored_per_column(frame[frame["task"] == task]),
             row_header=ROW_HEADERS[mode],
-            models=list(dict.fromkeys(r["model"] for r in task_records)),
+            models=[model_label(model, [r for r in task_records if r["model"] == model])
+                    for model in dict.fromkeys(r["model"] for r in task_records)],
             patterns=list(dict.fromkeys(labels[pattern_identity(r)] for r in task_records)),
         ))
 

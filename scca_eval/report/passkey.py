@@ -138,17 +138,28 @@ def plot_heatmaps(records: Sequence[dict], out_prefix: str | Path, *, title: str
     """One heat map per row (pattern, or model · pattern): accuracy by depth bucket × ctx.
     Writes PREFIX.png and PREFIX.svg; returns the paths."""
     from ..files import atomic_write, check_output_path
-    from .plot import _figure_class, output_paths
+    from .plot import output_paths
 
-    rows = passkey_rows(records)
     paths = output_paths(out_prefix)
     for path in paths:
         check_output_path(path)
+    figure = heatmap_figure(records, title=title)
+    for path in paths:
+        atomic_write(path, lambda handle, ext=path.suffix[1:]: figure.savefig(handle, format=ext, dpi=150))
+    return paths
+
+
+def heatmap_figure(records: Sequence[dict], *, title: str | None = None):
+    """The heat maps of ``records`` as one figure (accuracy in %, as the cells say it)."""
+    from .plot import _figure_class, wrap_to_width
+
+    rows = passkey_rows(records)
     Figure, FigureCanvasAgg = _figure_class()
     ctxs = sorted({ctx for row in rows for ctx in row.records})
     columns = min(3, len(rows))
     lines = math.ceil(len(rows) / columns)
-    figure = Figure(figsize=(1.1 * len(ctxs) * columns + 2.5, 2.9 * lines + 0.6), layout="constrained")
+    width = max(1.1 * len(ctxs) * columns + 2.5, 5.0)
+    figure = Figure(figsize=(width, 2.9 * lines + 0.9), layout="constrained")
     FigureCanvasAgg(figure)
     panels = figure.subplots(lines, columns, squeeze=False)
     image = None
@@ -160,19 +171,18 @@ def plot_heatmaps(records: Sequence[dict], out_prefix: str | Path, *, title: str
             for x, ctx in enumerate(ctxs):
                 cell = row.depth_cell(ctx, bucket)
                 if cell is not None and cell["trials"]:
-                    values[y][x] = cell["correct"] / cell["trials"]
-                    axes.text(x, y, f"{100 * values[y][x]:.0f}", ha="center", va="center", fontsize="small",
-                              color="black" if values[y][x] > 0.5 else "white")
-        image = axes.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper")
+                    values[y][x] = 100 * cell["correct"] / cell["trials"]
+                    axes.text(x, y, f"{values[y][x]:.0f}", ha="center", va="center", fontsize="small",
+                              color="black" if values[y][x] > 50 else "white")
+        image = axes.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto", origin="upper")
         axes.set_xticks(range(len(ctxs)), [str(c) for c in ctxs])
         axes.set_yticks(range(len(buckets)), [_depth_label(b) for b in buckets])
         axes.set_xlabel("ctx (tokens)")
         axes.set_ylabel("depth of the key")
-        axes.set_title(row.label, fontsize="medium")
+        axes.set_title(wrap_to_width(row.label, (width - 1.5) / columns - 0.6, 9), fontsize=9)
     for index in range(len(rows), lines * columns):
         panels[index // columns][index % columns].set_visible(False)
-    figure.colorbar(image, ax=panels, label="passkey accuracy", shrink=0.8)
-    figure.suptitle(title or f"passkey retrieval accuracy ({_trials_text(records)} per depth bucket and ctx)")
-    for path in paths:
-        atomic_write(path, lambda handle, ext=path.suffix[1:]: figure.savefig(handle, format=ext, dpi=150))
-    return paths
+    figure.colorbar(image, ax=panels, label="passkey accuracy (%)", shrink=0.8)
+    heading = title or f"passkey retrieval accuracy ({_trials_text(records)} per depth bucket and ctx)"
+    figure.suptitle(wrap_to_width(heading, width - 0.4, 11), fontsize=11)
+    return figure

@@ -10,15 +10,17 @@ matplotlib is part of the default install.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import MissingDependency, UserError
 from ..files import atomic_write, check_output_path
-from .grid import METRICS, Row, build_grids
+from .grid import METRICS, Row, build_grids, measurement_groups, measurement_tag
 
 FORMATS = ("png", "svg")
+PANEL_WIDTH = 5.6  # inches per panel
 
 
 def _figure_class():
@@ -61,10 +63,62 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
     """
     if not records and not references:
         raise UserError("nothing to plot: give result files or folders (or --reference)")
-    paths = output_paths(out_prefix)
-    for path in paths:  # before drawing: a folder in the way should not cost a rendering
-        check_output_path(path)
-    grids = build_grids(records, metric=metric, rows=rows, references=references)
+    groups = measurement_groups(records) if records else [("", [])]
+    prefix = output_paths(out_prefix)[0].with_suffix("")
+    planned = []
+    for label, members in groups:  # records of another budget or protocol: a picture of their own
+        paths = output_paths(prefix.with_name(f"{prefix.name}-{measurement_tag(label)}") if label else prefix)
+        for path in paths:  # before drawing: a folder in the way should not cost a rendering
+            check_output_path(path)
+        planned.append((label, members, paths))
+    written = []
+    for index, (label, members, paths) in enumerate(planned):
+        grids = build_grids(members, metric=metric, rows=rows, references=references if index == 0 else ())
+        heading = " · ".join(part for part in (title, label) if part) or None
+        written += _draw(grids, paths, metric, heading)
+    return written
+
+
+def _draw(grids, paths: list[Path], metric: str, title: str | None) -> list[Path]:
+    figure = grids_figure(grids, metric, title)
+    # Each file is rendered into a temporary file beside it and then renamed, so a reader
+    # (or an interrupted run) never leaves half a picture under the final name.
+    for path in paths:
+        atomic_write(path, lambda handle, ext=path.suffix[1:]: figure.savefig(handle, format=ext, dpi=150))
+    return paths
+
+
+def wrap_to_width(text: str, inches: float, points: float = 10.0) -> str:
+    """``text`` cut into lines that fit ``inches`` at a font of ``points`` (a character of
+    DejaVu Sans is about 0.6 of the font size wide on average)."""
+    characters = max(12, int(inches * 72 / (0.6 * points)))
+    return "\n".join(textwrap.fill(line, characters) for line in text.split("\n"))
+
+
+def text_outside(figure) -> list[str]:
+    """The texts of a drawn ``figure`` that reach beyond its edges, and the panel titles that
+    run into another panel's title (for tests: a picture whose titles are cut off)."""
+    canvas = figure.canvas
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    bounds = figure.bbox
+    outside = []
+    for text in figure.findobj(lambda artist: hasattr(artist, "get_text") and hasattr(artist, "get_window_extent")):
+        if not text.get_visible() or not text.get_text():
+            continue
+        box = text.get_window_extent(renderer)
+        if box.x0 < bounds.x0 - 1 or box.x1 > bounds.x1 + 1 or box.y0 < bounds.y0 - 1 or box.y1 > bounds.y1 + 1:
+            outside.append(text.get_text())
+    titles = [axes.title for axes in figure.axes if axes.get_visible() and axes.get_title()]
+    boxes = [title.get_window_extent(renderer) for title in titles]
+    for index, box in enumerate(boxes):
+        if any(box.overlaps(other) for other in boxes[index + 1:]):
+            outside.append(titles[index].get_text())
+    return outside
+
+
+def grids_figure(grids, metric: str, title: str | None):
+    """The figure of ``grids``: one panel per task."""
     Figure, FigureCanvasAgg = _figure_class()
 
     # One colour per pattern (or row) across all panels; a published row takes the colour
@@ -77,7 +131,7 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
 
     columns = min(3, len(grids))
     lines = math.ceil(len(grids) / columns)
-    figure = Figure(figsize=(5.6 * columns, 4.8 * lines), layout="constrained")
+    figure = Figure(figsize=(PANEL_WIDTH * columns, 4.8 * lines), layout="constrained")
     FigureCanvasAgg(figure)
     panels = figure.subplots(lines, columns, squeeze=False)
     for index, grid in enumerate(grids):
@@ -98,7 +152,7 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
             heading += f" · {grid.models[0]}"
         if grid.scored_note():  # the tokens and documents behind the points
             heading += f"\n{grid.scored_note()}"
-        axes.set_title(heading, fontsize="medium")
+        axes.set_title(wrap_to_width(heading, PANEL_WIDTH - 0.8, 9), fontsize=9)
         axes.grid(True, alpha=0.3)
         # Below the panel, so that it never hides a line.
         labels = [row.label for row in [*grid.rows, *grid.published]]
@@ -108,10 +162,5 @@ def plot_records(records: Sequence[dict], out_prefix: str | Path, *, metric: str
     for index in range(len(grids), lines * columns):
         panels[index // columns][index % columns].set_visible(False)
     if title:
-        figure.suptitle(title)
-
-    # Each file is rendered into a temporary file beside it and then renamed, so a reader
-    # (or an interrupted run) never leaves half a picture under the final name.
-    for path in paths:
-        atomic_write(path, lambda handle, ext=path.suffix[1:]: figure.savefig(handle, format=ext, dpi=150))
-    return paths
+        figure.suptitle(wrap_to_width(title, PANEL_WIDTH * columns - 0.4, 12))
+    return figure

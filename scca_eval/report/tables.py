@@ -14,7 +14,7 @@ from typing import Sequence
 import pandas as pd
 
 from ..errors import UserError
-from .grid import METRICS, Cell, Row, TaskGrid, build_grids
+from .grid import METRICS, Cell, Row, TaskGrid, build_grids, measurement_groups
 
 FORMATS = ("markdown", "csv", "latex")
 MISSING = "–"
@@ -43,11 +43,21 @@ def render_tables(records: Sequence[dict], *, format: str = "markdown", metric: 
         raise UserError(f"--digits must be 0 or more (got {digits})")
     if not records and not references:
         raise UserError("nothing to tabulate: give result files or folders (or --reference)")
-    grids = build_grids(records, metric=metric, rows=rows, references=references)
+    groups = measurement_groups(records) if records else [("", [])]
+    parts, frames = [], []
+    for label, members in groups:
+        # published rows go with the first group only: they are shown once
+        grids = build_grids(members, metric=metric, rows=rows, references=references if not parts else ())
+        if format == "csv":
+            frames.append(_csv_frame(grids, ci, label if len(groups) > 1 else None))
+            parts.append(label)
+            continue
+        render = _markdown if format == "markdown" else _latex
+        heading = [] if not label else [f"### {label}" if format == "markdown" else f"% {label}"]
+        parts.append("\n\n".join(heading + [render(grid, ci, digits) for grid in grids]))
     if format == "csv":
-        return _csv(grids, ci)
-    render = _markdown if format == "markdown" else _latex
-    return "\n\n".join(render(grid, ci, digits) for grid in grids)
+        return pd.concat(frames).to_csv(index=False, lineterminator="\n").rstrip("\n")
+    return "\n\n".join(parts)
 
 
 def _number(cell: Cell | None, ci: bool, digits: int, pm: str) -> str | None:
@@ -144,13 +154,17 @@ def _latex(grid: TaskGrid, ci: bool, digits: int) -> str:
 
 # ---------------------------------------------------------------- CSV
 
-def _csv(grids: list[TaskGrid], ci: bool) -> str:
+def _csv_frame(grids: list[TaskGrid], ci: bool, measured: str | None) -> pd.DataFrame:
+    """The rows of ``grids``; with ``measured`` (records of several budgets or protocols in one
+    file) a column saying which each row is."""
     ctxs = sorted({ctx for grid in grids for ctx in grid.ctxs})
     lines = []
     for grid in grids:
         for row in grid.rows + grid.published:
             line = {"task": grid.task, "metric": grid.metric, "kind": "published" if row.published else "measured",
                     "model": row.model or "", "pattern": row.pattern or "", "row": row.label}
+            if measured is not None:
+                line["measured"] = "" if row.published else measured
             for ctx in ctxs:
                 cell = row.cells.get(ctx)
                 line[str(ctx)] = cell.value if cell else None
@@ -159,7 +173,7 @@ def _csv(grids: list[TaskGrid], ci: bool) -> str:
                     line[f"{ctx}_ci95_low"], line[f"{ctx}_ci95_high"] = interval
             line["source"] = " ".join(grid.sources) if row.published else ""
             lines.append(line)
-    columns = ["task", "metric", "kind", "model", "pattern", "row"]
+    columns = ["task", "metric", "kind", "model", "pattern", "row"] + (["measured"] if measured is not None else [])
     for ctx in ctxs:
         columns += [str(ctx)] + ([f"{ctx}_ci95_low", f"{ctx}_ci95_high"] if ci else [])
-    return pd.DataFrame(lines, columns=columns + ["source"]).to_csv(index=False, lineterminator="\n").rstrip("\n")
+    return pd.DataFrame(lines, columns=columns + ["source"])

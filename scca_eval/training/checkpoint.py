@@ -59,6 +59,9 @@ def check_out_folder(out: str | os.PathLike, resume: bool) -> Path | None:
     checkpoint = folder / CHECKPOINT
     if resume:
         if not checkpoint.is_file():
+            if (folder / TRAINING_RECORD).is_file():
+                raise UserError(f"--resume: the run in {out} finished and its {CHECKPOINT} was removed; a run made "
+                                "with --keep-checkpoint can be extended with --resume and more --steps")
             raise UserError(f"--resume: {out} holds no {CHECKPOINT} to continue; leave --resume out to start "
                             "a new run there")
         return checkpoint
@@ -143,7 +146,9 @@ def write_results(out: Path, peft_model, record: dict) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
     try:
         try:
-            peft_model.save_pretrained(str(staging))
+            # The trained embeddings go to trainable_params.bin (LongLoRA's layout), not into the
+            # adapter; saying so also keeps peft from asking the hub whether the vocabulary grew.
+            peft_model.save_pretrained(str(staging), save_embedding_layers=False)
         except OSError as error:
             raise UserError(f"cannot write the adapter to {out}: {error.strerror or error}; free some space "
                             "or choose another --out") from None

@@ -60,6 +60,7 @@ def finetune(
     dtype: str | None = None,
     device: str | None = None,
     resume: bool = False,
+    keep_checkpoint: bool = False,
     allow_long_context: bool = False,
     progress: TrainingProgress | None = None,
     notify: Callable[[str], None] | None = None,
@@ -74,7 +75,9 @@ def finetune(
     as ``ppl`` takes it (default: the bundled training samples, disjoint from the
     evaluation samples). The folder ``out`` receives a peft adapter, ``trainable_params.bin``,
     ``training.json`` and ``checkpoint.pt``; ``resume=True`` continues the run whose
-    checkpoint is there.
+    checkpoint is there. A finished run removes its checkpoint (it holds the trainable
+    weights and both AdamW moments) unless ``keep_checkpoint``: keep it to extend the run
+    later with more ``steps``.
     """
     from ..data import load_task, task_from_data_path, tokenize_task
     from ..models import load_model, model_record, parse_rope_scaling, trained_length
@@ -151,7 +154,7 @@ def finetune(
             resumed_from=resumed_at, attention_backend=attention_backend, finished=finished)
 
     checkpoint_path = out / ckpt.CHECKPOINT
-    label = f"finetune · {record_pattern_name(spec)} · ctx {ctx}"
+    label = f"ctx {ctx} · {record_pattern_name(spec)} · finetune"
     if progress is not None:
         progress.begin(label, recipe.steps, trainer.history.step)
     saved_step = resumed_at  # the step the checkpoint on disk holds
@@ -188,6 +191,8 @@ def finetune(
     final["runtime"]["processes"] = ranks.world_size
     if ranks.is_main:
         ckpt.write_results(out, peft_model, final)
+        if not keep_checkpoint:
+            checkpoint_path.unlink(missing_ok=True)
     return final
 
 
