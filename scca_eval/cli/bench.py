@@ -104,8 +104,9 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 @click.option("--pattern", "patterns", type=NAME_LIST, default=MODEL_PATTERNS, show_default=True,
               help="Patterns, comma-separated (sda-rN for sda with dilation N).")
 @click.option("--backend", "backends", type=NAME_LIST, default="auto", show_default=True,
-              help="Attention backends for the sparse patterns (auto, strided, chunked, flex, flash, "
-                   "reference; auto = strided on a GPU, chunked on CPU); full always uses SDPA.")
+              help="Attention backends for the sparse patterns (auto, packed, strided, chunked, flex, flash, "
+                   "reference; auto = the measured choice on a GPU, else packed where it runs, else strided; "
+                   "chunked on CPU); full always uses SDPA.")
 @click.option("--batch-size", "-b", type=int, default=None,
               help="Windows per forward pass. Default: the engine's automatic choice.")
 @click.option("--tokens-per-run", type=int, default=32768, show_default=True,
