@@ -199,16 +199,23 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--no-baseline", is_flag=True, help="Skip the peft + transformers baseline loop.")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers for the finetune cells (the baseline stays eager).")
-@click.option("--offload-activations/--no-offload-activations", default=True, show_default=True,
-              help="The finetune cells keep what the backward pass needs in host memory (finetune's default).")
+@click.option("--backend", "backends", type=NAME_LIST, default="auto", show_default=True,
+              help="Attention backends the sparse patterns train on, one cell each (auto, packed, strided, "
+                   "chunked, flex); full always uses SDPA.")
+@click.option("--offload-activations", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              is_flag=False, flag_value="on",
+              help="Where the finetune cells keep what the backward pass needs, as `finetune "
+                   "--offload-activations` (auto: in host memory only where keeping it on the GPU would not fit).")
+@click.option("--no-offload-activations", "no_offload", is_flag=True, hidden=True,
+              help="The same as --offload-activations off.")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the table as markdown.")
-def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, offload_activations, layers,
-                  dtype, device, json_path, markdown_path):
+def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, backends, offload_activations,
+                  no_offload, layers, dtype, device, json_path, markdown_path):
     """Fine-tuning step throughput and peak memory, next to the loop a user writes today.
 
     For each ctx: the baseline (peft + transformers SDPA + gradient checkpointing,
@@ -216,17 +223,24 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
     pattern, on one random window per step of a model with random weights; tokens/s,
     peak memory, and their ratios to the baseline and to full attention.
     """
+    from ..attention.dispatch import BACKENDS
     from ..bench.train import markdown_train, train_bench
+    from ..errors import UserError
     from ..models import parse_device, parse_dtype
+    from .finetune import offload_setting
 
     _check_positive(ctxs, "--ctx", 2)
     _check_positive([steps], "--steps")
     _check_positive([warmup], "--warmup", 0)
     if layers is not None:
         _check_positive([layers], "--layers")
+    unknown = [name for name in backends if name not in BACKENDS or name in ("sdpa", "reference")]
+    if unknown:
+        raise UserError(f"unknown attention backend {unknown[0]!r} for training; choose from auto, packed, strided, "
+                        "chunked, flex, flash")
     device = parse_device(device)
     result = train_bench(shape, ctxs, patterns, device=device, dtype=parse_dtype(dtype, device), steps=steps,
                          warmup=warmup, baseline=not no_baseline, compile=compile_layers,
-                         offload_activations=offload_activations, layers=layers,
-                         log=click.echo)
+                         offload_activations=offload_setting("off" if no_offload else offload_activations),
+                         backends=backends, layers=layers, log=click.echo)
     _write_outputs(result, markdown_train(result), json_path, markdown_path)
