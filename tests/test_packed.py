@@ -351,13 +351,20 @@ def test_table_written_from_a_bench_result_merges_by_case(tmp_path):
                   {"n": 16384, "pattern": "s2", "backend": "strided", "mode": "fwd+bwd", "ms": 2.0},
                   {"n": 16384, "pattern": "s2", "backend": "packed", "mode": "fwd+bwd", "ms": 2.5}]}
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"about": "kept", "entries": [entry(n=8192, backend="flex"),
-                                                              entry(n=16384, backend="chunked")]}))
+    path.write_text(json.dumps({"about": "kept", "entries": [
+        entry(n=8192, backend="flex"),
+        entry(n=16384, backend="chunked", device_name="NVIDIA H100", ms={"chunked": 0.1}),  # another GPU: replaced
+        entry(n=16384, mode="fwd+bwd", backend="flex", device_name="NVIDIA H200", ms={"flex": 1.5, "packed": 3.0})]}))
     assert auto.write_table(path, result, "cuda-sm90") == 2
     table = json.loads(path.read_text())
     assert table["about"] == "kept"
     chosen = {(e["n"], e["mode"]): e["backend"] for e in table["entries"]}
-    assert chosen == {(8192, "fwd"): "flex", (16384, "fwd"): "packed", (16384, "fwd+bwd"): "strided"}
+    # fwd+bwd on the same GPU: flex's earlier 1.5 ms stays and wins, packed's time is the new one
+    assert chosen == {(8192, "fwd"): "flex", (16384, "fwd"): "packed", (16384, "fwd+bwd"): "flex"}
+    combined = next(e for e in table["entries"] if e["mode"] == "fwd+bwd")
+    assert combined["ms"] == {"flex": 1.5, "packed": 2.5, "strided": 2.0}
+    assert next(e for e in table["entries"] if e["n"] == 16384 and e["mode"] == "fwd")["ms"] == {
+        "strided": 0.9, "packed": 0.5}
     assert auto.table_choice(case(n=16384), table["entries"]) == "packed"
 
 

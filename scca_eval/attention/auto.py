@@ -168,15 +168,23 @@ def entries_from_bench(result: dict, kind: str) -> list[dict]:
     return entries
 
 
-def merge_entries(table: dict, new: list[dict]) -> dict:
-    """``table`` with ``new`` entries replacing those of the same case."""
-    def case(entry):
-        return tuple(entry.get(name) for name in ("device", "heads", "kv_heads", "head_dim", "n", "pattern", "mode"))
+def _case_of(entry: dict) -> tuple:
+    return tuple(entry.get(name) for name in ("device", "heads", "kv_heads", "head_dim", "n", "pattern", "mode"))
 
-    replaced = {case(entry) for entry in new}
-    kept = [entry for entry in table.get("entries", []) if case(entry) not in replaced]
+
+def merge_entries(table: dict, new: list[dict]) -> dict:
+    """``table`` with ``new`` entries merged in, case by case. Times measured on the same GPU
+    (same device name) combine, a backend's new time replacing its old one, so that runs
+    timing different backends add up; an entry from another GPU is replaced."""
+    merged_entries = {_case_of(entry): entry for entry in table.get("entries", [])}
+    for entry in new:
+        old = merged_entries.get(_case_of(entry))
+        if old is not None and old.get("device_name") == entry.get("device_name"):
+            times = {**old.get("ms", {}), **entry["ms"]}
+            entry = {**entry, "ms": times, "backend": min(times, key=times.get)}
+        merged_entries[_case_of(entry)] = entry
     merged = dict(table)
-    merged["entries"] = sorted(kept + new, key=lambda e: tuple(str(x) for x in case(e)))
+    merged["entries"] = sorted(merged_entries.values(), key=lambda e: tuple(str(x) for x in _case_of(e)))
     return merged
 
 

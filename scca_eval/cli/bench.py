@@ -56,8 +56,9 @@ def _check_positive(values, option: str, least: int = 1) -> None:
               help="fwd (the forward alone, as in evaluation) and/or fwd+bwd (forward and backward to q, k "
                    "and v, as in training), comma-separated.")
 @click.option("--write-table", "table_path", type=click.Path(dir_okay=False), default=None,
-              callback=output_file_callback, help="Merge the fastest of flex, chunked, strided and packed per (length, pattern, mode) into "
-                   "this backend table (created if absent), which --attention-backend auto reads from "
+              callback=output_file_callback, help="Merge the times of flex, chunked, strided and packed per (length, pattern, mode) into "
+                   "this backend table (created if absent; times from the same GPU add to those there). "
+                   "--attention-backend auto runs the fastest of each case of "
                    "scca_eval/attention/backend_table.json. Needs a CUDA GPU.")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None,
               help="Default: bfloat16 on a GPU, float32 on CPU.")
