@@ -218,13 +218,20 @@ def test_result_is_a_view_of_the_transformers_layout():
 
 
 def test_compiled_in_one_graph():
-    """With its plan cached, the packed path traces into one graph (no host sync, no break)."""
+    """With its plan cached, the packed path traces into one graph (no host sync, no break),
+    forward and backward."""
     spec = resolve_pattern("scca_fixed", chunk_size=5)  # a causal and a non-causal call
-    q, k, v = qkv(2, 4, 2, 23)
-    expected = packed_pattern_attention(q, k, v, spec, 0.3, kernel=masked_varlen)
-    compiled = torch.compile(lambda q, k, v: packed_pattern_attention(q, k, v, spec, 0.3, kernel=masked_varlen),
-                             fullgraph=True, dynamic=False)
-    assert torch.allclose(compiled(q, k, v), expected, atol=1e-6)
+    q, k, v = (x.detach().requires_grad_() for x in qkv(2, 4, 2, 23))
+
+    def attention(q, k, v):
+        return packed_pattern_attention(q, k, v, spec, 0.3, kernel=masked_varlen)
+
+    expected = attention(q, k, v)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    got = torch.compile(attention, fullgraph=True, dynamic=False)(q, k, v)
+    assert torch.allclose(got, expected, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), expected_grads):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_rejects_mismatched_shapes():

@@ -5,7 +5,7 @@ head each of them reads, repeated per query head under grouped-query attention) 
 gathered into the segments of the packed layout (attention/packing.py), one call of
 ``torch.nn.attention.varlen.varlen_attn`` attends all of them, and one gather puts the
 outputs back into transformers' ``[B, N, H, D]`` order. Gathers are ``index_select``, so
-autograd carries the gradients back through them.
+autograd carries the gradients back through them (the key/value gradients summed in float32).
 
 ``varlen_attn`` is FlashAttention: CUDA only, float16 or bfloat16, a head dimension that
 is a multiple of 8 up to 256. Elsewhere the same segments run through
@@ -117,6 +117,30 @@ def segment_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
     return torch.cat(outputs).index_select(0, order)
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, rows)`` whose backward adds repeated rows up in float32.
+
+    A key/value row is gathered once per query head that reads it (and twice where a
+    ``cross`` chunk is a key of two segments); its gradient is the sum of those copies'.
+    Summed in bf16 that would round once per copy; in float32 it rounds once, as a fused
+    kernel's own reduction over grouped heads does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.rows_of_x = x.shape[0]
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        wide = torch.promote_types(grad.dtype, torch.float32)
+        total = grad.new_zeros((ctx.rows_of_x, *grad.shape[1:]), dtype=wide)
+        total.index_add_(0, rows, grad.to(wide))
+        return total.to(grad.dtype), None
+
+
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
     """[B, h, N, D] -> [B * N * h, D], row (b * N + p) * h + i: a view of transformers' [B, N, h, D] memory."""
     return x.transpose(1, 2).reshape(-1, x.shape[-1])
@@ -138,8 +162,8 @@ def packed_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     outputs = []
     for call in plan.calls:
         pq = queries.index_select(0, call.q_rows).unsqueeze(1)  # [T, 1, D]: one head, the heads are tokens
-        pk = keys.index_select(0, call.k_rows).unsqueeze(1)
-        pv = values.index_select(0, call.k_rows).unsqueeze(1)
+        pk = _GatherRows.apply(keys, call.k_rows).unsqueeze(1)
+        pv = _GatherRows.apply(values, call.k_rows).unsqueeze(1)
         outputs.append(kernel(pq, pk, pv, call.cu_q, call.cu_k, call.max_q, call.max_k, call.causal, scaling))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     out = out.squeeze(1).index_select(0, plan.order)
