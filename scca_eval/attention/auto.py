@@ -123,10 +123,16 @@ _choices: dict = {}
 def choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     """auto's backend for a sparse ``spec`` on these inputs (cached per case)."""
     mode = mode_of(q, k, v)
-    key = (spec, q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1], q.shape[2], mode)
-    chosen = _choices.get(key)  # a plain read, so that torch.compile traces it without a break
-    if chosen is None:
-        chosen = _choices[key] = _decide(spec, q, k, mode, _TABLE["entries"])
+    # keyed by the spec object (id, held in the entry): a plain read that torch.compile
+    # traces without a break, where it cannot compare two specs by value
+    key = (id(spec), q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1], q.shape[2], mode)
+    hit = _choices.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    chosen = _decide(spec, q, k, mode, _TABLE["entries"])
+    if len(_choices) > 1024:  # many patterns in one process: start over rather than grow
+        _choices.clear()
+    _choices[key] = (spec, chosen)
     return chosen
 
 

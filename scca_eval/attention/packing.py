@@ -215,22 +215,33 @@ def build_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: 
     return PackedPlan(tuple(calls), order.to(device))
 
 
-_plans: OrderedDict = OrderedDict()
+_plans: OrderedDict = OrderedDict()  # by value: one plan per case, shared by equal specs
+_plans_of_spec: OrderedDict = OrderedDict()  # by spec object: the lookup torch.compile traces
 _plans_lock = threading.Lock()
 
 
 def packed_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: int,
                 device: torch.device) -> PackedPlan:
-    """``build_plan``, cached per (pattern, length, heads, key/value heads, batch, device)."""
-    key = (spec, n, num_heads, kv_heads, batch, str(device))
-    plan = _plans.get(key)  # a plain read (atomic), so that torch.compile traces it without a break
-    if plan is not None:
-        return plan
-    plan = build_plan(spec, n, num_heads, kv_heads, batch, device)
+    """``build_plan``, cached per (pattern, length, heads, key/value heads, batch, device).
+
+    Looked up first by the spec *object* (a plain read keyed by ``id``, which torch.compile
+    traces without a break, where it cannot compare two specs by value), then by value,
+    so that equal specs (every attention layer reads its own) share one plan.
+    """
+    case = (n, num_heads, kv_heads, batch, str(device))
+    hit = _plans_of_spec.get((id(spec), *case))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
     with _plans_lock:
-        _plans[key] = plan
-        while len(_plans) > _PLAN_CACHE_SIZE:  # the oldest plan goes first
-            _plans.popitem(last=False)
+        plan = _plans.get((spec, *case))
+    if plan is None:
+        plan = build_plan(spec, n, num_heads, kv_heads, batch, device)
+    with _plans_lock:
+        _plans[(spec, *case)] = plan
+        _plans_of_spec[(id(spec), *case)] = (spec, plan)  # holding the spec keeps its id unique
+        for cache, size in ((_plans, _PLAN_CACHE_SIZE), (_plans_of_spec, 4 * _PLAN_CACHE_SIZE)):
+            while len(cache) > size:  # the oldest goes first
+                cache.popitem(last=False)
     return plan
 
 
@@ -238,3 +249,4 @@ def clear_cache() -> None:
     """Forget every cached plan (e.g. between benchmark runs)."""
     with _plans_lock:
         _plans.clear()
+        _plans_of_spec.clear()
