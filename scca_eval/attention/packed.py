@@ -121,7 +121,7 @@ class _GatherRows(torch.autograd.Function):
     """``x.index_select(0, rows)`` whose backward adds repeated rows up in float32.
 
     A key/value row is gathered once per query head that reads it (and twice where a
-    ``cross`` chunk is a key of two segments); its gradient is the sum of those copies'.
+    ``cross`` chunk is a key of two segments), and its gradient is the sum of the copies' gradients.
     Summed in bf16 that would round once per copy; in float32 it rounds once, as a fused
     kernel's own reduction over grouped heads does.
     """
