@@ -31,7 +31,7 @@ DTYPES = {
 
 # The attention backends a user may choose (attention/dispatch.py has one more, "sdpa",
 # which runs the full pattern only and is what "auto" picks for it).
-ATTENTION_BACKENDS = ("auto", "strided", "chunked", "flex", "reference", "flash")
+ATTENTION_BACKENDS = ("auto", "packed", "strided", "chunked", "flex", "reference", "flash")
 
 # stride: per document, every token scored once; longlora: LongLoRA's eval.py; lm-eval:
 # lm-evaluation-harness's loglikelihood_rolling (docs/protocols.md)

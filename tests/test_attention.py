@@ -105,7 +105,7 @@ def test_patterns_really_differ():
 
 
 # -- dispatch -------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["auto", "reference", "chunked", "sdpa"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "chunked", "packed", "sdpa"])
 def test_dispatch_backends_on_cpu(backend):
     q, k, v = qkv(2, 9, 3, 29)
     names = ["full"] if backend == "sdpa" else PRESETS
@@ -159,7 +159,7 @@ BF16_TOLERANCE = 3e-2
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["chunked", "auto"])
+@pytest.mark.parametrize("backend", ["chunked", "packed", "auto"])
 def test_gpu_bf16_against_reference(backend):
     q, k, v = (x.cuda().to(torch.bfloat16) for x in qkv(2, 8, 2, 300, dim=64))
     for name in PRESETS:

@@ -34,6 +34,21 @@ def test_attention_bench_rows_and_shares():
     assert "| s2 |" in table and "| sda-r4 |" in table and "chunked" in table
 
 
+def test_attention_bench_forward_and_backward_rows():
+    result = attention_bench(ns=(96,), heads=4, kv_heads=2, head_dim=8, patterns=["scca_fixed"], dtype=torch.float32,
+                             backends=("chunked", "packed"), modes=("fwd", "fwd+bwd"), repeats=1, warmup=0, log=None)
+    rows = {(row["backend"], row["mode"]): row for row in result["rows"]}
+    assert set(rows) == {(b, m) for b in ("chunked", "packed") for m in ("fwd", "fwd+bwd")}
+    backward_ms = result["sdpa_causal_fwd_bwd_ms"][96]
+    for (backend, mode), row in rows.items():
+        assert row["error"] is None and row["rel_error"] < 1e-5, row
+        base = result["sdpa_causal_ms"][96] if mode == "fwd" else backward_ms
+        assert row["ideal_ms"] == pytest.approx(row["flop_share"] * base)
+    assert result["pattern_keys"] == {"scca_fixed": "1/2 local + 1/2 cross(1) @ G=N*1/4"}
+    table = markdown_attention(result)
+    assert "N = 96, forward:" in table and "N = 96, forward and backward:" in table
+
+
 def test_attention_bench_reports_a_failing_backend_without_stopping():
     result = attention_bench(ns=(64,), heads=2, head_dim=8, patterns=["s2"], dtype=torch.float32,
                              backends=("chunked", "broken"), flex_variants={"broken": {"block_size": 0}},
@@ -111,6 +126,7 @@ def test_cli_attention_on_cpu_writes_json(tmp_path):
     (["attention", "--n", "1"], "--n must be at least 2"),
     (["attention", "--pattern", "nonsense"], "nonsense"),
     (["attention", "--heads", "6", "--kv-heads", "4"], "multiple of --kv-heads"),
+    (["attention", "--mode", "bwd"], "--mode 'bwd' is not a mode"),
     (["model", "--backend", "fast"], "unknown attention backend 'fast'"),
     (["model", "--ctx", "1"], "--ctx must be at least 2"),
     (["model", "--shape", "no-such-shape.json"], "no-such-shape.json"),
@@ -123,3 +139,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, capfd):
     assert exit_info.value.code == 2
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_cli_write_table_needs_a_gpu(tmp_path, capfd):
+    from scca_eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "attention", "--n", "64", "--write-table", str(tmp_path / "table.json")])
+    assert exit_info.value.code == 2 and "needs a CUDA GPU" in capfd.readouterr().err
+    assert not (tmp_path / "table.json").exists()

@@ -28,4 +28,19 @@ def test_bench_train_baseline_and_finetune_agree(tmp_path):
     assert rows["finetune", "s2"]["first_loss"] != pytest.approx(rows["finetune", "full"]["first_loss"], rel=1e-6)
     assert rows["finetune", "full"]["speed_vs_baseline"] > 0
     assert rows["finetune", "s2"]["goal_vs_full"] > 1
-    assert "| 48 | finetune | s2 |" in result.output
+    assert "| 48 | finetune | s2 | auto |" in result.output
+
+
+def test_bench_train_times_each_backend_on_the_same_work(tmp_path):
+    config, out = tmp_path / "tiny.json", tmp_path / "train.json"
+    config.write_text(json.dumps(TINY))
+    result = CliRunner().invoke(bench, ["train", "--shape", str(config), "--ctx", "40", "--pattern", "full,longmixed",
+                                        "--backend", "packed,chunked", "--no-baseline", "--steps", "1",
+                                        "--warmup", "0", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {(row["pattern"], row["backend"]): row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("full", "sdpa"), ("longmixed", "packed"), ("longmixed", "chunked")}
+    # the same pattern on two kernels: the same loss (each cell starts from the same weights)
+    assert rows["longmixed", "packed"]["first_loss"] == pytest.approx(rows["longmixed", "chunked"]["first_loss"],
+                                                                      rel=1e-5)
+    assert rows["longmixed", "packed"]["activations"] == {"setting": "auto", "offloaded": False}  # CPU: nothing to do

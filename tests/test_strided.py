@@ -132,8 +132,11 @@ def test_rejects_mismatched_shapes():
 
 
 # -- dispatch ---------------------------------------------------------------------------
-def test_auto_picks_strided_on_cuda_chunked_on_cpu_sdpa_for_full():
+def test_auto_picks_strided_on_cuda_without_varlen_chunked_on_cpu_sdpa_for_full(monkeypatch):
+    from scca_eval.attention import packed
+
     sparse, full = resolve_pattern("s2"), resolve_pattern("full")
+    monkeypatch.setattr(packed, "_VARLEN", None)  # a PyTorch without varlen_attn: auto's rule keeps strided
     assert resolve_backend(sparse, torch.device("cuda", 0)) == "strided"
     assert resolve_backend(sparse, torch.device("cpu")) == "chunked"
     assert resolve_backend(full, torch.device("cuda", 0)) == "sdpa"

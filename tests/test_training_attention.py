@@ -1,7 +1,8 @@
 """Pattern attention under autograd: the gradients (w.r.t. q, k and v) of every fast
 path against those of the dense reference mask. On CPU in float64 for the backends
-that run there (chunked, strided, and the dispatch); on a GPU in bf16 for chunked,
-strided and FlexAttention, within the tolerance the forward documents (tests/test_flex.py).
+that run there (chunked, strided, packed, and the dispatch); on a GPU in bf16 for chunked,
+strided, packed (FlashAttention's varlen kernel) and FlexAttention, within the tolerance
+the forward documents (tests/test_flex.py).
 
 GPU tests: ``python -m pytest -q -m gpu tests/test_training_attention.py``.
 """
@@ -17,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from scca_eval.attention import (
     chunked_pattern_attention,
     masked_attention,
+    packed_pattern_attention,
     pattern_attention,
     strided_pattern_attention,
 )
@@ -51,6 +53,7 @@ SHAPES = [
 BACKENDS = {
     "chunked": lambda q, k, v, spec, scaling: chunked_pattern_attention(q, k, v, spec, scaling),
     "strided": lambda q, k, v, spec, scaling: strided_pattern_attention(q, k, v, spec, scaling),
+    "packed": lambda q, k, v, spec, scaling: packed_pattern_attention(q, k, v, spec, scaling),
 }
 
 
@@ -101,7 +104,7 @@ def test_float64_gradients_equal_the_reference(backend, pattern, batch, heads, k
         assert largest_difference(got, expected) <= FLOAT64_TOLERANCE, (backend, spec.to_dict())
 
 
-@pytest.mark.parametrize("backend", ["auto", "chunked", "strided", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "chunked", "strided", "packed", "reference"])
 def test_dispatch_gradients_equal_the_reference(backend):
     # what a patterned model calls: pattern_attention with the model's backend
     q, k, v, upstream = qkv_and_upstream(2, 9, 3, 29)
@@ -180,7 +183,7 @@ def test_repeated_backward_through_a_fresh_graph():
     spec = resolve_pattern("longmixed", chunk_size=5)
     q, k, v, upstream = qkv_and_upstream(2, 9, 3, 37)
     expected = reference_gradients(q, k, v, upstream, spec, 0.3)
-    for backend in ("chunked", "strided"):
+    for backend in ("chunked", "strided", "packed"):
         for _ in range(2):
             got = gradients(lambda q, k, v: BACKENDS[backend](q, k, v, spec, 0.3), q, k, v, upstream)
             assert largest_difference(got, expected) <= FLOAT64_TOLERANCE
@@ -246,6 +249,7 @@ GPU_BACKENDS = {
     "strided-one-stream": lambda q, k, v, spec, scaling: strided_pattern_attention(q, k, v, spec, scaling,
                                                                                   streams=1),
     "flex": lambda q, k, v, spec, scaling: flex_pattern_attention(q, k, v, spec, scaling),
+    "packed": lambda q, k, v, spec, scaling: packed_pattern_attention(q, k, v, spec, scaling),
     "auto": lambda q, k, v, spec, scaling: pattern_attention(q, k, v, spec, scaling),
 }
 

@@ -68,7 +68,7 @@ def largest_parameter_difference(a: dict, b: dict) -> float:
 
 
 # -- gradients of the whole model ----------------------------------------------------------
-@pytest.mark.parametrize("backend", ["auto", "strided"])
+@pytest.mark.parametrize("backend", ["auto", "strided", "packed"])
 @pytest.mark.parametrize("pattern", PRESETS[1:] + [MIX])
 @pytest.mark.parametrize("model_name", ["llama", "smollm"])
 def test_training_gradients_equal_a_dense_mask_model(models, backend, pattern, model_name):
@@ -107,7 +107,7 @@ def leak(model, ids: torch.Tensor, t: int) -> float:
                largest_parameter_difference(before[2], after[2]))
 
 
-@pytest.mark.parametrize("backend", ["auto", "strided"])
+@pytest.mark.parametrize("backend", ["auto", "strided", "packed"])
 @pytest.mark.parametrize("pattern,chunk_size", [(name, None) for name in PRESETS] + [("scca_flow", 4), (MIX, 5)])
 def test_loss_and_gradients_before_t_ignore_later_tokens(models, backend, pattern, chunk_size):
     model = training_copy(models["smollm"], pattern, backend, chunk_size)
@@ -139,7 +139,7 @@ def test_the_leak_check_catches_a_leak(models):
 
 
 # -- gradient checkpointing ----------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["auto", "strided"])
+@pytest.mark.parametrize("backend", ["auto", "strided", "packed"])
 @pytest.mark.parametrize("pattern", ["s2", "longmixed", MIX])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(models, backend, pattern):
     model = models["llama"]

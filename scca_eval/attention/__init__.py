@@ -2,6 +2,7 @@
 
 from .chunked import chunked_pattern_attention
 from .dispatch import BACKENDS, call_counts, pattern_attention, reset_call_counts, resolve_backend
+from .packed import packed_pattern_attention
 from .reference import masked_attention
 from .register import apply_pattern, check_architecture, pattern_of
 from .strided import strided_pattern_attention
@@ -13,6 +14,7 @@ __all__ = [
     "check_architecture",
     "chunked_pattern_attention",
     "masked_attention",
+    "packed_pattern_attention",
     "pattern_attention",
     "pattern_of",
     "reset_call_counts",

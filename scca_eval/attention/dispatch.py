@@ -6,12 +6,18 @@ Backends (all take q [B, H, N, D], k, v [B, H_kv, N, D] and return [B, H, N, D])
 - ``chunked``:   plain torch on any device (attention/chunked.py).
 - ``strided``:   the chunked decomposition as SDPA calls over strided views of
                  the [B, N, H, D] memory, spread over CUDA streams
-                 (attention/strided.py; any device, fastest on CUDA).
+                 (attention/strided.py; any device).
+- ``packed``:    every head's segments in one variable-length FlashAttention
+                 call per layer (two where a ``cross`` rule is present;
+                 attention/packed.py); off CUDA or in float32 the same segments
+                 run through plain SDPA.
 - ``flex``:      FlexAttention block masks (attention/flex.py).
 - ``flash``:     the chunked layout run by the flash-attn package's kernel
                  (optional: ``pip install 'scca-eval[flash]'``).
-- ``auto``:      SDPA for the full pattern, ``strided`` on CUDA, ``chunked`` elsewhere
-                 (chosen from the measurements in benchmarks/README.md).
+- ``auto``:      SDPA for the full pattern; for a sparse one on CUDA the fastest
+                 backend measured for the case (``backend_table.json``), else
+                 ``packed`` where FlashAttention takes the inputs, else ``strided``;
+                 ``chunked`` off CUDA (attention/auto.py).
 
 A per-process counter records which backend ran, so that callers can check
 that a pattern really took effect (``call_counts()``).
@@ -28,7 +34,9 @@ from ..choices import ATTENTION_BACKENDS
 from ..errors import MissingDependency, UserError
 from ..patterns.masks import build_mask
 from ..patterns.spec import PatternSpec
+from . import auto
 from .chunked import chunked_pattern_attention
+from .packed import packed_pattern_attention
 from .reference import masked_attention
 from .strided import strided_pattern_attention
 
@@ -52,8 +60,13 @@ def full_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, **gqa)
 
 
-def resolve_backend(spec: PatternSpec, device: torch.device, backend: str = "auto") -> str:
-    """The backend that ``pattern_attention`` will use for ``spec`` on ``device``."""
+def resolve_backend(spec: PatternSpec, device: torch.device, backend: str = "auto",
+                    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> str:
+    """The backend that ``pattern_attention`` will use for ``spec`` on ``device``.
+
+    inputs: the call's (q, k, v), for auto's measured choice (attention/auto.py); without
+    them auto answers by its rule for the device alone.
+    """
     if backend not in BACKENDS:
         raise UserError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "sdpa" and not spec.is_full:
@@ -63,15 +76,19 @@ def resolve_backend(spec: PatternSpec, device: torch.device, backend: str = "aut
         return backend
     if spec.is_full:
         return "sdpa"
-    return "strided" if device.type == "cuda" else "chunked"
+    if inputs is None:
+        return auto.rule_without_inputs(device)
+    return auto.choose(spec, *inputs)
 
 
 def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
                       scaling: float, backend: str = "auto") -> torch.Tensor:
     """Attention of ``spec`` for q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D]."""
-    chosen = resolve_backend(spec, q.device, backend)
+    chosen = resolve_backend(spec, q.device, backend, (q, k, v))
     if chosen == "sdpa":
         out = full_causal_attention(q, k, v, scaling)
+    elif chosen == "packed":
+        out = packed_pattern_attention(q, k, v, spec, scaling)
     elif chosen == "strided":
         out = strided_pattern_attention(q, k, v, spec, scaling)
     elif chosen == "chunked":

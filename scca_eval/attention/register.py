@@ -85,9 +85,9 @@ def scca_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     if scaling is None:
         scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
     out = pattern_attention(query, key, value, spec, scaling, backend=backend)
-    # transformers wants [B, N, H, D] back. The strided backend's result already
-    # lies that way in memory, so .contiguous() returns it as it is (no copy);
-    # the other backends' [B, H, N, D] results are copied once here.
+    # transformers wants [B, N, H, D] back. The strided and packed backends' results
+    # already lie that way in memory, so .contiguous() returns them as they are (no
+    # copy); the other backends' [B, H, N, D] results are copied once here.
     return out.transpose(1, 2).contiguous(), None
 
 

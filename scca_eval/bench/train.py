@@ -6,9 +6,10 @@ q/k/v/o plus trainable embeddings and norms, gradient checkpointing):
 
 - ``baseline``: peft + transformers with SDPA attention, ``model(ids, labels=ids).loss``,
   backward, AdamW — the weights as loaded (bf16 on a GPU), LoRA in peft's float32;
-- ``finetune`` under each pattern: ``scca_eval.training``'s step (float32 trained weights
-  under autocast, the chunked checkpointed loss, the pattern's kernels, and on a GPU the
-  saved activations in host memory unless ``offload_activations=False``).
+- ``finetune`` under each pattern (and each attention backend asked for): ``scca_eval.training``'s
+  step (float32 trained weights under autocast, the chunked checkpointed loss, the pattern's
+  kernels, and on a GPU the saved activations placed as ``offload_activations`` says, by
+  default "auto": in host memory only where keeping them on the GPU would not fit).
 
 Each cell runs warm-up steps, then timed steps; it reports tokens/s, peak device memory
 (``max_memory_allocated`` from just before its first step: weights, optimizer state and
@@ -92,7 +93,8 @@ def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original) 
         _restore(base, dtype, original)
 
 
-def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, original, offload: bool) -> dict:
+def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, original, offload,
+                   backend: str = "auto") -> dict:
     from ..attention.register import apply_pattern
     from ..training.lora import attach_lora, enable_gradient_checkpointing, keep_activations_in
     from ..training.loop import Trainer
@@ -100,7 +102,7 @@ def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, orig
     from ..training.windows import TrainingStream
 
     ctx = ids.shape[1]
-    apply_pattern(base, spec)
+    apply_pattern(base, spec, backend=backend)
     recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0, offload_activations=offload)
     model = attach_lora(base, recipe, "random")
     hook = keep_activations_in(model, dtype) if dtype != torch.float32 else None
@@ -108,7 +110,9 @@ def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, orig
     stream = TrainingStream(ids[0].cpu().numpy().astype(np.int64), ctx, None, [], "random")
     trainer = Trainer(model, stream, recipe, device, None if dtype == torch.float32 else dtype)
     try:
-        return _timed(lambda: trainer.step()["loss"], steps, warmup, device)
+        timed = _timed(lambda: trainer.step()["loss"], steps, warmup, device)
+        timed["activations"] = trainer.activations.describe()
+        return timed
     finally:
         if hook is not None:
             hook.remove()
@@ -138,9 +142,13 @@ def _timed(step: Callable[[], float], steps: int, warmup: int, device) -> dict:
 def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 patterns: Sequence[str] = DEFAULT_PATTERNS, *, device: torch.device | None = None,
                 dtype: torch.dtype | None = None, steps: int = 1, warmup: int = 1, baseline: bool = True,
-                compile: bool = False, offload_activations: bool = True, layers: int | None = None, seed: int = 0,
-                log: Callable[[str], None] | None = print) -> dict:
-    """Baseline and finetune-step throughput and memory for each ctx and pattern (one window a step)."""
+                compile: bool = False, offload_activations: bool | str = "auto", backends: Sequence[str] = ("auto",),
+                layers: int | None = None, seed: int = 0, log: Callable[[str], None] | None = print) -> dict:
+    """Baseline and finetune-step throughput and memory for each ctx and pattern (one window a step).
+
+    backends: attention backends the sparse patterns are timed on, one cell each (full
+    attention always runs on SDPA, once).
+    """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     say = log or (lambda _text: None)
@@ -156,7 +164,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     result = {"shape": shape, "layers": base.config.num_hidden_layers, "dtype": str(dtype).removeprefix("torch."),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": steps, "warmup": warmup, "compiled": compile,
-              "offload_activations": offload_activations,
+              "offload_activations": offload_activations, "backends": list(backends),
               "window_per_step": 1, "rows": []}
     say(f"bench train: {shape} ({base.config.num_hidden_layers} layers, random weights, {dtype}), one window "
         f"per step, {warmup} warm-up + {steps} timed step(s) per cell")
@@ -167,13 +175,15 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
             with run_eagerly() if compile else contextlib.nullcontext():
                 return _baseline_cell(base, ids, steps, warmup, device, dtype, original)
 
-        cells = [("baseline", "full", baseline_cell)] if baseline else []
+        cells = [("baseline", "full", "sdpa", baseline_cell)] if baseline else []
         for label, spec in specs.items():
-            cells.append(("finetune", label,
-                          lambda spec=spec: _finetune_cell(base, ids, spec, steps, warmup, device, dtype, original,
-                                                                offload_activations)))
-        for path, label, run in cells:
-            row = {"ctx": ctx, "path": path, "pattern": label, "error": None}
+            for backend in (["sdpa"] if spec.is_full else backends):
+                cells.append(("finetune", label, backend,
+                              lambda spec=spec, backend=backend: _finetune_cell(
+                                  base, ids, spec, steps, warmup, device, dtype, original, offload_activations,
+                                  "auto" if backend == "sdpa" else backend)))
+        for path, label, backend, run in cells:
+            row = {"ctx": ctx, "path": path, "pattern": label, "backend": backend, "error": None}
             try:
                 row.update(run())
                 row["tokens_per_s"] = ctx / row["seconds"]
@@ -189,12 +199,22 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     return result
 
 
+def _offloaded(row: dict) -> str:
+    """How the row's activations waited: "host", "GPU", or "" (the baseline keeps them on the GPU)."""
+    activations = row.get("activations")
+    if not activations:
+        return ""
+    return "host" if activations.get("offloaded") else "GPU"
+
+
 def _line(row: dict) -> str:
-    head = f"  ctx {row['ctx']:>6} {row['path']:<9} {row['pattern']:<11}"
+    head = f"  ctx {row['ctx']:>6} {row['path']:<9} {row['pattern']:<11} {row.get('backend', ''):<8}"
     if row["error"]:
         return f"{head} {row['error']}"
     memory = f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""
-    return f"{head} {row['seconds']:.3f} s/step, {row['tokens_per_s']:,.0f} tok/s{memory}, loss {row['first_loss']:.4f}"
+    place = f", activations on the {_offloaded(row)}" if _offloaded(row) else ""
+    return (f"{head} {row['seconds']:.3f} s/step, {row['tokens_per_s']:,.0f} tok/s{memory}{place}, "
+            f"loss {row['first_loss']:.4f}")
 
 
 def _add_ratios(result: dict) -> None:
@@ -218,26 +238,30 @@ def _add_ratios(result: dict) -> None:
 
 def markdown_train(result: dict) -> str:
     settings = "gradient checkpointing"
-    if result.get("offload_activations"):
+    offload = result.get("offload_activations")
+    if offload is True:
         settings += ", finetune's activations offloaded to host memory"
+    elif offload == "auto":
+        settings += ", finetune's activations offloaded only where keeping them would not fit (column 'acts')"
     if result.get("compiled"):
         settings += ", finetune's decoder layers compiled"
     lines = [f"Fine-tuning step, {result['shape']} ({result['layers']} layers, random weights), {result['dtype']}, "
              f"{result['device']}, torch {result['torch']}; one window per step, LoRA q/k/v/o + embed + norm, "
              f"{settings}; {result['warmup']} warm-up + {result['steps']} timed step(s) (median).", "",
-             "| ctx | path | pattern | s/step | tok/s | peak GiB | vs baseline | memory vs baseline | vs full "
-             "| goal vs full | first loss |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ctx | path | pattern | backend | acts | s/step | tok/s | peak GiB | vs baseline | memory vs baseline "
+             "| vs full | goal vs full | first loss |",
+             "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
+        head = f"| {r['ctx']} | {r['path']} | {r['pattern']} | {r.get('backend', '')} | {_offloaded(r)} |"
         if r["error"]:
-            lines.append(f"| {r['ctx']} | {r['path']} | {r['pattern']} | {r['error']} | | | | | | | |")
+            lines.append(f"{head} {r['error']} | | | | | | | |")
             continue
 
         def ratio(key):
             return f"{r[key]:.2f}x" if key in r else ""
 
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "–"
-        lines.append(f"| {r['ctx']} | {r['path']} | {r['pattern']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
+        lines.append(f"{head} {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{memory} | {ratio('speed_vs_baseline')} | {ratio('memory_vs_baseline')} | "
                      f"{ratio('speed_vs_full')} | {ratio('goal_vs_full')} | {r['first_loss']:.4f} |")
     return "\n".join(lines) + "\n"

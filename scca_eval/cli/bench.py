@@ -48,10 +48,18 @@ def _check_positive(values, option: str, least: int = 1) -> None:
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size.")
 @click.option("--pattern", "patterns", type=NAME_LIST, default=ATTENTION_PATTERNS, show_default=True,
               help="Patterns, comma-separated: preset names, sda-rN for sda with dilation N.")
-@click.option("--backend", "backends", type=NAME_LIST, default="flex,chunked,strided", show_default=True,
+@click.option("--backend", "backends", type=NAME_LIST, default="flex,chunked,strided,packed", show_default=True,
               help="Backends to time: flex, chunked, strided (the chunked rules as SDPA on strided views, "
-                   "calls spread over CUDA streams; auto's choice on a GPU), strided-serial (the same on "
-                   "one stream), auto (what a model would use).")
+                   "calls spread over CUDA streams), strided-serial (the same on one stream), packed (every "
+                   "head's segments in one varlen FlashAttention call), auto (what a model would use).")
+@click.option("--mode", "modes", type=NAME_LIST, default="fwd", show_default=True,
+              help="fwd (the forward alone, as in evaluation) and/or fwd+bwd (forward and backward to q, k "
+                   "and v, as in training), comma-separated.")
+@click.option("--write-table", "table_path", type=click.Path(dir_okay=False), default=None,
+              callback=output_file_callback, help="Merge the times of flex, chunked, strided and packed per (length, pattern, mode) into "
+                   "this backend table (created if absent; times from the same GPU add to those there). "
+                   "--attention-backend auto runs the fastest of each case of "
+                   "scca_eval/attention/backend_table.json. Needs a CUDA GPU.")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None,
               help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--repeats", type=int, default=None, help="Timed calls per cell (median). Default: 20 on GPU, 3 on CPU.")
@@ -61,21 +69,39 @@ def _check_positive(values, option: str, least: int = 1) -> None:
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               callback=output_file_callback,
               help="Write the tables as markdown.")
-def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, dtype, repeats, no_check,
-                      json_path, markdown_path):
+def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, modes, table_path, dtype, repeats,
+                      no_check, json_path, markdown_path):
     """Time each pattern's attention against SDPA full causal attention.
 
-    For each length and pattern: the pattern's share of causal attention's FLOPs,
-    the time of each backend, and that time over the ideal time (the share times
-    SDPA's causal time, measured in the same run). Without a GPU it runs on CPU
-    at small lengths, to check the command, not to measure speed.
+    For each length, pattern and mode: the pattern's share of causal attention's
+    FLOPs, the time of each backend, and that time over the ideal time (the share
+    times SDPA's causal time in the same mode, measured in the same run). Without a
+    GPU it runs on CPU at small lengths, to check the command, not to measure speed.
+
+    \b
+    With --write-table, the fastest backend of each case goes into a table that
+    --attention-backend auto reads (see docs/architecture.md):
+      scca-eval bench attention --heads 9 --kv-heads 3 --head-dim 64 --n 16384 \\
+          --mode fwd,fwd+bwd --write-table scca_eval/attention/backend_table.json
     """
     import torch
 
+    from ..attention.auto import MODES
     from ..bench import attention_bench, markdown_attention
+    from ..errors import UserError
     from ..models import parse_dtype
 
     cuda = torch.cuda.is_available()
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise UserError(f"--mode {unknown[0]!r} is not a mode; choose from {', '.join(MODES)}")
+    if table_path is not None:
+        if not cuda:
+            raise UserError("--write-table needs a CUDA GPU: auto reads the table on CUDA only, and CPU "
+                            "timings here only check the command")
+        from ..attention.auto import read_table
+
+        read_table(table_path)  # a broken table is refused now, not after the measurements
     if not cuda:
         click.echo(f"No CUDA GPU here: running on CPU at N = {ns or CPU_LENGTHS} (timings only check the command).")
     ns = ns or ([8192, 32768] if cuda else CPU_LENGTHS)
@@ -89,10 +115,15 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
             raise UserError(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
     device = torch.device("cuda" if cuda else "cpu")
     result = attention_bench(ns, heads, head_dim, patterns, parse_dtype(dtype, device), kv_heads=kv_heads,
-                             batch=batch, backends=backends, device=device,
+                             batch=batch, backends=backends, device=device, modes=modes,
                              repeats=repeats or (20 if cuda else 3), warmup=3 if cuda else 1,
                              check=not no_check, log=click.echo)
     _write_outputs(result, markdown_attention(result), json_path, markdown_path)
+    if table_path is not None:
+        from ..attention.auto import device_kind, write_table
+
+        written = write_table(table_path, result, device_kind(device))
+        click.echo(f"wrote {written} entries into {table_path}")
 
 
 @bench.command("model")
@@ -104,8 +135,9 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 @click.option("--pattern", "patterns", type=NAME_LIST, default=MODEL_PATTERNS, show_default=True,
               help="Patterns, comma-separated (sda-rN for sda with dilation N).")
 @click.option("--backend", "backends", type=NAME_LIST, default="auto", show_default=True,
-              help="Attention backends for the sparse patterns (auto, strided, chunked, flex, flash, "
-                   "reference; auto = strided on a GPU, chunked on CPU); full always uses SDPA.")
+              help="Attention backends for the sparse patterns (auto, packed, strided, chunked, flex, flash, "
+                   "reference; auto = the measured choice on a GPU, else packed where it runs, else strided; "
+                   "chunked on CPU); full always uses SDPA.")
 @click.option("--batch-size", "-b", type=int, default=None,
               help="Windows per forward pass. Default: the engine's automatic choice.")
 @click.option("--tokens-per-run", type=int, default=32768, show_default=True,
@@ -168,16 +200,23 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--no-baseline", is_flag=True, help="Skip the peft + transformers baseline loop.")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers for the finetune cells (the baseline stays eager).")
-@click.option("--offload-activations/--no-offload-activations", default=True, show_default=True,
-              help="The finetune cells keep what the backward pass needs in host memory (finetune's default).")
+@click.option("--backend", "backends", type=NAME_LIST, default="auto", show_default=True,
+              help="Attention backends the sparse patterns train on, one cell each (auto, packed, strided, "
+                   "chunked, flex); full always uses SDPA.")
+@click.option("--offload-activations", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              is_flag=False, flag_value="on",
+              help="Where the finetune cells keep what the backward pass needs, as `finetune "
+                   "--offload-activations` (auto: in host memory only where keeping it on the GPU would not fit).")
+@click.option("--no-offload-activations", "no_offload", is_flag=True, hidden=True,
+              help="The same as --offload-activations off.")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
 @click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the table as markdown.")
-def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, offload_activations, layers,
-                  dtype, device, json_path, markdown_path):
+def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, backends, offload_activations,
+                  no_offload, layers, dtype, device, json_path, markdown_path):
     """Fine-tuning step throughput and peak memory, next to the loop a user writes today.
 
     For each ctx: the baseline (peft + transformers SDPA + gradient checkpointing,
@@ -185,17 +224,24 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
     pattern, on one random window per step of a model with random weights; tokens/s,
     peak memory, and their ratios to the baseline and to full attention.
     """
+    from ..attention.dispatch import BACKENDS
     from ..bench.train import markdown_train, train_bench
+    from ..errors import UserError
     from ..models import parse_device, parse_dtype
+    from .finetune import offload_setting
 
     _check_positive(ctxs, "--ctx", 2)
     _check_positive([steps], "--steps")
     _check_positive([warmup], "--warmup", 0)
     if layers is not None:
         _check_positive([layers], "--layers")
+    unknown = [name for name in backends if name not in BACKENDS or name in ("sdpa", "reference")]
+    if unknown:
+        raise UserError(f"unknown attention backend {unknown[0]!r} for training; choose from auto, packed, strided, "
+                        "chunked, flex, flash")
     device = parse_device(device)
     result = train_bench(shape, ctxs, patterns, device=device, dtype=parse_dtype(dtype, device), steps=steps,
                          warmup=warmup, baseline=not no_baseline, compile=compile_layers,
-                         offload_activations=offload_activations, layers=layers,
-                         log=click.echo)
+                         offload_activations=offload_setting("off" if no_offload else offload_activations),
+                         backends=backends, layers=layers, log=click.echo)
     _write_outputs(result, markdown_train(result), json_path, markdown_path)

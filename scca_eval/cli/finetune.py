@@ -14,6 +14,11 @@ _LL_README = "LongLoRA's README command"
 _HF = "transformers' Trainer default, as LongLoRA's run used"
 
 
+def offload_setting(text: str) -> bool | str:
+    """--offload-activations auto|on|off -> the recipe's "auto", True or False."""
+    return {"on": True, "off": False}.get(text, text)
+
+
 @click.command()
 @click.option("--model", "-m", default="default", show_default=True,
               help="Base model: 'default' (embedded SmolLM2-135M), a Hugging Face model folder or hub id, "
@@ -64,10 +69,17 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
               help=f"Recompute each decoder layer in the backward pass to save memory ({_LL}).")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers (torch.compile; fused elementwise kernels).")
-@click.option("--offload-activations/--no-offload-activations", default=True, show_default=True,
+@click.option("--offload-activations", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              is_flag=False, flag_value="on",
               help="On a GPU, keep what the backward pass needs (under --gradient-checkpointing: each decoder "
-                   "layer's input) in pinned host memory, not on the GPU: memory that grows with ctx x layers, "
-                   "for a copy each way.")
+                   "layer's input, memory that grows with ctx x layers) in pinned host memory, for a copy each "
+                   "way. auto: the first pass runs offloaded and measures what keeping would need (saved "
+                   "activations, the pass's peak, the optimizer state to come); later passes keep them on the "
+                   "GPU where that fits the free GPU memory (or --max-memory). Off a GPU nothing is offloaded.")
+@click.option("--no-offload-activations", "no_offload", is_flag=True, hidden=True,
+              help="The same as --offload-activations off.")
+@click.option("--max-memory", "max_memory_gib", type=float, default=None, metavar="GIB",
+              help="GPU memory in GiB that --offload-activations auto may plan with. Default: what the GPU has.")
 @click.option("--save-every", type=int, default=50, show_default=True, metavar="STEPS",
               help="Write checkpoint.pt (atomically) every this many steps, and at the end.")
 @click.option("--resume", is_flag=True,
@@ -85,8 +97,9 @@ _HF = "transformers' Trainer default, as LongLoRA's run used"
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, steps, batch_size, grad_accum, tokens_per_step,
              lr, warmup_steps, weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, lora_targets,
-             trainable, dtype, device, gradient_checkpointing, compile_layers, offload_activations, save_every, resume,
-             keep_checkpoint, chunk_size, dilation, attention_backend, allow_long_context, gpus, quiet):
+             trainable, dtype, device, gradient_checkpointing, compile_layers, offload_activations, no_offload,
+             max_memory_gib, save_every, resume, keep_checkpoint, chunk_size, dilation, attention_backend,
+             allow_long_context, gpus, quiet):
     """LoRA fine-tuning under an attention pattern, with LongLoRA's recipe.
 
     Trains LoRA on the attention projections plus the embeddings and norms of MODEL on
@@ -133,7 +146,8 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
             warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
             trainable=trainable, gradient_checkpointing=gradient_checkpointing, compile=compile_layers,
-            offload_activations=offload_activations, save_every=save_every,
+            offload_activations=offload_setting("off" if no_offload else offload_activations),
+            max_memory_gib=max_memory_gib, save_every=save_every,
         )
     except UserError:
         if not ranks.is_main:  # every rank meets the same bad input; rank 0 says it

@@ -140,7 +140,7 @@ def pattern_settings_options(func):
         click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2."),
         click.option("--attention-backend", type=click.Choice(list(ATTENTION_BACKENDS)), default="auto",
                      show_default=True,
-                     help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU."),
+                     help="Kernel for sparse patterns: auto = the fastest measured for the case on a GPU (attention/backend_table.json), else packed (one varlen FlashAttention call per layer) where it runs, else strided; chunked on CPU."),
     ]):
         func = option(func)
     return func

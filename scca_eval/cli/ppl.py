@@ -57,7 +57,7 @@ HELP_SECTIONS = {
 @click.option("--attention-backend",
               type=click.Choice(ATTENTION_BACKENDS),
               default="auto", show_default=True,
-              help="Kernel for sparse patterns: auto = strided SDPA layout on GPU, chunked on CPU.")
+              help="Kernel for sparse patterns: auto = the fastest measured for the case on a GPU (attention/backend_table.json), else packed (one varlen FlashAttention call per layer) where it runs, else strided; chunked on CPU.")
 @click.option("--batch-size", "-b", type=int, default=None,
               help="Windows per forward pass. Default: about 8k tokens per batch on CPU, 16k on GPU, and "
                    "no more windows than the task has of full length.")

@@ -50,8 +50,8 @@ HELP_SECTIONS = {
               help="Evaluate a ctx beyond what the model's RoPE settings cover (with one warning).")
 @click.option("--attention-backend",
               type=click.Choice(ATTENTION_BACKENDS),
-              default=None, help="Kernel for sparse patterns. Default: auto (strided SDPA layout on GPU, "
-                                 "chunked on CPU).")
+              default=None, help="Kernel for sparse patterns. Default: auto (the fastest measured for the "
+                                 "case on a GPU, else packed where it runs, else strided; chunked on CPU).")
 @click.option("--adapter", type=click.Path(), default=None,
               help="LoRA adapter folder for every model of the sweep (a model's own in the sweep file wins).")
 @rope_scaling_options(" For every model; a model's own in the sweep file wins.")

@@ -11,6 +11,7 @@ On a GPU the tensors autograd keeps for the backward pass can wait in pinned hos
 (``Recipe.offload_activations``, torch's ``save_on_cpu``). Under gradient checkpointing
 those are mainly each decoder layer's input, ``[batch, ctx, hidden]`` per layer, which
 otherwise grow with ctx × layers; each comes back to the GPU when its layer is recomputed.
+By default they are offloaded only where keeping them would not fit (training/offload.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..distributed import SINGLE, all_agree
 from .lora import trainable_parameters
+from .offload import ActivationPlace
 from .recipe import Recipe
 from .windows import TrainingStream, batch_ids
 
@@ -107,7 +109,8 @@ class Trainer:
     """Runs steps of the recipe over the stream; ``history`` says where it stands."""
 
     def __init__(self, peft_model, stream: TrainingStream, recipe: Recipe, device: torch.device,
-                 autocast_dtype: torch.dtype | None, history: History | None = None, ranks=SINGLE):
+                 autocast_dtype: torch.dtype | None, history: History | None = None, ranks=SINGLE,
+                 notify=None):
         self.model, self.stream, self.recipe, self.device = peft_model, stream, recipe, device
         self.ranks = ranks
         self.optimizer, self.scheduler = make_optimizer(peft_model, recipe)
@@ -115,17 +118,12 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.history = history or History()
         self.stop_requested = False  # set from a signal handler: finish no more passes
+        self.activations = ActivationPlace(recipe.offload_activations, device, recipe.max_memory_gib, notify)
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def _saved_tensors_place(self):
-        """Where autograd keeps what the backward pass needs: pinned host memory when offloading."""
-        if not (self.recipe.offload_activations and self.device.type == "cuda"):
-            return contextlib.nullcontext()
-        return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
     def step(self) -> dict:
         """One optimizer step; returns its loss, lr, gradient norm, tokens and seconds."""
@@ -144,9 +142,10 @@ class Trainer:
                 first = history.position + index * recipe.batch_size
                 ids = torch.from_numpy(batch_ids(self.stream, recipe.seed, first, recipe.batch_size))
                 ids = ids.to(self.device, non_blocking=True)
-                with self._autocast(), self._saved_tensors_place():
+                with self._autocast(), self.activations.forward():
                     pass_nll = window_nll_sum(self.model, ids, recipe.loss_chunk)
                 (pass_nll / targets).backward()
+                self.activations.after_pass(self.parameters, bool(self.optimizer.state))
                 nll += pass_nll.detach().double()
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped

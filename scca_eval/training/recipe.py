@@ -69,7 +69,10 @@ class Recipe:
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE
     gradient_checkpointing: bool = True
     compile: bool = False
-    offload_activations: bool = True  # on a GPU: what autograd keeps for the backward pass waits in host memory
+    # on a GPU, whether what autograd keeps for the backward pass waits in host memory:
+    # True, False, or "auto" (only where keeping it would not fit; training/offload.py)
+    offload_activations: bool | str = "auto"
+    max_memory_gib: float | None = None  # GPU memory auto may plan with (default: what the device has)
     save_every: int = 50
     loss_chunk: int = 1024  # positions per chunk of the LM head's loss (never full fp32 logits)
     extra: dict = field(default_factory=dict)
@@ -104,6 +107,11 @@ class Recipe:
                 raise UserError(f"{option} must be a number of at least 0 (got {value!r})")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be at least 0 and below 1 (got {self.lora_dropout!r})")
+        if self.offload_activations not in (True, False, "auto"):
+            raise UserError(f"--offload-activations must be auto, on or off (got {self.offload_activations!r})")
+        if self.max_memory_gib is not None and not (isinstance(self.max_memory_gib, (int, float))
+                                                    and math.isfinite(self.max_memory_gib) and self.max_memory_gib > 0):
+            raise UserError(f"--max-memory must be a number of GiB above 0 (got {self.max_memory_gib!r})")
         if not self.lora_targets:
             raise UserError("--lora-targets names no module; give e.g. q_proj,k_proj,v_proj,o_proj")
 

@@ -46,7 +46,7 @@ def device_name(device: torch.device) -> str:
 
 def training_record(*, model: dict, pattern_name: str, pattern: dict, rope_scaling, ctx: int, data: dict,
                     recipe: dict, history: History, dtype: str, device: torch.device, resumed_from: int | None,
-                    attention_backend: str, finished: bool) -> dict:
+                    attention_backend: str, finished: bool, activations: dict | None = None) -> dict:
     seconds = history.seconds
     return {
         "schema": SCHEMA,
@@ -76,6 +76,8 @@ def training_record(*, model: dict, pattern_name: str, pattern: dict, rope_scali
             "peak_memory": peak_memory(device),
             "device": device_name(device),
             "resumed_from_step": resumed_from,
+            # where the activations waited for the backward pass (training/offload.py)
+            "activations": activations,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "versions": versions(),

@@ -131,7 +131,7 @@ def finetune(
     autocast = None if weights_dtype == torch.float32 else weights_dtype
     if autocast is not None:
         keep_activations_in(peft_model, autocast)
-    trainer = Trainer(peft_model, stream, recipe, device_, autocast, ranks=ranks)
+    trainer = Trainer(peft_model, stream, recipe, device_, autocast, ranks=ranks, notify=say)
 
     key = ckpt.run_key(model=described, pattern=spec.to_dict(), rope_scaling=described["rope_scaling"], ctx=ctx,
                        data=stream.fingerprint, recipe=recipe.to_dict(), dtype=str(weights_dtype))
@@ -151,7 +151,8 @@ def finetune(
             model=described, pattern_name=record_pattern_name(spec), pattern=spec.to_dict(),
             rope_scaling=described["rope_scaling"], ctx=ctx, data=stream.describe(), recipe=recipe.to_dict(),
             history=trainer.history, dtype=str(weights_dtype).removeprefix("torch."), device=device_,
-            resumed_from=resumed_at, attention_backend=attention_backend, finished=finished)
+            resumed_from=resumed_at, attention_backend=attention_backend, finished=finished,
+            activations=trainer.activations.describe())
 
     checkpoint_path = out / ckpt.CHECKPOINT
     label = f"ctx {ctx} · {record_pattern_name(spec)} · finetune"

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The packed attention backend on one GPU (H100 or H200), in about 8 minutes:
+#   (a) its GPU tests (FlashAttention's varlen kernel in bf16 against float64 references,
+#       forward and gradients; --offload-activations auto's measurement),
+#   (b) attention alone for every backend, forward and forward+backward: the SmolLM2-135M
+#       head shape (9 query / 3 key-value heads, dim 64) at 16k and 32k and the LLaMA-2-7B
+#       one (32/32, dim 128) at 8k, merged into auto's backend table,
+#   (c) the fine-tuning step with the new defaults (auto backend from that table, activations
+#       offloaded only where needed) next to the strided backend: SmolLM2-135M shape at 16k and
+#       LLaMA-2-7B shape at 8k, full attention and every preset,
+#   (d) whole-model evaluation throughput, SmolLM2-135M shape at 16k,
+#   (e) FlexAttention at 16k last (it compiles its kernels; a timeout there costs nothing else).
+# Everything lands in OUT/packed_round.tar.gz (rewritten after every step, so a run cut short
+# keeps what it finished); OUT/run.log and OUT/backend_table.json (the table to commit as
+# scca_eval/attention/backend_table.json) also lie beside it. The timeouts add up to under
+# 9.5 minutes; a normal run takes about 6.
+# Usage: benchmarks/packed_round.sh [OUT]    (default: $OUT)
+set -uo pipefail
+out=${1:-${OUT:?give an output folder or set OUT}}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+log="$work/run.log"
+table="$work/backend_table.json"
+pack() {  # what is finished so far, into OUT
+  cp "$log" "$out/run.log"
+  [ -f "$table" ] && cp "$table" "$out/backend_table.json"
+  tar -czf "$out/packed_round.tar.gz.tmp" -C "$work" . && mv "$out/packed_round.tar.gz.tmp" "$out/packed_round.tar.gz"
+}
+step() { [ -f "$log" ] && pack; echo "== $(date +%T) $*" | tee -a "$log"; }
+trap pack EXIT
+smollm=(--heads 9 --kv-heads 3 --head-dim 64)
+llama=(--heads 32 --kv-heads 32 --head-dim 128)
+
+step "environment"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, transformers, triton, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__)"
+  python3 -c "import inspect; from torch.nn.attention.varlen import varlen_attn; print('varlen_attn', inspect.signature(varlen_attn))"
+} 2>&1 | tee -a "$log"
+
+step "(a) GPU tests of the packed backend, auto, and --offload-activations auto"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -k "packed or auto or varlen or offload" \
+    tests/test_packed.py tests/test_attention.py tests/test_training_attention.py tests/test_offload.py \
+    tests/test_finetune.py > "$work/pytest_gpu.log" 2>&1
+tail -15 "$work/pytest_gpu.log" | tee -a "$log"
+
+step "(b) attention alone, SmolLM2-135M heads at 16k and 32k: packed, strided, chunked; fwd and fwd+bwd"
+cp scca_eval/attention/backend_table.json "$table"
+timeout 90 python3 -m scca_eval bench attention "${smollm[@]}" --n 16384,32768 --backend packed,strided,chunked \
+    --mode fwd,fwd+bwd --repeats 10 --json "$work/attention_smollm2.json" --markdown "$work/attention_smollm2.md" \
+    --write-table "$table" 2>&1 | tee -a "$log" | grep -v "^  "
+
+step "(b) attention alone, LLaMA-2-7B heads at 8k: packed, strided, chunked; fwd and fwd+bwd"
+timeout 50 python3 -m scca_eval bench attention "${llama[@]}" --n 8192 --backend packed,strided,chunked \
+    --mode fwd,fwd+bwd --repeats 10 --json "$work/attention_llama2.json" --markdown "$work/attention_llama2.md" \
+    --write-table "$table" 2>&1 | tee -a "$log" | grep -v "^  "
+# the steps below run auto from the table just measured
+cp "$table" scca_eval/attention/backend_table.json
+
+step "(c) fine-tuning step, SmolLM2-135M shape at 16k: baseline, full, every preset on auto and strided"
+timeout 70 python3 -m scca_eval bench train --shape smollm2-135m --ctx 16384 --backend auto,strided \
+    --json "$work/train_smollm2_16k.json" --markdown "$work/train_smollm2_16k.md" 2>&1 | tee -a "$log"
+
+step "(c) fine-tuning step, LLaMA-2-7B shape at 8k: baseline, full, every preset on auto and strided"
+timeout 90 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --backend auto,strided \
+    --json "$work/train_llama2_8k.json" --markdown "$work/train_llama2_8k.md" 2>&1 | tee -a "$log"
+
+step "(d) evaluation throughput, SmolLM2-135M shape at 16k: engine and plain loop, auto and strided"
+timeout 60 python3 -m scca_eval bench model --shape smollm2-135m --ctx 16384 --backend auto,strided --repeats 2 \
+    --json "$work/model_smollm2_16k.json" --markdown "$work/model_smollm2_16k.md" 2>&1 | tee -a "$log" | tail -20
+
+step "(e) attention alone, FlexAttention (compiled), SmolLM2-135M heads at 16k"
+timeout 50 python3 -m scca_eval bench attention "${smollm[@]}" --n 16384 --backend flex --mode fwd,fwd+bwd \
+    --repeats 10 --no-check --json "$work/attention_smollm2_flex.json" --write-table "$table" 2>&1 | tee -a "$log" \
+    | grep -v "^  "
+step "done"
