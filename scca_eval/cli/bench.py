@@ -128,7 +128,7 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 
 @bench.command("model")
 @click.option("--shape", default="llama2-7b", show_default=True,
-              help="llama2-7b, llama2-13b or smollm2-135m (random weights), a config .json file "
+              help="llama2-7b, llama2-13b, llama2-70b or smollm2-135m (random weights), a config .json file "
                    "(random weights), or a real model as for `ppl --model`.")
 @click.option("--ctx", "ctxs", type=INT_LIST, default="8192,32768", show_default=True,
               help="Window lengths, comma-separated.")
@@ -190,7 +190,7 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 
 @bench.command("train")
 @click.option("--shape", default="llama2-7b", show_default=True,
-              help="llama2-7b, llama2-13b or smollm2-135m, or a config .json file (random weights).")
+              help="llama2-7b, llama2-13b, llama2-70b or smollm2-135m, or a config .json file (random weights).")
 @click.option("--ctx", "ctxs", type=INT_LIST, default="8192,32768", show_default=True,
               help="Window lengths, comma-separated.")
 @click.option("--pattern", "patterns", type=NAME_LIST, default=MODEL_PATTERNS, show_default=True,

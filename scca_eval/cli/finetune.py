@@ -94,12 +94,16 @@ def offload_setting(text: str) -> bool | str:
               help="Data parallel over N GPUs of this machine: N processes (torchrun) share the passes of "
                    "every step (--grad-accum a multiple of N) and sum their gradients; rank 0 writes. Same as "
                    "`torchrun --nproc-per-node N -m scca_eval finetune ...`.")
+@click.option("--shard/--replicate", "shard", default=False, show_default=True,
+              help="How the N processes of --gpus N (or torchrun) hold the model: --replicate gives each a whole "
+                   "copy; --shard splits every weight, gradient and AdamW moment over them (FSDP2), for a model "
+                   "too large for one GPU. Same files, same weights within float tolerance.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, steps, batch_size, grad_accum, tokens_per_step,
              lr, warmup_steps, weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, lora_targets,
              trainable, dtype, device, gradient_checkpointing, compile_layers, offload_activations, no_offload,
              max_memory_gib, save_every, resume, keep_checkpoint, chunk_size, dilation, attention_backend,
-             allow_long_context, gpus, quiet):
+             allow_long_context, gpus, shard, quiet):
     """LoRA fine-tuning under an attention pattern, with LongLoRA's recipe.
 
     Trains LoRA on the attention projections plus the embeddings and norms of MODEL on
@@ -117,6 +121,7 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
       scca-eval finetune --pattern longmixed --ctx 16384 --rope-scaling linear:2 --steps 200 --out ckpt/longmixed
       scca-eval ppl --adapter ckpt/longmixed --ctx 16384
       scca-eval finetune --model ./Llama-2-7b-hf --pattern s2 --ctx 8192 --rope-scaling longlora --out ckpt/s2
+      scca-eval finetune --model ./Llama-2-70b-hf --ctx 8192 --rope-scaling longlora --gpus 8 --shard --out ckpt/70b
     """
     import os
 
@@ -139,7 +144,7 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
         record = run_finetune(
             model, ctx=ctx, out=out, pattern=pattern, tasks=tasks, data=data, rope_scaling=rope_scaling,
             original_ctx=original_ctx, chunk_size=chunk_size, dilation=dilation,
-            attention_backend=attention_backend, dtype=dtype, device=device, resume=resume,
+            attention_backend=attention_backend, dtype=dtype, device=device, resume=resume, shard=shard,
             keep_checkpoint=keep_checkpoint,
             allow_long_context=allow_long_context, progress=None if quiet or not ranks.is_main else TrainingBar(),
             steps=steps, batch_size=batch_size, grad_accum=grad_accum, tokens_per_step=tokens_per_step, lr=lr,

@@ -166,6 +166,15 @@ def _load_config(source: ModelSource, trust_remote_code: bool):
     return config
 
 
+def _empty_model(source: ModelSource, config, dtype, trust_remote_code: bool):
+    """The model of ``config`` on the meta device: every weight's shape and dtype, no storage."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                trust_remote_code=trust_remote_code)
+
+
 def _load_weights(source: ModelSource, config, dtype, trust_remote_code: bool, device_map):
     from transformers import AutoModelForCausalLM
 
@@ -256,6 +265,7 @@ def load_model(
     tokenizer: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     device_map=None,
+    empty_weights: bool = False,
 ):
     """Load a causal LM and its tokenizer, ready for evaluation (eval mode, no grad needed).
 
@@ -279,6 +289,10 @@ def load_model(
         trust_remote_code: allow code from the model folder (off unless asked).
         device_map: e.g. ``"auto"`` to spread a large model over devices (accelerate);
             then ``device`` must be left unset.
+        empty_weights: build the model on the meta device from its config and read no
+            weights (``device`` is then ignored): the ranks of a sharded fine-tuning run
+            other than rank 0, which receive their shards from rank 0. The record's
+            fingerprint still hashes the files.
 
     Returns:
         ``(model, tokenizer)``. Raises :class:`UserError` for any bad input.
@@ -311,9 +325,12 @@ def load_model(
     source = resolve_source(model)
     config = _load_config(source, trust_remote_code)
     rope_applied = rope.apply_rope_scaling(config, rope_request, original_ctx)
-    loaded = _load_weights(source, config, torch_dtype, trust_remote_code, device_map)
+    if empty_weights:
+        loaded = _empty_model(source, config, torch_dtype, trust_remote_code)
+    else:
+        loaded = _load_weights(source, config, torch_dtype, trust_remote_code, device_map)
     rope.dynamic_rope_per_forward(loaded)
-    if torch_device is not None:
+    if torch_device is not None and not empty_weights:
         loaded.to(torch_device)
     if source.kind == "hub" and source.path is None:
         from huggingface_hub import try_to_load_from_cache

@@ -3,8 +3,9 @@
 ``finetune(model, ctx=, out=, pattern=, ...)`` (``run.py``) trains and writes an adapter
 folder that ``ppl --adapter`` loads. One job per module: ``recipe.py`` the options and
 their defaults, ``windows.py`` the training windows, ``lora.py`` peft and the fully
-trained weights, ``loop.py`` one optimizer step, ``checkpoint.py`` checkpoints and the
-output folder, ``record.py`` training.json.
+trained weights, ``loop.py`` one optimizer step, ``sharding.py`` the model split over
+several processes (FSDP2, ``--shard``), ``checkpoint.py`` checkpoints and the output
+folder, ``record.py`` training.json.
 """
 
 from .recipe import Recipe

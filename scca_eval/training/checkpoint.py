@@ -10,6 +10,10 @@ so the resumed run ends exactly where an uninterrupted one would. It is read wit
 
 The run's results go next to it: the peft adapter (``adapter_config.json``,
 ``adapter_model.safetensors``), ``trainable_params.bin`` and last ``training.json``.
+
+A sharded run (``--shard``) writes the same files: its weights and AdamW's state are
+gathered whole on rank 0 first (``sharding.full_trainable_state``), so every rank calls
+``save`` and ``trainable_state`` and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from ..models.adapters import ADAPTER_CONFIG, TRAINABLE_PARAMS
 from ..files import atomic_write, atomic_write_text
 from .lora import fully_trained_state, trainable_parameters
 from .loop import History, Trainer
+from .sharding import (full_optimizer_state, full_trainable_state, load_optimizer_state,
+                       load_trainable_state)
 
 CHECKPOINT = "checkpoint.pt"
 TRAINING_RECORD = "training.json"
@@ -80,14 +86,21 @@ def _rng_state() -> dict:
     return state
 
 
-def save(path: Path, key: dict, trainer: Trainer) -> None:
-    """Write the checkpoint atomically (a full disk leaves the previous one as it was)."""
+def save(path: Path, key: dict, trainer: Trainer, write: bool = True) -> None:
+    """Write the checkpoint atomically (a full disk leaves the previous one as it was).
+
+    Every rank of a sharded run calls it (the state is gathered from all); only the one
+    with ``write`` (rank 0) writes."""
+    trainable = full_trainable_state(trainer.model)
+    optimizer = full_optimizer_state(trainer.model, trainer.optimizer)
+    if not write:
+        return
     state = {
         "format": FORMAT,
         "key": json.dumps(key, sort_keys=True),
         "history": trainer.history.to_dict(),
-        "trainable": {name: p.detach().cpu() for name, p in trainable_parameters(trainer.model).items()},
-        "optimizer": trainer.optimizer.state_dict(),
+        "trainable": trainable,
+        "optimizer": optimizer,
         "scheduler": trainer.scheduler.state_dict(),
         "rng": _rng_state(),
     }
@@ -129,10 +142,8 @@ def restore(path: Path, key: dict, trainer: Trainer) -> None:
     if set(state["trainable"]) != set(own):
         raise UserError(f"the checkpoint in {path.parent} does not fit this model's trainable weights; "
                         "resume with the options it was started with")
-    with torch.no_grad():
-        for name, parameter in own.items():
-            parameter.copy_(state["trainable"][name])
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    load_trainable_state(trainer.model, state["trainable"])
+    load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -140,15 +151,23 @@ def restore(path: Path, key: dict, trainer: Trainer) -> None:
     trainer.history = History.from_dict(state["history"])
 
 
-def write_results(out: Path, peft_model, record: dict) -> None:
-    """The adapter folder ``ppl --adapter`` and LongLoRA's merge script read; training.json last."""
+def trainable_state(peft_model) -> dict[str, torch.Tensor]:
+    """The trained weights, whole, for ``write_results`` (every rank calls it; see ``save``)."""
+    return full_trainable_state(peft_model)
+
+
+def write_results(out: Path, peft_model, trained: dict[str, torch.Tensor], record: dict) -> None:
+    """The adapter folder ``ppl --adapter`` and LongLoRA's merge script read; training.json last.
+
+    ``trained``: :func:`trainable_state` (whole tensors, also when the model is sharded)."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
     try:
         try:
-            # The trained embeddings go to trainable_params.bin (LongLoRA's layout), not into the
-            # adapter; saying so also keeps peft from asking the hub whether the vocabulary grew.
-            peft_model.save_pretrained(str(staging), save_embedding_layers=False)
+            # peft picks the LoRA entries out of the state given (the model may hold only shards);
+            # the trained embeddings go to trainable_params.bin (LongLoRA's layout), not into the
+            # adapter, and saying so keeps peft from asking the hub whether the vocabulary grew.
+            peft_model.save_pretrained(str(staging), state_dict=trained, save_embedding_layers=False)
         except OSError as error:
             raise UserError(f"cannot write the adapter to {out}: {error.strerror or error}; free some space "
                             "or choose another --out") from None
@@ -156,7 +175,7 @@ def write_results(out: Path, peft_model, record: dict) -> None:
             os.replace(staging / name, out / name)  # atomic per file
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    fully_trained = fully_trained_state(peft_model)
+    fully_trained = fully_trained_state(trained)
     target = out / TRAINABLE_PARAMS
     if fully_trained:
         buffer = io.BytesIO()

@@ -12,6 +12,9 @@ On a GPU the tensors autograd keeps for the backward pass can wait in pinned hos
 those are mainly each decoder layer's input, ``[batch, ctx, hidden]`` per layer, which
 otherwise grow with ctx × layers; each comes back to the GPU when its layer is recomputed.
 By default they are offloaded only where keeping them would not fit (training/offload.py).
+
+The forward pass of a step goes through :class:`WindowLoss`, one module, so that a sharded
+run (``sharding.py``) has a root module through which FSDP runs every layer and the head.
 """
 
 from __future__ import annotations
@@ -79,6 +82,32 @@ def window_nll_sum(peft_model, input_ids: torch.Tensor, loss_chunk: int = 1024) 
     return total
 
 
+class WindowLoss(torch.nn.Module):
+    """The training forward pass as one module: token windows in, summed next-token NLL out.
+
+    A sharded run (FSDP2) needs one root module whose forward runs every sharded layer and
+    the loss head; the model's own forward would compute the full logits."""
+
+    def __init__(self, peft_model, loss_chunk: int = 1024):
+        super().__init__()
+        self.model = peft_model
+        self.loss_chunk = loss_chunk
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return window_nll_sum(self.model, input_ids, self.loss_chunk)
+
+
+def clip_gradients(parameters: list, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` in its two halves, so that a norm over sharded gradients (DTensors,
+    each rank holding a part) is made whole before the gradients are scaled by it."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if hasattr(total, "full_tensor"):  # a DTensor: the norm of this rank's shards, partial
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total
+
+
 def _sum_over_ranks(tensors: list[torch.Tensor], ranks) -> None:
     """Sum each tensor over the ranks, in place (one flat buffer per dtype: few collectives)."""
     import torch.distributed as dist
@@ -110,9 +139,12 @@ class Trainer:
 
     def __init__(self, peft_model, stream: TrainingStream, recipe: Recipe, device: torch.device,
                  autocast_dtype: torch.dtype | None, history: History | None = None, ranks=SINGLE,
-                 notify=None):
+                 notify=None, loss: WindowLoss | None = None, sharded: bool = False):
         self.model, self.stream, self.recipe, self.device = peft_model, stream, recipe, device
         self.ranks = ranks
+        # Sharded (FSDP2): ``loss`` is the sharded root and FSDP sums the gradients itself.
+        self.loss = loss if loss is not None else WindowLoss(peft_model, recipe.loss_chunk)
+        self.sharded = sharded
         self.optimizer, self.scheduler = make_optimizer(peft_model, recipe)
         self.parameters = list(trainable_parameters(peft_model).values())
         self.autocast_dtype = autocast_dtype
@@ -143,7 +175,7 @@ class Trainer:
                 ids = torch.from_numpy(batch_ids(self.stream, recipe.seed, first, recipe.batch_size))
                 ids = ids.to(self.device, non_blocking=True)
                 with self._autocast(), self.activations.forward():
-                    pass_nll = window_nll_sum(self.model, ids, recipe.loss_chunk)
+                    pass_nll = self.loss(ids)
                 (pass_nll / targets).backward()
                 self.activations.after_pass(self.parameters, bool(self.optimizer.state))
                 nll += pass_nll.detach().double()
@@ -151,9 +183,12 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped
             raise
         if ranks.is_distributed:
-            _sum_over_ranks([p.grad for p in self.parameters] + [nll], ranks)
+            # Replicated: every rank holds whole gradients of its passes; sum them. Sharded: FSDP has
+            # already summed them into each rank's shard (reduce-scatter); only the loss is left.
+            grads = [] if self.sharded else [p.grad for p in self.parameters]
+            _sum_over_ranks(grads + [nll], ranks)
         norm_limit = recipe.max_grad_norm if recipe.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, norm_limit)
+        grad_norm = clip_gradients(self.parameters, norm_limit)
         lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()

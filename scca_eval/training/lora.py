@@ -48,14 +48,16 @@ def trainable_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
 
 
-def fully_trained_state(peft_model) -> dict[str, torch.Tensor]:
-    """The trained non-LoRA weights under the base model's keys (``trainable_params.bin``)."""
+def fully_trained_state(trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained non-LoRA weights under the base model's keys (``trainable_params.bin``).
+
+    ``trained``: every trained weight by parameter name, whole (``sharding.full_trainable_state``)."""
     state = {}
-    for name, parameter in trainable_parameters(peft_model).items():
+    for name, tensor in trained.items():
         if "lora_" in name:
             continue
         key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-        state[key] = parameter.detach().to("cpu", copy=True).contiguous()
+        state[key] = tensor.detach().to("cpu", copy=True).contiguous()
     return state
 
 

@@ -26,6 +26,7 @@ from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, k
                    trainable_parameters)
 from .loop import StepAbandoned, Trainer
 from .recipe import DEFAULT_TASKS, Recipe, split_names
+from .sharding import shard_for_training
 from .record import training_record
 from .windows import build_stream
 
@@ -61,6 +62,7 @@ def finetune(
     device: str | None = None,
     resume: bool = False,
     keep_checkpoint: bool = False,
+    shard: bool = False,
     allow_long_context: bool = False,
     progress: TrainingProgress | None = None,
     notify: Callable[[str], None] | None = None,
@@ -77,13 +79,16 @@ def finetune(
     ``training.json`` and ``checkpoint.pt``; ``resume=True`` continues the run whose
     checkpoint is there. A finished run removes its checkpoint (it holds the trainable
     weights and both AdamW moments) unless ``keep_checkpoint``: keep it to extend the run
-    later with more ``steps``.
+    later with more ``steps``. ``shard=True`` (several processes, e.g. under torchrun) splits
+    the model over the processes with FSDP2 instead of giving each a whole copy, for models
+    larger than one GPU (:mod:`.sharding`); it writes the same files.
     """
     from ..data import load_task, task_from_data_path, tokenize_task
     from ..models import load_model, model_record, parse_rope_scaling, trained_length
+    from ..models.loading import parse_device, parse_dtype
     from ..validation import resolve_patterns
 
-    from ..distributed import current
+    from ..distributed import current, share_from_main
 
     ranks = current()  # several processes under torchrun: the passes of each step are shared
     say = (notify or _say) if ranks.is_main else (lambda message: None)
@@ -97,6 +102,11 @@ def finetune(
     except TypeError as error:
         raise UserError(f"finetune: {error}") from None
     recipe.check()
+    if shard and not ranks.is_distributed:
+        raise UserError("--shard splits the model over several processes: give --gpus N (N of at least 2), or "
+                        "start with torchrun --nproc-per-node N")
+    if shard and recipe.compile:
+        raise UserError("--compile is not available with --shard; leave one of them out")
     if recipe.accumulation % ranks.world_size:
         raise UserError(f"{ranks.world_size} processes share each step's {recipe.accumulation} passes: give "
                         f"--grad-accum (or --tokens-per-step) as a multiple of {ranks.world_size}")
@@ -109,16 +119,24 @@ def finetune(
         names = list(DEFAULT_TASKS)
     task_specs = [load_task(name) for name in names] + [task_from_data_path(path) for path in paths]
 
-    lm, tokenizer = load_model(model, pattern=spec, dtype=dtype, device=device,
-                               attention_backend=attention_backend, rope_scaling=rope_scaling, original_ctx=original_ctx,
-                               finetuned_ctx=ctx)
+    load_options = dict(pattern=spec, attention_backend=attention_backend, rope_scaling=rope_scaling,
+                        original_ctx=original_ctx, finetuned_ctx=ctx)
+    if shard:
+        # The weights are read once, by rank 0, into host memory; the other ranks build the same
+        # model on the meta device and receive their shards from rank 0 (sharding.py).
+        rank_device = parse_device(device)
+        dtype = parse_dtype(dtype, rank_device)
+        lm, tokenizer = load_model(model, dtype=dtype, device="cpu", empty_weights=not ranks.is_main, **load_options)
+    else:
+        lm, tokenizer = load_model(model, dtype=dtype, device=device, **load_options)
     limit = trained_length(lm)
     if limit is not None and ctx > limit and not allow_long_context:
         raise UserError(f"ctx {ctx} is beyond the {limit} tokens the model's RoPE settings cover: extend them "
                         f"with --rope-scaling longlora (LongLoRA's rule, here linear:{-(-ctx // limit)}) or another "
                         "scaling, or train without one with --allow-long-context")
-    described = model_record(lm, tokenizer)
-    device_ = next(lm.parameters()).device
+    # The weights are fingerprinted once, by rank 0 (a 70B model is 129 GiB to hash).
+    described = share_from_main(model_record(lm, tokenizer) if ranks.is_main else None, ranks)
+    device_ = rank_device if shard else next(lm.parameters()).device
     weights_dtype = next(lm.parameters()).dtype
 
     stream = build_stream([tokenize_task(t, tokenizer) for t in task_specs], tokenizer.eos_token_id, ctx)
@@ -131,7 +149,11 @@ def finetune(
     autocast = None if weights_dtype == torch.float32 else weights_dtype
     if autocast is not None:
         keep_activations_in(peft_model, autocast)
-    trainer = Trainer(peft_model, stream, recipe, device_, autocast, ranks=ranks, notify=say)
+    loss = None
+    if shard:
+        loss = shard_for_training(peft_model, device_, ranks.world_size, ranks.is_main, recipe.loss_chunk)
+    trainer = Trainer(peft_model, stream, recipe, device_, autocast, ranks=ranks, notify=say, loss=loss,
+                      sharded=shard)
 
     key = ckpt.run_key(model=described, pattern=spec.to_dict(), rope_scaling=described["rope_scaling"], ctx=ctx,
                        data=stream.fingerprint, recipe=recipe.to_dict(), dtype=str(weights_dtype))
@@ -166,8 +188,7 @@ def finetune(
                 if progress is not None:
                     progress.step(result)
                 if trainer.history.step % recipe.save_every == 0 or trainer.history.step == recipe.steps:
-                    if ranks.is_main:
-                        ckpt.save(checkpoint_path, key, trainer)
+                    ckpt.save(checkpoint_path, key, trainer, write=ranks.is_main)
                     saved_step = trainer.history.step
     except torch.OutOfMemoryError:
         kept = f"; the checkpoint of step {saved_step} in {out} is kept" if saved_step else ""
@@ -177,8 +198,7 @@ def finetune(
     except StepAbandoned:  # the first Ctrl-C: the model is as the last finished step left it
         if trainer.history.step == 0:
             raise Interrupted("interrupted before the first step finished; nothing to save") from None
-        if ranks.is_main:
-            ckpt.save(checkpoint_path, key, trainer)
+        ckpt.save(checkpoint_path, key, trainer, write=ranks.is_main)
         raise Interrupted(f"interrupted: step {trainer.history.step} of {recipe.steps} is saved in "
                           f"{checkpoint_path}; run the same command with --resume to continue") from None
     except KeyboardInterrupt:  # a second Ctrl-C stops at once, perhaps inside an update: nothing is saved
@@ -190,8 +210,10 @@ def finetune(
             progress.end()
     final = record(finished=True)
     final["runtime"]["processes"] = ranks.world_size
+    final["runtime"]["sharded"] = shard
+    trained = ckpt.trainable_state(peft_model)  # gathered from every rank when sharded
     if ranks.is_main:
-        ckpt.write_results(out, peft_model, final)
+        ckpt.write_results(out, peft_model, trained, final)
         if not keep_checkpoint:
             checkpoint_path.unlink(missing_ok=True)
     return final
