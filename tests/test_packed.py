@@ -445,11 +445,18 @@ def test_gpu_packed_bf16_matches_reference(monkeypatch, name, heads, kv_heads, h
 
 @pytest.mark.gpu
 def test_gpu_model_packed_equals_reference():
-    model = tiny_llama(heads=9, kv_heads=3, head_dim=16, seed=1).cuda().to(torch.bfloat16)
+    """A whole bf16 model under the packed kernel is as close to the float32 model under the
+    dense reference mask as the same bf16 model under that reference is: the kernel adds no
+    error of its own beyond bf16 rounding (two layers of bf16 already differ by about 1%)."""
+    model = tiny_llama(heads=9, kv_heads=3, head_dim=16, seed=1).cuda()
     ids = token_batch(batch=2, n=250).cuda()
     spec = resolve_pattern("longmixed", chunk_size=40)
-    packed_model, reference_model = copy.deepcopy(model), copy.deepcopy(model)
-    apply_pattern(packed_model, spec, backend="packed")
-    apply_pattern(reference_model, spec, backend="reference")
-    out, expected = logits(packed_model, ids).float(), logits(reference_model, ids).float()
-    assert float((out - expected).norm() / expected.norm()) < BF16_REL_TOL
+    exact = copy.deepcopy(model)
+    apply_pattern(exact, spec, backend="reference")
+    expected = logits(exact, ids).double()
+    errors = {}
+    for backend in ("packed", "reference"):
+        patterned = copy.deepcopy(model).to(torch.bfloat16)
+        apply_pattern(patterned, spec, backend=backend)
+        errors[backend] = float((logits(patterned, ids).double() - expected).norm() / expected.norm())
+    assert errors["packed"] < max(BF16_REL_TOL, 1.5 * errors["reference"]), errors

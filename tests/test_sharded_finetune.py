@@ -18,7 +18,8 @@ import torch
 from helpers import run_cli
 
 CTX = 64
-RECIPE = dict(ctx=CTX, pattern="s2", batch_size=2, grad_accum=2, lr=1e-3, warmup_steps=1)
+RECIPE = dict(ctx=CTX, pattern="s2", batch_size=2, grad_accum=2, lr=1e-3, warmup_steps=1,
+              keep_checkpoint=True)  # the tests compare optimizer states and resume finished runs
 
 
 def _ids(model_dir, n=CTX, seed=0):

@@ -14,8 +14,10 @@ base weights, then the LoRA weights on top.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,7 +231,8 @@ def attach_adapter(model, files: AdapterFiles, model_id: str, merge: bool):
         peft_config.modules_to_save = kept or None
 
     try:
-        peft_model = PeftModel(model, peft_config, adapter_name="default")
+        with quiet_peft():
+            peft_model = PeftModel(model, peft_config, adapter_name="default")
     except ValueError as error:  # "Target modules {...} not found in the base model"
         raise mismatch(str(error).splitlines()[0][:160]) from None
     try:
@@ -248,6 +251,15 @@ def attach_adapter(model, files: AdapterFiles, model_id: str, merge: bool):
     if merge:
         return peft_model.merge_and_unload()
     return peft_model.get_base_model()
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 answers with a
+    FutureWarning about its own renaming: nothing a user can act on, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def adapter_record(files: AdapterFiles, merged: bool, trainable_keys: list[str] | None) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MissingDependency, UserError
-from ..models.adapters import PEFT_PREFIX
+from ..models.adapters import PEFT_PREFIX, quiet_peft
 from .recipe import Recipe
 
 
@@ -27,7 +27,8 @@ def attach_lora(model, recipe: Recipe, base_model_name: str):
                         target_modules=list(recipe.lora_targets), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(recipe.seed)  # LoRA's A matrices start random: same seed, same start
     try:
-        peft_model = get_peft_model(model, config)
+        with quiet_peft():
+            peft_model = get_peft_model(model, config)
     except ValueError as error:  # "Target modules {...} not found in the base model"
         raise UserError(f"--lora-targets {','.join(recipe.lora_targets)} does not fit {type(model).__name__} "
                         f"({str(error).splitlines()[0][:160]}); name its linear layers, e.g. "
