@@ -39,7 +39,7 @@ step "build sdist and wheel" python -m build --outdir "$work/dist" "$repo"
 wheel="$(ls "$work"/dist/scca_eval-*.whl)"
 version="$(basename "$wheel" | cut -d- -f2)"
 
-python3 -m venv "$work/venv"
+step "fresh venv" python3 -m venv "$work/venv"
 # --no-compile: byte-compiling every module of torch at install costs more than compiling the few imported
 step "install the wheel into a fresh venv" \
     "$work/venv/bin/pip" install --no-compile torch==2.13.0 "$wheel[gguf]"
@@ -93,5 +93,4 @@ assert training["versions"]["scca_eval"] == version, training["versions"]
 for name in ["adapter/adapter_model.safetensors", "ppl_vs_ctx.png", "ppl_vs_ctx.svg", "pattern.png"]:
     assert Path(name).stat().st_size > 0, name
 EOF
-echo "wheel smoke: scca-eval $version passed in $((SECONDS - started)) s; CPU time (user, system) of its commands:"
-times | tail -n 1
+echo "wheel smoke: scca-eval $version passed in $((SECONDS - started)) s"
