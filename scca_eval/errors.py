@@ -11,7 +11,8 @@ class UserError(ValueError):
 
 
 class MissingDependency(UserError):
-    """An optional package is needed; the message names the extra to install."""
+    """A package is missing: the message names the extra that installs it, or (extra None) says
+    that scca-eval's default install includes it."""
 
     def __init__(self, package: str, extra: str | None, purpose: str):
         if extra is None:  # a dependency of the default install that is missing here

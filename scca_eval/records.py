@@ -153,6 +153,10 @@ def config_key(record: dict) -> str:
 # ---------------------------------------------------------------- building a record
 
 def package_versions() -> dict:
+    """The versions every record kind stores (evaluation, passkey, training.json): scca-eval's
+    own and those of the packages that compute the numbers (peft runs the adapters)."""
+    from importlib.metadata import version
+
     import torch
     import transformers
 
@@ -160,6 +164,7 @@ def package_versions() -> dict:
         "scca_eval": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "peft": version("peft"),
         "python": platform.python_version(),
     }
 

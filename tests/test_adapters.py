@@ -313,9 +313,10 @@ def test_missing_or_incomplete_adapter_folder(setup, tmp_path):
         load_model(str(setup["base_folder"]), adapter=str(setup["plain"]), trainable_params=str(tmp_path / "x.bin"))
 
 
-def test_peft_missing_names_the_extra(setup, monkeypatch):
+def test_peft_missing_says_how_to_install_it(setup, monkeypatch):
+    """peft is a dependency of the default install; an environment without it is told so."""
     real_find_spec = adapters.importlib.util.find_spec
     monkeypatch.setattr(adapters.importlib.util, "find_spec",
                         lambda name, *a: None if name == "peft" else real_find_spec(name, *a))
-    with pytest.raises(MissingDependency, match=r"scca-eval\[lora\]"):
+    with pytest.raises(MissingDependency, match=r"pip install peft \(scca-eval's default install includes it\)"):
         load_model(str(setup["base_folder"]), adapter=str(setup["plain"]))

@@ -150,6 +150,14 @@ def test_an_adapter_and_a_rope_scaling_that_differ_are_named_in_a_few_words():
                                   "RoPE scaling None → linear:2"]
 
 
+def test_versions_that_differ_are_named():
+    docs = base_docs()
+    base, new = make_record(docs), make_record(docs)
+    base["config"]["versions"] = {"scca_eval": "0.1.0", "torch": "2.13.0", "transformers": "5.25.0"}
+    new["config"]["versions"] = {"scca_eval": "0.2.0", "torch": "2.13.0", "transformers": "5.26.0"}
+    assert compare_records([base], [new]).differences == ["scca-eval 0.1.0 → 0.2.0", "transformers 5.25.0 → 5.26.0"]
+
+
 def test_cells_on_one_side_are_listed(sides, tmp_path, capsys):
     base, new = sides([1.0] * N_DOCS)
     write_record(make_record(base_docs(), pattern="longmixed", ctx=4096), tmp_path / "base")

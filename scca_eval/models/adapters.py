@@ -200,7 +200,7 @@ def load_trainable_params(model, state: dict[str, torch.Tensor], source: Path, m
 
 def _require_peft() -> None:
     if importlib.util.find_spec("peft") is None:
-        raise MissingDependency("peft", "lora", "Loading a LoRA adapter")
+        raise MissingDependency("peft", None, "Loading a LoRA adapter")
 
 
 def attach_adapter(model, files: AdapterFiles, model_id: str, merge: bool):

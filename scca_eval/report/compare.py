@@ -204,6 +204,7 @@ _LISTED_SETTINGS = {
     "adapter": _adapter,
     "RoPE scaling": _rope_scaling,
     "dtype": lambda r: r["config"].get("dtype"),
+    "scca-eval": lambda r: (r["config"].get("versions") or {}).get("scca_eval"),
     "torch": lambda r: (r["config"].get("versions") or {}).get("torch"),
     "transformers": lambda r: (r["config"].get("versions") or {}).get("transformers"),
 }

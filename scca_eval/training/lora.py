@@ -21,7 +21,7 @@ def attach_lora(model, recipe: Recipe, base_model_name: str):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise MissingDependency("peft", "lora", "Fine-tuning with LoRA") from None
+        raise MissingDependency("peft", None, "Fine-tuning with LoRA") from None
 
     config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                         target_modules=list(recipe.lora_targets), bias="none", task_type="CAUSAL_LM")

@@ -8,25 +8,16 @@ it is given.
 
 from __future__ import annotations
 
-import platform
 import resource
 import sys
 from datetime import datetime, timezone
 
 import torch
 
-from .. import __version__
+from ..records import package_versions
 from .loop import History
 
 SCHEMA = 1
-
-
-def versions() -> dict:
-    import peft
-    import transformers
-
-    return {"scca_eval": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -80,5 +71,5 @@ def training_record(*, model: dict, pattern_name: str, pattern: dict, rope_scali
             "activations": activations,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
-        "versions": versions(),
+        "versions": package_versions(),
     }
