@@ -3,7 +3,9 @@
 ``finetune(model, ctx=, out=, pattern=, ...)`` (``run.py``) trains and writes an adapter
 folder that ``ppl --adapter`` loads. One job per module: ``recipe.py`` the options and
 their defaults, ``windows.py`` the training windows, ``lora.py`` peft and the fully
-trained weights, ``loop.py`` one optimizer step, ``checkpoint.py`` checkpoints and the
+trained weights, ``loop.py`` one optimizer step, ``validation_loss.py`` the validation
+loss under full attention, ``convergence.py`` the rule that says whether it has flattened,
+``tensorboard_log.py`` TensorBoard event files, ``checkpoint.py`` checkpoints and the
 output folder, ``record.py`` training.json.
 """
 
