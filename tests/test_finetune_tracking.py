@@ -327,3 +327,11 @@ def test_max_time_stops_at_a_step_boundary_and_says_so(runs, tiny_model_dir, sam
     assert resumed["stopped_by"] == "steps" and resumed["steps"] == 3
     _assert_same_weights(root / "tracked", out)
     assert resumed["loss_curve"] == tracked["loss_curve"]
+
+
+def test_cli_default_eval_tokens_is_the_library_default():
+    from scca_eval.cli.finetune import finetune as command
+    from scca_eval.training.recipe import DEFAULT_EVAL_TOKENS
+
+    (option,) = [p for p in command.params if p.name == "eval_tokens"]
+    assert option.default == DEFAULT_EVAL_TOKENS
