@@ -39,6 +39,25 @@ def offload_setting(text: str) -> bool | str:
               help="Train on a local file or folder (.txt, .jsonl, .jsonl.gz, .parquet, LongLoRA .bin); "
                    "comma-separated or repeated.")
 @click.option("--steps", type=int, default=1000, show_default=True, help=f"Optimizer steps ({_LL_README}).")
+@click.option("--max-time", type=float, default=None, metavar="SECONDS",
+              help="Stop at the first step boundary after this much training time (the steps alone, over every "
+                   "resumed part; validation not counted), even before --steps; training.json says stopped_by "
+                   "max_time. For runs matched in compute.")
+@click.option("--eval-task", "eval_tasks", multiple=True, callback=names_callback,
+              help="Validation text, as --task takes it (comma-separated or repeated): its loss with full "
+                   "attention, over fixed ctx-token windows, before the first step, every --eval-every steps "
+                   "and after the last; in training.json (validation, convergence) and the progress line.")
+@click.option("--eval-data", "eval_data", multiple=True, type=click.Path(), callback=paths_callback,
+              help="Validation text from a local file or folder, as --data takes it.")
+@click.option("--eval-every", type=int, default=None, metavar="STEPS",
+              help="Measure the validation loss every this many steps (needs --eval-task or --eval-data; "
+                   "without it, only before the first step and after the last).")
+@click.option("--eval-tokens", type=int, default=131_072, show_default=True,  # training.recipe.DEFAULT_EVAL_TOKENS
+              help="Validation windows: this many tokens // --ctx windows (at least one), spread evenly over the "
+                   "validation text; the same windows at every point.")
+@click.option("--log-dir", type=click.Path(), default=None,
+              help="Write TensorBoard event files here (training loss, lr, gradient norm, tokens/s, validation "
+                   "loss); needs the tensorboard package (pip install 'scca-eval[tensorboard]').")
 @click.option("--batch-size", "-b", type=int, default=1, show_default=True,
               help=f"Windows per forward/backward pass ({_LL_README}: 1 per GPU).")
 @click.option("--grad-accum", type=int, default=None,
@@ -99,7 +118,8 @@ def offload_setting(text: str) -> bool | str:
                    "copy; --shard splits every weight, gradient and AdamW moment over them (FSDP2), for a model "
                    "too large for one GPU. Same files, same weights within float tolerance.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, steps, batch_size, grad_accum, tokens_per_step,
+def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, steps, max_time, eval_tasks, eval_data,
+             eval_every, eval_tokens, log_dir, batch_size, grad_accum, tokens_per_step,
              lr, warmup_steps, weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, lora_targets,
              trainable, dtype, device, gradient_checkpointing, compile_layers, offload_activations, no_offload,
              max_memory_gib, save_every, resume, keep_checkpoint, chunk_size, dilation, attention_backend,
@@ -110,7 +130,9 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
     CTX-token windows of the training text, with attention under PATTERN. --out then
     holds a peft adapter that `scca-eval ppl --adapter OUT` evaluates (with the RoPE
     scaling it was trained with), LongLoRA's trainable_params.bin, and training.json
-    (base model fingerprint, pattern, data, recipe, loss curve, speed, memory).
+    (base model fingerprint, pattern, data, recipe, loss curve, speed, memory). With
+    --eval-task, the validation loss under full attention is measured as the run goes and
+    training.json says whether it has flattened (docs/finetune.md, "Validation").
 
     A stopped run continues with --resume: Ctrl-C saves the last finished step and exits
     with 130; after a kill, the last checkpoint (every --save-every steps) is kept. Bad
@@ -122,6 +144,7 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
       scca-eval ppl --adapter ckpt/longmixed --ctx 16384
       scca-eval finetune --model ./Llama-2-7b-hf --pattern s2 --ctx 8192 --rope-scaling longlora --out ckpt/s2
       scca-eval finetune --model ./Llama-2-70b-hf --ctx 8192 --rope-scaling longlora --gpus 8 --shard --out ckpt/70b
+      scca-eval finetune --pattern s2 --ctx 16384 --rope-scaling linear:2 --eval-task pg19_sample --eval-every 50 --out ckpt/s2
     """
     import os
 
@@ -152,7 +175,9 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
             trainable=trainable, gradient_checkpointing=gradient_checkpointing, compile=compile_layers,
             offload_activations=offload_setting("off" if no_offload else offload_activations),
-            max_memory_gib=max_memory_gib, save_every=save_every,
+            max_memory_gib=max_memory_gib, save_every=save_every, max_time=max_time,
+            eval_tasks=eval_tasks, eval_data=eval_data, eval_every=eval_every, eval_tokens=eval_tokens,
+            log_dir=log_dir,
         )
     except UserError:
         if not ranks.is_main:  # every rank meets the same bad input; rank 0 says it
@@ -170,5 +195,12 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
     if checkpoint.exists():
         click.echo(f"{checkpoint} ({checkpoint.stat().st_size / 2**20:,.0f} MiB) is kept: --resume with more --steps "
                    "extends the run; delete it when done", err=True)
+    if record["stopped_by"] == "max_time":
+        click.echo(f"stopped by --max-time {max_time:g}: {runtime['seconds']:.1f} s of training")
+    if record["validation"] and record["validation"]["curve"]:
+        point, rule = record["validation"]["curve"][-1], record["convergence"]
+        verdict = ("not judged: " + rule["reason"] if rule["converged"] is None else
+                   f"{rule['direction']} over the last tenth ({rule['change']:+.4f} ± {2 * rule['standard_error']:.4f})")
+        click.echo(f"validation loss (full attention) at step {point['step']}: {point['loss']:.4f}; {verdict}")
     click.echo(f"adapter written to {out}/ — evaluate it with: scca-eval ppl --model {model} --adapter {out} "
                f"--ctx {ctx}", err=True)

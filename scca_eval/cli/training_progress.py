@@ -1,4 +1,4 @@
-"""A rich progress bar for fine-tuning: steps, the last loss and tokens/s."""
+"""A rich progress bar for fine-tuning: steps, the last loss, the last validation loss and tokens/s."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ class TrainingBar:
     def __init__(self, console: Console | None = None):
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
+            TextColumn("{task.fields[speed]}"),
             TextColumn("eta"), TimeRemainingColumn(),
             console=console or Console(stderr=True), transient=False,
         )
@@ -23,7 +24,7 @@ class TrainingBar:
     def begin(self, label: str, total_steps: int, done_steps: int) -> None:
         self._progress.start()
         self._task = self._progress.add_task(label, total=total_steps, completed=done_steps,
-                                             loss="–", speed="– tok/s")
+                                             loss="–", val="–", speed="– tok/s")
 
     def step(self, result: dict) -> None:
         # Average over the steps of this process: single steps swing with the data.
@@ -31,6 +32,9 @@ class TrainingBar:
         self._seconds += result["seconds"]
         speed = f"{self._tokens / self._seconds:,.0f} tok/s" if self._seconds > 0 else "– tok/s"
         self._progress.update(self._task, advance=1, loss=f"{result['loss']:.4f}", speed=speed)
+
+    def validation(self, entry: dict) -> None:
+        self._progress.update(self._task, val=f"{entry['loss']:.4f} @{entry['step']}")
 
     def end(self) -> None:
         self._progress.stop()

@@ -4,8 +4,10 @@
 folder that ``ppl --adapter`` loads. One job per module: ``recipe.py`` the options and
 their defaults, ``windows.py`` the training windows, ``lora.py`` peft and the fully
 trained weights, ``loop.py`` one optimizer step, ``sharding.py`` the model split over
-several processes (FSDP2, ``--shard``), ``checkpoint.py`` checkpoints and the output
-folder, ``record.py`` training.json.
+several processes (FSDP2, ``--shard``), ``validation_loss.py`` the validation loss under
+full attention, ``convergence.py`` the rule that says whether it has flattened,
+``tensorboard_log.py`` TensorBoard event files, ``checkpoint.py`` checkpoints and the
+output folder, ``record.py`` training.json.
 """
 
 from .recipe import Recipe

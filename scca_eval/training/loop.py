@@ -45,18 +45,26 @@ class History:
     step: int = 0
     position: int = 0  # windows consumed
     tokens: int = 0  # input tokens trained on
-    seconds: float = 0.0  # training time, over every resumed part of the run
+    seconds: float = 0.0  # training time (the steps alone), over every resumed part of the run
     loss: list = field(default_factory=list)
     lr: list = field(default_factory=list)
     grad_norm: list = field(default_factory=list)
+    # Validation points (validation_loss.py): step, tokens, loss, window_losses, seconds.
+    validation: list = field(default_factory=list)
+    validation_set: str | None = None  # fingerprint of the windows the points were measured on
+    eval_seconds: float = 0.0  # time spent on validation, not counted in ``seconds``
+
+    _KEYS = ("step", "position", "tokens", "seconds", "loss", "lr", "grad_norm", "validation", "validation_set",
+             "eval_seconds")
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "position": self.position, "tokens": self.tokens, "seconds": self.seconds,
-                "loss": list(self.loss), "lr": list(self.lr), "grad_norm": list(self.grad_norm)}
+        return {key: (list(value) if isinstance(value, list) else value)
+                for key, value in ((key, getattr(self, key)) for key in self._KEYS)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "History":
-        return cls(**{key: data[key] for key in ("step", "position", "tokens", "seconds", "loss", "lr", "grad_norm")})
+        # A checkpoint made before validation existed lacks its entries: they keep their defaults.
+        return cls(**{key: data[key] for key in cls._KEYS if key in data})
 
 
 def _chunk_nll_sum(head, softcap, rows, targets):
@@ -152,7 +160,7 @@ class Trainer:
         self.stop_requested = False  # set from a signal handler: finish no more passes
         self.activations = ActivationPlace(recipe.offload_activations, device, recipe.max_memory_gib, notify)
 
-    def _autocast(self):
+    def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -174,7 +182,7 @@ class Trainer:
                 first = history.position + index * recipe.batch_size
                 ids = torch.from_numpy(batch_ids(self.stream, recipe.seed, first, recipe.batch_size))
                 ids = ids.to(self.device, non_blocking=True)
-                with self._autocast(), self.activations.forward():
+                with self.autocast(), self.activations.forward():
                     pass_nll = self.loss(ids)
                 (pass_nll / targets).backward()
                 self.activations.after_pass(self.parameters, bool(self.optimizer.state))

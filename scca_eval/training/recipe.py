@@ -44,6 +44,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_TRAINABLE = ("embed", "norm")
 # Bundled training samples, disjoint from the evaluation samples.
 DEFAULT_TASKS = ("pg19_train", "proof_pile_train")
+# Validation windows per point, in tokens: 8 windows at ctx 16384 (forward passes only: the cost of
+# a few training steps), 32 at ctx 4096.
+DEFAULT_EVAL_TOKENS = 131_072
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Recipe:
     offload_activations: bool | str = "auto"
     max_memory_gib: float | None = None  # GPU memory auto may plan with (default: what the device has)
     save_every: int = 50
+    max_time: float | None = None  # seconds of training (the steps alone) after which the run stops
     loss_chunk: int = 1024  # positions per chunk of the LM head's loss (never full fp32 logits)
     extra: dict = field(default_factory=dict)
 
@@ -105,6 +109,9 @@ class Recipe:
         for option, value in (("--weight-decay", self.weight_decay), ("--max-grad-norm", self.max_grad_norm)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise UserError(f"{option} must be a number of at least 0 (got {value!r})")
+        if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and not isinstance(
+                self.max_time, bool) and math.isfinite(self.max_time) and self.max_time > 0):
+            raise UserError(f"--max-time must be a number of seconds above 0 (got {self.max_time!r})")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be at least 0 and below 1 (got {self.lora_dropout!r})")
         if self.offload_activations not in (True, False, "auto"):

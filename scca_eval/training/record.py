@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 import torch
 
 from ..records import package_versions
+from .convergence import convergence
 from .loop import History
 
 SCHEMA = 1
@@ -37,8 +38,15 @@ def device_name(device: torch.device) -> str:
 
 def training_record(*, model: dict, pattern_name: str, pattern: dict, rope_scaling, ctx: int, data: dict,
                     recipe: dict, history: History, dtype: str, device: torch.device, resumed_from: int | None,
-                    attention_backend: str, finished: bool, activations: dict | None = None) -> dict:
+                    attention_backend: str, finished: bool, activations: dict | None = None,
+                    stopped_by: str = "steps", validation: dict | None = None,
+                    eval_every: int | None = None) -> dict:
     seconds = history.seconds
+    validated = None
+    if validation is not None or history.validation:
+        # A resumed run without --eval-task keeps the points its checkpoint holds.
+        validated = {**(validation or {"fingerprint": history.validation_set}), "every": eval_every,
+                     "seconds": round(history.eval_seconds, 3), "curve": history.validation}
     return {
         "schema": SCHEMA,
         "kind": "scca-eval finetune",
@@ -55,14 +63,18 @@ def training_record(*, model: dict, pattern_name: str, pattern: dict, rope_scali
         "lr_schedule": {"kind": "constant with linear warm-up (transformers get_constant_schedule_with_warmup)",
                         "peak_lr": recipe["lr"], "warmup_steps": recipe["warmup_steps"]},
         "steps": history.step,
+        # "steps": --steps were taken; "max_time": --max-time seconds of training were reached first.
+        "stopped_by": stopped_by,
         "windows_seen": history.position,
         "tokens_seen": history.tokens,
         "loss_curve": history.loss,
         "lr_curve": history.lr,
         "grad_norm_curve": history.grad_norm,
+        "validation": validated,
+        "convergence": convergence(history.validation, history.step) if history.validation else None,
         "dtype": dtype,
         "runtime": {
-            "seconds": round(seconds, 3),
+            "seconds": round(seconds, 3),  # the training steps alone (validation: validation.seconds)
             "tokens_per_second": round(history.tokens / seconds, 1) if seconds > 0 else None,
             "peak_memory": peak_memory(device),
             "device": device_name(device),

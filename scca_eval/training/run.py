@@ -3,8 +3,10 @@
 Order: every cheap check (options, pattern, output folder), then the model (with its
 RoPE scaling and the pattern applied through the same AttentionInterface registration
 evaluation uses), the data as training windows, LoRA, the checkpoint to resume from, the
-steps (a checkpoint every ``save_every``), and the results. Ctrl-C finishes nothing more,
-saves a checkpoint of the last finished step and raises :class:`~scca_eval.resume.Interrupted`.
+steps (a checkpoint every ``save_every``, a validation point every ``eval_every``), and the
+results. Ctrl-C finishes nothing more, saves a checkpoint of the last finished step and raises
+:class:`~scca_eval.resume.Interrupted`. ``max_time`` ends the run at the first step boundary
+after that much training time.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+from ..distributed import all_agree
 from ..errors import UserError
 from ..resume import Interrupted
 from . import checkpoint as ckpt
 from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, keep_activations_in,
                    trainable_parameters)
 from .loop import StepAbandoned, Trainer
-from .recipe import DEFAULT_TASKS, Recipe, split_names
+from .recipe import DEFAULT_EVAL_TOKENS, DEFAULT_TASKS, Recipe, split_names
 from .sharding import shard_for_training
+from .tensorboard_log import TensorBoardLog, check_log_dir
 from .record import training_record
+from .validation_loss import build_validation_set, evaluate
 from .windows import build_stream
 
 
@@ -36,6 +41,7 @@ class TrainingProgress(Protocol):
 
     def begin(self, label: str, total_steps: int, done_steps: int) -> None: ...
     def step(self, result: dict) -> None: ...
+    def validation(self, entry: dict) -> None: ...  # optional: a validation point (step, tokens, loss)
     def end(self) -> None: ...
 
 
@@ -66,6 +72,11 @@ def finetune(
     allow_long_context: bool = False,
     progress: TrainingProgress | None = None,
     notify: Callable[[str], None] | None = None,
+    eval_tasks: Iterable[str] | None = None,
+    eval_data: Iterable[str] | None = None,
+    eval_every: int | None = None,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    log_dir: str | os.PathLike | None = None,
     **recipe_options,
 ) -> dict:
     """Fine-tune ``model`` with LoRA under ``pattern`` on ctx-token windows; returns training.json.
@@ -77,11 +88,18 @@ def finetune(
     as ``ppl`` takes it (default: the bundled training samples, disjoint from the
     evaluation samples). The folder ``out`` receives a peft adapter, ``trainable_params.bin``,
     ``training.json`` and ``checkpoint.pt``; ``resume=True`` continues the run whose
-    checkpoint is there. A finished run removes its checkpoint (it holds the trainable
-    weights and both AdamW moments) unless ``keep_checkpoint``: keep it to extend the run
+    checkpoint is there. A run that reaches its ``steps`` removes its checkpoint (it holds the
+    trainable weights and both AdamW moments) unless ``keep_checkpoint``: keep it to extend the run
     later with more ``steps``. ``shard=True`` (several processes, e.g. under torchrun) splits
     the model over the processes with FSDP2 instead of giving each a whole copy, for models
     larger than one GPU (:mod:`.sharding`); it writes the same files.
+
+    ``eval_tasks``/``eval_data`` name validation text: its loss, with full attention, over
+    a fixed set of ctx-token windows (at most ``eval_tokens`` tokens) is measured before
+    the first step, every ``eval_every`` steps and after the last, without changing the
+    training (``validation_loss.py``). ``log_dir`` writes TensorBoard event files there.
+    ``max_time`` (a recipe option) stops the run at the first step boundary after that
+    many seconds of training.
     """
     from ..data import load_task, task_from_data_path, tokenize_task
     from ..models import load_model, model_record, parse_rope_scaling, trained_length
@@ -107,17 +125,25 @@ def finetune(
                         "start with torchrun --nproc-per-node N")
     if shard and recipe.compile:
         raise UserError("--compile is not available with --shard; leave one of them out")
+    if shard and (eval_tasks or eval_data):
+        raise UserError("the validation loss (--eval-task, --eval-data) is not measured under --shard yet; "
+                        "measure it afterwards with scca-eval ppl --adapter OUT, or train without --shard")
     if recipe.accumulation % ranks.world_size:
         raise UserError(f"{ranks.world_size} processes share each step's {recipe.accumulation} passes: give "
                         f"--grad-accum (or --tokens-per-step) as a multiple of {ranks.world_size}")
     (spec,) = resolve_patterns([pattern], [ctx], chunk_size=chunk_size, dilation=dilation)
     parse_rope_scaling(rope_scaling, ctx)
+    eval_names, eval_paths = list(eval_tasks or []), list(eval_data or [])
+    _check_validation_options(eval_names or eval_paths, eval_every, eval_tokens, ctx)
+    if log_dir is not None:
+        check_log_dir(log_dir)
     out = Path(out).expanduser()
     resume_from = ckpt.check_out_folder(out, resume)
     names, paths = list(tasks or []), list(data or [])
     if not names and not paths:
         names = list(DEFAULT_TASKS)
     task_specs = [load_task(name) for name in names] + [task_from_data_path(path) for path in paths]
+    eval_specs = [load_task(name) for name in eval_names] + [task_from_data_path(path) for path in eval_paths]
 
     load_options = dict(pattern=spec, attention_backend=attention_backend, rope_scaling=rope_scaling,
                         original_ctx=original_ctx, finetuned_ctx=ctx)
@@ -140,6 +166,15 @@ def finetune(
     weights_dtype = next(lm.parameters()).dtype
 
     stream = build_stream([tokenize_task(t, tokenizer) for t in task_specs], tokenizer.eos_token_id, ctx)
+    validation = None
+    if eval_specs:
+        validation = build_validation_set([tokenize_task(t, tokenizer) for t in eval_specs],
+                                          tokenizer.eos_token_id, ctx, eval_tokens)
+        shared = {t["name"] for t in validation.stream.tasks
+                  if t["data_fingerprint"] in {u["data_fingerprint"] for u in stream.tasks}}
+        if shared:
+            say(f"note: the validation data {', '.join(sorted(shared))} is also training data; its loss is not "
+                "a held-out loss")
     peft_model = attach_lora(lm, recipe, model)
     if recipe.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
@@ -165,31 +200,63 @@ def finetune(
             raise UserError(f"the checkpoint in {out} is at step {resumed_at}, beyond --steps {recipe.steps}; "
                             f"give --steps {resumed_at} or more")
         say(f"resuming {out} from step {resumed_at} of {recipe.steps}")
+        if validation is not None and trainer.history.validation and \
+                trainer.history.validation_set != validation.fingerprint:
+            raise UserError(f"the checkpoint in {out} measured its validation loss on other windows; resume "
+                            "with the --eval-task/--eval-data and --eval-tokens it was started with")
 
     from ..records import record_pattern_name  # noqa: PLC0415  (a pure naming rule, shared with ppl records)
 
-    def record(finished: bool) -> dict:
+    def record(stopped_by: str) -> dict:
         return training_record(
             model=described, pattern_name=record_pattern_name(spec), pattern=spec.to_dict(),
             rope_scaling=described["rope_scaling"], ctx=ctx, data=stream.describe(), recipe=recipe.to_dict(),
             history=trainer.history, dtype=str(weights_dtype).removeprefix("torch."), device=device_,
-            resumed_from=resumed_at, attention_backend=attention_backend, finished=finished,
+            resumed_from=resumed_at, attention_backend=attention_backend, finished=True, stopped_by=stopped_by,
+            validation=validation.describe() if validation is not None else None, eval_every=eval_every,
             activations=trainer.activations.describe())
+
+    history = trainer.history
+    tensorboard = None
+    if log_dir is not None and ranks.is_main:
+        # Steps after the checkpoint that an earlier process logged are computed again: drop them.
+        tensorboard = TensorBoardLog(log_dir, purge_step=None if resumed_at is None else resumed_at + 1)
+    listeners = [listener for listener in (progress, tensorboard) if listener is not None]
+
+    def validate_if_due(last: bool) -> None:
+        """A validation point before the first step, every eval_every steps and after the last."""
+        if validation is None or (history.validation and history.validation[-1]["step"] == history.step):
+            return
+        if last or history.step == 0 or (eval_every and history.step % eval_every == 0):
+            entry = evaluate(trainer, validation, spec, attention_backend)
+            for listener in listeners:
+                if hasattr(listener, "validation"):
+                    listener.validation(entry)
+
+    def over_time() -> bool:
+        # Every process must stop at the same step: stop when any one is past the limit.
+        return recipe.max_time is not None and not all_agree(history.seconds < recipe.max_time, ranks)
 
     checkpoint_path = out / ckpt.CHECKPOINT
     label = f"ctx {ctx} · {record_pattern_name(spec)} · finetune"
     if progress is not None:
-        progress.begin(label, recipe.steps, trainer.history.step)
+        progress.begin(label, recipe.steps, history.step)
     saved_step = resumed_at  # the step the checkpoint on disk holds
+    stopped_by = "max_time" if over_time() else None  # a resumed run may be past --max-time already
     try:
         with _stop_on_sigint(trainer):
-            while trainer.history.step < recipe.steps:
+            validate_if_due(last=stopped_by is not None or history.step >= recipe.steps)
+            while stopped_by is None and history.step < recipe.steps:
                 result = trainer.step()
-                if progress is not None:
-                    progress.step(result)
-                if trainer.history.step % recipe.save_every == 0 or trainer.history.step == recipe.steps:
+                for listener in listeners:
+                    listener.step(result)
+                if over_time():
+                    stopped_by = "max_time"
+                last = stopped_by is not None or history.step == recipe.steps
+                validate_if_due(last)
+                if history.step % recipe.save_every == 0 or last:
                     ckpt.save(checkpoint_path, key, trainer, write=ranks.is_main)
-                    saved_step = trainer.history.step
+                    saved_step = history.step
     except torch.OutOfMemoryError:
         kept = f"; the checkpoint of step {saved_step} in {out} is kept" if saved_step else ""
         raise UserError(f"out of memory at ctx {ctx} with {recipe.batch_size} window(s) per pass: give a smaller "
@@ -208,13 +275,15 @@ def finetune(
     finally:
         if progress is not None:
             progress.end()
-    final = record(finished=True)
+        if tensorboard is not None:
+            tensorboard.close()
+    final = record(stopped_by or "steps")
     final["runtime"]["processes"] = ranks.world_size
     final["runtime"]["sharded"] = shard
     trained = ckpt.trainable_state(peft_model)  # gathered from every rank when sharded
     if ranks.is_main:
         ckpt.write_results(out, peft_model, trained, final)
-        if not keep_checkpoint:
+        if not keep_checkpoint and stopped_by is None:  # a run stopped by --max-time may go on
             checkpoint_path.unlink(missing_ok=True)
     return final
 
@@ -236,6 +305,17 @@ def _stop_on_sigint(trainer: Trainer):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _check_validation_options(has_data: bool, eval_every: int | None, eval_tokens: int, ctx: int) -> None:
+    if eval_every is not None:
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise UserError(f"--eval-every must be a whole number of steps, at least 1 (got {eval_every!r})")
+        if not has_data:
+            raise UserError("--eval-every needs validation text: give --eval-task or --eval-data")
+    if has_data and (isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < ctx):
+        raise UserError(f"--eval-tokens must be a whole number of at least one window, ctx {ctx} "
+                        f"(got {eval_tokens!r})")
 
 
 def _check_disk_space(out: Path, peft_model) -> None:
