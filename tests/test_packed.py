@@ -40,6 +40,7 @@ SHAPES = [
     # (batch, heads, kv_heads, n, chunk_size)
     (1, 9, 3, 37, 5),  # SmolLM2's 9/3 heads, N odd and not a multiple of G
     (3, 9, 3, 36, None),  # batch 3, default G
+    (2, 9, 3, 37, 5),  # batch 2: cross and dilated gather across windows
     (3, 8, 4, 40, 6),  # batch 3, a last partial chunk
     (1, 2, 1, 30, 7),  # fewer heads than groups
     (3, 3, 3, 23, 8),
@@ -217,6 +218,29 @@ def test_packed_equals_reference(pattern, batch, heads, kv_heads, n, chunk_size)
         out = packed_pattern_attention(q, k, v, spec, 0.3)
         assert out.shape == (batch, heads, n, 8) and out.dtype == torch.float32
         assert (out - expected).abs().max().item() <= TOLERANCE, spec.to_dict()
+
+
+def _gradients(attention, q, k, v, upstream):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = attention(q, k, v)
+    out.backward(upstream)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("pattern", PRESETS + MIXES)
+@pytest.mark.parametrize("batch,heads,kv_heads,n,chunk_size", [(2, 9, 3, 37, 5), (1, 8, 4, 40, 6)])
+def test_packed_gradients_equal_the_reference(pattern, batch, heads, kv_heads, n, chunk_size):
+    """float64 gradients of q, k and v (slices, gathers, repeated key/value heads and the
+    output written head group by head group) against the dense mask's."""
+    generator = torch.Generator().manual_seed(n)
+    q, k, v, upstream = (torch.randn(batch, n, h, 8, generator=generator, dtype=torch.float64).transpose(1, 2)
+                         for h in (heads, kv_heads, kv_heads, heads))
+    for spec in specs_for(pattern, chunk_size):
+        mask = build_mask(spec, n, heads)
+        expected = _gradients(lambda q, k, v: masked_attention(q, k, v, mask, 0.3), q, k, v, upstream)
+        got = _gradients(lambda q, k, v: packed_pattern_attention(q, k, v, spec, 0.3), q, k, v, upstream)
+        for a, b in zip(got, expected):
+            assert (a - b).abs().max().item() <= 1e-12, spec.to_dict()
 
 
 @pytest.mark.parametrize("name", ["s2", "scca_fixed", "scca_flow", "sda", "sda4", "longmixed", "custom"])
