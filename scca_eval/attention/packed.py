@@ -34,10 +34,12 @@ VarlenKernel = Callable[..., torch.Tensor]
 
 
 def _find_varlen():
-    """PyTorch's varlen_attn and how its version takes causality and the scale (None: absent).
+    """PyTorch's varlen_attn and how its version takes causality, the scale and grouped-query
+    heads (None: absent).
 
     Its keywords changed between releases: ``is_causal`` in the first, ``window_size``
-    ((-1, 0) causal, (-1, -1) full) later; ``scale`` came with ``window_size``.
+    ((-1, 0) causal, (-1, -1) full) later; ``scale`` came with ``window_size``; ``enable_gqa``
+    (fewer key/value than query heads) later still.
     """
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -46,7 +48,7 @@ def _find_varlen():
     parameters = inspect.signature(varlen_attn).parameters
     if "window_size" not in parameters and "is_causal" not in parameters:
         return None
-    return varlen_attn, "window_size" in parameters, "scale" in parameters
+    return varlen_attn, "window_size" in parameters, "scale" in parameters, "enable_gqa" in parameters
 
 
 _VARLEN = _find_varlen()
@@ -75,13 +77,21 @@ def varlen_supported(q: torch.Tensor) -> bool:
 
 def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> torch.Tensor:
     """``torch.nn.attention.varlen.varlen_attn`` in the varlen contract, on whichever keywords it has."""
-    varlen_attn, takes_window, takes_scale = _VARLEN
+    varlen_attn, takes_window, takes_scale, _ = _VARLEN
     options = {"window_size": (-1, 0) if causal else (-1, -1)} if takes_window else {"is_causal": causal}
+    if k.shape[1] != q.shape[1]:  # only where kernel_takes_grouped_heads said so
+        options["enable_gqa"] = True
     if takes_scale:
         options["scale"] = scale
     else:  # the first release always scales by D ** -0.5: fold the rest into the queries
         q = q * (scale * q.shape[-1] ** 0.5)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+
+
+def kernel_takes_grouped_heads(kernel: VarlenKernel) -> bool:
+    """Whether ``kernel`` takes fewer key/value heads than query heads (each shared by a run
+    of query heads), so that they need not be repeated; else they are."""
+    return kernel is flash_varlen and _VARLEN is not None and _VARLEN[3]
 
 
 def segment_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> torch.Tensor:
@@ -155,11 +165,14 @@ def packed_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         kernel = flash_varlen if varlen_supported(q) else segment_attention
     plan = packed_plan(spec, n, num_heads, k.shape[1], batch, q.device)
     queries, keys, values = _token_rows(q), _token_rows(k), _token_rows(v)
+    grouped = kernel_takes_grouped_heads(kernel)
     out = None
     for group in plan.groups:
         group_q = queries[:, group.first:group.end]
         group_k, times = _group_kv(keys, group.first, group.end, per_kv)
         group_v, _ = _group_kv(values, group.first, group.end, per_kv)
+        if grouped:
+            times = 1
         for call in group.calls:
             result = kernel(call.q_rows.take(group_q),
                             _repeat_heads(call.k_rows.take(group_k), times),
