@@ -129,6 +129,24 @@ def segment_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
     return torch.cat(outputs).index_select(0, order)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands the gradient on contiguous.
+
+    The gradient of a head slice of the output is a strided view of the whole output's
+    gradient; the fused kernels' backward is given the contiguous layout a plain loss on
+    their own output would give (see ``grad_in_output_layout`` in chunked.py, which does
+    the same with a hook that torch.compile cannot trace).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
     """[B, h, N, D] -> [B * N, h, D]: a view of transformers' [B, N, h, D] memory."""
     return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1])
@@ -183,5 +201,5 @@ def packed_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                 continue
             if out is None:
                 out = q.new_empty(batch * n, num_heads, v.shape[-1])
-            call.q_rows.put(out[:, group.first:group.end], result)
+            call.q_rows.put(out[:, group.first:group.end], _ContiguousGrad.apply(result))
     return out.view(batch, n, num_heads, v.shape[-1]).transpose(1, 2)
