@@ -1,13 +1,11 @@
-"""Pattern attention as one variable-length FlashAttention call per head group (two with ``cross``).
+"""Pattern attention as one variable-length FlashAttention call per layer (two with ``cross``).
 
-Each head group (heads that share a rule) keeps its heads in the kernel's head axis and
-its tokens in the token axis of transformers' ``[B, N, H, D]`` memory: a group is a head
-slice of that memory, viewed as ``[B * N, heads, D]``, and its rule is only a table of
-segment bounds (attention/packing.py). Causal, local, shifted and ``cross`` rules read
-slices of that view (no copy in one window); ``dilated`` gathers whole tokens by residue
-class. Key/value heads are repeated per query head where the grouped-query heads differ
-(the varlen kernel takes as many key as query heads). Each call writes its head slice of
-one ``[B, N, H, D]`` output, so the transpose that follows attention in transformers is free.
+The heads are folded into the token axis: the queries of every head (and the key/value
+head each of them reads, repeated per query head under grouped-query attention) are
+gathered into the segments of the packed layout (attention/packing.py), one call of
+``torch.nn.attention.varlen.varlen_attn`` attends all of them, and one gather puts the
+outputs back into transformers' ``[B, N, H, D]`` order. Gathers are ``index_select``, so
+autograd carries the gradients back through them (the key/value gradients summed in float32).
 
 ``varlen_attn`` is FlashAttention: CUDA only, float16 or bfloat16, a head dimension that
 is a multiple of 8 up to 256. Elsewhere the same segments run through
@@ -34,12 +32,10 @@ VarlenKernel = Callable[..., torch.Tensor]
 
 
 def _find_varlen():
-    """PyTorch's varlen_attn and how its version takes causality, the scale and grouped-query
-    heads (None: absent).
+    """PyTorch's varlen_attn and how its version takes causality and the scale (None: absent).
 
     Its keywords changed between releases: ``is_causal`` in the first, ``window_size``
-    ((-1, 0) causal, (-1, -1) full) later; ``scale`` came with ``window_size``; ``enable_gqa``
-    (fewer key/value than query heads) later still.
+    ((-1, 0) causal, (-1, -1) full) later; ``scale`` came with ``window_size``.
     """
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -48,7 +44,7 @@ def _find_varlen():
     parameters = inspect.signature(varlen_attn).parameters
     if "window_size" not in parameters and "is_causal" not in parameters:
         return None
-    return varlen_attn, "window_size" in parameters, "scale" in parameters, "enable_gqa" in parameters
+    return varlen_attn, "window_size" in parameters, "scale" in parameters
 
 
 _VARLEN = _find_varlen()
@@ -77,21 +73,13 @@ def varlen_supported(q: torch.Tensor) -> bool:
 
 def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> torch.Tensor:
     """``torch.nn.attention.varlen.varlen_attn`` in the varlen contract, on whichever keywords it has."""
-    varlen_attn, takes_window, takes_scale, _ = _VARLEN
+    varlen_attn, takes_window, takes_scale = _VARLEN
     options = {"window_size": (-1, 0) if causal else (-1, -1)} if takes_window else {"is_causal": causal}
-    if k.shape[1] != q.shape[1]:  # only where kernel_takes_grouped_heads said so
-        options["enable_gqa"] = True
     if takes_scale:
         options["scale"] = scale
     else:  # the first release always scales by D ** -0.5: fold the rest into the queries
         q = q * (scale * q.shape[-1] ** 0.5)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options)
-
-
-def kernel_takes_grouped_heads(kernel: VarlenKernel) -> bool:
-    """Whether ``kernel`` takes fewer key/value heads than query heads (each shared by a run
-    of query heads), so that they need not be repeated; else they are."""
-    return kernel is flash_varlen and _VARLEN is not None and _VARLEN[3]
 
 
 def segment_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> torch.Tensor:
@@ -129,45 +117,33 @@ def segment_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
     return torch.cat(outputs).index_select(0, order)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands the gradient on contiguous.
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, rows)`` whose backward adds repeated rows up in float32.
 
-    The gradient of a head slice of the output is a strided view of the whole output's
-    gradient; the fused kernels' backward is given the contiguous layout a plain loss on
-    their own output would give (see ``grad_in_output_layout`` in chunked.py, which does
-    the same with a hook that torch.compile cannot trace).
+    A key/value row is gathered once per query head that reads it (and twice where a
+    ``cross`` chunk is a key of two segments), and its gradient is the sum of the copies' gradients.
+    Summed in bf16 that would round once per copy; in float32 it rounds once, as a fused
+    kernel's own reduction over grouped heads does.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.rows_of_x = x.shape[0]
+        return x.index_select(0, rows)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        wide = torch.promote_types(grad.dtype, torch.float32)
+        total = grad.new_zeros((ctx.rows_of_x, *grad.shape[1:]), dtype=wide)
+        total.index_add_(0, rows, grad.to(wide))
+        return total.to(grad.dtype), None
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
-    """[B, h, N, D] -> [B * N, h, D]: a view of transformers' [B, N, h, D] memory."""
-    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1])
-
-
-def _group_kv(x: torch.Tensor, first: int, end: int, per_kv: int) -> tuple[torch.Tensor, int]:
-    """The key/value heads that query heads first:end read, from x [T, H_kv, D]: a head slice
-    when the group holds whole key/value heads, and how often each must be repeated."""
-    if first % per_kv == 0 and end % per_kv == 0:
-        return x[:, first // per_kv:end // per_kv], per_kv
-    kv_index = torch.arange(first, end, device=x.device) // per_kv  # the group splits a key/value head
-    return x.index_select(1, kv_index), 1
-
-
-def _repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
-    """[T, h, D] -> [T, h * times, D], each head repeated ``times`` times in a row (its
-    gradient is a sum over the copies, accumulated in float32 by the reduction)."""
-    if times == 1:
-        return x
-    rows, heads, dim = x.shape
-    return x.unsqueeze(2).expand(rows, heads, times, dim).reshape(rows, heads * times, dim)
+    """[B, h, N, D] -> [B * N * h, D], row (b * N + p) * h + i: a view of transformers' [B, N, h, D] memory."""
+    return x.transpose(1, 2).reshape(-1, x.shape[-1])
 
 
 def packed_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
@@ -178,28 +154,17 @@ def packed_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ``varlen_supported``, else ``segment_attention``).
     """
     batch, num_heads, n, _ = q.shape
-    per_kv = query_heads_per_kv(q, k)  # checks the shapes
+    query_heads_per_kv(q, k)  # checks the shapes
     if kernel is None:
         kernel = flash_varlen if varlen_supported(q) else segment_attention
     plan = packed_plan(spec, n, num_heads, k.shape[1], batch, q.device)
     queries, keys, values = _token_rows(q), _token_rows(k), _token_rows(v)
-    grouped = kernel_takes_grouped_heads(kernel)
-    out = None
-    for group in plan.groups:
-        group_q = queries[:, group.first:group.end]
-        group_k, times = _group_kv(keys, group.first, group.end, per_kv)
-        group_v, _ = _group_kv(values, group.first, group.end, per_kv)
-        if grouped:
-            times = 1
-        for call in group.calls:
-            result = kernel(call.q_rows.take(group_q),
-                            _repeat_heads(call.k_rows.take(group_k), times),
-                            _repeat_heads(call.k_rows.take(group_v), times),
-                            call.cu_q, call.cu_k, call.max_q, call.max_k, call.causal, scaling)
-            if len(plan.groups) == 1 and len(group.calls) == 1 and call.q_rows.index is None:
-                out = result  # one call over every token in order: its output is the answer
-                continue
-            if out is None:
-                out = q.new_empty(batch * n, num_heads, v.shape[-1])
-            call.q_rows.put(out[:, group.first:group.end], _ContiguousGrad.apply(result))
+    outputs = []
+    for call in plan.calls:
+        pq = queries.index_select(0, call.q_rows).unsqueeze(1)  # [T, 1, D]: one head, the heads are tokens
+        pk = _GatherRows.apply(keys, call.k_rows).unsqueeze(1)
+        pv = _GatherRows.apply(values, call.k_rows).unsqueeze(1)
+        outputs.append(kernel(pq, pk, pv, call.cu_q, call.cu_k, call.max_q, call.max_k, call.causal, scaling))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    out = out.squeeze(1).index_select(0, plan.order)
     return out.view(batch, n, num_heads, v.shape[-1]).transpose(1, 2)

@@ -1,36 +1,35 @@
 """A pattern's attention as segments of variable-length attention (the packed layout).
 
 Under every head rule of docs/patterns.md, each query attends one run of keys that can
-be laid out contiguously, so the heads of one rule (one head group) become segments of a
-variable-length attention call (FlashAttention's varlen kernel) over the token axis, with
-the group's heads kept in the kernel's head axis:
+be laid out contiguously, so that a whole layer — every head, every window of the batch —
+becomes segments of *one* variable-length attention call (FlashAttention's varlen
+kernel), with the heads folded into the token axis:
 
-- ``causal``:  one causal segment per window.
+- ``causal``:  one causal segment of the whole window.
 - ``local`` (and ``cross(0)``): one causal segment per chunk (the last may be shorter).
-- ``shifted(G, s)``: one causal segment per shifted chunk, ``(p + s) // G`` equal: the
-  first segment is shorter, no token moves.
+- ``shifted(G, s)``: one causal segment per shifted chunk, ``(p + s) // G`` equal;
+  LongLoRA's S2 halves are both plain causal segments, so they share the call.
 - ``cross(G, d)``: the first ``d`` chunks fall back to ``local`` (causal segments); query
   chunk ``c >= d`` sees *every* key of chunk ``c - d`` and nothing else, a non-causal
-  segment (queries and keys of different lengths where the last chunk is short) in a
-  second call whose keys start ``d`` chunks before its queries.
+  segment (queries and keys of different lengths where the last chunk is short).
 - ``dilated(r, j)``: query residue class ``a`` (positions ``a, a + r, …``) sees key class
   ``b = (a - j) mod r``. For ``a >= j`` its m-th query sees the first ``m + 1`` keys of
   class ``b``: causal, with as many keys as queries. For ``a < j`` its m-th query sees the
   first ``m`` keys (strictly causal): a causal segment of queries ``1, 2, …`` against keys
   ``0, 1, …``; its first query (``q < j``) has no key and attends itself, a one-token
-  segment. The only rule whose tokens move: the queries (and keys) are gathered by
-  residue class, whole tokens of the group's heads at a time.
+  segment.
 
-So no query ever needs keys from two segments and no partial results are merged. Every
-causal segment has as many keys as queries, so the kernel's causal alignment
-(bottom-right in FlashAttention) is the top-left one meant here.
+So no query ever needs keys from two segments, and no two partial results have to be
+merged: the causal segments form one call and the non-causal ones (only ``cross``
+needs them) a second. Every causal segment has as many keys as queries, so the
+kernel's causal alignment (bottom-right in FlashAttention) is the top-left one meant
+here. :func:`build_plan` checks that the segments hold every query exactly once.
 
-A plan holds, per head group and call, which rows of the flattened ``[B * N]`` token axis
-the queries and keys come from — a slice where they are consecutive (every rule but
-``dilated`` in one window), else an index — with ``cu_seqlens`` and the longest segment
-(plain ints, so the forward needs no host sync). It is built once per (pattern, length,
-heads, batch, device) and cached; :func:`build_plan` checks that every group's calls
-hold each of its queries exactly once.
+A plan is a few index tensors on the device, built once per (pattern, length, heads,
+key/value heads, batch, device) and cached: the rows of the queries and keys of each
+call in the flattened ``[B, N, H, D]`` token layout, ``cu_seqlens``, the longest segment
+(plain ints, so the forward needs no host sync), and the permutation that puts the
+outputs back in order.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ import torch
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
 
-# Cached plans; only dilated rules hold indices (2 x B * N per group).
+# Cached plans; one for 32 heads at 32k holds about 3 x 8 MB of indices.
 _PLAN_CACHE_SIZE = 32
 
 
@@ -142,50 +141,18 @@ def _dilated(n: int, rate: int, offset: int) -> Segments:
 
 # -- plans ------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Rows:
-    """Rows of the flattened ``[B * N]`` token axis: ``start:stop`` when ``index`` is None
-    (a slice, no data moves), else the rows in ``index`` (a gather)."""
-
-    start: int
-    stop: int
-    index: torch.Tensor | None = None
-
-    @staticmethod
-    def of(rows: torch.Tensor, device) -> "Rows":
-        first = int(rows[0]) if len(rows) else 0
-        if torch.equal(rows, torch.arange(first, first + len(rows))):
-            return Rows(first, first + len(rows))
-        return Rows(0, 0, rows.to(device))
-
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        """These rows of ``x`` [B * N, h, D]: a view for a slice, a copy for an index."""
-        return x[self.start:self.stop] if self.index is None else x.index_select(0, self.index)
-
-    def put(self, out: torch.Tensor, values: torch.Tensor) -> None:
-        """Write ``values`` into these rows of ``out`` (in place)."""
-        if self.index is None:
-            out[self.start:self.stop] = values
-        else:
-            out.index_copy_(0, self.index, values)
-
-    def tensor(self) -> torch.Tensor:
-        """The rows as a LongTensor (for checks)."""
-        return torch.arange(self.start, self.stop) if self.index is None else self.index.cpu()
-
-
-@dataclass(frozen=True)
 class VarlenCall:
-    """One variable-length attention call of a head group.
+    """One variable-length attention call over rows of the flattened token layouts.
 
-    q_rows: the token rows of its queries, segment after segment.
-    k_rows: the token rows of its keys and values, for the same segments.
-    cu_q, cu_k: int32 [segments + 1], where each segment starts and ends in the gathered rows.
+    q_rows: rows of the queries [B * N * H, D] (row (b * N + p) * H + h), segment after segment.
+    k_rows: rows of the keys and values [B * N * H_kv, D] for the same segments.
+    cu_q, cu_k: int32 [segments + 1], where each segment starts and ends.
     max_q, max_k: the longest segment (plain ints: no host sync in the forward).
     causal: query i of a segment attends its keys 0..i (else all of them).
     """
 
-    q_rows: Rows
-    k_rows: Rows
+    q_rows: torch.Tensor
+    k_rows: torch.Tensor
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     max_q: int
@@ -198,21 +165,12 @@ class VarlenCall:
 
 
 @dataclass(frozen=True)
-class GroupPlan:
-    """The calls of the query heads ``first:end`` (one rule): causal first."""
-
-    first: int
-    end: int
-    calls: tuple[VarlenCall, ...]
-
-
-@dataclass(frozen=True)
 class PackedPlan:
-    groups: tuple[GroupPlan, ...]
+    """The calls of one layer (causal first) and ``order``: for each query row of the
+    flattened layout, its row in the calls' outputs laid end to end."""
 
-    @property
-    def calls(self) -> int:
-        return sum(len(group.calls) for group in self.groups)
+    calls: tuple[VarlenCall, ...]
+    order: torch.Tensor
 
 
 def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
@@ -224,28 +182,37 @@ def build_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: 
     """The packed layout of ``spec`` for ``batch`` windows of ``n`` tokens (no cache)."""
     if num_heads % kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads evenly")
+    per_kv = num_heads // kv_heads
     chunk = spec.chunk_for(n)
-    windows = torch.arange(batch)[:, None] * n
-    total = batch * n
-    groups = []
+    windows = torch.arange(batch)[:, None, None]
+    pieces: dict[bool, list[tuple[torch.Tensor, ...]]] = {True: [], False: []}
     for first, end, rule in spec.head_groups(n, num_heads):
-        calls = []
+        heads = torch.arange(first, end)[None, :, None]
         for causal, seg in zip((True, False), rule_segments(rule, n, chunk)):
             if seg.count == 0:
                 continue
-            if causal and not torch.equal(seg.q_len, seg.k_len):
-                raise AssertionError("a causal segment with fewer keys than queries")  # the layout promises equal
-            q_len, k_len = seg.q_len.repeat(batch), seg.k_len.repeat(batch)
-            calls.append(VarlenCall(Rows.of((windows + seg.q_pos).reshape(-1), device),
-                                    Rows.of((windows + seg.k_pos).reshape(-1), device),
-                                    _cumulative(q_len).to(device), _cumulative(k_len).to(device),
-                                    int(q_len.max()), int(k_len.max()), causal))
-        rows = torch.cat([call.q_rows.tensor() for call in calls])
-        if len(rows) != total or not torch.equal(torch.bincount(rows, minlength=total),
-                                                 torch.ones(total, dtype=torch.long)):
-            raise AssertionError(f"the packed layout of {rule.label()} does not hold every query exactly once")
-        groups.append(GroupPlan(first, end, tuple(calls)))
-    return PackedPlan(tuple(groups))
+            # windows, then heads, then the rule's segments: [batch, heads, tokens] flattened
+            q_rows = (windows * n + seg.q_pos) * num_heads + heads
+            k_rows = (windows * n + seg.k_pos) * kv_heads + heads // per_kv
+            copies = batch * (end - first)
+            pieces[causal].append((q_rows.reshape(-1), k_rows.reshape(-1),
+                                   seg.q_len.repeat(copies), seg.k_len.repeat(copies)))
+    calls = []
+    for causal in (True, False):
+        if not pieces[causal]:
+            continue
+        q_rows, k_rows, q_len, k_len = (torch.cat(parts) for parts in zip(*pieces[causal]))
+        if causal and not torch.equal(q_len, k_len):
+            raise AssertionError("a causal segment with fewer keys than queries")  # the layout promises equal
+        calls.append(VarlenCall(q_rows.to(device), k_rows.to(device), _cumulative(q_len).to(device),
+                                _cumulative(k_len).to(device), int(q_len.max()), int(k_len.max()), causal))
+    rows = torch.cat([call.q_rows.cpu() for call in calls])
+    total = batch * n * num_heads
+    if len(rows) != total or not torch.equal(torch.bincount(rows, minlength=total), torch.ones(total, dtype=torch.long)):
+        raise AssertionError(f"the packed layout of {spec.canonical()} does not hold every query exactly once")
+    order = torch.empty(total, dtype=torch.long)
+    order[rows] = torch.arange(total)
+    return PackedPlan(tuple(calls), order.to(device))
 
 
 _plans: OrderedDict = OrderedDict()  # by value: one plan per case, shared by equal specs
