@@ -419,19 +419,26 @@ def test_default_model_finetunes_and_evaluates(tmp_path, capsys):
 def test_two_gloo_processes_train_the_weights_of_one_process(tiny_model_dir, sample_data_dir, tmp_path):
     """torchrun with two CPU processes: each takes half the passes of a step and the gradients are
     summed, so the run ends with the weights of a one-process run (float tolerance: the sum of the
-    two halves is taken in another order)."""
+    two halves is taken in another order). The validation windows are shared out too (3 windows:
+    two on rank 0, one on rank 1) and give the one-process curve."""
     from safetensors.torch import load_file
 
     args = ["finetune", "--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--ctx", str(CTX),
             "--pattern", "s2", "--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "1",
-            "--device", "cpu", "-q"]
+            "--eval-data", str(sample_data_dir), "--eval-tokens", str(3 * CTX), "--device", "cpu", "-q"]
     done = launch_two_processes([*args, "--grad-accum", "2", "--out", str(tmp_path / "two")], tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained 3 steps") == 1  # rank 0 alone reports
-    one = _finetune(tiny_model_dir, sample_data_dir, tmp_path / "one", save_every=100)
+    one = _finetune(tiny_model_dir, sample_data_dir, tmp_path / "one", save_every=100,
+                    eval_data=[str(sample_data_dir)], eval_tokens=3 * CTX)
     two = json.loads((tmp_path / "two" / "training.json").read_text())
     assert two["runtime"]["processes"] == 2 and one["runtime"]["processes"] == 1
     assert two["loss_curve"] == pytest.approx(one["loss_curve"], rel=1e-6)
+    one_curve, two_curve = one["validation"]["curve"], two["validation"]["curve"]
+    assert [p["step"] for p in two_curve] == [p["step"] for p in one_curve] == [0, 3]
+    for ours, theirs in zip(two_curve, one_curve):
+        assert len(ours["window_losses"]) == 3
+        assert ours["window_losses"] == pytest.approx(theirs["window_losses"], rel=1e-5)
     left, right = load_file(tmp_path / "one" / "adapter_model.safetensors"), \
         load_file(tmp_path / "two" / "adapter_model.safetensors")
     for key in left:

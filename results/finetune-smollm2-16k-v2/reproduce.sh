@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# v2 of the small-scale comparison (see README.md beside this file; v1, the recipe as
+# published, is results/finetune-smollm2-16k): SmolLM2-135M extended 2x with linear
+# position interpolation (8k -> 16k) and LoRA fine-tuned under each attention pattern, with
+# the learning rate chosen on validation loss, three seeds, a validation curve on every
+# run, and a compute-matched table.
+#
+#   results/finetune-smollm2-16k-v2/reproduce.sh                  # all stages, in order
+#   results/finetune-smollm2-16k-v2/reproduce.sh sweep finetune   # or some of: sweep finetune matched
+#                                                                 #   evaluate passkey report
+#   PARALLEL=6 results/finetune-smollm2-16k-v2/reproduce.sh       # that many runs at once
+#
+# Stages:
+#   sweep     short runs of SWEEP_PATTERNS at every rate of LRS (seed 0); lr_sweep.py picks, per
+#             pattern, the rate with the lowest final validation loss -> lr-sweep.{json,md,png}
+#   finetune  main table: every pattern at the rate chosen for s2, seeds SEEDS, STEPS steps;
+#             second table: each swept pattern at its own chosen rate, seed 0 (a run of the
+#             main table is reused when the rates agree)
+#   matched   every pattern at the s2 rate for the training time the full-attention run of
+#             the same seed took (its training.json runtime.seconds; MATCHED_SECONDS overrides)
+#   evaluate  pg19_sample and proof_pile_sample at EVAL_CTX, full attention and the training
+#             pattern, for every checkpoint and the two baselines
+#   passkey   passkey retrieval at PASSKEY_CTX, full attention, for every checkpoint
+#   report    tables (mean ± sd over seeds), paired tests against s2 per seed, curves
+#
+# Every stage resumes: a finished fine-tune (training.json present) is skipped, a stopped
+# one continues from its checkpoint, an evaluation sweep skips the cells it wrote. Changing
+# STEPS or the rates needs a fresh CKPT. The adapters go to $CKPT (default: checkpoints/
+# here, not committed); RESULTS=DIR writes records, tables and plots there instead of here.
+#
+# A quick run that only checks that the stages chain (CPU, minutes; not a result):
+#   RESULTS=/tmp/v2-smoke TRAIN_TASK=pg19_train VALID_TASK=proof_pile_train PATTERNS="full s2" \
+#   SWEEP_PATTERNS="full s2" LRS="2e-5 2e-4" SEEDS="0 1" MATCHED_SEEDS=0 CTX=256 STEPS=4 SWEEP_STEPS=2 \
+#   WARMUP=1 EVAL_TOKENS=512 EVAL_CTX=256,512 MAX_TOKENS=1024 PASSKEY_CTX=256,512 PASSKEY_TRIALS=1 \
+#   PASSKEY_DEPTHS=2 DEVICE=cpu results/finetune-smollm2-16k-v2/reproduce.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+HERE=results/finetune-smollm2-16k-v2
+RESULTS=${RESULTS:-$HERE}          # where records, tables and plots go
+CKPT=${CKPT:-$RESULTS/checkpoints}
+PY=${PYTHON:-python}
+PARALLEL=${PARALLEL:-1}
+read -r -a PATTERNS <<< "${PATTERNS:-full s2 scca_fixed scca_flow sda longmixed}"
+read -r -a SWEEP_PATTERNS <<< "${SWEEP_PATTERNS:-full s2 longmixed}"
+read -r -a LRS <<< "${LRS:-2e-5 6e-5 2e-4 6e-4}"    # half-decade steps of a log grid
+read -r -a SEEDS <<< "${SEEDS:-0 1 2}"
+read -r -a MATCHED_SEEDS <<< "${MATCHED_SEEDS:-0}"
+
+# Data: trained on TRAIN_TASK, validated on VALID_TASK (held out from both the training
+# data and the evaluation samples); evaluated on the bundled held-out samples.
+TRAIN_TASK=${TRAIN_TASK:-mixture_train}
+VALID_TASK=${VALID_TASK:-mixture_validation}
+
+# The recipe: LongLoRA's (rank 8, alpha 16, LoRA on q/k/v/o plus trainable embeddings and
+# norms, AdamW, WARMUP warm-up steps then a constant rate), one CTX-token window per step.
+CTX=${CTX:-16384}
+STEPS=${STEPS:-1000}
+SWEEP_STEPS=${SWEEP_STEPS:-$((STEPS / 4))}
+WARMUP=${WARMUP:-20}
+MATCHED_MAX_STEPS=${MATCHED_MAX_STEPS:-$((STEPS * 4))}   # the cap of a compute-matched run
+# Validation: EVAL_TOKENS // CTX windows (8 at 16k) every EVAL_EVERY steps; a tenth of a run
+# must hold a point for the convergence rule (docs/finetune.md).
+EVAL_TOKENS=${EVAL_TOKENS:-131072}
+EVAL_EVERY=${EVAL_EVERY:-$(( STEPS / 20 > 0 ? STEPS / 20 : 1 ))}
+SWEEP_EVAL_EVERY=${SWEEP_EVAL_EVERY:-$(( SWEEP_STEPS / 10 > 0 ? SWEEP_STEPS / 10 : 1 ))}
+DEVICE_OPTION=(); [ -n "${DEVICE:-}" ] && DEVICE_OPTION=(--device "$DEVICE")
+FINETUNE=(--model default --ctx "$CTX" --rope-scaling linear:2 --grad-accum 1 --warmup-steps "$WARMUP"
+          --save-every 50 --task "$TRAIN_TASK" --eval-task "$VALID_TASK" --eval-tokens "$EVAL_TOKENS"
+          "${DEVICE_OPTION[@]}" --quiet)
+# Evaluation as in v1: the paper's lengths scaled 2x, the first 24,577 tokens of each document.
+EVAL_CTX=${EVAL_CTX:-2048,4096,8192,16384}
+EVAL=(--ctx "$EVAL_CTX" --task pg19_sample --task proof_pile_sample --max-tokens "${MAX_TOKENS:-147456}"
+      "${DEVICE_OPTION[@]}")
+PASSKEY=(--ctx "${PASSKEY_CTX:-4096,8192,16384}" --trials "${PASSKEY_TRIALS:-10}" --depths "${PASSKEY_DEPTHS:-5}"
+         --seed 0 "${DEVICE_OPTION[@]}" --quiet)
+RUN_GROUPS=(main own matched)   # the fine-tunes that are evaluated (sweep runs are not)
+
+run_parallel() {  # run the given commands (one per line on stdin), PARALLEL at a time
+    local pids=() failed=0
+    while IFS= read -r line; do
+        bash -c "$line" & pids+=($!)
+        if [ "${#pids[@]}" -ge "$PARALLEL" ]; then wait "${pids[0]}" || failed=1; pids=("${pids[@]:1}"); fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    return $failed
+}
+
+finetune_line() {  # GROUP NAME FINETUNE-OPTIONS...: the command of one run (none when it has finished)
+    local group=$1 name=$2; shift 2
+    local out="$CKPT/$group/$name" copy="$RESULTS/training/$group/$name.json" resume=""
+    mkdir -p "$CKPT/$group" "$RESULTS/training/$group"
+    if [ -f "$out/training.json" ]; then
+        [ -f "$copy" ] || cp "$out/training.json" "$copy"
+        return
+    fi
+    [ -f "$out/checkpoint.pt" ] && resume="--resume"
+    echo "$PY -m scca_eval finetune ${FINETUNE[*]} $* --out $out $resume > $out.log 2>&1 && cp $out/training.json $copy"
+}
+
+json_field() {  # FILE KEY[.KEY...]: one value of a JSON file
+    $PY -c 'import json, sys
+value = json.load(open(sys.argv[1]))
+for key in sys.argv[2].split("."):
+    value = value[key]
+print(value)' "$1" "$2"
+}
+
+chosen_lr() {  # PATTERN: the rate the sweep chose for it
+    local choice="$RESULTS/lr-sweep.json"
+    if [ ! -f "$choice" ]; then
+        echo "reproduce.sh: $choice is missing; run the sweep stage first" >&2; exit 2
+    fi
+    $PY -c 'import json, sys
+best = json.load(open(sys.argv[1]))["best"]
+if sys.argv[2] not in best:
+    sys.exit(f"reproduce.sh: the sweep chose no rate for {sys.argv[2]}: add it to SWEEP_PATTERNS and run the sweep stage")
+print(best[sys.argv[2]])' "$choice" "$1"
+}
+
+in_list() {  # WORD LIST...: is WORD one of LIST?
+    local word=$1; shift
+    [[ " $* " == *" $word "* ]]
+}
+
+sweep() {
+    for p in "${SWEEP_PATTERNS[@]}"; do
+        for lr in "${LRS[@]}"; do
+            finetune_line sweep "$p-lr$lr" --pattern "$p" --lr "$lr" --seed 0 --steps "$SWEEP_STEPS" \
+                --eval-every "$SWEEP_EVAL_EVERY"
+        done
+    done | run_parallel
+    $PY "$HERE/lr_sweep.py" "$RESULTS/training/sweep" --out "$RESULTS/lr-sweep"
+}
+
+finetune() {
+    local main_lr own_lr
+    main_lr=$(chosen_lr s2)
+    for p in "${SWEEP_PATTERNS[@]}"; do chosen_lr "$p" > /dev/null; done  # fail here, not inside the pipe
+    {
+        for p in "${PATTERNS[@]}"; do
+            for seed in "${SEEDS[@]}"; do
+                finetune_line main "$p-seed$seed" --pattern "$p" --lr "$main_lr" --seed "$seed" --steps "$STEPS" \
+                    --eval-every "$EVAL_EVERY"
+            done
+        done
+        for p in "${SWEEP_PATTERNS[@]}"; do
+            own_lr=$(chosen_lr "$p")
+            # The same rate and seed 0 is a run of the main table: the report reads that one.
+            if [ "$own_lr" = "$main_lr" ] && in_list "$p" "${PATTERNS[@]}" && in_list 0 "${SEEDS[@]}"; then
+                continue
+            fi
+            finetune_line own "$p" --pattern "$p" --lr "$own_lr" --seed 0 --steps "$STEPS" --eval-every "$EVAL_EVERY"
+        done
+    } | run_parallel
+}
+
+matched() {  # every pattern for the training time of the full-attention run of the same seed
+    local main_lr seconds reference
+    main_lr=$(chosen_lr s2)
+    for seed in "${MATCHED_SEEDS[@]}"; do
+        reference="$CKPT/main/full-seed$seed/training.json"
+        if [ -z "${MATCHED_SECONDS:-}" ] && [ ! -f "$reference" ]; then
+            echo "reproduce.sh: $reference is missing; run the finetune stage (with full in PATTERNS) first" >&2
+            exit 2
+        fi
+        seconds=${MATCHED_SECONDS:-$(json_field "$reference" runtime.seconds)}
+        for p in "${PATTERNS[@]}"; do
+            [ "$p" = full ] && continue
+            finetune_line matched "$p-matched-seed$seed" --pattern "$p" --lr "$main_lr" --seed "$seed" \
+                --steps "$MATCHED_MAX_STEPS" --max-time "$seconds" --eval-every "$EVAL_EVERY"
+        done
+    done | run_parallel
+}
+
+checkpoints() {  # GROUP/NAME of every finished fine-tune of the tables
+    local group run
+    for group in "${RUN_GROUPS[@]}"; do
+        for run in "$CKPT/$group"/*/; do
+            if [ -f "$run/training.json" ]; then echo "$group/$(basename "$run")"; fi
+        done
+    done
+}
+
+evaluate() {
+    local fa="$RESULTS/full-attention" tp="$RESULTS/trained-pattern" run p
+    {
+        # Baselines: no fine-tuning, without and with the interpolation.
+        echo "$PY -m scca_eval sweep --model default --pattern full ${EVAL[*]} --allow-long-context --out $fa/base --quiet"
+        echo "$PY -m scca_eval sweep --model default --rope-scaling linear:2 --pattern full ${EVAL[*]} --out $fa/base-pi2 --quiet"
+        for run in $(checkpoints); do
+            p=$(json_field "$CKPT/$run/training.json" pattern_name)
+            # The adapter brings its RoPE scaling (training.json) and its training pattern.
+            echo "$PY -m scca_eval sweep --model default --adapter $CKPT/$run --pattern full ${EVAL[*]} --out $fa/$run --quiet"
+            [ "$p" = full ] || echo "$PY -m scca_eval sweep --model default --adapter $CKPT/$run --pattern $p ${EVAL[*]} --out $tp/$run --quiet"
+        done
+    } | run_parallel
+}
+
+passkey() {  # LongLoRA's passkey test on every checkpoint and the interpolated base, full attention
+    local pk="$RESULTS/passkey" run
+    {
+        echo "$PY -m scca_eval passkey --model default --rope-scaling linear:2 --pattern full ${PASSKEY[*]} --out $pk/base-pi2"
+        for run in $(checkpoints); do
+            echo "$PY -m scca_eval passkey --model default --adapter $CKPT/$run --pattern full ${PASSKEY[*]} --out $pk/$run"
+        done
+    } | run_parallel
+}
+
+own_rows() {  # the evaluation folders of the second table: each swept pattern at its own rate, seed 0
+    local p
+    for p in "${SWEEP_PATTERNS[@]}"; do
+        if [ -d "$1/own/$p" ]; then echo "$1/own/$p"; elif [ -d "$1/main/$p-seed0" ]; then echo "$1/main/$p-seed0"; fi
+    done
+}
+
+report() {
+    local fa="$RESULTS/full-attention" tp="$RESULTS/trained-pattern" seed p
+    $PY "$HERE/lr_sweep.py" "$RESULTS/training/sweep" --out "$RESULTS/lr-sweep"
+    # Main table: mean ± sd over seeds, evaluated with full attention and under the training pattern.
+    $PY "$HERE/seed_table.py" "$fa/main" --out "$RESULTS/main-full-attention"
+    [ -d "$tp/main" ] && $PY "$HERE/seed_table.py" "$tp/main" --out "$RESULTS/main-trained-pattern"
+    # Each checkpoint against the s2 checkpoint of the same seed: paired bootstrap per seed.
+    mkdir -p "$RESULTS/compare"
+    for seed in "${SEEDS[@]}"; do
+        for p in "${PATTERNS[@]}"; do
+            [ "$p" = s2 ] && continue
+            [ -d "$fa/main/$p-seed$seed" ] && [ -d "$fa/main/s2-seed$seed" ] || continue
+            $PY -m scca_eval compare "$fa/main/s2-seed$seed" "$fa/main/$p-seed$seed" \
+                --output "$RESULTS/compare/$p-vs-s2-seed$seed.md" > /dev/null
+        done
+    done
+    # Second table: each swept pattern at its own rate (seed 0); the baselines beside it.
+    mapfile -t own < <(own_rows "$fa")
+    [ "${#own[@]}" -gt 0 ] && $PY -m scca_eval table "${own[@]}" "$fa/base-pi2" --ci --output "$RESULTS/own-lr.md"
+    # Compute-matched table: the sparse runs stopped at the full-attention run's training time.
+    for seed in "${MATCHED_SEEDS[@]}"; do
+        [ -d "$fa/matched" ] && [ -d "$fa/main/full-seed$seed" ] || continue
+        $PY -m scca_eval table "$fa/matched"/*-matched-seed"$seed" "$fa/main/full-seed$seed" --ci \
+            --output "$RESULTS/matched-seed$seed.md"
+    done
+    for group in sweep main own matched; do
+        [ -d "$RESULTS/training/$group" ] && [ -n "$(ls -A "$RESULTS/training/$group")" ] && \
+            $PY "$HERE/curves.py" "$RESULTS/training/$group" --out "$RESULTS/curves-$group"
+    done
+    if [ -d "$RESULTS/passkey" ]; then
+        $PY -m scca_eval table "$RESULTS/passkey" --output "$RESULTS/passkey.md"
+    fi
+}
+
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(sweep finetune matched evaluate passkey report)
+for stage in "${stages[@]}"; do
+    case "$stage" in
+        sweep|finetune|matched|evaluate|passkey|report) "$stage" ;;
+        *) echo "reproduce.sh: unknown stage '$stage'; give sweep, finetune, matched, evaluate, passkey or report" >&2
+           exit 2 ;;
+    esac
+done
