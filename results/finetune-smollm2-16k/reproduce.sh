@@ -49,6 +49,9 @@ run_parallel() {  # run the given commands (one per line on stdin), PARALLEL at 
 finetune() {
     mkdir -p "$RESULTS/training" "$CKPT"
     for p in "${PATTERNS[@]}"; do
+        if [ -f "$CKPT/$p/training.json" ]; then  # finished (its checkpoint.pt is removed then)
+            cp "$CKPT/$p/training.json" "$RESULTS/training/$p.json"; continue
+        fi
         resume=""; [ -f "$CKPT/$p/checkpoint.pt" ] && resume="--resume"
         echo "$PY -m scca_eval finetune ${FINETUNE[*]} --pattern $p --out $CKPT/$p $resume > $CKPT/$p.log 2>&1" \
              "&& cp $CKPT/$p/training.json $RESULTS/training/$p.json"
