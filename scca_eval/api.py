@@ -23,7 +23,7 @@ from .records import determinism, record_pattern_name
 from .results import write_record
 from .validation import (DEFAULT_TASKS, check_ctx_and_stride, check_out_folder,
                          check_protocol, check_run_options, check_trained_length, resolve_patterns,
-                         resolve_tasks)
+                         resolve_tasks, warn_if_not_evaluation)
 
 # The API, and names the CLI, the sweep and older callers take from here.
 __all__ = ["DEFAULT_SAVE_EVERY", "DEFAULT_TASKS", "LONGLORA_STEP", "PROTOCOLS", "Progress", "check_ctx_and_stride",
@@ -103,6 +103,7 @@ def evaluate(
     task_specs = resolve_tasks(tasks, data)
     ranks = distributed.current()
     say = (notify or notify_stderr) if ranks.is_main else (lambda message: None)
+    warn_if_not_evaluation(task_specs, say)
 
     if loaded is None:
         loaded = load_model(model, pattern=spec, dtype=dtype, device=device, device_map=device_map,

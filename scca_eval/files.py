@@ -161,6 +161,18 @@ def _plain_permissions(tmp: str) -> None:
     os.chmod(tmp, 0o666 & ~umask)
 
 
+def cache_root() -> Path:
+    """The scca-eval cache folder (not created here): ``$SCCA_EVAL_CACHE`` when set, else
+    ``$XDG_CACHE_HOME/scca-eval`` (``~/.cache/scca-eval``). Converted models, token ids and
+    built corpora live under it."""
+    configured = os.environ.get("SCCA_EVAL_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "scca-eval"
+
+
 def bundled_folder(package: str, checkout: str) -> Path | None:
     """A data folder shipped with scca-eval: installed, the package ``package`` (e.g.
     ``scca_eval.tasks``); in a source checkout, the folder ``checkout`` (e.g. ``tasks``)

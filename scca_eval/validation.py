@@ -107,6 +107,21 @@ def resolve_tasks(tasks: Iterable[str] | None, data: Iterable[str] | None):
 
 DEFAULT_TASKS = ("pg19_sample", "proof_pile_sample")
 
+# Tasks already named in a warning (ppl runs one evaluate per pattern: one line per task).
+_TRAINING_TASKS_WARNED: set[str] = set()
+
+
+def warn_if_not_evaluation(task_specs, say=lambda message: None) -> None:
+    """Say once per task when a training or validation task is evaluated."""
+    for spec in task_specs:
+        if spec.use == "evaluation" or spec.name in _TRAINING_TASKS_WARNED:
+            continue
+        _TRAINING_TASKS_WARNED.add(spec.name)
+        purpose = ("fine-tuning text" if spec.use == "training"
+                   else "held out from a training task, to watch a fine-tune")
+        say(f"warning: {spec.name} is a {spec.use} task ({purpose}), not an evaluation sample; "
+            "evaluating it anyway")
+
 
 # The longest beyond-RoPE ctx each model was warned about (ppl runs one evaluate per pattern).
 _LONG_CONTEXT_WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

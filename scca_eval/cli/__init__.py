@@ -20,6 +20,7 @@ from .patterns_cmd import patterns
 from .ppl import ppl
 from .report import compare, plot, table
 from .sweep import sweep
+from .tasks_cmd import tasks
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -46,6 +47,7 @@ cli.add_command(patterns)
 cli.add_command(bench)
 cli.add_command(finetune)
 cli.add_command(lm_eval)
+cli.add_command(tasks)
 
 
 def _fail(message: str, status: int = 2) -> None:

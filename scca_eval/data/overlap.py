@@ -37,6 +37,22 @@ def hash_set(documents: Iterable, n: int = RUN_LENGTH) -> np.ndarray:
 
 def shared_run_starts(ids, reference: np.ndarray, n: int = RUN_LENGTH) -> np.ndarray:
     """Positions in ``ids`` where a run of ``n`` ids starts that also occurs in the
-    documents whose :func:`hash_set` is ``reference``."""
+    documents whose :func:`hash_set` (sorted, unique) is ``reference``. A binary search per
+    run, so a large text is scanned against a small reference, or the other way round, fast."""
     hashes = run_hashes(ids, n)
-    return np.flatnonzero(np.isin(hashes, reference, assume_unique=False))
+    if len(reference) == 0 or len(hashes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    where = np.minimum(np.searchsorted(reference, hashes), len(reference) - 1)
+    return np.flatnonzero(reference[where] == hashes)
+
+
+def documents_sharing_runs(scanned: dict[str, object], reference: np.ndarray,
+                           n: int = RUN_LENGTH) -> dict[str, int]:
+    """For each document of ``scanned`` (id -> token ids) that shares runs of ``n`` ids with
+    the documents whose :func:`hash_set` is ``reference``: how many of its runs it shares."""
+    found = {}
+    for doc_id, ids in scanned.items():
+        count = len(shared_run_starts(ids, reference, n))
+        if count:
+            found[doc_id] = count
+    return found

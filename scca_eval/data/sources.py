@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,7 +31,8 @@ class Document:
 def read_documents(task: TaskSpec) -> list[Document]:
     """The task's documents in source order (only the first ``limit_documents`` are read)."""
     source = task.source
-    readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hub": _read_hub}
+    readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hub": _read_hub,
+               "built": _read_built}
     if source.type not in readers:
         raise UserError(f"{task.label}: source type {source.type!r} holds token ids, not text; "
                         "use read_token_stream for it")
@@ -76,7 +77,8 @@ def _decode(data: bytes, where: str) -> str:
 
 # ---------------------------------------------------------------- plain text
 
-def _text_files(source: SourceSpec) -> list[tuple[str, Path]]:
+def text_files(source: SourceSpec) -> list[tuple[str, Path]]:
+    """The (document id, file) pairs of a text source, in document order."""
     path = source.path
     if path.is_file():
         return [(path.name, path)]
@@ -89,7 +91,7 @@ def _text_files(source: SourceSpec) -> list[tuple[str, Path]]:
 
 
 def _read_text(task: TaskSpec) -> Iterator[Document]:
-    files = _text_files(task.source)
+    files = text_files(task.source)
     if not files:
         raise UserError(f"{task.label}: no files under {task.source.path} match '{task.source.glob}'; "
                         "put text files (one document each) there or fix 'glob'")
@@ -103,6 +105,20 @@ def _read_text(task: TaskSpec) -> Iterator[Document]:
             data = _gunzip(data, path)
             doc_id = doc_id[: -len(".gz")]
         yield Document(doc_id, _decode(data, str(path)))
+
+
+def _read_built(task: TaskSpec) -> Iterator[Document]:
+    """A built corpus's split: its text files (see ``corpora/``)."""
+    from .corpora import not_built_error, packed_path, texts_dir
+
+    folder = texts_dir(task.source.corpus, task.source.split)
+    if not folder.is_dir():
+        if packed_path(task.source.corpus).is_file():
+            raise UserError(f"{task.name}: this machine has its token ids, not its text (imported with "
+                            f"'scca-eval tasks unpack'); build it with 'scca-eval tasks build {task.source.corpus}' "
+                            "to read the text")
+        raise not_built_error(task.name, task.source.corpus)
+    yield from _read_text(replace(task, source=SourceSpec(type="text", path=folder)))
 
 
 def _gunzip(data: bytes, path: Path) -> bytes:

@@ -35,6 +35,16 @@ Source types:
 ``longlora_bin``
     ``path``: LongLoRA's pre-tokenized evaluation file, a flat stream of uint16 token ids
     (``pg19/test.bin``, ``proof-pile/test_sampled_data.bin``). It takes no selection.
+``built``
+    ``corpus`` (a corpus built into the cache by ``scca-eval tasks build CORPUS``, see
+    ``corpora/``) and ``split``: its texts, one document per file, or, on a machine that has
+    only its packed token ids (``scca-eval tasks unpack FILE``), those.
+
+Optional fields for listings (``scca-eval tasks``): ``use``, what the task is for —
+``evaluation`` (the default), ``training`` (fine-tuning text) or ``validation`` (held out
+from a training task, to watch a fine-tune); evaluation commands say so once when given a
+training or validation task. ``tokens``: the task's size in SmolLM2-135M tokens (the
+bundled tasks' figures are checked by the tests).
 
 Relative paths are relative to the YAML file. Selection, applied in this order:
 ``limit_documents`` (read only the first N documents of the source), ``min_tokens`` (keep
@@ -55,7 +65,7 @@ import yaml
 from ..errors import UserError
 from ..files import bundled_folder
 
-SOURCE_TYPES = ("text", "jsonl", "parquet", "hub", "longlora_bin")
+SOURCE_TYPES = ("text", "jsonl", "parquet", "hub", "longlora_bin", "built")
 
 # Allowed fields per source type, with whether each is required.
 SOURCE_FIELDS: dict[str, dict[str, bool]] = {
@@ -65,8 +75,11 @@ SOURCE_FIELDS: dict[str, dict[str, bool]] = {
     "hub": {"type": True, "dataset": True, "split": True, "config": False, "revision": False,
             "data_files": False, "text_field": False, "id_field": False, "streaming": False},
     "longlora_bin": {"type": True, "path": True},
+    "built": {"type": True, "corpus": True, "split": True},
 }
-TOP_LEVEL_FIELDS = {"name": True, "description": False, "source": True, "selection": False}
+TOP_LEVEL_FIELDS = {"name": True, "description": False, "use": False, "tokens": False, "source": True,
+                    "selection": False}
+USES = ("evaluation", "training", "validation")
 SELECTION_FIELDS = ("limit_documents", "min_tokens", "sample", "seed", "sample_method")
 SAMPLE_METHODS = ("random", "first")
 
@@ -89,6 +102,7 @@ class SourceSpec:
     revision: str | None = None
     data_files: tuple[str, ...] | None = None
     streaming: bool = True
+    corpus: str | None = None
 
     def to_dict(self) -> dict:
         """The fields that apply to this source type, JSON-ready."""
@@ -126,6 +140,8 @@ class TaskSpec:
     selection: Selection = field(default_factory=Selection)
     description: str = ""
     origin: Path | None = None  # the YAML file, or None for --data
+    use: str = "evaluation"     # evaluation, training or validation
+    tokens: int | None = None   # size in SmolLM2-135M tokens, where the task file says
 
     @property
     def label(self) -> str:
@@ -138,6 +154,7 @@ class TaskSpec:
         return {
             "name": self.name,
             "description": self.description,
+            "use": self.use,
             "origin": display_path(self.origin) if self.origin else None,
             "source": self.source.to_dict(),
             "selection": asdict(self.selection),
@@ -182,7 +199,8 @@ def _task_dirs() -> list[Path]:
     return dirs
 
 
-def _task_files() -> dict[str, Path]:
+def task_files() -> dict[str, Path]:
+    """Task name -> its YAML file, ./tasks first, then the bundled tasks."""
     found: dict[str, Path] = {}
     for folder in _task_dirs():
         for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
@@ -193,7 +211,7 @@ def _task_files() -> dict[str, Path]:
 def list_tasks() -> dict[str, str]:
     """Task name -> one-line description, for help texts (./tasks first, then bundled)."""
     out = {}
-    for name, path in sorted(_task_files().items()):
+    for name, path in sorted(task_files().items()):
         try:
             description = load_task(path).description
             out[name] = description.splitlines()[0] if description else ""
@@ -211,9 +229,9 @@ def load_task(name_or_path: str | Path) -> TaskSpec:
         path = Path(text).expanduser()
         if not path.is_file():
             raise UserError(f"task file {text} does not exist; give an existing .yaml file or a task name "
-                            f"({', '.join(sorted(_task_files())) or 'none found'})")
+                            f"({', '.join(sorted(task_files())) or 'none found'})")
         return parse_task_file(path)
-    files = _task_files()
+    files = task_files()
     if text not in files:
         known = ", ".join(sorted(files)) or "none found"
         raise UserError(f"unknown task '{text}'; known tasks: {known} (or give a task YAML path, "
@@ -302,7 +320,7 @@ def _parse_source(raw: Any, origin: Path) -> SourceSpec:
         raise _fail(origin, "source.type", problem, f"use one of {', '.join(SOURCE_TYPES)}")
     _check_fields(raw, SOURCE_FIELDS[kind], origin, "source.")
     values: dict[str, Any] = {"type": kind}
-    for key in ("glob", "text_field", "id_field", "dataset", "config", "split", "revision"):
+    for key in ("glob", "text_field", "id_field", "dataset", "config", "split", "revision", "corpus"):
         if key in raw:
             values[key] = _string(raw, key, origin, "source.")
     if "streaming" in raw:
@@ -317,10 +335,21 @@ def _parse_source(raw: Any, origin: Path) -> SourceSpec:
             raise _fail(origin, "source.data_files", f"must be a file name or a list of them, got {raw['data_files']!r}",
                         "list the data files inside the dataset repository")
         values["data_files"] = tuple(files)
+    if kind == "built":
+        _check_built(values, origin)
     if "path" in raw:
         path = _string(raw, "path", origin, "source.")
         values["path"] = _resolve_path(path, origin, "source.path", must_be_file=kind == "longlora_bin")
     return SourceSpec(**{k: v for k, v in values.items() if v is not None})
+
+
+def _check_built(values: dict, origin: Path) -> None:
+    from .corpora import CORPORA, SPLITS
+
+    if values["corpus"] not in CORPORA:
+        raise _fail(origin, "source.corpus", f"unknown corpus {values['corpus']!r}", f"use one of {', '.join(CORPORA)}")
+    if values["split"] not in SPLITS:
+        raise _fail(origin, "source.split", f"unknown split {values['split']!r}", f"use one of {', '.join(SPLITS)}")
 
 
 def _parse_selection(raw: Any, origin: Path, source: SourceSpec) -> Selection:
@@ -355,10 +384,16 @@ def task_from_mapping(raw: dict, *, origin: Path) -> TaskSpec:
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise _fail(origin, "description", f"must be text, got {description!r}", "quote it")
+    use = raw.get("use", "evaluation")
+    if use not in USES:
+        raise _fail(origin, "use", f"unknown use {use!r}", f"use one of {', '.join(USES)}")
+    tokens = raw.get("tokens")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise _fail(origin, "tokens", f"must be a whole number of tokens, got {tokens!r}", "fix or remove it")
     source = _parse_source(raw["source"], origin)
     selection = _parse_selection(raw.get("selection"), origin, source)
     return TaskSpec(name=name, description=description.strip(), source=source, selection=selection,
-                    origin=origin)
+                    origin=origin, use=use, tokens=tokens)
 
 
 # ---------------------------------------------------------------- --data PATH

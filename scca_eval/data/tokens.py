@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..files import atomic_write
+from ..files import atomic_write, cache_root
 from .sources import Document, iter_file_chunks, read_documents, read_token_stream
 from .tasks import TaskSpec
 
@@ -41,10 +40,8 @@ _BATCH_CHARS = 8_000_000
 
 
 def default_cache_dir() -> Path:
-    """``$SCCA_EVAL_CACHE/tokens`` when that is set, else ``~/.cache/scca-eval/tokens``."""
-    root = os.environ.get("SCCA_EVAL_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "scca-eval"
-    return base / "tokens"
+    """``tokens/`` in the cache root (``$SCCA_EVAL_CACHE``, default ``~/.cache/scca-eval``)."""
+    return cache_root() / "tokens"
 
 
 # ---------------------------------------------------------------- counting words and bytes
@@ -351,6 +348,11 @@ def tokenize_task(task: TaskSpec, tokenizer, *, add_bos: bool = False, cache_dir
         return _token_stream_task(task, tokenizer)
     if add_bos and tokenizer.bos_token_id is None:
         raise UserError("the tokenizer has no BOS token; evaluate without --bos")
+    if task.source.type == "built":
+        from .corpora import packed_path, texts_dir
+
+        if not texts_dir(task.source.corpus, task.source.split).is_dir() and packed_path(task.source.corpus).is_file():
+            return _packed_task(task, tokenizer, add_bos)
     documents = read_documents(task)
     tokenizer_fp = tokenizer_fingerprint(tokenizer, add_bos)
     digests = [_document_digest(doc) for doc in documents]
@@ -404,4 +406,29 @@ def _token_stream_task(task: TaskSpec, tokenizer) -> TokenizedTask:
         task=task, docs=[doc], skipped=[], data_fingerprint=file_fingerprint(path),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer, False), flat=True, add_bos=False,
         documents_read=1,
+    )
+
+
+def _packed_task(task: TaskSpec, tokenizer, add_bos: bool) -> TokenizedTask:
+    """A built corpus's split from its packed token ids (no texts on this machine): the same
+    documents, ids and data fingerprint as from the texts, for the tokenizer they were made with."""
+    from .corpora import packed, packed_path
+
+    path = packed_path(task.source.corpus)
+    header, splits = packed.read_cached(path)
+    if header["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer, False):
+        raise UserError(f"{task.name}: this machine has only its token ids ({path}), made with another tokenizer "
+                        f"than this model's; build its texts with 'scca-eval tasks build {task.source.corpus}' "
+                        "to use another model")
+    packed_docs = splits[task.source.split]
+    bos = [tokenizer.bos_token_id] if add_bos else []
+    ids = [np.concatenate([np.array(bos, dtype=np.int32), doc.ids.astype(np.int32)]) for doc in packed_docs]
+    chosen, below = _select(task, [len(a) for a in ids], add_bos)
+    docs = [TokenizedDoc(id=packed_docs[i].id, ids=ids[i], bytes=packed_docs[i].bytes, words=packed_docs[i].words)
+            for i in chosen if len(ids[i]) >= 2]
+    return TokenizedTask(
+        task=task, docs=docs, skipped=[packed_docs[i].id for i in chosen if len(ids[i]) < 2],
+        data_fingerprint=_combine([bytes.fromhex(packed_docs[i].digest) for i in chosen]),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer, add_bos), flat=False, add_bos=add_bos,
+        documents_read=len(packed_docs), below_min_tokens=below,
     )

@@ -15,17 +15,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..files import atomic_write_json
+from ..files import atomic_write_json, cache_root
 
-
-def cache_root() -> Path:
-    """The scca-eval cache folder (not created here)."""
-    configured = os.environ.get("SCCA_EVAL_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "scca-eval"
+__all__ = ["cache_root", "exclusive_lock", "models_cache_dir", "publish_folder", "write_json_atomic"]
 
 
 def models_cache_dir() -> Path:

