@@ -40,14 +40,14 @@ CTXS = "8192,16384,32768,65536,131072,262144"
 
 def _one_window(model, ctx: int, seed: int):
     """One random document that makes exactly one ctx-long window, and that window."""
-    from scca_eval.windows import plan_windows
+    from scca_eval.evaluation.windows import plan_windows
 
     documents = _documents(ctx, 1, model.config.vocab_size, seed + ctx)
     return documents, plan_windows([len(d) for d in documents], ctx, ctx)
 
 
 def _run_cell(model, label: str, spec, ctx: int, device, seed: int) -> dict:
-    from scca_eval.engine import score_windows
+    from scca_eval.evaluation.engine import score_windows
 
     _apply(model, spec, "auto")
     documents, windows = _one_window(model, ctx, seed)

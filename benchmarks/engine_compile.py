@@ -14,8 +14,8 @@ import torch
 
 from scca_eval.bench.model import _documents, _plain_loop, bench_model
 from scca_eval.bench.timing import time_wall_s
-from scca_eval.engine import compile_for_evaluation, score_windows
-from scca_eval.windows import plan_windows
+from scca_eval.evaluation.engine import compile_for_evaluation, score_windows
+from scca_eval.evaluation.windows import plan_windows
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ from collections import defaultdict
 
 import torch
 
-import scca_eval.engine as engine
+import scca_eval.evaluation.engine as engine
 from scca_eval.bench.model import _documents, _plain_loop, bench_model
 from scca_eval.bench.timing import time_wall_s
-from scca_eval.windows import plan_windows
+from scca_eval.evaluation.windows import plan_windows
 
 
 def kernel_category(name: str) -> str:

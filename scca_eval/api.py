@@ -3,7 +3,7 @@
 The CLI is a thin layer over this module; tests call it directly. ``evaluate`` checks
 its settings (``validation.py``), loads the model with its pattern (``models``; a model
 handed in is left as it is when it already carries the pattern), tokenizes each task
-once (``data``) and runs each cell (``cells.py``), which builds the records
+once (``data``) and runs each cell (``evaluation/cells.py``), which builds the records
 (``records.py``) and writes them (``results.py``).
 """
 
@@ -13,11 +13,11 @@ from typing import Callable, Iterable, Sequence
 
 from . import distributed
 from .attention.register import apply_pattern
-from .cells import (DEFAULT_SAVE_EVERY, LONGLORA_STEP, Progress, evaluate_cell,
+from .evaluation.cells import (DEFAULT_SAVE_EVERY, LONGLORA_STEP, Progress, evaluate_cell,
                     evaluate_longlora_cell, notify_stderr)
 from .choices import PROTOCOLS
 from .data import tokenize_task
-from .engine import compile_for_evaluation, is_compiled
+from .evaluation.engine import compile_for_evaluation, is_compiled
 from .models import load_model
 from .records import determinism, record_pattern_name
 from .results import write_record
@@ -154,9 +154,9 @@ def run_cost_line(model_id: str, loaded, specs, *, tasks=None, data=None, ctx, m
                   protocol: str = "stride", add_bos: bool = False) -> str | None:
     """The line said before the first cell of a run of several cells: how many, how many tokens
     to score in all, and how long that takes at the rates earlier runs reached on this device."""
-    from . import cost
-    from .cells import scored_tokens
-    from .engine import model_device
+    from .evaluation import cost
+    from .evaluation.cells import scored_tokens
+    from .evaluation.engine import model_device
     from .records import device_name, record_pattern_name
 
     lm, tokenizer = loaded

@@ -1,11 +1,11 @@
 """What a result record holds, built in one place, and what makes two cells the same.
 
 A record is one JSON object per (model, task, pattern, ctx): see README, "Record". The
-two protocols' cells (``cells.py``) fill the same skeleton here. A cell's identity (the
-settings that decide its per-document sums) is defined here once and used three ways:
-a progress file must match it to be resumed (``resume.py``), a sweep reuses a stored
-record that matches it (``sweep.py``), and ``compare`` pairs cells by task, pattern
-settings and ctx.
+two protocols' cells (``evaluation/cells.py``) fill the same skeleton here. A cell's
+identity (the settings that decide its per-document sums) is defined here once and used
+three ways: a progress file must match it to be resumed (``evaluation/resume.py``), a
+sweep reuses a stored record that matches it (``evaluation/sweep.py``), and ``compare``
+pairs cells by task, pattern settings and ctx.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def determinism(model) -> tuple[bool, str]:
     sums differently from run to run, so a GPU run is not claimed to be bitwise repeatable."""
     import torch
 
-    from .engine import model_device
+    from .evaluation.engine import model_device
 
     device = model_device(model)
     attention = getattr(model.config, "_attn_implementation", None) or "unknown"
@@ -239,7 +239,7 @@ def cell_config(lm, tokenizer, spec, tokenized, *, add_bos, max_tokens, batch) -
 
 def runtime(lm, *, seconds: float, tokens_per_second, device_text: str, processes: int, started, **extra) -> dict:
     """The record's ``runtime``: timing, device, processes, determinism, compilation."""
-    from .engine import is_compiled
+    from .evaluation.engine import is_compiled
 
     deterministic, note = determinism(lm)
     return {

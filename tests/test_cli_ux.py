@@ -67,7 +67,7 @@ def test_help_is_grouped_into_sections(command, capsys):
 def test_cost_line_before_a_long_cell(monkeypatch, tmp_path):
     """Tokens, windows and documents always; a time from the rate remembered for this device,
     model, pattern and ctx; on CPU above a few minutes, the hint to use --max-tokens."""
-    from scca_eval import cost
+    from scca_eval.evaluation import cost
 
     monkeypatch.setenv("SCCA_EVAL_CACHE", str(tmp_path))
     label = "pg19_sample · longmixed · ctx 8192"
@@ -85,8 +85,8 @@ def test_cost_line_before_a_long_cell(monkeypatch, tmp_path):
 
 
 def test_a_budget_too_small_for_every_document_says_so_and_what_covers_all():
-    from scca_eval.cells import say_budget_coverage as _say_budget_coverage
-    from scca_eval.windows import limit_scored_tokens
+    from scca_eval.evaluation.cells import say_budget_coverage as _say_budget_coverage
+    from scca_eval.evaluation.windows import limit_scored_tokens
 
     documents = [10_000] * 6
     notices = []
@@ -130,7 +130,7 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(args, 
 
 
 def test_a_run_of_several_cells_says_its_total_before_the_first(monkeypatch, tmp_path):
-    from scca_eval import cost
+    from scca_eval.evaluation import cost
 
     assert cost.run_line([(200_000, None)], on_cpu=True) is None  # one cell: its own line says it
     assert cost.run_line([(100, None), (200, None)], on_cpu=False) is None  # a quick run: nothing
@@ -145,7 +145,7 @@ def test_scored_tokens_before_a_cell_equal_what_the_cell_scores(tiny_model_dir, 
     from transformers import AutoTokenizer
 
     from scca_eval import evaluate
-    from scca_eval.cells import scored_tokens
+    from scca_eval.evaluation.cells import scored_tokens
     from scca_eval.data import tokenize_task
     from scca_eval.validation import resolve_tasks
 

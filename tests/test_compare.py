@@ -249,7 +249,7 @@ def one_stream(n_windows, factor=1.0, noise=0.0, seed=0, window_tokens=255):
     """A single-document record whose per-window sums are kept (``windows``), each window's
     mean NLL varying along the stream; ``factor`` multiplies the perplexity, ``noise`` adds
     per-window jitter to the mean NLL (a checkpoint that differs window by window)."""
-    from scca_eval.window_sums import encode_windows
+    from scca_eval.evaluation.window_sums import encode_windows
 
     rng = np.random.default_rng(seed)
     tokens = np.full(n_windows, window_tokens)
@@ -276,7 +276,7 @@ def test_a_single_stream_regression_fails_the_gate():
 
 def test_block_interval_equals_a_plain_block_bootstrap_loop():
     """The block bootstrap's interval against a loop written out here (its own draws)."""
-    from scca_eval.window_sums import decode_windows
+    from scca_eval.evaluation.window_sums import decode_windows
 
     base, new = one_stream(120), one_stream(120, factor=1.03, noise=0.05, seed=3)
     (cell,) = compare_records([base], [new]).cells

@@ -71,7 +71,7 @@ def test_sweep_compile_runs_compiled(tiny_model_dir, sample_data_dir, tmp_path, 
 def compiled_tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from scca_eval.engine import compile_for_evaluation
+    from scca_eval.evaluation.engine import compile_for_evaluation
 
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     compiled = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -90,8 +90,8 @@ def test_only_full_batches_of_full_windows_run_compiled(compiled_tiny):
     """A compiled model compiles one shape: batch_size windows of window_length tokens.
     Shorter windows and partial batches run eagerly, so they never trigger a compilation
     (fail_on_recompile would raise), and all of it equals the eager model."""
-    from scca_eval.engine import score_windows
-    from scca_eval.windows import plan_windows
+    from scca_eval.evaluation.engine import score_windows
+    from scca_eval.evaluation.windows import plan_windows
 
     eager, compiled = compiled_tiny
     vocab = eager.config.vocab_size
@@ -116,8 +116,8 @@ def test_only_full_batches_of_full_windows_run_compiled(compiled_tiny):
 
 def test_automatic_batch_is_no_larger_than_the_full_windows():
     """So that a small task still has full batches for a compiled model to run compiled."""
-    from scca_eval.engine import auto_batch_size
-    from scca_eval.windows import plan_windows
+    from scca_eval.evaluation.engine import auto_batch_size
+    from scca_eval.evaluation.windows import plan_windows
 
     cpu = torch.device("cpu")
     assert auto_batch_size(64, cpu) == 64  # the token budget alone (8192 // 64), capped at 64

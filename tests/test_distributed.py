@@ -10,9 +10,9 @@ import pytest
 from helpers import launch_two_processes
 
 from scca_eval import distributed
-from scca_eval.cells import engine_batches as _engine_batches, plan_groups as _plan_groups
+from scca_eval.evaluation.cells import engine_batches as _engine_batches, plan_groups as _plan_groups
 from scca_eval.distributed import Ranks
-from scca_eval.windows import plan_windows
+from scca_eval.evaluation.windows import plan_windows
 
 
 def ppl_args(model_dir, data_dir, out):

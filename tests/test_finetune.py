@@ -234,7 +234,7 @@ def _same_run(a: Path, b: Path) -> None:
 
 
 def test_ctrl_c_saves_and_resume_ends_bitwise_equal(trained, tiny_model_dir, sample_data_dir, tmp_path):
-    from scca_eval.resume import Interrupted
+    from scca_eval.evaluation.resume import Interrupted
 
     straight, _ = trained
     stopped = tmp_path / "stopped"

@@ -137,7 +137,7 @@ def test_validation_leaves_the_training_unchanged(runs):
 
 
 def test_resume_keeps_the_validation_curve(runs, tiny_model_dir, sample_data_dir, validation_dir, tmp_path):
-    from scca_eval.resume import Interrupted
+    from scca_eval.evaluation.resume import Interrupted
 
     root, _, tracked = runs
     stopped = tmp_path / "stopped"

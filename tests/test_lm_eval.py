@@ -119,7 +119,7 @@ def test_lm_eval_command_under_a_pattern_equals_ppl(tiny_model_dir, local_task, 
 def test_generation_under_a_pattern_is_refused(tiny_model_dir):
     pytest.importorskip("lm_eval")
     from scca_eval.errors import UserError
-    from scca_eval.lm_eval_adapter import PatternLM
+    from scca_eval.evaluation.lm_eval_adapter import PatternLM
 
     lm = PatternLM(str(tiny_model_dir), "s2", device="cpu", dtype="float32")
     with pytest.raises(UserError, match="generation under pattern s2 is not supported"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scca_eval.errors import UserError
-from scca_eval.metrics import DocScore, paired_bootstrap, summarize
+from scca_eval.evaluation.metrics import DocScore, paired_bootstrap, summarize
 
 
 def test_summary_by_hand():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scca_eval.cli import main
-from scca_eval.passkey import (DESCRIPTION, QUESTION, PromptBuilder, Trial, information_line, make_trials,
+from scca_eval.evaluation.passkey import (DESCRIPTION, QUESTION, PromptBuilder, Trial, information_line, make_trials,
                                score_trials)
 
 

@@ -20,7 +20,7 @@ import torch
 from scca_eval.api import evaluate
 from scca_eval.cli import main
 from scca_eval.errors import UserError
-from scca_eval.resume import Interrupted
+from scca_eval.evaluation.resume import Interrupted
 from conftest import sample_slice
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def copy_to(progress: Path, out: Path) -> Path:
 def rewrite(path: Path, change) -> None:
     """Change a progress file's content and recompute its checksum, as a file written for other
     settings (or by another program) would be: only the content tells it apart."""
-    from scca_eval.resume import _checksum
+    from scca_eval.evaluation.resume import _checksum
 
     data = json.loads(path.read_text())
     change(data)

@@ -11,7 +11,7 @@ import pytest
 
 from scca_eval.errors import UserError
 from scca_eval.results import load_records
-from scca_eval.sweep import config_key, load_sweep_file, make_sweep, run_sweep, split_patterns
+from scca_eval.evaluation.sweep import config_key, load_sweep_file, make_sweep, run_sweep, split_patterns
 from helpers import run_cli
 
 CELLS = 4  # 2 patterns × 2 ctx × 1 task

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scca_eval.errors import UserError
-from scca_eval.windows import (
+from scca_eval.evaluation.windows import (
     Window,
     limit_scored_tokens,
     longlora_perplexity,

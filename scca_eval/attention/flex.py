@@ -271,7 +271,7 @@ def _compiled_flex():
             if torch.compiler.is_compiling():  # traced into a compiled layer: part of its graph
                 return compiled(*args, **kwargs)
             # Called eagerly, also where the engine runs a layer eagerly on purpose
-            # (force_eager stance, see engine.py): still the fused kernel.
+            # (force_eager stance, see evaluation/engine.py): still the fused kernel.
             with torch.compiler.set_stance("default"):
                 return compiled(*args, **kwargs)
 

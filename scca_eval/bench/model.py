@@ -3,7 +3,7 @@
 ``model_bench`` builds a model of a named shape with random weights (or loads a
 real one), and for each (ctx, pattern) times
 
-- ``engine``: ``scca_eval.engine.score_windows`` over the default protocol's
+- ``engine``: ``scca_eval.evaluation.engine.score_windows`` over the default protocol's
   windows (loss only at scored positions, in chunks), and
 - ``plain``:  the loop a user would write, ``model(input_ids, labels=...)`` per
   batch of the same windows (full logits, transformers' own loss, default
@@ -204,8 +204,8 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     rope_scaling:   ``--rope-scaling`` value (with ``original_ctx``), as for ``load_model``;
                     the result names the RoPE parameters the model ran with.
     """
-    from ..engine import auto_batch_size, compile_for_evaluation, score_windows
-    from ..windows import plan_windows
+    from ..evaluation.engine import auto_batch_size, compile_for_evaluation, score_windows
+    from ..evaluation.windows import plan_windows
 
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
@@ -314,7 +314,7 @@ def _guarded(row: ModelRow, run: Callable[[], object]):
 def _eager(run: Callable[[], object]):
     """``run()`` with every compiled module run eagerly: the plain loop stays the
     loop a user would write, also when the engine is compiled."""
-    from ..engine import run_eagerly
+    from ..evaluation.engine import run_eagerly
 
     with run_eagerly():
         return run()

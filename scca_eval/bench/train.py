@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..engine import run_eagerly
+from ..evaluation.engine import run_eagerly
 from ..errors import UserError
 from .attention import pattern_from_label
 from .model import (DEFAULT_PATTERNS, SHAPES, _linear_params, _peak_memory, _reset_peak, attention_flops,

@@ -77,7 +77,7 @@ def lm_eval(model, pattern, chunk_size, dilation, attention_backend, adapter, me
 
     from lm_eval.__main__ import cli_evaluate
 
-    from ..lm_eval_adapter import MODEL_NAME  # registers the model class with lm-eval
+    from ..evaluation.lm_eval_adapter import MODEL_NAME  # registers the model class with lm-eval
 
     from ..models import parse_device
 

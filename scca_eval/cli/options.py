@@ -8,7 +8,7 @@ import os
 
 import click
 
-from ..sweep import split_patterns as split_items
+from ..evaluation.sweep import split_patterns as split_items
 
 LIST_SYNTAX = "comma-separated or repeated"
 

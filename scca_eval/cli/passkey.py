@@ -75,7 +75,7 @@ def passkey(patterns, ctx, trials, depths, seed, chunk_size, dilation, attention
     """
     from ..validation import check_out_folder, check_run_options
     from ..patterns.parse import check_against_ctx, resolve_pattern
-    from ..sweep import split_patterns
+    from ..evaluation.sweep import split_patterns
 
     for option, value in (("--trials", trials), ("--depths", depths)):
         if value < 1:
@@ -98,7 +98,7 @@ def passkey(patterns, ctx, trials, depths, seed, chunk_size, dilation, attention
                         merge_adapter=merge_adapter, rope_scaling=rope_scaling, original_ctx=original_ctx,
                         finetuned_ctx=max(ctx), trainable_params=trainable_params, tokenizer=tokenizer_path,
                         trust_remote_code=trust_remote_code)
-    from ..passkey import run_passkey
+    from ..evaluation.passkey import run_passkey
 
     from .progress import RichProgress
 

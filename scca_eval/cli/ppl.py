@@ -210,7 +210,7 @@ def _run(ranks, *, model, specs, out, quiet, device, device_map, adapter, merge_
     from ..api import evaluate
     from ..models import load_model
     from ..report.tables import markdown_tables
-    from ..resume import remove_progress
+    from ..evaluation.resume import remove_progress
     from .progress import RichProgress
 
     if device_map is not None:

@@ -88,7 +88,7 @@ def table(paths, fmt, metric, rows, ci, references, digits, output):
 
 def _split_passkey(records):
     """(passkey records, the others): passkey records have views of their own."""
-    from ..passkey import is_passkey_record
+    from ..evaluation.passkey import is_passkey_record
 
     return [r for r in records if is_passkey_record(r)], [r for r in records if not is_passkey_record(r)]
 

@@ -81,7 +81,7 @@ def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, last_window, m
       scca-eval sweep results/smollm2-135m.yaml --device cuda
     """
     from ..report.tables import markdown_tables
-    from ..sweep import ModelEntry, load_sweep_file, make_sweep, run_sweep
+    from ..evaluation.sweep import ModelEntry, load_sweep_file, make_sweep, run_sweep
 
     settings = load_sweep_file(sweep_file) if sweep_file else {}
     given = {

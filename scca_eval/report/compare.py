@@ -5,7 +5,7 @@ the same thing: same protocol, stride, last window, tokenizer, task data, ``--ma
 and the same documents with the same scored tokens; anything else is refused with one line.
 For each pair, a paired bootstrap gives the relative change of perplexity, its 95% interval
 and a p-value. What it resamples (:func:`resampling_unit`): documents when the cell has at least
-``MIN_UNITS`` of them (:func:`scca_eval.metrics.paired_bootstrap`); otherwise contiguous
+``MIN_UNITS`` of them (:func:`scca_eval.evaluation.metrics.paired_bootstrap`); otherwise contiguous
 blocks of windows inside the documents (a single long document or token stream), from the
 per-window sums the records keep, when there are at least ``MIN_UNITS`` blocks.
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..errors import UserError
-from ..metrics import paired_bootstrap, paired_block_bootstrap
+from ..evaluation.metrics import paired_bootstrap, paired_block_bootstrap
 from ..records import comparison_key, last_window_of
-from ..window_sums import decode_windows
+from ..evaluation.window_sums import decode_windows
 from .grid import PRESET_ORDER, pattern_labels
 
 

@@ -5,7 +5,7 @@ RoPE scaling and the pattern applied through the same AttentionInterface registr
 evaluation uses), the data as training windows, LoRA, the checkpoint to resume from, the
 steps (a checkpoint every ``save_every``, a validation point every ``eval_every``), and the
 results. Ctrl-C finishes nothing more, saves a checkpoint of the last finished step and raises
-:class:`~scca_eval.resume.Interrupted`. ``max_time`` ends the run at the first step boundary
+:class:`~scca_eval.evaluation.resume.Interrupted`. ``max_time`` ends the run at the first step boundary
 after that much training time.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from ..distributed import all_agree
 from ..errors import UserError
-from ..resume import Interrupted
+from ..evaluation.resume import Interrupted
 from . import checkpoint as ckpt
 from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, keep_activations_in,
                    trainable_parameters)

@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
-from .errors import UserError
-from .records import config_key  # a stored record's key (re-exported for the tests and callers)
+from ..errors import UserError
+from ..records import config_key  # a stored record's key (re-exported for the tests and callers)
 
 if TYPE_CHECKING:
-    from .patterns.spec import PatternSpec
+    from ..patterns.spec import PatternSpec
 
 DEFAULT_OUT = "results/sweep"
 # load_model options that may be set per model in a sweep file
@@ -121,7 +121,7 @@ class SweepResult:
 
 
 def _cell_label(model: str, task: str, spec: PatternSpec, ctx: int) -> str:
-    from .records import record_pattern_name
+    from ..records import record_pattern_name
 
     # The name the cell's record carries (custom mixes: "custom-<8 hex>"), so labels tell mixes apart.
     return f"{model} · {task} · {record_pattern_name(spec)} · ctx {ctx}"
@@ -216,9 +216,9 @@ def _read_setting(key: str, value: Any, where: str) -> Any:
 
 def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     """Check every setting (bad input fails here, before any model is loaded)."""
-    from .records import record_pattern_name
-    from .results import record_filename
-    from .validation import (check_attention_backend, check_dtype_name, check_protocol,
+    from ..records import record_pattern_name
+    from ..results import record_filename
+    from ..validation import (check_attention_backend, check_dtype_name, check_protocol,
                              resolve_patterns, resolve_tasks)
 
     unknown = sorted(set(settings) - set(SETTINGS))
@@ -278,7 +278,7 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
 
 def _existing_records(out: Path, say: Callable[[str], None]) -> dict[str, dict]:
     """config key -> record, for every readable record in ``out``."""
-    from .results import read_record
+    from ..results import read_record
 
     found: dict[str, dict] = {}
     if not out.is_dir():
@@ -303,10 +303,10 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
     """
     import torch
 
-    from .api import evaluate
-    from .data import tokenize_task
-    from .models import load_model, model_record
-    from .records import cell_identity, model_dtype, model_identity, sweep_key
+    from ..api import evaluate
+    from ..data import tokenize_task
+    from ..models import load_model, model_record
+    from ..records import cell_identity, model_dtype, model_identity, sweep_key
 
     say = log or (lambda message: None)
     existing = _existing_records(sweep.out, say)
@@ -365,11 +365,11 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
 
 def _say_run_cost(model_id, lm, tokenizer, sweep: Sweep, existing, planned_key, say) -> None:
     """Before a model's first cell: the cells it still has to run, their tokens and time."""
+    from ..data import tokenize_task
+    from ..records import device_name, record_pattern_name
     from . import cost
     from .cells import scored_tokens
-    from .data import tokenize_task
     from .engine import model_device
-    from .records import device_name, record_pattern_name
 
     device = model_device(lm)
     device_text = device_name(device)

@@ -36,8 +36,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .choices import PASSKEY_DEPTHS, PASSKEY_TRIALS
-from .errors import UserError
+from ..choices import PASSKEY_DEPTHS, PASSKEY_TRIALS
+from ..errors import UserError
 
 TASK = "passkey"
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -234,15 +234,15 @@ def is_passkey_record(record: dict) -> bool:
 def config_key(record: dict) -> str:
     """An existing record with the same identity (``records.passkey_identity``) answers the
     cell, so a stopped run, run again, continues with the next cell."""
-    from .records import passkey_identity
+    from ..records import passkey_identity
 
     return json.dumps(passkey_identity(record), sort_keys=True, default=str)
 
 
 def cell_config(lm, tokenizer, spec, *, trials: int, depths: int, seed: int) -> dict:
     """The settings a passkey record stores (those of ``config_key`` among them)."""
-    from .models import model_record
-    from .records import model_dtype, package_versions
+    from ..models import model_record
+    from ..records import model_dtype, package_versions
 
     info = model_record(lm, tokenizer)
     return {
@@ -262,8 +262,8 @@ def evaluate_passkey(lm, tokenizer, model_id: str, spec, ctx: int, *, trials: in
                      batch_size: int | None = None, progress=None) -> dict:
     """Run the trials of one (pattern, ctx) cell on a loaded model with ``spec`` applied;
     return its record."""
+    from ..records import device_name, record_pattern_name, runtime
     from .engine import auto_batch_size, model_device
-    from .records import device_name, record_pattern_name, runtime
 
     builder = PromptBuilder(tokenizer)
     cell_trials = make_trials(builder, ctx, trials=trials, depths=depths, seed=seed)
@@ -299,7 +299,7 @@ def evaluate_passkey(lm, tokenizer, model_id: str, spec, ctx: int, *, trials: in
 
 def _existing_records(out, log) -> dict[str, dict]:
     """config key -> record, for the passkey records already in ``out``."""
-    from .results import read_record
+    from ..results import read_record
 
     found: dict[str, dict] = {}
     folder = Path(out)
@@ -322,9 +322,9 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
     """Every (pattern, ctx) cell on a loaded (model, tokenizer); one record per cell, written
     to ``out`` as soon as it is done. A cell whose record ``out`` already holds with the same
     settings (:func:`config_key`) is read instead of run."""
-    from .attention.register import apply_pattern
-    from .results import write_record
-    from .validation import check_trained_length
+    from ..attention.register import apply_pattern
+    from ..results import write_record
+    from ..validation import check_trained_length
 
     lm, tokenizer = loaded
     say = log or (lambda message: None)

@@ -13,7 +13,7 @@ Three protocols:
   full ``ctx`` long (``last_window="full"``); ``"short"`` keeps it to the tokens left, as
   in the Hugging Face perplexity guide and the transformers/YaRN recipes.
 * :func:`plan_lm_eval_windows` — lm-evaluation-harness's ``loglikelihood_rolling``
-  (``scca_eval.lm_eval_protocol`` prepares its documents).
+  (``scca_eval.evaluation.lm_eval_protocol`` prepares its documents).
 * :func:`plan_longlora_windows` — exactly what LongLoRA's ``eval.py`` computes on its
   flat token streams, to reproduce published numbers.
 """
@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

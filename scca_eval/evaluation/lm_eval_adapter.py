@@ -26,9 +26,9 @@ import sys
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .errors import UserError
-from .models import load_model
-from .patterns.parse import resolve_pattern
+from ..errors import UserError
+from ..models import load_model
+from ..patterns.parse import resolve_pattern
 
 MODEL_NAME = "scca-eval"
 

@@ -22,13 +22,14 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from . import cost, distributed
-from .data import TokenizedTask
+from .. import distributed
+from ..data import TokenizedTask
+from ..errors import UserError
+from ..records import cell_config, device_name, new_record, progress_key, record_pattern_name, runtime
+from ..results import record_filename
+from . import cost
 from .engine import WindowScores, auto_batch_size, model_device, plan_batches, score_windows
-from .errors import UserError
 from .metrics import DocScore, summarize
-from .records import cell_config, device_name, new_record, progress_key, record_pattern_name, runtime
-from .results import record_filename
 from .resume import DocumentDone, Interrupted, ProgressFile, progress_path
 from .window_sums import encode_windows
 from .windows import (Window, limit_scored_tokens, longlora_perplexity, plan_lm_eval_windows, plan_longlora_windows,

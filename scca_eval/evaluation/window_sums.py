@@ -13,7 +13,7 @@ import base64
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def encode_windows(nll: np.ndarray, tokens: np.ndarray) -> dict:

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 # Resample in steps of about this many (resample, document) cells, so that memory stays
 # small for data sets of many documents.

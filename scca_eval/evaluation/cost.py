@@ -12,7 +12,7 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-from .models.cache import cache_root, write_json_atomic
+from ..models.cache import cache_root, write_json_atomic
 
 # A run on CPU estimated above this many seconds gets the hint to use --max-tokens.
 LONG_ON_CPU_SECONDS = 300

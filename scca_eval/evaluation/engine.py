@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
 from .windows import Window
 
 # Tokens per forward batch when the user gives no --batch-size.

@@ -2,7 +2,7 @@
 
 lm-eval's ``HFLM.loglikelihood_rolling`` scores every token of a document, the first one
 conditioned on a prefix token, in windows of ``max_length`` predictions whose last one is
-right-aligned to the document's end (:func:`scca_eval.windows.plan_lm_eval_windows`).
+right-aligned to the document's end (:func:`scca_eval.evaluation.windows.plan_lm_eval_windows`).
 Here ``--ctx L`` is its ``max_length=L``. What lm-eval tokenizes is reproduced as well:
 
 * the prefix token is the one ``HFLM.prefix_token_id`` picks: the tokenizer's BOS token,
@@ -22,8 +22,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from .data import TokenizedTask
-from .errors import UserError
+from ..data import TokenizedTask
+from ..errors import UserError
 
 PROTOCOL = "lm-eval"
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .files import atomic_write_text
+from ..files import atomic_write_text
 
 FORMAT = "scca-eval progress"
 VERSION = 2  # 2: documents may be saved part-way (groups no longer end at documents)
