@@ -99,6 +99,7 @@ def write_record(record: dict, out_dir: str | Path, say=None) -> Path:
 
     path = Path(out_dir) / record_filename(record)
     stored = {key: value for key, value in record.items() if key != "path"}  # "path" is where it was read from
+    path = _file_of_same_identity(path, stored, identity_difference) or path
     if path.exists():
         difference = _difference_from_file(path, stored, identity_difference)
         if difference:
@@ -108,6 +109,26 @@ def write_record(record: dict, out_dir: str | Path, say=None) -> Path:
                     f"this one is written to {path.name}")
     atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def _file_of_same_identity(path: Path, record: dict, identity_difference) -> Path | None:
+    """An existing file of the cell's name family (``model__task__pattern__ctx…``) that holds a
+    record of the same identity under another name (written before the name carried its
+    tags, or under a digest name): a run again replaces that record rather than adding a twin."""
+    stem = f"{slug(record['model'])}__{record['task']}__{record['pattern']}__ctx{record['ctx']}"
+    for candidate in sorted(path.parent.glob(f"{stem}*.json")):
+        if candidate != path and _difference_from_file(candidate, record, identity_difference) is None \
+                and _readable(candidate):
+            return candidate
+    return None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        read_record(path)
+        return True
+    except UserError:
+        return False
 
 
 def _difference_from_file(path: Path, record: dict, identity_difference) -> str | None:

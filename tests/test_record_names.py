@@ -100,3 +100,21 @@ def test_passkey_records_of_other_trials_have_names_of_their_own():
     assert record_filename(passkey_record(10)) == "m__passkey__full__ctx1024.json"
     assert record_filename(passkey_record(3)) == "m__passkey__full__ctx1024__trials3-depths5-seed0.json"
     assert "passkey trials" in identity_difference(passkey_record(10), passkey_record(3))
+
+
+def test_a_record_under_an_older_name_is_replaced_not_doubled(tmp_path):
+    """A record written before file names carried their tags (here: a --max-tokens record under
+    the plain name) is the one a run again of the same settings replaces."""
+    record = make_record(model="default")
+    record["config"]["max_tokens"] = 2048
+    old = tmp_path / "default__pg19_sample__full__ctx1024.json"
+    old.write_text(json.dumps(record))
+    rerun = json.loads(json.dumps(record))
+    rerun["metrics"]["perplexity"] = 10.5
+    assert write_record(rerun, tmp_path) == old
+    assert [p.name for p in tmp_path.glob("*.json")] == [old.name]
+    assert json.loads(old.read_text())["metrics"]["perplexity"] == 10.5
+    other = json.loads(json.dumps(record))
+    other["config"]["max_tokens"] = 4096  # another identity: a file of its own, the old one kept
+    assert write_record(other, tmp_path).name == "default__pg19_sample__full__ctx1024__max4096.json"
+    assert len(list(tmp_path.glob("*.json"))) == 2
