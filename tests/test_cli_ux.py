@@ -113,6 +113,7 @@ def test_an_error_before_the_first_cell_leaves_no_blank_line():
     ["bench", "model", "--shape", "smollm2-135m", "--markdown", "/proc/1/bench.md"],
     ["patterns", "show", "s2", "--ctx", "64", "--png", "/proc/1/s2.png"],
     ["table", "results/smollm2-135m", "--output", "/proc/1/table.md"],
+    ["tasks", "pack", "mixture", "--out", "/proc/1/mixture.tokens.xz"],
 ])
 def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(args, capsys, monkeypatch):
     from pathlib import Path

@@ -61,6 +61,10 @@ def test_manifest_sizes_domains_and_documents_agree(manifest):
     assert manifest["splits"]["validation"]["tokens"] >= 1_000_000
     assert min(d["tokens"] for d in documents) >= 16_384
     assert len({(d["split"], d["id"]) for d in documents}) == len(documents)
+    # listed (and packed) in the order a task reads the files: by path
+    for split in mixture.SPLITS:
+        ids = [d["id"] for d in documents if d["split"] == split]
+        assert ids == sorted(ids)
 
 
 def test_sources_table_names_every_package_with_its_version_and_a_licence(manifest):
@@ -255,6 +259,16 @@ def test_unpack_refuses_a_file_that_is_not_the_recorded_corpus(fake_mixture, tmp
     status, out, _ = run_cli(["tasks", "unpack", str(tmp_path / "ok.tokens.xz")], capsys)
     assert status in (0, None) and "mixture_train: 2 documents" in out
     assert packed_path("mixture").read_bytes() == (tmp_path / "ok.tokens.xz").read_bytes()
+
+
+def test_pack_copies_the_checked_ids_or_says_how_to_build(fake_mixture, tmp_path, capsys):
+    status, _, err = run_cli(["tasks", "pack", "mixture", "--out", str(tmp_path / "m.tokens.xz")], capsys)
+    assert status == 2 and "is missing (its texts are built): run 'scca-eval tasks build mixture' again" in err
+    assert err.count("\n") == 1
+    _pack_from_texts(fake_mixture, packed_path("mixture"))
+    status, out, _ = run_cli(["tasks", "pack", "mixture", "--out", str(tmp_path / "m.tokens.xz")], capsys)
+    assert status in (0, None) and "scca-eval tasks unpack m.tokens.xz" in out
+    assert (tmp_path / "m.tokens.xz").read_bytes() == packed_path("mixture").read_bytes()
 
 
 # ---------------------------------------------------------------- cutting texts out of packages

