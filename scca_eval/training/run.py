@@ -77,6 +77,7 @@ def finetune(
     checkpoint is there.
     """
     from ..data import load_task, task_from_data_path, tokenize_task
+    from ..data.corpora import require_built
     from ..models import load_model, model_record, parse_rope_scaling, trained_length
     from ..validation import resolve_patterns
 
@@ -105,6 +106,8 @@ def finetune(
     if not names and not paths:
         names = list(DEFAULT_TASKS)
     task_specs = [load_task(name) for name in names] + [task_from_data_path(path) for path in paths]
+    for task_spec in task_specs:
+        require_built(task_spec)
 
     lm, tokenizer = load_model(model, pattern=spec, dtype=dtype, device=device,
                                attention_backend=attention_backend, rope_scaling=rope_scaling, original_ctx=original_ctx,
