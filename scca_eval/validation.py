@@ -98,11 +98,16 @@ def resolve_tasks(tasks: Iterable[str] | None, data: Iterable[str] | None):
     """TaskSpecs from task names/YAML paths and --data paths (default: the sample tasks)."""
     from .data import load_task, task_from_data_path
 
+    from .data.corpora import require_built
+
     tasks = list(tasks or [])
     data = list(data or [])
     if not tasks and not data:
         tasks = list(DEFAULT_TASKS)
-    return [load_task(name) for name in tasks] + [task_from_data_path(path) for path in data]
+    specs = [load_task(name) for name in tasks] + [task_from_data_path(path) for path in data]
+    for spec in specs:
+        require_built(spec)
+    return specs
 
 
 DEFAULT_TASKS = ("pg19_sample", "proof_pile_sample")

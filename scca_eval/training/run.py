@@ -102,6 +102,7 @@ def finetune(
     many seconds of training.
     """
     from ..data import load_task, task_from_data_path, tokenize_task
+    from ..data.corpora import require_built
     from ..models import load_model, model_record, parse_rope_scaling, trained_length
     from ..models.loading import parse_device, parse_dtype
     from ..validation import resolve_patterns
@@ -144,6 +145,8 @@ def finetune(
         names = list(DEFAULT_TASKS)
     task_specs = [load_task(name) for name in names] + [task_from_data_path(path) for path in paths]
     eval_specs = [load_task(name) for name in eval_names] + [task_from_data_path(path) for path in eval_paths]
+    for task_spec in task_specs + eval_specs:
+        require_built(task_spec)
 
     load_options = dict(pattern=spec, attention_backend=attention_backend, rope_scaling=rope_scaling,
                         original_ctx=original_ctx, finetuned_ctx=ctx)

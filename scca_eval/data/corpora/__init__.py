@@ -75,3 +75,9 @@ def state(name: str) -> str:
 def not_built_error(task_name: str, corpus: str) -> UserError:
     return UserError(f"{task_name} is not built on this machine: run 'scca-eval tasks build {corpus}' (downloads "
                      f"its Debian packages once), or import its token file with 'scca-eval tasks unpack FILE'")
+
+
+def require_built(task) -> None:
+    """Refuse, before any model is loaded, a task of a corpus this machine has neither built nor imported."""
+    if task.source.type == "built" and state(task.source.corpus) == "not built":
+        raise not_built_error(task.name, task.source.corpus)
