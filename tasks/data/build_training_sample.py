@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import gzip
 import re
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
+
+from scca_eval.data.corpora.readers import r_character_vector  # one reader of janeaustenr's R data
 
 # --------------------------------------------------------------- books
 
@@ -41,30 +41,6 @@ AUSTEN = {
     "austen_northanger_abbey": (0xABBB8, 0x2AC5C),
     "austen_sense_and_sensibility": (0x145DFB, 0x4113C),
 }
-
-
-def r_character_vector(blob: bytes) -> list[str]:
-    """Decode one R-serialized (XDR) character vector: janeaustenr stores a novel as its lines."""
-    data = zlib.decompress(blob[4:])  # 4-byte big-endian length, then a zlib stream
-    if data[:2] != b"X\n":
-        raise ValueError("not an XDR-serialized R object")
-    pos = 2
-    version = struct.unpack(">i", data[pos:pos + 4])[0]
-    pos += 12  # format version, R version, minimal R version
-    if version == 3:
-        encoding_length = struct.unpack(">i", data[pos:pos + 4])[0]
-        pos += 4 + encoding_length
-    flags, count = struct.unpack(">ii", data[pos:pos + 8])
-    pos += 8
-    if flags & 0xFF != 16:  # STRSXP
-        raise ValueError("not a character vector")
-    lines = []
-    for _ in range(count):
-        _, length = struct.unpack(">ii", data[pos:pos + 8])
-        pos += 8
-        lines.append(data[pos:pos + length].decode("utf-8"))
-        pos += length
-    return lines
 
 
 def austen_novels(root: Path) -> dict[str, str]:
