@@ -513,3 +513,40 @@ def test_bundled_samples_with_the_smollm2_tokenizer(tmp_path):
                 if "\ufffd" not in prefix:
                     assert doc.prefix_stats(m) == (len(prefix.encode()), len(re.split(r"\s+", prefix)))
     assert 1_100_000 < total < 1_250_000  # SOURCES.md: about 1.16M tokens
+
+
+class _Reserialized:
+    """A tokenizer whose serialized form is written the way another `tokenizers` release
+    writes it (merges as pairs, an extra key), with the same vocabulary and splits."""
+
+    def __init__(self, tokenizer, change_vocab=False):
+        self._tokenizer, self._change_vocab = tokenizer, change_vocab
+        definition = json.loads(tokenizer.backend_tokenizer.to_str())
+        definition["model"]["merges"] = [m.split(" ") if isinstance(m, str) else m
+                                         for m in definition["model"]["merges"]]
+        definition["written_by"] = "another release"
+        self.backend_tokenizer = type("Backend", (), {"to_str": lambda _, text=json.dumps(definition): text})()
+
+    def get_vocab(self):
+        vocab = self._tokenizer.get_vocab()
+        return {**vocab, "<extra>": len(vocab)} if self._change_vocab else vocab
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+
+def test_tokenizer_fingerprint_is_the_same_on_every_library_version(tokenizer):
+    from scca_eval.models.vocabulary import tokenizer_fingerprint as model_fingerprint
+
+    assert json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"], "needs a tokenizer with merges"
+    same = _Reserialized(tokenizer)
+    assert same.backend_tokenizer.to_str() != tokenizer.backend_tokenizer.to_str()
+    assert token_module.tokenizer_fingerprint(same) == token_module.tokenizer_fingerprint(tokenizer)
+    assert model_fingerprint(same, True, False) == model_fingerprint(tokenizer, True, False)
+    # What changes the ids changes the fingerprint.
+    other = _Reserialized(tokenizer, change_vocab=True)
+    assert token_module.tokenizer_fingerprint(other) != token_module.tokenizer_fingerprint(tokenizer)
+    assert token_module.tokenizer_fingerprint(tokenizer, add_bos=True) != token_module.tokenizer_fingerprint(tokenizer)

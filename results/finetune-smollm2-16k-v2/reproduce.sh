@@ -42,7 +42,7 @@ PY=${PYTHON:-python}
 PARALLEL=${PARALLEL:-1}
 read -r -a PATTERNS <<< "${PATTERNS:-full s2 scca_fixed scca_flow sda longmixed}"
 read -r -a SWEEP_PATTERNS <<< "${SWEEP_PATTERNS:-full s2 longmixed}"
-read -r -a LRS <<< "${LRS:-2e-5 6e-5 2e-4 6e-4}"    # half-decade steps of a log grid
+read -r -a LRS <<< "${LRS:-2e-5 7e-5 2.7e-4 1e-3}"   # a log grid from 2e-5 to 1e-3 (steps of about 3.7x)
 read -r -a SEEDS <<< "${SEEDS:-0 1 2}"
 read -r -a MATCHED_SEEDS <<< "${MATCHED_SEEDS:-0}"
 
@@ -55,9 +55,11 @@ VALID_TASK=${VALID_TASK:-mixture_validation}
 # norms, AdamW, WARMUP warm-up steps then a constant rate), one CTX-token window per step.
 CTX=${CTX:-16384}
 STEPS=${STEPS:-1000}
-SWEEP_STEPS=${SWEEP_STEPS:-$((STEPS / 4))}
+SWEEP_STEPS=${SWEEP_STEPS:-$((STEPS / 5))}
 WARMUP=${WARMUP:-20}
-MATCHED_MAX_STEPS=${MATCHED_MAX_STEPS:-$((STEPS * 4))}   # the cap of a compute-matched run
+# The cap of a compute-matched run: 2 x STEPS windows of 16k (32.8M tokens) stay inside the
+# 39.6M training tokens of mixture_train, so no run repeats its data.
+MATCHED_MAX_STEPS=${MATCHED_MAX_STEPS:-$((STEPS * 2))}
 # Validation: EVAL_TOKENS // CTX windows (8 at 16k) every EVAL_EVERY steps; a tenth of a run
 # must hold a point for the convergence rule (docs/finetune.md).
 EVAL_TOKENS=${EVAL_TOKENS:-131072}

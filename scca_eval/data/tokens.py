@@ -73,18 +73,38 @@ def prefix_counts(text: str, char_ends: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 # ---------------------------------------------------------------- fingerprints
 
-def tokenizer_fingerprint(tokenizer, add_bos: bool = False) -> str:
-    """sha256 of the tokenizer's serialized form, and of the BOS choice."""
-    digest = hashlib.sha256()
+# Text whose ids show how a tokenizer splits prose, digits, code, whitespace and scripts.
+_PROBE_TEXT = (
+    "The quick brown fox, aged 42, jumped over 3.14159 lazy dogs!\n\n"
+    "def f(x):\n    return x ** 2  # squared\t\ttabs\n"
+    "\\begin{theorem} $\\forall \\epsilon > 0$ \\end{theorem}\r\n"
+    "Ünïcödé — “quotes” … 日本語のテキスト 中文 Русский текст 🙂🚀  trailing   spaces "
+)
+
+
+def tokenizer_definition(tokenizer) -> str:
+    """What decides a tokenizer's ids, in a form that does not depend on library versions.
+
+    The serialized form (``backend_tokenizer.to_str()``) changes between ``tokenizers``
+    releases for the same tokenizer, so it cannot name one across machines. This is the
+    vocabulary, the merges (as "a b" strings), the added tokens, and the ids of a fixed
+    probe text (which covers the normalizer and pre-tokenizer).
+    """
+    merges = []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        digest.update(backend.to_str().encode("utf-8"))
-    else:  # a tokenizer without a `tokenizers` backend (e.g. sentencepiece only)
-        digest.update(type(tokenizer).__name__.encode())
-        sp_model = getattr(tokenizer, "sp_model", None)
-        if sp_model is not None and hasattr(sp_model, "serialized_model_proto"):
-            digest.update(sp_model.serialized_model_proto())
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+        model = json.loads(backend.to_str()).get("model") or {}
+        merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges") or []]
+    added = sorted((token.content if hasattr(token, "content") else str(token), int(index))
+                   for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items())
+    probe = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    return json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "merges": merges, "added": added,
+                       "probe": list(probe)}, ensure_ascii=False)
+
+
+def tokenizer_fingerprint(tokenizer, add_bos: bool = False) -> str:
+    """sha256 of the tokenizer's definition (:func:`tokenizer_definition`) and of the BOS choice."""
+    digest = hashlib.sha256(tokenizer_definition(tokenizer).encode("utf-8"))
     bos = tokenizer.bos_token_id if add_bos else None
     digest.update(f"|add_bos={bool(add_bos)}|bos={bos}".encode())
     return digest.hexdigest()

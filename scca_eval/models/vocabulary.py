@@ -11,9 +11,10 @@ the same values LongLoRA's own merge script produces.
 from __future__ import annotations
 
 import hashlib
-import json
 
 import torch
+
+from ..data.tokens import tokenizer_definition
 
 
 def grow_embeddings(model, rows: int) -> dict | None:
@@ -51,14 +52,8 @@ def tokenizer_summary(tokenizer, name: str) -> dict:
 
 
 def tokenizer_fingerprint(tokenizer, adds_bos: bool, adds_eos: bool) -> str:
-    """SHA-256 of the tokenizer's full definition (vocabulary, merges, normalizers, specials)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = backend.to_str()
-    else:  # a tokenizer without a `tokenizers` backend: its vocabulary and special tokens
-        definition = json.dumps(
-            {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens},
-            ensure_ascii=False,
-        )
+    """SHA-256 of the tokenizer's definition (vocabulary, merges, added tokens, how it splits a
+    probe text; the same on every library version) and of whether it adds BOS/EOS."""
+    definition = tokenizer_definition(tokenizer)
     material = f"{definition}\nadds_bos={adds_bos}\nadds_eos={adds_eos}\n"
     return "sha256:" + hashlib.sha256(material.encode("utf-8")).hexdigest()
