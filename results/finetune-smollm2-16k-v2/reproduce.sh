@@ -42,7 +42,8 @@ PY=${PYTHON:-python}
 PARALLEL=${PARALLEL:-1}
 read -r -a PATTERNS <<< "${PATTERNS:-full s2 scca_fixed scca_flow sda longmixed}"
 read -r -a SWEEP_PATTERNS <<< "${SWEEP_PATTERNS:-full s2 longmixed}"
-read -r -a LRS <<< "${LRS:-2e-5 7e-5 2.7e-4 1e-3}"   # a log grid from 2e-5 to 1e-3 (steps of about 3.7x)
+# A log grid from 2e-5 in steps of about 3.7x; 3.7e-3 was added when 1e-3 came out best at the edge.
+read -r -a LRS <<< "${LRS:-2e-5 7e-5 2.7e-4 1e-3 3.7e-3}"
 read -r -a SEEDS <<< "${SEEDS:-0 1 2}"
 read -r -a MATCHED_SEEDS <<< "${MATCHED_SEEDS:-0}"
 
