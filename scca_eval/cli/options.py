@@ -1,6 +1,15 @@
-"""Click parameter types shared by the commands, and the one list syntax of every option
+"""The options the commands share, each defined once, and the one list syntax of every option
 that takes several values: items separated by commas (a comma inside a rule's parentheses,
-as in ``dilated(2,0)``, belongs to the rule), and the option may be repeated."""
+as in ``dilated(2,0)``, belongs to the rule), and the option may be repeated.
+
+Option groups (decorators): :func:`model_loading_options` (or its parts :func:`model_option`,
+:data:`adapter_options`, :func:`rope_scaling_options`, :data:`checkpoint_options`),
+:func:`dtype_option`, :func:`device_option`, :func:`pattern_option`, and
+:func:`pattern_settings_options` (:func:`pattern_size_options` and
+:func:`attention_backend_option`). ``bench``'s --pattern is its own: benchmark labels such as
+``sda-r4`` stand for a pattern and its dilation, and there is no --chunk-size. ``--gpus`` is in
+``launch.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import os
 
 import click
 
+from ..choices import ATTENTION_BACKENDS, DEFAULT_DILATION, DTYPES, PRESETS
 from ..evaluation.sweep import split_patterns as split_items
 
 LIST_SYNTAX = "comma-separated or repeated"
@@ -187,8 +197,6 @@ def model_loading_options(rope_extra_help: str = "", bare_longlora: bool = False
 
 def dtype_option(what: str = "Compute dtype."):
     """``--dtype``: one of choices.DTYPES (case-insensitive); ``what`` says what it sets."""
-    from ..choices import DTYPES
-
     return click.option("--dtype", type=click.Choice(list(DTYPES), case_sensitive=False), default=None,
                         help=f"{what} Default: float32 on CPU, bfloat16 on GPU.")
 
@@ -206,8 +214,6 @@ def device_option(processes: bool = False):
 
 def pattern_help(several: bool = True) -> str:
     """What --pattern takes: the presets of choices.py or a custom mix."""
-    from ..choices import PRESETS
-
     names = ", ".join(PRESETS[:-1]) + f", {PRESETS[-1]}"
     return (f"{'Attention pattern(s)' if several else 'Attention pattern'}: {names}, or a custom mix such as "
             "'1/2 local + 1/2 cross(1)' (see `scca-eval patterns list`)")
@@ -228,8 +234,6 @@ def pattern_option(several: bool = True, purpose: str = ""):
 def pattern_size_options(chunk_default: str = "a quarter of the window"):
     """--chunk-size and --dilation: the settings every pattern is resolved with.
     ``chunk_default``: what the default chunk size is a quarter of, in this command's words."""
-    from ..choices import DEFAULT_DILATION
-
     return _stack(
         click.option("--chunk-size", type=int, default=None,
                      help=f"Chunk size G in tokens for the chunked rules. Default: {chunk_default}."),
@@ -247,8 +251,6 @@ ATTENTION_BACKEND_HELP = (
 def attention_backend_option(default: str | None = "auto"):
     """``--attention-backend``: one of choices.ATTENTION_BACKENDS. ``default=None``: unset unless
     given (the sweep, whose file may set it); it still means auto."""
-    from ..choices import ATTENTION_BACKENDS
-
     return click.option("--attention-backend", type=click.Choice(list(ATTENTION_BACKENDS)), default=default,
                         show_default=default is not None,
                         help=ATTENTION_BACKEND_HELP + ("" if default is not None else " Default: auto."))

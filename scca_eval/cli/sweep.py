@@ -7,8 +7,8 @@ import contextlib
 import click
 
 from ..choices import LAST_WINDOWS
-from .options import (device_option, dtype_option, ints_callback, names_callback, paths_callback, pattern_option,
-                      pattern_size_options, attention_backend_option, rope_scaling_options)
+from .options import (attention_backend_option, device_option, dtype_option, ints_callback, names_callback,
+                      paths_callback, pattern_option, pattern_size_options, rope_scaling_options)
 from .sections import SectionedCommand
 
 HELP_SECTIONS = {
