@@ -84,14 +84,27 @@ def check_attention_backend(backend: str) -> None:
 def resolve_patterns(patterns: Iterable, ctxs: Sequence[int], *, chunk_size: int | None = None,
                      dilation: int | None = None) -> list:
     """Each pattern (a name, a mix, a YAML list or a resolved spec) as a spec checked against
-    every ctx: the one place where a run's patterns are resolved and validated."""
-    from .patterns.parse import check_against_ctx, resolve_pattern
+    every ctx: the one place where a run's patterns are resolved and validated. Every pattern is
+    read before any is checked against a ctx, so a misspelt one is named first."""
+    from .patterns.parse import check_against_ctx
 
-    specs = [resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation) for pattern in patterns]
+    specs = [resolve_pattern_spec(pattern, chunk_size=chunk_size, dilation=dilation) for pattern in patterns]
     for spec in specs:
         for ctx in ctxs:
             check_against_ctx(spec, ctx)
     return specs
+
+
+def resolve_pattern_spec(pattern, ctxs: Sequence[int] = (), *, chunk_size: int | None = None,
+                         dilation: int | None = None):
+    """One pattern as :func:`resolve_patterns` resolves each: a spec, checked against every ctx
+    given (none: only the pattern and its settings are checked)."""
+    from .patterns.parse import check_against_ctx, resolve_pattern
+
+    spec = resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation)
+    for ctx in ctxs:
+        check_against_ctx(spec, ctx)
+    return spec
 
 
 def resolve_tasks(tasks: Iterable[str] | None, data: Iterable[str] | None):

@@ -315,7 +315,7 @@ def test_committed_passkey_results_match_their_command_and_findings():
             if name == "passkey":
                 options = context.params
     records = load_records([repo / options["out"]])
-    asked = options["patterns"][0].split(",")
+    asked = [name for value in options["patterns"] for name in value.split(",")]
     ctxs = list(options["ctx"])
     cells = sorted((r["pattern"], r["ctx"]) for r in records if not r["pattern"].startswith("custom"))
     assert cells == sorted((p, c) for p in asked if p != "local" for c in ctxs)

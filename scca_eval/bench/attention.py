@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from ..choices import ATTENTION_BENCH_PATTERNS
 from ..errors import UserError
 from ..patterns.masks import density
-from ..patterns.parse import resolve_pattern
 from ..patterns.spec import PatternSpec
 from .timing import graph_time_ms, synchronize, time_ms
 
@@ -34,10 +33,12 @@ _SDA_RATE = re.compile(r"^sda[-_]r(\d+)$")
 
 def pattern_from_label(label: str) -> PatternSpec:
     """A pattern name or mix; ``sda-rN`` is ``sda`` with dilation N."""
+    from ..validation import resolve_pattern_spec
+
     match = _SDA_RATE.match(label.strip().lower())
     if match:
-        return resolve_pattern("sda", dilation=int(match.group(1)))
-    return resolve_pattern(label)
+        return resolve_pattern_spec("sda", dilation=int(match.group(1)))
+    return resolve_pattern_spec(label)
 
 
 @dataclass

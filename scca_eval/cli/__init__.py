@@ -63,7 +63,8 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script and of `python -m scca_eval`."""
     try:
-        # The arguments are kept for `ppl --gpus N`, which starts itself again under torchrun.
+        # The arguments are kept for `--gpus N` (ppl, finetune), which starts the command again
+        # under torchrun (cli/launch.py).
         status = cli.main(args=argv, prog_name="scca-eval", standalone_mode=False,
                           obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except UserError as error:

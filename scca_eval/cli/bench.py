@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..choices import ATTENTION_BENCH_PATTERNS, DTYPES, PRESETS
-from .options import INT_LIST, NAME_LIST, output_file_callback, rope_scaling_options
+from ..choices import ATTENTION_BENCH_PATTERNS, PRESETS
+from .options import INT_LIST, NAME_LIST, device_option, dtype_option, output_file_callback, rope_scaling_options
 
-CHOICE_DTYPES = click.Choice(list(DTYPES), case_sensitive=False)
 ATTENTION_PATTERNS = ",".join(ATTENTION_BENCH_PATTERNS)
 MODEL_PATTERNS = ",".join(PRESETS)
 # Without a GPU the attention benchmark runs at these lengths, so it finishes in seconds.
@@ -60,8 +59,7 @@ def _check_positive(values, option: str, least: int = 1) -> None:
                    "this backend table (created if absent; times from the same GPU add to those there). "
                    "--attention-backend auto runs the fastest of each case of "
                    "scca_eval/attention/backend_table.json. Needs a CUDA GPU.")
-@click.option("--dtype", type=CHOICE_DTYPES, default=None,
-              help="Default: bfloat16 on a GPU, float32 on CPU.")
+@dtype_option()
 @click.option("--repeats", type=int, default=None, help="Timed calls per cell (median). Default: 20 on GPU, 3 on CPU.")
 @click.option("--no-check", is_flag=True, help="Skip the comparison with a float32 run of the chunked path.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=output_file_callback,
@@ -149,8 +147,8 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
               help="Run the engine compiled, as `ppl --compile` does (the plain loop stays eager).")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
 @rope_scaling_options()
-@click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@dtype_option()
+@device_option()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=output_file_callback,
               help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
@@ -210,8 +208,8 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--no-offload-activations", "no_offload", is_flag=True, hidden=True,
               help="The same as --offload-activations off.")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
-@click.option("--dtype", type=CHOICE_DTYPES, default=None, help="Default: bfloat16 on a GPU, float32 on CPU.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@dtype_option()
+@device_option()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the table as markdown.")

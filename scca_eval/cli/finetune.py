@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from .options import names_callback, paths_callback, pattern_settings_options, rope_scaling_options
-from .ppl import CHOICE_DTYPES
+from . import launch
+from .options import (device_option, dtype_option, model_option, names_callback, paths_callback, pattern_option,
+                      pattern_settings_options, rope_scaling_options)
 
 _LL = "LongLoRA's fine-tune.py"
 _LL_README = "LongLoRA's README command"
@@ -20,12 +21,8 @@ def offload_setting(text: str) -> bool | str:
 
 
 @click.command()
-@click.option("--model", "-m", default="default", show_default=True,
-              help="Base model: 'default' (embedded SmolLM2-135M), a Hugging Face model folder or hub id, "
-                   "or a .gguf file.")
-@click.option("--pattern", "-p", default="full", show_default=True,
-              help="Attention pattern to train under: full, s2, scca_fixed, scca_flow, sda, longmixed, or a "
-                   "custom mix (see `scca-eval patterns list`); the same kernels ppl evaluates with.")
+@model_option(role="Base model: ")
+@pattern_option(several=False, purpose=" Training runs under it, with the same kernels ppl evaluates with.")
 @click.option("--ctx", type=int, required=True, help="Training window length in tokens.")
 @click.option("--out", "-o", type=click.Path(), required=True,
               help="Folder for the adapter, trainable_params.bin, training.json and checkpoint.pt.")
@@ -80,10 +77,8 @@ def offload_setting(text: str) -> bool | str:
 @click.option("--trainable", default="embed,norm", show_default=True,
               help=f"Other weights trained in full: parameters whose names contain one of these ({_LL}); "
                    "'none' for LoRA only. Saved to trainable_params.bin.")
-@click.option("--dtype", type=CHOICE_DTYPES, default=None,
-              help="Dtype of the frozen weights; trained weights stay float32 under autocast. "
-                   "Default: float32 on CPU, bfloat16 on GPU.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@dtype_option("Dtype of the frozen weights; trained weights stay float32 under autocast.")
+@device_option(processes=True)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
               help=f"Recompute each decoder layer in the backward pass to save memory ({_LL}).")
 @click.option("--compile", "compile_layers", is_flag=True,
@@ -109,10 +104,9 @@ def offload_setting(text: str) -> bool | str:
 @pattern_settings_options
 @click.option("--allow-long-context", is_flag=True,
               help="Train at a ctx beyond the model's trained length without position interpolation.")
-@click.option("--gpus", type=int, default=None,
-              help="Data parallel over N GPUs of this machine: N processes (torchrun) share the passes of "
-                   "every step (--grad-accum a multiple of N) and sum their gradients; rank 0 writes. Same as "
-                   "`torchrun --nproc-per-node N -m scca_eval finetune ...`.")
+@launch.gpus_option("Data parallel over N GPUs of this machine: N processes (torchrun) share the passes of "
+                    "every step (--grad-accum a multiple of N) and sum their gradients; rank 0 writes. Same as "
+                    "`torchrun --nproc-per-node N -m scca_eval finetune ...`.")
 @click.option("--shard/--replicate", "shard", default=False, show_default=True,
               help="How the N processes of --gpus N (or torchrun) hold the model: --replicate gives each a whole "
                    "copy; --shard splits every weight, gradient and AdamW moment over them (FSDP2), for a model "
@@ -146,22 +140,12 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
       scca-eval finetune --model ./Llama-2-70b-hf --ctx 8192 --rope-scaling longlora --gpus 8 --shard --out ckpt/70b
       scca-eval finetune --pattern s2 --ctx 16384 --rope-scaling linear:2 --eval-task pg19_sample --eval-every 50 --out ckpt/s2
     """
-    import os
-
     from .. import distributed
     from ..errors import UserError
     from ..training import finetune as run_finetune
-    from .ppl import _arguments_without_gpus, _check_gpus
     from .training_progress import TrainingBar
 
-    context = click.get_current_context()
-    if gpus is not None and not distributed.launched_by_torchrun():
-        _check_gpus(gpus, device)
-        if gpus > 1:
-            context.exit(distributed.launch(_arguments_without_gpus(context), gpus))
-    if gpus is not None and distributed.launched_by_torchrun() and gpus != int(os.environ["WORLD_SIZE"]):
-        raise UserError(f"--gpus {gpus} does not match the {os.environ['WORLD_SIZE']} processes torchrun "
-                        "started; leave --gpus out when starting with torchrun")
+    launch.start_processes(gpus, device)
     ranks, device = distributed.setup(device)
     try:
         record = run_finetune(
@@ -180,8 +164,7 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
             log_dir=log_dir,
         )
     except UserError:
-        if not ranks.is_main:  # every rank meets the same bad input; rank 0 says it
-            context.exit(2)
+        launch.leave_input_errors_to_rank_zero()  # every rank meets the same bad input; rank 0 says it
         raise
     finally:
         distributed.teardown()

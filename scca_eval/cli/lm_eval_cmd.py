@@ -9,30 +9,19 @@ import sys
 
 import click
 
-from ..choices import ATTENTION_BACKENDS
 from ..errors import MissingDependency, UserError
-from .ppl import CHOICE_DTYPES
+from .options import (adapter_options, device_option, dtype_option, model_option, pattern_option,
+                      pattern_settings_options, rope_scaling_options)
 
 
 @click.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--model", "-m", default="default", show_default=True,
-              help="'default' (embedded SmolLM2-135M), a Hugging Face model folder or hub id, or a .gguf file.")
-@click.option("--pattern", "-p", default="full", show_default=True,
-              help="Attention pattern: a preset (full, s2, scca_fixed, scca_flow, sda, longmixed) or a custom mix.")
-@click.option("--chunk-size", type=int, default=None,
-              help="Chunk size G in tokens. Default: a quarter of each sequence's length.")
-@click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
-@click.option("--attention-backend",
-              type=click.Choice(ATTENTION_BACKENDS),
-              default="auto", show_default=True, help="Kernel for sparse patterns.")
-@click.option("--adapter", type=click.Path(), default=None,
-              help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too.")
-@click.option("--merge-adapter", is_flag=True, help="Merge the adapter into the weights first.")
-@click.option("--rope-scaling", default=None,
-              help="Position interpolation: 'linear:F', 'longlora:CTX' or 'none' (see `scca-eval ppl --help`).")
-@click.option("--dtype", type=CHOICE_DTYPES, default=None,
-              help="Compute dtype. Default: float32 on CPU, bfloat16 on GPU.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
+@model_option()
+@pattern_option(several=False)
+@pattern_settings_options(chunk_default="a quarter of each sequence's length")
+@adapter_options
+@rope_scaling_options(original_ctx=False)
+@dtype_option()
+@device_option()
 @click.option("--max-length", type=int, default=None,
               help="lm-eval's max_length: the longest sequence fed, and the window of rolling "
                    "log-likelihood tasks (the --ctx of `scca-eval ppl --protocol lm-eval`). "
@@ -55,11 +44,11 @@ def lm_eval(model, pattern, chunk_size, dilation, attention_backend, adapter, me
       scca-eval lm-eval --model ./llama-2-7b --adapter ./longlora-8k --rope-scaling longlora:8192 \\
           --pattern s2 --max-length 8192 -- --tasks my_task --include_path ./my_tasks --batch_size 1
     """
-    from ..patterns.parse import resolve_pattern
+    from ..validation import resolve_pattern_spec
 
     if importlib.util.find_spec("lm_eval") is None:
         raise MissingDependency("lm-eval", "lm-eval", "scca-eval lm-eval")
-    resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation)  # a bad pattern fails before loading
+    resolve_pattern_spec(pattern, chunk_size=chunk_size, dilation=dilation)  # a bad pattern fails before loading
     passed = list(lm_eval_args)
     if passed and passed[0] == "run":
         passed = passed[1:]

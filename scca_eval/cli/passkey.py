@@ -7,17 +7,13 @@ import contextlib
 import click
 
 from ..errors import UserError
-from .options import INT_LIST, pattern_settings_options, rope_scaling_options
-from .ppl import CHOICE_DTYPES
+from .options import (INT_LIST, device_option, dtype_option, model_loading_options, pattern_option,
+                      pattern_settings_options)
 
 
 @click.command()
-@click.option("--model", "-m", default="default", show_default=True,
-              help="'default' (embedded SmolLM2-135M), a Hugging Face model folder or hub id "
-                   "(offline: from the local cache), or a .gguf file.")
-@click.option("--pattern", "-p", "patterns", multiple=True,
-              help="Attention patterns, comma-separated or repeated: full, s2, scca_fixed, scca_flow, sda, "
-                   "longmixed, or custom mixes such as '1/2 local + 1/2 cross(1)'. Default: full.")
+@model_loading_options(" Also 'longlora': CTX = the largest --ctx.", bare_longlora=True)
+@pattern_option()
 @click.option("--ctx", "ctx", type=INT_LIST, default="1024", show_default=True,
               help="Prompt lengths in tokens (each prompt fills exactly one window), e.g. 1024,2048,4096,8192.")
 @click.option("--trials", type=int, default=10, show_default=True,
@@ -30,19 +26,8 @@ from .ppl import CHOICE_DTYPES
 @pattern_settings_options
 @click.option("--batch-size", "-b", type=int, default=None,
               help="Prompts per forward pass. Default: about 8k tokens per batch on CPU, 16k on GPU.")
-@click.option("--dtype", type=CHOICE_DTYPES, default=None,
-              help="Compute dtype. Default: float32 on CPU, bfloat16 on GPU.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
-@click.option("--adapter", type=click.Path(), default=None,
-              help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too.")
-@click.option("--merge-adapter", is_flag=True, help="Merge the adapter into the weights before evaluating (faster).")
-@rope_scaling_options(" Also 'longlora': CTX = the largest --ctx.", bare_longlora=True)
-@click.option("--trainable-params", type=click.Path(), default=None,
-              help="LongLoRA's trainable_params.bin when it is not in the adapter folder.")
-@click.option("--tokenizer", "tokenizer_path", default=None,
-              help="Tokenizer folder or hub id, for checkpoints saved without one. Default: the model's.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Run code shipped with the model (never done unless you give this flag).")
+@dtype_option()
+@device_option()
 @click.option("--allow-long-context", is_flag=True,
               help="Evaluate a ctx beyond what the model's RoPE settings cover (with one warning); without "
                    "it such a ctx is refused, naming a --rope-scaling value that covers it.")
@@ -73,9 +58,7 @@ def passkey(patterns, ctx, trials, depths, seed, chunk_size, dilation, attention
       scca-eval passkey --model ./llama-2-7b --adapter ./longlora-8k --rope-scaling longlora:8192 --ctx 8192
       scca-eval plot results/runs --out passkey
     """
-    from ..validation import check_out_folder, check_run_options
-    from ..patterns.parse import check_against_ctx, resolve_pattern
-    from ..evaluation.sweep import split_patterns
+    from ..validation import check_out_folder, check_run_options, resolve_patterns
 
     for option, value in (("--trials", trials), ("--depths", depths)):
         if value < 1:
@@ -85,11 +68,7 @@ def passkey(patterns, ctx, trials, depths, seed, chunk_size, dilation, attention
             raise UserError(f"--ctx must be whole numbers of at least 2 tokens (got {c})")
     check_run_options(batch_size=batch_size)
     check_out_folder(None if no_write else out)
-    texts = split_patterns(patterns) or ["full"]
-    specs = [resolve_pattern(text, chunk_size=chunk_size, dilation=dilation) for text in texts]
-    for spec in specs:
-        for c in ctx:
-            check_against_ctx(spec, c)
+    specs = resolve_patterns(list(patterns) or ["full"], ctx, chunk_size=chunk_size, dilation=dilation)
 
     from ..models import load_model
 

@@ -7,7 +7,7 @@ import os
 import click
 
 from ..errors import UserError
-from .options import output_file_callback
+from .options import output_file_callback, pattern_size_options
 
 NAME_HELP = ("A preset (full, s2, scca_fixed, scca_flow, sda, longmixed) or a custom mix such as "
              "'1/2 local + 1/2 cross(1)' (see docs/patterns.md).")
@@ -20,10 +20,7 @@ def _window_options(function):
                      help="Window length N in tokens."),
         click.option("--heads", type=int, default=32, show_default=True,
                      help="Query heads H per layer (SmolLM2-135M has 9, LLaMA-2-7B 32)."),
-        click.option("--chunk-size", type=int, default=None,
-                     help="Chunk size G in tokens  [default: ctx/4]"),
-        click.option("--dilation", type=int, default=None,
-                     help="Dilation rate r of sda  [default: 2]"),
+        pattern_size_options(chunk_default="a quarter of --ctx"),
     ]
     for option in reversed(options):
         function = option(function)
@@ -31,15 +28,13 @@ def _window_options(function):
 
 
 def _spec_for(name: str, ctx: int, heads: int, chunk_size: int | None, dilation: int | None):
-    from ..patterns.parse import check_against_ctx, resolve_pattern
+    from ..validation import resolve_pattern_spec
 
     if ctx < 1:
         raise UserError(f"--ctx {ctx} is below 1; give the window length in tokens")
     if heads < 1:
         raise UserError(f"--heads {heads} is below 1; give the number of query heads")
-    spec = resolve_pattern(name, chunk_size=chunk_size, dilation=dilation)
-    check_against_ctx(spec, ctx)
-    return spec
+    return resolve_pattern_spec(name, [ctx], chunk_size=chunk_size, dilation=dilation)
 
 
 @click.group()

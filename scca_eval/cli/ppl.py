@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 
 import click
 
-from ..choices import ATTENTION_BACKENDS, DTYPES, PROTOCOLS
+from ..choices import PROTOCOLS
 from ..errors import UserError
-from .options import ints_callback, names_callback, paths_callback, rope_scaling_options
+from . import launch
+from .options import (device_option, dtype_option, ints_callback, model_loading_options, names_callback,
+                      paths_callback, pattern_option, pattern_settings_options)
 from .sections import SectionedCommand
 
 DEVICE_MAPS = ["auto", "balanced", "balanced_low_0", "sequential"]
-
-CHOICE_DTYPES = click.Choice(list(DTYPES), case_sensitive=False)
-
 
 HELP_SECTIONS = {
     "What to evaluate": ["model", "tasks", "data", "patterns", "ctx", "max_tokens", "adapter", "merge_adapter",
@@ -29,9 +26,7 @@ HELP_SECTIONS = {
 
 
 @click.command(cls=SectionedCommand, sections=HELP_SECTIONS)
-@click.option("--model", "-m", default="default", show_default=True,
-              help="'default' (embedded SmolLM2-135M), a Hugging Face model folder or hub id "
-                   "(offline: from the local cache), or a .gguf file.")
+@model_loading_options(" Also 'longlora': CTX = the largest --ctx.", bare_longlora=True)
 @click.option("--task", "-t", "tasks", multiple=True, callback=names_callback,
               help="Task name (a YAML in ./tasks or a bundled one) or a task YAML path; comma-separated "
                    "or repeated. "
@@ -46,18 +41,8 @@ HELP_SECTIONS = {
               help="Tokens a window advances, 1..ctx. Default: ctx (disjoint windows). "
                    "Smaller strides give each scored token more context and cost ctx/stride times more. "
                    "With --protocol longlora: the step between window starts (default 256).")
-@click.option("--pattern", "-p", "patterns", multiple=True, callback=names_callback,
-              help="Attention pattern(s): full, s2, scca_fixed, scca_flow, sda, longmixed, or a custom mix "
-                   "such as '1/2 local + 1/2 cross(1)' (see `scca-eval patterns list`); comma-separated "
-                   "(full,s2) or repeated. "
-                   "Default: full.")
-@click.option("--chunk-size", type=int, default=None,
-              help="Chunk size G in tokens for the chunked rules. Default: a quarter of the window.")
-@click.option("--dilation", type=int, default=None, help="Dilation r of the sda pattern. Default: 2.")
-@click.option("--attention-backend",
-              type=click.Choice(ATTENTION_BACKENDS),
-              default="auto", show_default=True,
-              help="Kernel for sparse patterns: auto = the fastest measured for the case on a GPU (attention/backend_table.json), else packed (one varlen FlashAttention call per layer) where it runs, else strided; chunked on CPU.")
+@pattern_option()
+@pattern_settings_options
 @click.option("--batch-size", "-b", type=int, default=None,
               help="Windows per forward pass. Default: about 8k tokens per batch on CPU, 16k on GPU, and "
                    "no more windows than the task has of full length.")
@@ -66,22 +51,8 @@ HELP_SECTIONS = {
                    "documents, each at least one window long.")
 @click.option("--bos/--no-bos", "add_bos", default=False, show_default=True,
               help="Prepend the tokenizer's BOS token to every document (it is context, never scored).")
-@click.option("--dtype", type=CHOICE_DTYPES, default=None,
-              help="Compute dtype. Default: float32 on CPU, bfloat16 on GPU.")
-@click.option("--device", default=None,
-              help="cpu, cuda or cuda:N. Default: cuda if available. With --gpus or torchrun: cpu (gloo) "
-                   "or cuda (each process takes cuda:LOCAL_RANK).")
-@click.option("--adapter", type=click.Path(), default=None,
-              help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too.")
-@click.option("--merge-adapter", is_flag=True, help="Merge the adapter into the weights before evaluating (faster).")
-@rope_scaling_options(" Also 'longlora': CTX = the largest --ctx.", bare_longlora=True)
-@click.option("--trainable-params", type=click.Path(), default=None,
-              help="LongLoRA's trainable_params.bin (embedding and norm weights) when it is not in the "
-                   "adapter folder; loaded with torch.load(weights_only=True).")
-@click.option("--tokenizer", "tokenizer_path", default=None,
-              help="Tokenizer folder or hub id, for checkpoints saved without one. Default: the model's.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Run code shipped with the model (never done unless you give this flag).")
+@dtype_option()
+@device_option(processes=True)
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="stride", show_default=True,
               help="stride: per document, every token scored once (see --stride). longlora: LongLoRA's "
                    "eval.py exactly — documents joined into one stream, ctx-token windows every --stride "
@@ -105,10 +76,9 @@ HELP_SECTIONS = {
                    "memory if they are full): auto and balanced spread the layers evenly, balanced_low_0 "
                    "keeps GPU 0 light, sequential fills GPU 0 first. Recorded in the record. Not with "
                    "--device or --gpus.")
-@click.option("--gpus", type=int, default=None,
-              help="Data parallel over N GPUs of this machine: starts N processes through torchrun, "
-                   "each scoring whole batches of the windows; rank 0 writes the same records a one-GPU "
-                   "run writes. Same as `torchrun --nproc-per-node N -m scca_eval ppl ...`.")
+@launch.gpus_option("Data parallel over N GPUs of this machine: starts N processes through torchrun, "
+                    "each scoring whole batches of the windows; rank 0 writes the same records a one-GPU "
+                    "run writes. Same as `torchrun --nproc-per-node N -m scca_eval ppl ...`.")
 @click.option("--out", "-o", type=click.Path(), default="results/runs", show_default=True,
               help="Folder for the JSON records (one per model, task, pattern and ctx). While a cell "
                    "runs, its progress is saved next to its record (RECORD.json.progress).")
@@ -160,20 +130,10 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
         if device_map is not None:
             _check_device_map(device, gpus)
     except UserError:
-        if distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
-            click.get_current_context().exit(2)  # every process checks the same input; rank 0 says it
+        launch.leave_input_errors_to_rank_zero()  # every process checks the same input; rank 0 says it
         raise
 
-    if gpus is not None and not distributed.launched_by_torchrun():
-        _check_gpus(gpus, device)
-        if gpus > 1:
-            status = distributed.launch(_arguments_without_gpus(click.get_current_context()), gpus)
-            click.get_current_context().exit(status)
-    if gpus is not None and distributed.launched_by_torchrun():
-        world = int(os.environ["WORLD_SIZE"])
-        if gpus != world:
-            raise UserError(f"--gpus {gpus} does not match the {world} processes torchrun started; "
-                            "leave --gpus out when starting with torchrun")
+    launch.start_processes(gpus, device)
 
     if device_map is not None and distributed.launched_by_torchrun():
         raise UserError("--device-map cannot be combined with torchrun: each process takes one GPU")
@@ -190,17 +150,9 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
                             "tokenizer": tokenizer_path, "trust_remote_code": trust_remote_code,
                             "finetuned_ctx": max(ctx)})
     except KeyboardInterrupt as error:
-        # Said here rather than left to click, which would turn it into a bare "Aborted"; in a
-        # distributed run rank 0 says it for all.
-        if ranks.is_main:
-            click.echo(f"scca-eval: {error}" if str(error) else "scca-eval: interrupted", err=True)
-        click.get_current_context().exit(130)
+        launch.interrupted(ranks, error)
     except UserError as error:
-        if not ranks.is_main:
-            if getattr(error, "reported_by_main", False):
-                click.get_current_context().exit(2)  # rank 0 prints the same line
-            raise UserError(f"rank {ranks.rank}: {error}") from None
-        raise
+        launch.rank_error(ranks, error)
     finally:
         distributed.teardown()
 
@@ -263,29 +215,3 @@ def _need_accelerate() -> None:
     if importlib.util.find_spec("accelerate") is None:
         raise MissingDependency("accelerate", "gguf", "--device-map")
 
-
-def _check_gpus(gpus: int, device) -> None:
-    import torch
-
-    if gpus < 1:
-        raise UserError(f"--gpus must be at least 1 (got {gpus})")
-    if device is not None and device.strip().lower() != "cuda":
-        raise UserError(f"--gpus runs one process per GPU and cannot take --device {device}; leave --device out")
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus > available:
-        raise UserError(f"--gpus {gpus} asked for, but this machine has {available} CUDA GPU(s); for several "
-                        "CPU processes use torchrun --nproc-per-node N -m scca_eval ppl --device cpu ...")
-
-
-def _arguments_without_gpus(ctx: click.Context) -> list[str]:
-    """The command line this command was started with, minus --gpus (for the processes)."""
-    argv = list((ctx.find_root().obj or {}).get("argv") or sys.argv[1:])
-    kept, skip = [], False
-    for argument in argv:
-        if skip:
-            skip = False
-        elif argument == "--gpus":
-            skip = True
-        elif not argument.startswith("--gpus="):
-            kept.append(argument)
-    return kept

@@ -6,8 +6,9 @@ import contextlib
 
 import click
 
-from ..choices import ATTENTION_BACKENDS, LAST_WINDOWS
-from .options import ints_callback, names_callback, paths_callback, rope_scaling_options
+from ..choices import LAST_WINDOWS
+from .options import (attention_backend_option, device_option, dtype_option, ints_callback, names_callback,
+                      paths_callback, pattern_option, pattern_size_options, rope_scaling_options)
 from .sections import SectionedCommand
 
 HELP_SECTIONS = {
@@ -24,9 +25,7 @@ HELP_SECTIONS = {
 @click.option("--model", "-m", "models", multiple=True, callback=paths_callback,
               help="Model: 'default', a model folder, a .gguf file or a hub id; comma-separated or repeated. "
                    "Default: default.")
-@click.option("--pattern", "-p", "patterns", multiple=True, callback=names_callback,
-              help="Patterns, comma-separated or repeated: full,s2,scca_fixed,scca_flow,sda,longmixed "
-                   "or custom mixes. Default: full.")
+@pattern_option()
 @click.option("--ctx", multiple=True, callback=ints_callback, metavar="N[,N...]",
               help="Window lengths, comma-separated or repeated, e.g. 1024,2048,4096,8192. Default: 1024.")
 @click.option("--task", "-t", "tasks", multiple=True, callback=names_callback,
@@ -41,17 +40,13 @@ HELP_SECTIONS = {
 @click.option("--max-tokens", type=int, default=None,
               help="Cap on scored tokens per cell (equal document prefixes), the same for every cell.")
 @click.option("--batch-size", "-b", type=int, default=None, help="Windows per forward pass. Default: automatic.")
-@click.option("--dtype", default=None, help="float32, bfloat16 or float16. Default: float32 on CPU, bfloat16 on GPU.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cuda if available.")
-@click.option("--chunk-size", type=int, default=None, help="Chunk size G in tokens. Default: a quarter of ctx.")
-@click.option("--dilation", type=int, default=None, help="Dilation r of sda. Default: 2.")
+@dtype_option()
+@device_option()
+@pattern_size_options()
 @click.option("--bos/--no-bos", "add_bos", default=None, help="Prepend BOS to every document. Default: no.")
 @click.option("--allow-long-context", is_flag=True, default=None,
               help="Evaluate a ctx beyond what the model's RoPE settings cover (with one warning).")
-@click.option("--attention-backend",
-              type=click.Choice(ATTENTION_BACKENDS),
-              default=None, help="Kernel for sparse patterns. Default: auto (the fastest measured for the "
-                                 "case on a GPU, else packed where it runs, else strided; chunked on CPU).")
+@attention_backend_option(default=None)
 @click.option("--adapter", type=click.Path(), default=None,
               help="LoRA adapter folder for every model of the sweep (a model's own in the sweep file wins).")
 @rope_scaling_options(" For every model; a model's own in the sweep file wins.")

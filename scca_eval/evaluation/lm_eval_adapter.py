@@ -28,7 +28,7 @@ from lm_eval.models.huggingface import HFLM
 
 from ..errors import UserError
 from ..models import load_model
-from ..patterns.parse import resolve_pattern
+from ..validation import resolve_pattern_spec
 
 MODEL_NAME = "scca-eval"
 
@@ -46,7 +46,8 @@ class PatternLM(HFLM):
                  rope_scaling: str | None = None, chunk_size: int | None = None, dilation: int | None = None,
                  attention_backend: str = "auto", dtype: str | None = None, device: str | None = None,
                  merge_adapter: bool = False, batch_size: int | str = 1, **hflm_options):
-        spec = resolve_pattern(str(pattern), chunk_size=_optional_int(chunk_size), dilation=_optional_int(dilation))
+        spec = resolve_pattern_spec(str(pattern), chunk_size=_optional_int(chunk_size),
+                                    dilation=_optional_int(dilation))
         lm, tokenizer = load_model(str(model), pattern=spec, dtype=dtype, device=device, adapter=adapter,
                                    merge_adapter=bool(merge_adapter), rope_scaling=rope_scaling,
                                    chunk_size=_optional_int(chunk_size), dilation=_optional_int(dilation),

@@ -109,6 +109,8 @@ def _resolve_pattern(pattern, chunk_size, dilation):
     if _is_full(pattern):
         return None
     if isinstance(pattern, str):
+        # models/ lies below validation.py (it may not import it), so a pattern given as text is
+        # read by the parser itself; the commands pass specs that validation.py resolved.
         from scca_eval.patterns.parse import resolve_pattern
 
         return resolve_pattern(pattern, chunk_size=chunk_size, dilation=dilation)

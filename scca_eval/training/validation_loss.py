@@ -86,9 +86,9 @@ def full_attention(model, pattern, backend: str):
         yield
         return
     from ..attention.register import apply_pattern
-    from ..patterns.parse import resolve_pattern
+    from ..validation import resolve_pattern_spec
 
-    apply_pattern(model, resolve_pattern("full"))
+    apply_pattern(model, resolve_pattern_spec("full"))
     try:
         yield
     finally:
