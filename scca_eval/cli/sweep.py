@@ -85,7 +85,7 @@ def sweep(sweep_file, models, adapter, rope_scaling, original_ctx, compile_engin
     # The options name the sweep file's settings (EvalSettings fields); given ones override the file.
     given = {**options, "models": models, "compile": compile_engine}
     settings.update({key: list(value) if isinstance(value, tuple) else value
-                     for key, value in given.items() if value is not None and value != ()})
+                     for key, value in given.items() if value is not None and value not in ((), [])})
     plan = make_sweep(settings, where=sweep_file or "sweep")
     per_model = (("adapter", adapter), ("rope_scaling", rope_scaling), ("original_ctx", original_ctx))
     shared = {key: value for key, value in per_model if value}
