@@ -65,7 +65,9 @@ class Protocol:
     joins_documents = False  # True: the documents are read as one stream (no per-document progress)
 
     def check(self, settings: EvalSettings) -> None:
-        """Refuse the options this protocol does not take."""
+        """Refuse the options this protocol does not take (and a last window of no kind)."""
+        if settings.last_window not in LAST_WINDOWS:
+            raise UserError(f"unknown --last-window {settings.last_window!r}; choose one of {', '.join(LAST_WINDOWS)}")
 
     def bounded_stride(self, settings: EvalSettings) -> int | None:
         """The stride to check against every ctx (None: the protocol's stride is not bounded by ctx)."""
@@ -124,6 +126,7 @@ class LmEvalProtocol(Protocol):
     name = "lm-eval"
 
     def check(self, settings):
+        super().check(settings)
         if settings.stride is not None:
             raise UserError("--stride does not apply to --protocol lm-eval (its windows advance by max_length "
                             "= ctx); leave --stride out")
@@ -156,6 +159,7 @@ class LongLoRAProtocol(Protocol):
     joins_documents = True
 
     def check(self, settings):
+        super().check(settings)
         stride = settings.stride
         if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
             raise UserError(f"--stride (the LongLoRA window step) must be a whole number of at least 1; got {stride!r}")
@@ -190,7 +194,3 @@ def protocol_named(name) -> Protocol:
         raise UserError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
     return _PROTOCOLS[name]
 
-
-def check_last_window(last_window) -> None:
-    if last_window not in LAST_WINDOWS:
-        raise UserError(f"unknown --last-window {last_window!r}; choose one of {', '.join(LAST_WINDOWS)}")

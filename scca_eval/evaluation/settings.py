@@ -19,7 +19,7 @@ from functools import cached_property
 from typing import Any, Mapping
 
 from ..errors import UserError
-from .protocols import Protocol, check_last_window, protocol_named
+from .protocols import Protocol, protocol_named
 
 # The command-line option of each setting, for messages and docs (a sweep file uses the field names).
 OPTIONS = {
@@ -145,7 +145,6 @@ class EvalSettings:
             raise UserError("--ctx: give at least one window length, e.g. --ctx 1024")
         if not self.patterns:
             raise UserError("--pattern: give at least one pattern, e.g. --pattern full")
-        check_last_window(self.last_window)
         self.protocol.check(self)
         check_ctx_and_stride(self.ctx, self.protocol.bounded_stride(self))
         check_run_options(batch_size=self.batch_size, max_tokens=self.max_tokens, save_every=self.save_every)

@@ -301,20 +301,16 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
         try:
             model_part = model_identity(entry.model, model_record(lm, tokenizer))
             dtype = model_dtype(lm)
-            tokenized = {}  # task name -> its token ids under this model's tokenizer
-
-            def planned_key(cell: SweepCell) -> str:
-                if cell.task.name not in tokenized:  # the cells come task by task: one task kept at a time
-                    tokenized.clear()
-                    tokenized[cell.task.name] = tokenize_task(cell.task, tokenizer, add_bos=shared.add_bos)
-                return predicted_key(cell.settings, model_part=model_part, tokenized=tokenized[cell.task.name],
-                                     spec=cell.spec, ctx=cell.ctx, dtype=dtype)
-
-            planned = {id(cell): planned_key(cell) for cell in sweep.cells}
-            tokenized.clear()
-            _say_run_cost(entry.model, lm, tokenizer, sweep, existing, planned, say)
+            planned, tokenized = [], None  # the key of each cell's record, in the order of sweep.cells
             for cell in sweep.cells:
-                key, label = planned[id(cell)], _cell_label(entry.model, cell.task.name, cell.spec, cell.ctx)
+                if tokenized is None or tokenized.task.name != cell.task.name:  # the cells come task by task
+                    tokenized = tokenize_task(cell.task, tokenizer, add_bos=shared.add_bos)
+                planned.append(predicted_key(cell.settings, model_part=model_part, tokenized=tokenized,
+                                             spec=cell.spec, ctx=cell.ctx, dtype=dtype))
+            del tokenized
+            _say_run_cost(entry.model, lm, tokenizer, sweep, existing, planned, say)
+            for cell, key in zip(sweep.cells, planned):
+                label = _cell_label(entry.model, cell.task.name, cell.spec, cell.ctx)
                 if key in existing:
                     say(f"have  {label} ({existing[key].get('path')})")
                     result.reused += 1
@@ -346,13 +342,13 @@ def _say_run_cost(model_id, lm, tokenizer, sweep: Sweep, existing, planned, say)
 
     device = model_device(lm)
     device_text = device_name(device)
-    cells, tokenized = [], {}
-    for cell in sweep.cells:
-        if planned[id(cell)] in existing:
+    cells, tokenized = [], None
+    for cell, key in zip(sweep.cells, planned):
+        if key in existing:
             continue
-        if cell.task.name not in tokenized:
-            tokenized = {cell.task.name: tokenize_task(cell.task, tokenizer, add_bos=sweep.settings.add_bos)}
-        tokens = cell.settings.protocol.scored_tokens(tokenized[cell.task.name], cell.ctx, cell.settings.max_tokens)
+        if tokenized is None or tokenized.task.name != cell.task.name:
+            tokenized = tokenize_task(cell.task, tokenizer, add_bos=sweep.settings.add_bos)
+        tokens = cell.settings.protocol.scored_tokens(tokenized, cell.ctx, cell.settings.max_tokens)
         cells.append((tokens, cost.remembered_rate(device_text, model_id, record_pattern_name(cell.spec), cell.ctx)))
     line = cost.run_line(cells, on_cpu=device.type == "cpu")
     if line:
