@@ -1,6 +1,8 @@
 """One (task, ctx) cell: its windows scored in groups, then its record.
 
-The windows of the protocol are planned over all documents; they are then scored in
+A cell is read from its settings (``settings.py``): its protocol (``protocols.py``) plans the
+windows over all documents; a progress file gives back what a stopped run finished; the
+rest is scored; the record is made. The windows are scored in
 small groups of batches (windows of several documents batched together, a long document cut
 between windows). Every ``save_every`` batches of work, every 30 seconds and at Ctrl-C the
 per-document sums of the finished groups are saved to a progress file

@@ -21,16 +21,6 @@ from typing import Any, Mapping
 from ..errors import UserError
 from .protocols import Protocol, protocol_named
 
-# The command-line option of each setting, for messages and docs (a sweep file uses the field names).
-OPTIONS = {
-    "tasks": "--task", "data": "--data", "ctx": "--ctx", "patterns": "--pattern", "chunk_size": "--chunk-size",
-    "dilation": "--dilation", "max_tokens": "--max-tokens", "allow_long_context": "--allow-long-context",
-    "protocol": "--protocol", "stride": "--stride", "last_window": "--last-window", "add_bos": "--bos",
-    "seed": "--seed", "batch_size": "--batch-size", "dtype": "--dtype", "device": "--device",
-    "device_map": "--device-map", "attention_backend": "--attention-backend", "compile": "--compile",
-    "out": "--out", "save_every": "--save-every", "resume": "--no-resume",
-}
-
 # The settings a sweep file may give, and how each is written there (evaluation/sweep.py reads them).
 SWEEP_FILE_KINDS = {
     "patterns": "patterns", "ctx": "ints", "tasks": "strings", "data": "strings", "protocol": "string",
@@ -170,11 +160,3 @@ class EvalSettings:
         from ..validation import resolve_tasks
 
         return resolve_tasks(self.tasks, self.data)
-
-    # ------------------------------------------------------------ reading
-
-    def shared(self) -> dict:
-        """The settings every cell shares (what is evaluated left out), for a dry run's line."""
-        cell_specific = {"tasks", "data", "ctx", "patterns", "out"}
-        return {f.name: str(getattr(self, f.name)) if f.name == "protocol" else getattr(self, f.name)
-                for f in dataclasses.fields(self) if f.name not in cell_specific}

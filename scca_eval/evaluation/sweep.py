@@ -99,7 +99,8 @@ class Sweep:
 
     def settings_line(self) -> str:
         """The settings shared by every cell (for --dry-run and logs)."""
-        return ", ".join(f"{key}={value}" for key, value in self.settings.shared().items())
+        shared = [key for key in SWEEP_FILE_KINDS if key not in ("patterns", "ctx", "tasks", "data")]
+        return ", ".join(f"{key}={getattr(self.settings, key)}" for key in shared)
 
     def cell_labels(self) -> list[str]:
         """Every cell, in the order the sweep runs them."""
