@@ -2,7 +2,10 @@
 
 Every command and ``evaluate`` run the same checks before anything slow starts (a model
 load, a tokenization, processes for several GPUs): bad input fails with one line that
-says what to do. Patterns are resolved here, once, into the specs that travel on.
+says what to do. An evaluation's settings are checked together by
+``EvalSettings.check()`` (``evaluation/settings.py``, which calls these), the options only
+some protocols take by the protocol (``evaluation/protocols.py``). Patterns are resolved
+here, once, into the specs that travel on.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .choices import ATTENTION_BACKENDS, DTYPES, LAST_WINDOWS, PROTOCOLS
+from .choices import ATTENTION_BACKENDS, DTYPES
 from .errors import UserError
 from .files import check_writable_folder
 
@@ -23,29 +26,6 @@ def check_ctx_and_stride(ctxs: Sequence[int], stride: int | None) -> None:
         if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int)
                                    or not 1 <= stride <= ctx):
             raise UserError(f"--stride must be between 1 and ctx ({ctx}); got {stride!r}")
-
-
-def check_protocol(protocol: str, ctxs: Sequence[int], stride: int | None, *, last_window: str = "full",
-                   add_bos: bool = False) -> None:
-    """The protocol, and ctx and stride under it (LongLoRA's stride is a step, not bounded by ctx),
-    and the options that only some protocols take."""
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    if last_window not in LAST_WINDOWS:
-        raise UserError(f"unknown --last-window {last_window!r}; choose one of {', '.join(LAST_WINDOWS)}")
-    if protocol == "lm-eval":
-        if stride is not None:
-            raise UserError("--stride does not apply to --protocol lm-eval (its windows advance by max_length "
-                            "= ctx); leave --stride out")
-        if add_bos:
-            raise UserError("--bos does not apply to --protocol lm-eval: lm-eval puts its own prefix token in "
-                            "front of every document; leave --bos out")
-        if last_window != "full":
-            raise UserError("--last-window short does not apply to --protocol lm-eval (its last window is "
-                            "always right-aligned); leave it out")
-    if protocol == "longlora" and stride is not None and stride < 1:
-        raise UserError(f"--stride (the LongLoRA window step) must be at least 1; got {stride}")
-    check_ctx_and_stride(ctxs, None if protocol == "longlora" else stride)
 
 
 def check_run_options(*, batch_size=None, max_tokens=None, save_every=None) -> None:

@@ -146,7 +146,7 @@ def test_scored_tokens_before_a_cell_equal_what_the_cell_scores(tiny_model_dir, 
     from transformers import AutoTokenizer
 
     from scca_eval import evaluate
-    from scca_eval.evaluation.cells import scored_tokens
+    from scca_eval.evaluation.protocols import protocol_named
     from scca_eval.data import tokenize_task
     from scca_eval.validation import resolve_tasks
 
@@ -156,4 +156,4 @@ def test_scored_tokens_before_a_cell_equal_what_the_cell_scores(tiny_model_dir, 
     for protocol, max_tokens in (("stride", None), ("stride", 300), ("lm-eval", 300)):
         (record,) = evaluate(str(tiny_model_dir), data=[str(sample_data_dir)], ctx=[64], device="cpu",
                              max_tokens=max_tokens, protocol=protocol, notify=lambda line: None)
-        assert scored_tokens(tokenized, 64, max_tokens=max_tokens, protocol=protocol) == record["metrics"]["tokens"]
+        assert protocol_named(protocol).scored_tokens(tokenized, 64, max_tokens) == record["metrics"]["tokens"]

@@ -91,10 +91,7 @@ HELP_SECTIONS = {
               help="Start every cell from the beginning, even when a progress file from a stopped run exists.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap interval.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (for CI logs); the table is still printed.")
-def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_backend, batch_size,
-        max_tokens, add_bos, dtype, device, adapter, merge_adapter, rope_scaling, allow_long_context,
-        model, device_map, gpus, out, no_write, save_every, no_resume, seed, quiet, original_ctx,
-        trainable_params, tokenizer_path, trust_remote_code, protocol, last_window, compile_layers):
+def ppl(model, gpus, quiet, no_write, no_resume, compile_layers, **options):
     """Token perplexity of a model on tasks × ctx, under one or more attention patterns.
 
     Each document is cut into windows of CTX tokens advancing by STRIDE, the last
@@ -116,39 +113,29 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
       torchrun --nproc-per-node 2 -m scca_eval ppl --model ./llama-2-7b --ctx 8192
     """
     from .. import distributed
-    from ..validation import (check_ctx_and_stride, check_out_folder, check_protocol, check_run_options,
-                              resolve_patterns, resolve_tasks)
+    from ..evaluation.settings import EvalSettings
 
     # Every cheap check first: bad input fails before a model is loaded or processes start.
     try:
-        check_ctx_and_stride(ctx, stride)
-        check_protocol(protocol, ctx, stride, last_window=last_window, add_bos=add_bos)
-        check_run_options(batch_size=batch_size, max_tokens=max_tokens, save_every=save_every)
-        check_out_folder(None if no_write else out)
-        specs = resolve_patterns(list(patterns) or ["full"], ctx, chunk_size=chunk_size, dilation=dilation)
-        resolve_tasks(tasks, data)
-        if device_map is not None:
-            _check_device_map(device, gpus)
+        settings, load_options = EvalSettings.from_options(
+            {**options, "out": None if no_write else options["out"], "resume": not no_resume,
+             "compile": compile_layers})
+        settings.check()
+        if settings.device_map is not None:
+            _check_device_map(settings.device, gpus)
     except UserError:
         launch.leave_input_errors_to_rank_zero()  # every process checks the same input; rank 0 says it
         raise
 
-    launch.start_processes(gpus, device)
+    launch.start_processes(gpus, settings.device)
 
-    if device_map is not None and distributed.launched_by_torchrun():
+    if settings.device_map is not None and distributed.launched_by_torchrun():
         raise UserError("--device-map cannot be combined with torchrun: each process takes one GPU")
-    ranks, device = distributed.setup(device)
+    ranks, device = distributed.setup(settings.device)
     try:
-        _run(ranks, model=model, tasks=tasks, data=data, ctx=ctx, stride=stride, specs=specs,
-             attention_backend=attention_backend,
-             batch_size=batch_size, max_tokens=max_tokens, add_bos=add_bos, dtype=dtype, device=device,
-             device_map=device_map, adapter=adapter, merge_adapter=merge_adapter, rope_scaling=rope_scaling,
-             allow_long_context=allow_long_context, out=None if no_write else out, save_every=save_every,
-             resume=not no_resume, seed=seed, quiet=quiet, protocol=protocol, last_window=last_window,
-             compile=compile_layers,
-             model_options={"original_ctx": original_ctx, "trainable_params": trainable_params,
-                            "tokenizer": tokenizer_path, "trust_remote_code": trust_remote_code,
-                            "finetuned_ctx": max(ctx)})
+        load_options["tokenizer"] = load_options.pop("tokenizer_path")
+        _run(ranks, model, settings, device=device, quiet=quiet,
+             load_options={**load_options, "finetuned_ctx": max(settings.ctx)})
     except KeyboardInterrupt as error:
         launch.interrupted(ranks, error)
     except UserError as error:
@@ -157,46 +144,33 @@ def ppl(tasks, data, ctx, stride, patterns, chunk_size, dilation, attention_back
         distributed.teardown()
 
 
-def _run(ranks, *, model, specs, out, quiet, device, device_map, adapter, merge_adapter, rope_scaling,
-         model_options, attention_backend, dtype, **options):
-    from ..api import evaluate
+def _run(ranks, model: str, settings, *, device, quiet: bool, load_options: dict) -> None:
+    """Load the model once (on this process's device), say what the run costs, evaluate every
+    cell of ``settings`` and print the table."""
+    from ..api import evaluate, run_cost_line
     from ..models import load_model
     from ..report.tables import markdown_tables
-    from ..evaluation.resume import remove_progress
     from .progress import RichProgress
 
-    if device_map is not None:
+    if settings.device_map is not None:
         _need_accelerate()
-    loaded = load_model(
-        model, pattern=specs[0], dtype=dtype, device=device, device_map=device_map,
-        attention_backend=attention_backend, adapter=adapter, merge_adapter=merge_adapter,
-        rope_scaling=rope_scaling, **model_options,
-    )
+    loaded = load_model(model, pattern=settings.pattern_specs[0], dtype=settings.dtype, device=device,
+                        device_map=settings.device_map, attention_backend=settings.attention_backend,
+                        **load_options)
     if ranks.is_main:
-        from ..api import run_cost_line
-
-        line = run_cost_line(model, loaded, specs, tasks=options["tasks"], data=options["data"], ctx=options["ctx"],
-                             max_tokens=options["max_tokens"], protocol=options["protocol"],
-                             add_bos=options["add_bos"])
+        line = run_cost_line(model, loaded, settings)
         if line:
             click.echo(f"scca-eval: {line}", err=True)
-    records = []
     show_bar = ranks.is_main and not quiet
     bar = RichProgress() if show_bar else contextlib.nullcontext(None)
     with bar as progress:
-        for spec in specs:
-            records += evaluate(
-                model, pattern=spec, out=out, device_map=device_map,
-                loaded=loaded, progress=progress, attention_backend=attention_backend, keep_progress=True,
-                **options,
-            )
-    # Progress files of finished cells are kept until every pattern is done, so running a
-    # stopped command again does not score its finished cells again.
+        # Progress files of finished cells are kept until every cell is done, so running a
+        # stopped command again does not score its finished cells again.
+        records = evaluate(model, settings, loaded=loaded, progress=progress)
     if ranks.is_main:
-        remove_progress(records)
         click.echo(markdown_tables(records))
-        if out is not None:
-            click.echo(f"\n{len(records)} record(s) written to {out}/", err=True)
+        if settings.out is not None:
+            click.echo(f"\n{len(records)} record(s) written to {settings.out}/", err=True)
 
 
 def _check_device_map(device, gpus) -> None:

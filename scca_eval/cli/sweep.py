@@ -57,9 +57,7 @@ HELP_SECTIONS = {
               help="Folder for the records. Default: results/sweep.")
 @click.option("--dry-run", is_flag=True, help="List the cells and exit without loading anything.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-cell lines (for CI logs).")
-def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, last_window, max_tokens, batch_size, dtype, device,
-          chunk_size, dilation, add_bos, allow_long_context, attention_backend, adapter, rope_scaling,
-          original_ctx, seed, compile_engine, out, dry_run, quiet):
+def sweep(sweep_file, models, adapter, rope_scaling, original_ctx, compile_engine, dry_run, quiet, **options):
     """Evaluate the grid models × tasks × patterns × ctx, writing one record per cell as
     soon as it is done. Cells whose record already exists in --out with the same
     configuration (model weights, task data, tokenizer, pattern settings, ctx, stride,
@@ -79,15 +77,10 @@ def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, last_window, m
     from ..evaluation.sweep import ModelEntry, load_sweep_file, make_sweep, run_sweep
 
     settings = load_sweep_file(sweep_file) if sweep_file else {}
-    given = {
-        "models": list(models) or None, "patterns": list(patterns) or None, "ctx": ctx,
-        "tasks": list(tasks) or None, "data": list(data) or None, "stride": stride,
-        "last_window": last_window, "max_tokens": max_tokens,
-        "batch_size": batch_size, "dtype": dtype, "device": device, "chunk_size": chunk_size,
-        "dilation": dilation, "add_bos": add_bos, "allow_long_context": allow_long_context,
-        "attention_backend": attention_backend, "seed": seed, "compile": compile_engine, "out": out,
-    }
-    settings.update({key: value for key, value in given.items() if value is not None})
+    # The options name the sweep file's settings (EvalSettings fields); given ones override the file.
+    given = {**options, "models": models, "compile": compile_engine}
+    settings.update({key: list(value) if isinstance(value, tuple) else value
+                     for key, value in given.items() if value is not None and value not in ((), [])})
     plan = make_sweep(settings, where=sweep_file or "sweep")
     per_model = (("adapter", adapter), ("rope_scaling", rope_scaling), ("original_ctx", original_ctx))
     shared = {key: value for key, value in per_model if value}
@@ -98,14 +91,11 @@ def sweep(sweep_file, models, patterns, ctx, tasks, data, stride, last_window, m
     cells = plan.cell_labels()
     if dry_run:
         click.echo("\n".join(cells))
-        settings_text = ", ".join(f"{key}={value}" for key, value in plan.settings().items())
-        click.echo(f"{len(cells)} cell(s); records go to {plan.out}/; {settings_text}", err=True)
+        click.echo(f"{len(cells)} cell(s); records go to {plan.out}/; {plan.settings_line()}", err=True)
         return
 
-    from ..files import check_writable_folder
     from .progress import RichProgress
 
-    check_writable_folder(plan.out)  # before any model is loaded
     log = None if quiet else (lambda line: click.echo(line, err=True))
     bar = contextlib.nullcontext(None) if quiet else RichProgress()
     with bar as progress:

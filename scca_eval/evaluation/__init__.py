@@ -3,6 +3,8 @@
 ``scca_eval.evaluate`` (``api.py``) runs the cells; this package is how each one is scored.
 One job per module:
 
+- ``settings.py``: ``EvalSettings``, every setting of an evaluation in one frozen object
+- ``protocols.py``: the protocols (stride, lm-eval, longlora) as objects
 - ``windows.py``: the protocols' windows (default, lm-eval's, LongLoRA's)
 - ``lm_eval_protocol.py``: lm-eval's prefix token and encoding for ``--protocol lm-eval``
 - ``engine.py``: windows through the model in batches, the chunked loss, ``--compile``

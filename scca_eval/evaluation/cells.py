@@ -1,6 +1,8 @@
 """One (task, ctx) cell: its windows scored in groups, then its record.
 
-The windows of the protocol are planned over all documents; they are then scored in
+A cell is read from its settings (``settings.py``): its protocol (``protocols.py``) plans the
+windows over all documents; a progress file gives back what a stopped run finished; the
+rest is scored; the record is made. The windows are scored in
 small groups of batches (windows of several documents batched together, a long document cut
 between windows). Every ``save_every`` batches of work, every 30 seconds and at Ctrl-C the
 per-document sums of the finished groups are saved to a progress file
@@ -25,15 +27,17 @@ import torch
 from .. import distributed
 from ..data import TokenizedTask
 from ..errors import UserError
-from ..records import cell_config, device_name, new_record, progress_key, record_pattern_name, runtime
+from ..records import (cell_config, cell_identity, device_name, new_record, progress_key, record_pattern_name,
+                       runtime, sweep_key)
 from ..results import record_filename
 from . import cost
 from .engine import WindowScores, auto_batch_size, model_device, plan_batches, score_windows
 from .metrics import DocScore, summarize
+from .protocols import CellPlan
 from .resume import DocumentDone, Interrupted, ProgressFile, progress_path
+from .settings import EvalSettings
 from .window_sums import encode_windows
-from .windows import (Window, limit_scored_tokens, longlora_perplexity, plan_lm_eval_windows, plan_longlora_windows,
-                      plan_windows)
+from .windows import Window, longlora_perplexity
 
 # Progress is saved after about this many batches of forward work, or after SAVE_SECONDS of
 # scoring, whichever comes first, and when the run is interrupted. The windows are scored in
@@ -42,7 +46,6 @@ from .windows import (Window, limit_scored_tokens, longlora_perplexity, plan_lm_
 DEFAULT_SAVE_EVERY = 32
 SAVE_SECONDS = 30.0
 GROUP_BATCHES = 4
-LONGLORA_STEP = 256  # LongLoRA's eval.py: a window starts every 256 tokens
 
 
 class Progress(Protocol):
@@ -65,17 +68,42 @@ def notify_stderr(message: str) -> None:
     print(f"scca-eval: {message}", file=sys.stderr, flush=True)
 
 
-def evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, step, *,
-                           batch_size, max_tokens, add_bos, progress, ranks) -> dict:
-    """One cell under LongLoRA's protocol (windows.plan_longlora_windows): the task's
+def run_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx: int, settings: EvalSettings, *,
+             progress=None, ranks=distributed.SINGLE, notify=notify_stderr) -> tuple[dict, ProgressFile | None]:
+    """One (task, ctx) cell under the settings' protocol: its record, and its progress file
+    (None without ``settings.out``, and for a protocol that reads the documents as one stream)."""
+    if settings.protocol.joins_documents:
+        return evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized, ctx, settings,
+                                      progress=progress, ranks=ranks), None
+    return evaluate_cell(lm, tokenizer, model_id, spec, tokenized, ctx, settings,
+                         progress=progress, ranks=ranks, notify=notify)
+
+
+def predicted_key(settings: EvalSettings, *, model_part: dict, tokenized: TokenizedTask, spec, ctx: int,
+                  dtype: str) -> str:
+    """The ``records.config_key`` of the record ``run_cell`` makes for this cell with these
+    settings (``model_part``: ``records.model_identity``; ``dtype``: the model's), before it
+    runs: what a sweep looks for among the stored records. The protocol's fields come from
+    ``cell_fields``, as in the record."""
+    fields = settings.protocol.cell_fields(settings, ctx)
+    return sweep_key(cell_identity(
+        model=model_part, task=tokenized.task.name, data=tokenized.data_fingerprint,
+        tokenizer=tokenized.tokenizer_fingerprint, pattern=spec.to_dict(), ctx=ctx, stride=fields.stride,
+        protocol=fields.protocol, last_window=fields.last_window, max_tokens=settings.max_tokens,
+        add_bos=settings.add_bos, dtype=dtype), fields.bootstrap_seed)
+
+
+def evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, settings: EvalSettings, *,
+                           progress, ranks) -> dict:
+    """One cell under LongLoRA's protocol (``protocols.LongLoRAProtocol``): the task's
     documents joined into one stream, as LongLoRA's pre-tokenized .bin files are. It is
     a single computation over the stream, so it keeps no per-document progress."""
+    protocol = settings.protocol
+    fields = protocol.cell_fields(settings, ctx)
     stream = np.concatenate([d.ids for d in tokenized.docs]) if tokenized.docs else np.zeros(0, np.int32)
-    windows = plan_longlora_windows(len(stream), ctx, step)
-    if max_tokens is not None:  # the first windows, enough to score max_tokens targets
-        windows = windows[: max(1, -(-max_tokens // (ctx - 1)))]
+    windows = protocol.stream_windows(len(stream), ctx, settings)
     device = model_device(lm)
-    batch = batch_size or auto_batch_size(ctx, device, windows)
+    batch = settings.batch_size or auto_batch_size(ctx, device, windows)
     total = sum(w.scored for w in windows)
     label = cell_label(tokenized.task.name, record_pattern_name(spec), ctx) + " · longlora"
     if progress is not None:
@@ -93,10 +121,11 @@ def evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTa
     seconds = time.perf_counter() - started
     window_losses = scores.nll_sum / scores.tokens
     nll_sum, scored = float(scores.nll_sum.sum()), int(scores.tokens.sum())
-    record = new_record(model_id, spec, tokenized, ctx, step, {
-        "protocol": "longlora",
-        "longlora_step": step,
-        **cell_config(lm, tokenizer, spec, tokenized, add_bos=add_bos, max_tokens=max_tokens, batch=batch),
+    record = new_record(model_id, spec, tokenized, ctx, fields.stride, {
+        "protocol": fields.protocol,
+        "longlora_step": fields.stride,
+        **cell_config(lm, tokenizer, spec, tokenized, add_bos=settings.add_bos, max_tokens=settings.max_tokens,
+                      batch=batch),
     })
     record["metrics"] = {
         "perplexity": longlora_perplexity(window_losses),
@@ -191,85 +220,109 @@ class _ScaledAdvance:
             self.shown = self.group_total
 
 
-def scored_tokens(tokenized: TokenizedTask, ctx: int, *, max_tokens, protocol: str) -> int:
-    """How many targets a cell scores (before it runs, for the cost of a whole run). lm-eval's
-    protocol puts one prefix token in front of each document; LongLoRA's scores a stream."""
-    extra = 1 if protocol == "lm-eval" else 0
-    lengths = [len(d.ids) + extra for d in tokenized.docs]
-    if max_tokens is not None and protocol != "longlora":
-        lengths = limit_scored_tokens(lengths, ctx + extra, max_tokens)
-    if protocol == "longlora":
-        total = sum(lengths)
-        return min(total, max_tokens) if max_tokens is not None else total
-    return sum(n - 1 for n in lengths if n >= 2)
-
-
-def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, stride, *,
-                   batch_size, max_tokens, add_bos, seed, progress, out=None, save_every=None,
-                   resume=True, ranks=distributed.SINGLE, notify=notify_stderr,
-                   device_map=None, protocol="stride", last_window="full") -> tuple[dict, ProgressFile | None]:
-    """Score one (task, ctx) cell; return its record and its progress file (None without ``out``)."""
-    docs = tokenized.docs
-    protocol_config: dict = {"protocol": protocol, "last_window": last_window}
-    if protocol == "lm-eval":  # lm-eval's prefix token in front; ctx is its max_length
-        from .lm_eval_protocol import lm_eval_documents
-
-        docs, protocol_config["lm_eval"] = lm_eval_documents(tokenized, tokenizer)
-    window_span = ctx + 1 if protocol == "lm-eval" else ctx  # tokens of a window, its last target included
-    lengths = [len(d.ids) for d in docs]
-    if max_tokens is not None:
-        lengths = limit_scored_tokens(lengths, window_span, max_tokens)
-    if protocol == "lm-eval":
-        windows = plan_lm_eval_windows(lengths, ctx)
-    else:
-        windows = plan_windows(lengths, ctx, stride, last_window)
-    device = model_device(lm)
-    batch = batch_size or auto_batch_size(ctx, device, windows)
-    expected = {i: (doc.id, length - 1) for i, (doc, length) in enumerate(zip(docs, lengths)) if length >= 2}
-    if not expected:
+def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx: int, settings: EvalSettings, *,
+                  progress=None, ranks=distributed.SINGLE, notify=notify_stderr) -> tuple[dict, ProgressFile | None]:
+    """Score one (task, ctx) cell of a per-document protocol: plan, resume, score, record.
+    Returns its record and its progress file (None without ``settings.out``)."""
+    plan = settings.protocol.plan(tokenized, tokenizer, ctx, settings)
+    batch = settings.batch_size or auto_batch_size(ctx, model_device(lm), plan.windows)
+    cell = _Cell(lm, plan, ctx, batch, settings, ranks)
+    if not cell.expected:
         raise UserError(f"task {tokenized.task.name}: no document has two or more tokens to score")
-    total = sum(count for _, count in expected.values())
-    record = new_record(model_id, spec, tokenized, ctx, stride, {
-        **protocol_config,
-        **cell_config(lm, tokenizer, spec, tokenized, add_bos=add_bos, max_tokens=max_tokens, batch=batch),
-        "device_map": device_map,
-        "bootstrap_seed": seed,
+    record = _per_document_record(lm, tokenizer, model_id, spec, tokenized, cell)
+    cell.label = cell_label(tokenized.task.name, record["pattern"], ctx)
+    if settings.max_tokens is not None and ranks.is_main:
+        say_budget_coverage(cell.label, [len(d.ids) for d in plan.documents], plan.lengths,
+                            settings.protocol.window_span(ctx), settings.max_tokens, notify)
+    _resume(cell, record, notify)
+    seconds, scored_now, began_at = _score(cell, model_id, record["pattern"], progress, notify)
+    _add_scores(record, cell)
+    device_text = device_name(model_device(lm))
+    if ranks.is_main and not ranks.is_distributed:
+        cost.remember_rate(device_text, model_id, record["pattern"], ctx,
+                           scored_now / seconds if seconds > 0 and scored_now else None)
+    if ranks.is_distributed:
+        device_text += f" × {ranks.world_size} processes ({ranks.backend})"
+    record["runtime"] = runtime(
+        lm, seconds=cell.seconds_before + seconds,
+        tokens_per_second=round(scored_now / seconds, 1) if seconds > 0 and scored_now else None,
+        device_text=device_text, processes=ranks.world_size, started=began_at, resumed_documents=cell.resumed)
+    return record, cell.progress_file
+
+
+class _Cell:
+    """A per-document cell while it runs: its plan and batch size, and what is done so far
+    (read back from its progress file, then added to group by group)."""
+
+    def __init__(self, lm, plan: CellPlan, ctx: int, batch: int, settings: EvalSettings, ranks):
+        self.lm, self.plan, self.ctx, self.batch, self.settings, self.ranks = lm, plan, ctx, batch, settings, ranks
+        # per scored document: (id, targets to score)
+        self.expected = {i: (doc.id, length - 1)
+                         for i, (doc, length) in enumerate(zip(plan.documents, plan.lengths)) if length >= 2}
+        self.total = sum(count for _, count in self.expected.values())
+        self.label = ""
+        self.progress_file: ProgressFile | None = None
+        self.done: dict[int, DocumentDone] = {}
+        self.seconds_before = 0.0  # scoring time of the runs that wrote the progress file
+        self.resumed = 0  # documents finished by those runs
+
+
+def _per_document_record(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, cell: _Cell) -> dict:
+    """The record's skeleton: its identity and settings; metrics and runtime come later."""
+    settings = cell.settings
+    fields = settings.protocol.cell_fields(settings, cell.ctx)
+    return new_record(model_id, spec, tokenized, cell.ctx, fields.stride, {
+        "protocol": fields.protocol,
+        "last_window": fields.last_window,
+        **cell.plan.config,
+        **cell_config(lm, tokenizer, spec, tokenized, add_bos=settings.add_bos, max_tokens=settings.max_tokens,
+                      batch=cell.batch),
+        "device_map": settings.device_map,
+        "bootstrap_seed": fields.bootstrap_seed,
     })
-    label = cell_label(tokenized.task.name, record["pattern"], ctx)
-    if max_tokens is not None and ranks.is_main:
-        say_budget_coverage(label, [len(d.ids) for d in docs], lengths, window_span, max_tokens, notify)
 
-    progress_file = None
+
+def _resume(cell: _Cell, record: dict, notify) -> None:
+    """Open the cell's progress file (next to its record) and read back what a stopped run finished."""
+    settings, ranks = cell.settings, cell.ranks
+    if settings.out is None:
+        return
+    cell.progress_file = ProgressFile(progress_path(Path(settings.out) / record_filename(record)),
+                                      progress_key(record, cell.total), cell.expected,
+                                      lambda message: notify(f"warning: {message}"))
     done: dict[int, DocumentDone] = {}
-    seconds_before = 0.0
-    if out is not None:
-        progress_file = ProgressFile(progress_path(Path(out) / record_filename(record)),
-                                     progress_key(record, total), expected,
-                                     lambda message: notify(f"warning: {message}"))
-        if resume and ranks.is_main:
-            done = progress_file.load()
-            seconds_before = progress_file.loaded_seconds
-        done = distributed.share_from_main(done, ranks)
-    resumed = saved = _finished(done)  # saved: finished documents in the progress file as it is on disk
-    saved_part_way = len(done) - saved
-    if done and ranks.is_main:
-        notify(f"resuming {label} from {progress_file.path}: {resumed} of {len(expected)} documents are done"
-               + (f", {saved_part_way} part-way" if saved_part_way else ""))
+    if settings.resume and ranks.is_main:
+        done = cell.progress_file.load()
+        cell.seconds_before = cell.progress_file.loaded_seconds
+    cell.done = distributed.share_from_main(done, ranks)
+    cell.resumed = _finished(cell.done)
+    part_way = len(cell.done) - cell.resumed
+    if cell.done and ranks.is_main:
+        notify(f"resuming {cell.label} from {cell.progress_file.path}: {cell.resumed} of {len(cell.expected)} "
+               "documents are done" + (f", {part_way} part-way" if part_way else ""))
 
-    todo = _windows_to_do(windows, done)
-    windows_per_doc = Counter(w.doc for w in windows)
-    save_batches = save_every or DEFAULT_SAVE_EVERY
+
+def _score(cell: _Cell, model_id: str, pattern: str, progress, notify) -> tuple[float, int, datetime]:
+    """Score the windows not done yet, group by group, saving progress as it goes; return the
+    seconds it took, the targets scored and when it began."""
+    lm, plan, ctx, batch, ranks, done = cell.lm, cell.plan, cell.ctx, cell.batch, cell.ranks, cell.done
+    progress_file = cell.progress_file
+    saved = _finished(done)  # finished documents in the progress file as it is on disk
+    saved_part_way = len(done) - saved
+    todo = _windows_to_do(plan.windows, done)
+    windows_per_doc = Counter(w.doc for w in plan.windows)
+    save_batches = cell.settings.save_every or DEFAULT_SAVE_EVERY
     groups = plan_groups(todo, min(save_batches, GROUP_BATCHES) * ranks.world_size * batch * ctx)
-    device_text = device_name(device)
+    device = model_device(lm)
     if ranks.is_main:  # the size and cost of the cell, before a long one starts
-        rate = cost.remembered_rate(device_text, model_id, record["pattern"], ctx)
-        line = cost.estimate_line(label, sum(w.scored for w in todo), len(todo), len({w.doc for w in todo}),
+        rate = cost.remembered_rate(device_name(device), model_id, pattern, ctx)
+        line = cost.estimate_line(cell.label, sum(w.scored for w in todo), len(todo), len({w.doc for w in todo}),
                                   rate=rate, on_cpu=device.type == "cpu")
         if line:
             notify(line)
     if progress is not None:
-        progress.begin(label, total, sum(d.tokens for d in done.values()))
-    documents = [d.ids for d in docs]
+        progress.begin(cell.label, cell.total, sum(d.tokens for d in done.values()))
+    documents = [d.ids for d in plan.documents]
     scored_now = 0  # targets scored by this run (not read from the progress file)
     started = time.perf_counter()
     began_at = datetime.now(timezone.utc)
@@ -277,7 +330,7 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
 
     def save_progress():
         nonlocal saved, saved_part_way, unsaved_work, last_save
-        progress_file.save(done.values(), seconds_before + time.perf_counter() - started)
+        progress_file.save(done.values(), cell.seconds_before + time.perf_counter() - started)
         saved, saved_part_way = _finished(done), len(done) - _finished(done)
         unsaved_work, last_save = 0, time.perf_counter()
 
@@ -290,50 +343,46 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx, 
             scores = _score_group(lm, documents, group_windows, batch, ranks, advance, ctx)
             advance.finish()
             scored_now += group_total
-            _add_group(done, scores, group_windows, docs, windows_per_doc)
+            _add_group(done, scores, group_windows, plan.documents, windows_per_doc)
             unsaved_work += sum(w.end - w.start for w in group_windows)
             if progress_file is not None and ranks.is_main and (
                     number == len(groups) or unsaved_work >= save_batches * batch * ctx
                     or time.perf_counter() - last_save >= SAVE_SECONDS):
                 save_progress()
     except _OutOfMemory:
-        raise _out_of_memory_error(ctx, batch, lm, progress_file, saved, len(expected), ranks) from None
+        raise _out_of_memory_error(ctx, batch, lm, progress_file, saved, len(cell.expected), ranks) from None
     except KeyboardInterrupt:
         if progress_file is not None and ranks.is_main and unsaved_work:
             save_progress()  # every finished group is kept
-        raise Interrupted(_interrupted_message(progress_file, saved, len(expected), label, saved_part_way)) from None
+        raise Interrupted(_interrupted_message(progress_file, saved, len(cell.expected), cell.label,
+                                               saved_part_way)) from None
     finally:
         if progress is not None:
             progress.end()
     seconds = time.perf_counter() - started
     if progress_file is not None and ranks.is_main and not groups:
-        progress_file.save(done.values(), seconds_before)  # nothing left to score: the file is complete
+        progress_file.save(done.values(), cell.seconds_before)  # nothing left to score: the file is complete
+    return seconds, scored_now, began_at
 
+
+def _add_scores(record: dict, cell: _Cell) -> None:
+    """The record's metrics and documents (with their windows' sums where every window's are kept)."""
+    plan, done = cell.plan, cell.done
     doc_scores = []
-    for index, (doc, length) in enumerate(zip(docs, lengths)):
-        if index not in expected:
+    for index, (doc, length) in enumerate(zip(plan.documents, plan.lengths)):
+        if index not in cell.expected:
             continue
         n_bytes, n_words = doc.prefix_stats(length)
-        saved = done[index]
-        doc_scores.append(DocScore(doc.id, saved.nll_sum, saved.tokens, n_bytes, n_words))
-    record["metrics"] = summarize(doc_scores, seed=seed)
+        doc_scores.append(DocScore(doc.id, done[index].nll_sum, done[index].tokens, n_bytes, n_words))
+    record["metrics"] = summarize(doc_scores, seed=cell.settings.seed)
     record["documents"] = [
         {"id": d.id, "nll_sum": d.nll_sum, "tokens": d.tokens, "bytes": d.bytes, "words": d.words}
         for d in doc_scores
     ]
-    for entry, index in zip(record["documents"], [i for i in range(len(docs)) if i in expected]):
+    windows_per_doc = Counter(w.doc for w in plan.windows)
+    for entry, index in zip(record["documents"], [i for i in range(len(plan.documents)) if i in cell.expected]):
         if len(done[index].window_tokens) == windows_per_doc[index]:  # every window's sums are kept
             entry["windows"] = encode_windows(np.array(done[index].window_nll), np.array(done[index].window_tokens))
-    if ranks.is_main and not ranks.is_distributed:
-        cost.remember_rate(device_text, model_id, record["pattern"], ctx,
-                           scored_now / seconds if seconds > 0 and scored_now else None)
-    if ranks.is_distributed:
-        device_text += f" × {ranks.world_size} processes ({ranks.backend})"
-    record["runtime"] = runtime(
-        lm, seconds=seconds_before + seconds,
-        tokens_per_second=round(scored_now / seconds, 1) if seconds > 0 and scored_now else None,
-        device_text=device_text, processes=ranks.world_size, started=began_at, resumed_documents=resumed)
-    return record, progress_file
 
 
 def say_budget_coverage(label, full_lengths, lengths, ctx, max_tokens, notify) -> None:

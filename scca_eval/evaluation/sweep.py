@@ -19,10 +19,14 @@ A sweep is given by options or by a YAML file (command-line options win)::
     max_tokens: 16384
     out: results/smollm2-135m
 
-Other settings: ``data`` (files or folders evaluated as ad-hoc tasks), ``stride``,
-``last_window``, ``batch_size``, ``dtype``, ``device``, ``chunk_size``, ``dilation``, ``add_bos``,
-``allow_long_context``, ``seed``, ``attention_backend``, ``compile``. Relative paths are relative to the
-folder the command runs in, as on the command line.
+Other settings: ``data`` (files or folders evaluated as ad-hoc tasks) and the other fields of
+``EvalSettings`` that ``settings.SWEEP_FILE_KINDS`` lists (``protocol``, ``stride``, ``batch_size``,
+``dtype``, ``device``, ...), each as the option of the same name. Relative paths are relative
+to the folder the command runs in, as on the command line.
+
+The settings are read into one ``EvalSettings`` and checked once; each cell gets its own
+(``EvalSettings.for_cell``), from which both its record and the identity the sweep looks
+for among the stored records are made (``cells.predicted_key``).
 """
 
 from __future__ import annotations
@@ -37,36 +41,28 @@ import yaml
 
 from ..errors import UserError
 from ..records import config_key  # a stored record's key (re-exported for the tests and callers)
+from .settings import SWEEP_FILE_KINDS, EvalSettings
 
 if TYPE_CHECKING:
     from ..patterns.spec import PatternSpec
 
 DEFAULT_OUT = "results/sweep"
+
+
+def _default(name: str):
+    default = EvalSettings.__dataclass_fields__[name].default
+    return list(default) if isinstance(default, tuple) else default
+
 # load_model options that may be set per model in a sweep file
 MODEL_OPTIONS = ("adapter", "merge_adapter", "trainable_params", "rope_scaling", "original_ctx",
                  "finetuned_ctx", "tokenizer")
 
-# sweep setting -> (kind, default); kinds are checked by _read_setting
+# sweep setting -> (kind, default); kinds are checked by _read_setting. Besides the models and
+# the folder, every setting is a field of EvalSettings, with its default.
 SETTINGS: dict[str, tuple[str, Any]] = {
     "models": ("models", ["default"]),
-    "patterns": ("patterns", ["full"]),
-    "ctx": ("ints", [1024]),
-    "tasks": ("strings", []),
-    "data": ("strings", []),
     "out": ("string", DEFAULT_OUT),
-    "stride": ("int", None),
-    "last_window": ("string", "full"),
-    "max_tokens": ("int", None),
-    "batch_size": ("int", None),
-    "dtype": ("string", None),
-    "device": ("string", None),
-    "chunk_size": ("int", None),
-    "dilation": ("int", None),
-    "add_bos": ("bool", False),
-    "allow_long_context": ("bool", False),
-    "seed": ("int", 0),
-    "attention_backend": ("string", "auto"),
-    "compile": ("bool", False),
+    **{name: (kind, _default(name)) for name, kind in SWEEP_FILE_KINDS.items()},
 }
 
 
@@ -78,39 +74,37 @@ class ModelEntry:
     options: tuple[tuple[str, Any], ...] = ()
 
 
+@dataclass(frozen=True)
+class SweepCell:
+    """One cell of a sweep: its task, pattern and ctx, and its own settings (for every model)."""
+
+    task: Any                    # TaskSpec
+    spec: Any                    # PatternSpec
+    ctx: int
+    settings: EvalSettings
+
+
 @dataclass
 class Sweep:
     """A validated sweep: every value checked, nothing loaded yet."""
 
     models: list[ModelEntry]
-    patterns: list               # PatternSpec, one per distinct pattern
-    ctx: list[int]
-    tasks: list                  # (TaskSpec, evaluate() arguments naming it)
+    settings: EvalSettings       # checked; its patterns are distinct PatternSpecs
+    cells: list[SweepCell]       # in the order the sweep runs them for each model
     out: Path
-    stride: int | None = None
-    last_window: str = "full"
-    max_tokens: int | None = None
-    batch_size: int | None = None
-    dtype: str | None = None
-    device: str | None = None
-    chunk_size: int | None = None
-    dilation: int | None = None
-    add_bos: bool = False
-    allow_long_context: bool = False
-    seed: int = 0
-    attention_backend: str = "auto"
-    compile: bool = False
 
-    def settings(self) -> dict:
+    @property
+    def patterns(self) -> list:
+        return self.settings.pattern_specs
+
+    def settings_line(self) -> str:
         """The settings shared by every cell (for --dry-run and logs)."""
-        return {key: getattr(self, key) for key in ("stride", "last_window", "max_tokens", "batch_size", "dtype", "device",
-                                                    "chunk_size", "dilation", "add_bos", "allow_long_context",
-                                                    "seed", "attention_backend", "compile")}
+        shared = [key for key in SWEEP_FILE_KINDS if key not in ("patterns", "ctx", "tasks", "data")]
+        return ", ".join(f"{key}={getattr(self.settings, key)}" for key in shared)
 
     def cell_labels(self) -> list[str]:
         """Every cell, in the order the sweep runs them."""
-        return [_cell_label(m.model, task.name, spec, ctx)
-                for m in self.models for task, _ in self.tasks for spec in self.patterns for ctx in self.ctx]
+        return [_cell_label(m.model, cell.task.name, cell.spec, cell.ctx) for m in self.models for cell in self.cells]
 
 
 @dataclass
@@ -218,24 +212,16 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     """Check every setting (bad input fails here, before any model is loaded)."""
     from ..records import record_pattern_name
     from ..results import record_filename
-    from ..validation import (check_attention_backend, check_dtype_name, check_protocol,
-                             resolve_patterns, resolve_tasks)
 
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise UserError(f"{where}: unknown setting {unknown[0]!r}; the settings are {', '.join(SETTINGS)}")
     values = {key: _read_setting(key, settings.get(key), where) for key in SETTINGS}
-
-    check_protocol("stride", values["ctx"], values["stride"], last_window=values["last_window"])
-    for key in ("max_tokens", "batch_size"):
-        if values[key] is not None and values[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1 (got {values[key]})")
-    check_dtype_name(values["dtype"])
-    check_attention_backend(values["attention_backend"])
+    shared = EvalSettings(**{key: values[key] for key in SWEEP_FILE_KINDS}, out=values["out"])
+    shared.check()
 
     specs: dict[str, Any] = {}
-    for spec in resolve_patterns(values["patterns"], values["ctx"], chunk_size=values["chunk_size"],
-                                 dilation=values["dilation"]):
+    for spec in shared.pattern_specs:
         specs.setdefault(json.dumps(spec.to_dict(), sort_keys=True), spec)
     # Records are named by record_pattern_name (custom mixes by a hash of their groups), so
     # two patterns with one name would overwrite each other's records.
@@ -244,13 +230,13 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
         clash = next(n for n in names if names.count(n) > 1)
         raise UserError(f"two different patterns are both named {clash!r}, so their records would overwrite "
                         "each other; run them in separate sweeps (separate --out folders)")
+    shared = shared.for_patterns(list(specs.values()))
 
-    # resolve_tasks gives the named tasks (the default tasks when neither tasks nor data are
-    # given), then the --data ones; each is handed to evaluate() the same way, one at a time.
-    task_specs = resolve_tasks(values["tasks"], values["data"])
-    named = values["tasks"] or ([] if values["data"] else [spec.name for spec in task_specs])
-    origins = [{"tasks": [name], "data": None} for name in named]
-    origins += [{"tasks": None, "data": [path]} for path in values["data"]]
+    # task_specs holds the named tasks (the default tasks when neither tasks nor data are
+    # given), then the --data ones; each cell names its own the same way.
+    task_specs = shared.task_specs
+    named = list(shared.tasks) or ([] if shared.data else [spec.name for spec in task_specs])
+    origins = [{"task": name} for name in named] + [{"data": path} for path in shared.data]
     task_names = [spec.name for spec in task_specs]
     if len(set(task_names)) != len(task_names):
         clash = next(n for n in task_names if task_names.count(n) > 1)
@@ -265,13 +251,9 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
                             "name; run them in separate sweeps (separate --out folders)")
         files[name] = entry.model
 
-    return Sweep(
-        models=values["models"], patterns=list(specs.values()), ctx=values["ctx"],
-        tasks=list(zip(task_specs, origins)), out=Path(values["out"]),
-        **{key: values[key] for key in ("stride", "last_window", "max_tokens", "batch_size", "dtype", "device", "chunk_size",
-                                        "dilation", "add_bos", "allow_long_context", "seed",
-                                        "attention_backend", "compile")},
-    )
+    cells = [SweepCell(task, spec, ctx, shared.for_cell(pattern=spec, ctx=ctx, task_spec=task, **origin))
+             for task, origin in zip(task_specs, origins) for spec in shared.pattern_specs for ctx in shared.ctx]
+    return Sweep(models=values["models"], settings=shared, cells=cells, out=Path(values["out"]))
 
 
 # ---------------------------------------------------------------- stored records
@@ -306,54 +288,43 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
     from ..api import evaluate
     from ..data import tokenize_task
     from ..models import load_model, model_record
-    from ..records import cell_identity, model_dtype, model_identity, sweep_key
+    from ..records import model_dtype, model_identity
+    from .cells import predicted_key
 
     say = log or (lambda message: None)
     existing = _existing_records(sweep.out, say)
     result = SweepResult()
-    common = dict(stride=sweep.stride, last_window=sweep.last_window, batch_size=sweep.batch_size, max_tokens=sweep.max_tokens,
-                  out=str(sweep.out), add_bos=sweep.add_bos, allow_long_context=sweep.allow_long_context, seed=sweep.seed,
-                  attention_backend=sweep.attention_backend, compile=sweep.compile, progress=progress)
+    shared = sweep.settings
     for entry in sweep.models:
         # The patterns are resolved specs (chunk size and dilation inside): applied as they are.
-        lm, tokenizer = load_model(entry.model, pattern=sweep.patterns[0], dtype=sweep.dtype, device=sweep.device,
-                                   attention_backend=sweep.attention_backend, **dict(entry.options))
+        lm, tokenizer = load_model(entry.model, pattern=sweep.patterns[0], dtype=shared.dtype, device=shared.device,
+                                   attention_backend=shared.attention_backend, **dict(entry.options))
         try:
             model_part = model_identity(entry.model, model_record(lm, tokenizer))
             dtype = model_dtype(lm)
-
-            def planned_key(task, tokenized, spec, ctx):
-                return sweep_key(cell_identity(
-                    model=model_part, task=task.name, data=tokenized.data_fingerprint,
-                    tokenizer=tokenized.tokenizer_fingerprint, pattern=spec.to_dict(), ctx=ctx,
-                    stride=sweep.stride or ctx, protocol="stride", last_window=sweep.last_window,
-                    max_tokens=sweep.max_tokens, add_bos=sweep.add_bos, dtype=dtype), sweep.seed)
-
-            _say_run_cost(entry.model, lm, tokenizer, sweep, existing, planned_key, say)
-            for task, task_arguments in sweep.tasks:
-                tokenized = tokenize_task(task, tokenizer, add_bos=sweep.add_bos)
-                for spec in sweep.patterns:
-                    planned = {ctx: planned_key(task, tokenized, spec, ctx) for ctx in sweep.ctx}
-                    missing = [ctx for ctx, key in planned.items() if key not in existing]
-                    for ctx in sweep.ctx:
-                        if ctx not in missing:
-                            say(f"have  {_cell_label(entry.model, task.name, spec, ctx)} "
-                                f"({existing[planned[ctx]].get('path')})")
-                    if missing:
-                        for record in evaluate(entry.model, ctx=missing, pattern=spec, loaded=(lm, tokenizer),
-                                               **task_arguments, **common):
-                            key = config_key(record)
-                            if key != planned[record["ctx"]]:
-                                raise RuntimeError(
-                                    f"the record of {_cell_label(entry.model, task.name, spec, record['ctx'])} "
-                                    "does not carry the configuration the sweep planned, so it could never be "
-                                    f"reused: planned {planned[record['ctx']]}, stored {key}")
-                            existing[key] = record
-                            result.computed += 1
-                            say(f"wrote {_cell_label(entry.model, task.name, spec, record['ctx'])} "
-                                f"({record.get('path')})")
-                    result.reused += len(sweep.ctx) - len(missing)
-                    result.records += [existing[planned[ctx]] for ctx in sweep.ctx]
+            planned, tokenized = [], None  # the key of each cell's record, in the order of sweep.cells
+            for cell in sweep.cells:
+                if tokenized is None or tokenized.task.name != cell.task.name:  # the cells come task by task
+                    tokenized = tokenize_task(cell.task, tokenizer, add_bos=shared.add_bos)
+                planned.append(predicted_key(cell.settings, model_part=model_part, tokenized=tokenized,
+                                             spec=cell.spec, ctx=cell.ctx, dtype=dtype))
+            del tokenized
+            _say_run_cost(entry.model, lm, tokenizer, sweep, existing, planned, say)
+            for cell, key in zip(sweep.cells, planned):
+                label = _cell_label(entry.model, cell.task.name, cell.spec, cell.ctx)
+                if key in existing:
+                    say(f"have  {label} ({existing[key].get('path')})")
+                    result.reused += 1
+                else:
+                    (record,) = evaluate(entry.model, cell.settings, loaded=(lm, tokenizer), progress=progress)
+                    if config_key(record) != key:
+                        raise RuntimeError(f"the record of {label} does not carry the configuration the sweep "
+                                           f"planned, so it could never be reused: planned {key}, "
+                                           f"stored {config_key(record)}")
+                    existing[key] = record
+                    result.computed += 1
+                    say(f"wrote {label} ({record.get('path')})")
+                result.records.append(existing[key])
         finally:
             # Free this model before the next one is loaded.
             del lm, tokenizer
@@ -363,24 +334,23 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
     return result
 
 
-def _say_run_cost(model_id, lm, tokenizer, sweep: Sweep, existing, planned_key, say) -> None:
+def _say_run_cost(model_id, lm, tokenizer, sweep: Sweep, existing, planned, say) -> None:
     """Before a model's first cell: the cells it still has to run, their tokens and time."""
     from ..data import tokenize_task
     from ..records import device_name, record_pattern_name
     from . import cost
-    from .cells import scored_tokens
     from .engine import model_device
 
     device = model_device(lm)
     device_text = device_name(device)
-    cells = []
-    for task, _ in sweep.tasks:
-        tokenized = tokenize_task(task, tokenizer, add_bos=sweep.add_bos)
-        for spec in sweep.patterns:
-            for ctx in sweep.ctx:
-                if planned_key(task, tokenized, spec, ctx) not in existing:
-                    cells.append((scored_tokens(tokenized, ctx, max_tokens=sweep.max_tokens, protocol="stride"),
-                                  cost.remembered_rate(device_text, model_id, record_pattern_name(spec), ctx)))
+    cells, tokenized = [], None
+    for cell, key in zip(sweep.cells, planned):
+        if key in existing:
+            continue
+        if tokenized is None or tokenized.task.name != cell.task.name:
+            tokenized = tokenize_task(cell.task, tokenizer, add_bos=sweep.settings.add_bos)
+        tokens = cell.settings.protocol.scored_tokens(tokenized, cell.ctx, cell.settings.max_tokens)
+        cells.append((tokens, cost.remembered_rate(device_text, model_id, record_pattern_name(cell.spec), cell.ctx)))
     line = cost.run_line(cells, on_cpu=device.type == "cpu")
     if line:
         say(line)

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..choices import LAST_WINDOWS
 from ..errors import UserError
 
 
@@ -55,9 +56,6 @@ def _check_ctx(ctx: int, stride: int | None = None) -> None:
         raise UserError(f"ctx must be a whole number of at least 2 tokens (got {ctx!r})")
     if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= ctx):
         raise UserError(f"stride must be a whole number between 1 and ctx ({ctx}); got {stride!r}")
-
-
-LAST_WINDOWS = ("full", "short")
 
 
 def plan_windows(lengths: Sequence[int], ctx: int, stride: int, last_window: str = "full") -> list[Window]:
