@@ -74,7 +74,11 @@ def prefix_counts(text: str, char_ends: np.ndarray) -> tuple[np.ndarray, np.ndar
 # ---------------------------------------------------------------- fingerprints
 
 def tokenizer_fingerprint(tokenizer, add_bos: bool = False) -> str:
-    """sha256 of the tokenizer's serialized form, and of the BOS choice."""
+    """sha256 of the tokenizer's serialized form, and of whether a BOS token starts the ids.
+
+    The one tokenizer fingerprint: the token cache's key, the built corpora's manifest, and
+    ``config.tokenizer_fingerprint`` of every record (perplexity and passkey) and the tokenizer
+    summary in ``config.model.tokenizer``."""
     digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:

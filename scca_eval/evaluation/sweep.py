@@ -274,26 +274,6 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     )
 
 
-# ---------------------------------------------------------------- stored records
-
-def _existing_records(out: Path, say: Callable[[str], None]) -> dict[str, dict]:
-    """config key -> record, for every readable record in ``out``."""
-    from ..results import read_record
-
-    found: dict[str, dict] = {}
-    if not out.is_dir():
-        return found
-    for path in sorted(out.glob("*.json")):
-        if path.name.startswith("."):
-            continue
-        try:
-            record = read_record(path)
-            found[config_key(record)] = record
-        except (UserError, KeyError, TypeError) as error:
-            say(f"ignoring {path}: {error}; its cell will be recomputed")
-    return found
-
-
 # ---------------------------------------------------------------- running
 
 def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None = None) -> SweepResult:
@@ -306,10 +286,10 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
     from ..api import evaluate
     from ..data import tokenize_task
     from ..models import load_model, model_record
-    from ..records import cell_identity, model_dtype, model_identity, sweep_key
+    from ..records import cell_identity, existing_records, model_dtype, model_identity, sweep_key
 
     say = log or (lambda message: None)
-    existing = _existing_records(sweep.out, say)
+    existing = existing_records(sweep.out, say)
     result = SweepResult()
     common = dict(stride=sweep.stride, last_window=sweep.last_window, batch_size=sweep.batch_size, max_tokens=sweep.max_tokens,
                   out=str(sweep.out), add_bos=sweep.add_bos, allow_long_context=sweep.allow_long_context, seed=sweep.seed,

@@ -10,10 +10,9 @@ the same values LongLoRA's own merge script produces.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
+
+from ..data.tokens import tokenizer_fingerprint
 
 
 def grow_embeddings(model, rows: int) -> dict | None:
@@ -33,7 +32,8 @@ def grow_embeddings(model, rows: int) -> dict | None:
 
 
 def tokenizer_summary(tokenizer, name: str) -> dict:
-    """Name, size, BOS/EOS handling and a content fingerprint of a tokenizer."""
+    """Name, size, BOS/EOS handling and the fingerprint of a tokenizer (``data.tokens.tokenizer_fingerprint``
+    without a BOS token added: the tokenizer alone)."""
     sample = tokenizer("a").input_ids  # default add_special_tokens=True, as the evaluation uses it
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     adds_bos = bos is not None and len(sample) > 0 and sample[0] == bos
@@ -46,19 +46,6 @@ def tokenizer_summary(tokenizer, name: str) -> dict:
         "eos_token_id": eos,
         "adds_bos": adds_bos,
         "adds_eos": adds_eos,
-        "fingerprint": tokenizer_fingerprint(tokenizer, adds_bos, adds_eos),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
     }
 
-
-def tokenizer_fingerprint(tokenizer, adds_bos: bool, adds_eos: bool) -> str:
-    """SHA-256 of the tokenizer's full definition (vocabulary, merges, normalizers, specials)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = backend.to_str()
-    else:  # a tokenizer without a `tokenizers` backend: its vocabulary and special tokens
-        definition = json.dumps(
-            {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens},
-            ensure_ascii=False,
-        )
-    material = f"{definition}\nadds_bos={adds_bos}\nadds_eos={adds_eos}\n"
-    return "sha256:" + hashlib.sha256(material.encode("utf-8")).hexdigest()
