@@ -121,6 +121,9 @@ def identity_difference(first: dict, second: dict) -> str | None:
     a, b = identity_of(first), identity_of(second)
     if set(a) != set(b):
         return "their kind (a perplexity record and a passkey record)"
+    if _schema1_passkey(first) or _schema1_passkey(second):
+        # its tokenizer fingerprint is of another kind: compare what both records say of the tokenizer
+        a["tokenizer"], b["tokenizer"] = _tokenizer_described(first), _tokenizer_described(second)
     differing = []
     for key in a:
         if key == "model":
@@ -128,6 +131,18 @@ def identity_difference(first: dict, second: dict) -> str | None:
         elif json.dumps(a[key], sort_keys=True, default=str) != json.dumps(b[key], sort_keys=True, default=str):
             differing.append(key)
     return ", ".join(_IDENTITY_WORDS.get(key, key) for key in differing) or None
+
+
+def _schema1_passkey(record: dict) -> bool:
+    """A passkey record of schema 1: its ``config.tokenizer_fingerprint`` is a digest of another
+    kind than today's (``records/build.py``, SCHEMA), so it can't be compared with one."""
+    return is_passkey_record(record) and record.get("schema", 1) == 1
+
+
+def _tokenizer_described(record: dict) -> dict:
+    """The record's tokenizer summary (name, class, size, BOS/EOS ids and habits), without its fingerprint."""
+    summary = (record.get("config", {}).get("model") or {}).get("tokenizer") or {}
+    return {key: value for key, value in summary.items() if key != "fingerprint"}
 
 
 def progress_key(record: dict, scored_tokens: int) -> dict:
