@@ -25,8 +25,9 @@ import torch
 from .. import distributed
 from ..data import TokenizedTask
 from ..errors import UserError
-from ..records import (cell_config, device_name, longlora_record, new_record, progress_key, record_filename,
-                       record_pattern_name, runtime)
+from ..records import (cell_config, device_name, longlora_record, new_record, progress_key, record_pattern_name,
+                       runtime)
+from ..results import record_filename
 from . import cost
 from .engine import WindowScores, auto_batch_size, is_compiled, model_device, plan_batches, score_windows
 from .metrics import DocScore, summarize
