@@ -270,6 +270,16 @@ def test_training_record_reports_convergence(runs):
     assert rule["change"] == pytest.approx(curve[-1]["loss"] - curve[-2]["loss"], rel=1e-9)
 
 
+def test_training_record_shares_the_records_schema_and_device_name(runs):
+    """training.json is built with the evaluation records: one schema, one way to name the device."""
+    from scca_eval.records import SCHEMA, device_name
+
+    _, _, record = runs
+    assert record["schema"] == SCHEMA
+    assert record["runtime"]["device"] == device_name(torch.device("cpu"))
+    assert record["runtime"]["device"].startswith("cpu (") and "thread" in record["runtime"]["device"]
+
+
 # ---------------------------------------------------------------- the seed
 
 def test_seed_drives_lora_initialisation_and_window_order(tiny_model_dir, sample_data_dir):

@@ -192,6 +192,50 @@ def test_passkey_run_again_reuses_its_records(passkey_run, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*.json")} == before
 
 
+def test_passkey_and_perplexity_records_share_schema_and_tokenizer_fingerprint(passkey_run, tiny_model_dir,
+                                                                             sample_data_dir, tmp_path):
+    """One schema and one tokenizer fingerprint for both kinds: the passkey record names its
+    tokenizer as a ppl record made with the same tokenizer and BOS setting does."""
+    from transformers import AutoTokenizer
+
+    from scca_eval.data.tokens import tokenizer_fingerprint
+    from scca_eval.records import SCHEMA
+
+    out, _ = passkey_run
+    passkey = json.loads(next(out.glob("*__full__ctx256*.json")).read_text())
+    assert run(["ppl", "--model", tiny_model_dir, "--data", sample_data_dir, "--ctx", "64", "--max-tokens", "256",
+                "--device", "cpu", "-q", "--out", tmp_path]) == 0
+    (ppl,) = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
+    assert passkey["schema"] == ppl["schema"] == SCHEMA
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert PromptBuilder(tokenizer).head[0] != tokenizer.bos_token_id  # prompts without BOS, as ppl without --bos
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    assert passkey["config"]["tokenizer_fingerprint"] == ppl["config"]["tokenizer_fingerprint"] == fingerprint
+    assert passkey["config"]["model"]["tokenizer"]["fingerprint"] == ppl["config"]["model"]["tokenizer"]["fingerprint"] \
+        == fingerprint
+
+
+def test_passkey_fingerprint_counts_the_bos_its_prompts_start_with(tiny, tiny_model_dir):
+    """A tokenizer that adds BOS on its own starts every passkey prompt with it: the record's
+    fingerprint is then the one of ppl --bos (ids that start with BOS), not that of plain ppl."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from scca_eval.data.tokens import tokenizer_fingerprint
+    from scca_eval.patterns.parse import resolve_pattern
+    from scca_eval.records import passkey_config
+
+    model, _ = tiny
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)])
+    assert PromptBuilder(tokenizer).head[0] == bos
+    config = passkey_config(model, tokenizer, resolve_pattern("full"), {})
+    assert config["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer, add_bos=True)
+    assert config["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer, add_bos=False)
+
+
 def test_table_and_plot_show_passkey_records(passkey_run, tmp_path, capsys):
     out, _ = passkey_run
     assert run(["table", out]) == 0

@@ -118,3 +118,46 @@ def test_a_record_under_an_older_name_is_replaced_not_doubled(tmp_path):
     other["config"]["max_tokens"] = 4096  # another identity: a file of its own, the old one kept
     assert write_record(other, tmp_path).name == "default__pg19_sample__full__ctx1024__max4096.json"
     assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def _passkey_record(schema, tokenizer_fingerprint, tokenizer_name="tok"):
+    record = make_record(task="passkey")
+    record["schema"] = schema
+    record["config"].update(protocol="passkey", passkey={"trials_per_depth": 10, "depths": 5, "seed": 0},
+                            tokenizer_fingerprint=tokenizer_fingerprint)
+    record["config"]["model"]["tokenizer"] = {"name": tokenizer_name, "vocab_size": 100, "adds_bos": False,
+                                              "fingerprint": tokenizer_fingerprint}
+    return record
+
+
+def test_a_schema_1_passkey_record_is_replaced_by_the_same_cell_run_again(tmp_path):
+    """Passkey records of schema 1 named the tokenizer by another digest: the same cell run
+    again replaces such a record (their tokenizer summaries agree) rather than writing a twin
+    that tables would refuse; a record of another tokenizer is kept."""
+    old = _passkey_record(1, "sha256:" + "a" * 64)
+    path = write_record(old, tmp_path)
+    new = _passkey_record(2, "b" * 64)
+    assert identity_difference(old, new) is None
+    assert write_record(new, tmp_path) == path and json.loads(path.read_text())["schema"] == 2
+    other = _passkey_record(2, "c" * 64, tokenizer_name="other")
+    assert identity_difference(new, other) == "the tokenizer"
+    write_record(old, tmp_path)
+    assert identity_difference(old, other) == "the tokenizer"
+    assert write_record(other, tmp_path) != path and len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_existing_records_are_of_one_kind_and_keyed_for_reuse(tmp_path):
+    """The one helper sweeps and passkey runs read an --out folder with."""
+    from scca_eval.records import config_key, existing_records
+
+    perplexity, passkey = make_record(), _passkey_record(2, "b" * 64)
+    write_record(perplexity, tmp_path)
+    write_record(passkey, tmp_path)
+    (tmp_path / "broken.json").write_text("{", encoding="utf-8")
+    said = []
+    found = existing_records(tmp_path, said.append)
+    assert list(found) == [config_key(perplexity)] and found[config_key(perplexity)]["task"] == "pg19_sample"
+    found = existing_records(tmp_path, said.append, passkey=True)
+    assert list(found) == [config_key(passkey)] and found[config_key(passkey)]["task"] == "passkey"
+    assert len(said) == 2 and all(line.startswith(f"ignoring {tmp_path / 'broken.json'}") for line in said)
+    assert existing_records(tmp_path / "missing", said.append) == {}

@@ -95,15 +95,22 @@ def tokenizer_definition(tokenizer) -> str:
     if backend is not None:
         model = json.loads(backend.to_str()).get("model") or {}
         merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges") or []]
+        probe = backend.encode(_PROBE_TEXT, add_special_tokens=False).ids
+    else:
+        probe = tokenizer.encode(_PROBE_TEXT, add_special_tokens=False)
     added = sorted((token.content if hasattr(token, "content") else str(token), int(index))
                    for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items())
-    probe = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
     return json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "merges": merges, "added": added,
                        "probe": list(probe)}, ensure_ascii=False)
 
 
 def tokenizer_fingerprint(tokenizer, add_bos: bool = False) -> str:
-    """sha256 of the tokenizer's definition (:func:`tokenizer_definition`) and of the BOS choice."""
+    """sha256 of the tokenizer's definition (:func:`tokenizer_definition`) and of whether a BOS
+    token starts the ids.
+
+    The one tokenizer fingerprint: the token cache's key, the built corpora's manifest, and
+    ``config.tokenizer_fingerprint`` of every record (perplexity and passkey) and the tokenizer
+    summary in ``config.model.tokenizer``."""
     digest = hashlib.sha256(tokenizer_definition(tokenizer).encode("utf-8"))
     bos = tokenizer.bos_token_id if add_bos else None
     digest.update(f"|add_bos={bool(add_bos)}|bos={bos}".encode())

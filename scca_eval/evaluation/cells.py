@@ -27,17 +27,17 @@ import torch
 from .. import distributed
 from ..data import TokenizedTask
 from ..errors import UserError
-from ..records import (cell_config, cell_identity, device_name, new_record, progress_key, record_pattern_name,
-                       runtime, sweep_key)
+from ..records import (cell_config, cell_identity, device_name, longlora_record, new_record, progress_key,
+                       record_pattern_name, runtime, sweep_key)
 from ..results import record_filename
 from . import cost
-from .engine import WindowScores, auto_batch_size, model_device, plan_batches, score_windows
+from .engine import WindowScores, auto_batch_size, is_compiled, model_device, plan_batches, score_windows
 from .metrics import DocScore, summarize
 from .protocols import CellPlan
 from .resume import DocumentDone, Interrupted, ProgressFile, progress_path
 from .settings import EvalSettings
 from .window_sums import encode_windows
-from .windows import Window, longlora_perplexity
+from .windows import Window
 
 # Progress is saved after about this many batches of forward work, or after SAVE_SECONDS of
 # scoring, whichever comes first, and when the run is interrupted. The windows are scored in
@@ -119,31 +119,14 @@ def evaluate_longlora_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTa
         if progress is not None:
             progress.end()
     seconds = time.perf_counter() - started
-    window_losses = scores.nll_sum / scores.tokens
     nll_sum, scored = float(scores.nll_sum.sum()), int(scores.tokens.sum())
-    record = new_record(model_id, spec, tokenized, ctx, fields.stride, {
-        "protocol": fields.protocol,
-        "longlora_step": fields.stride,
-        **cell_config(lm, tokenizer, spec, tokenized, add_bos=settings.add_bos, max_tokens=settings.max_tokens,
-                      batch=batch),
-    })
-    record["metrics"] = {
-        "perplexity": longlora_perplexity(window_losses),
-        "perplexity_batched_as_published": longlora_perplexity(window_losses, batch_size=batch),
-        "nll_sum": nll_sum,
-        "tokens": scored,
-        "distinct_tokens_scored": int(min(len(stream) - 1, windows[-1].end - 1)) if windows else 0,
-        "windows": len(windows),
-        "mean_nll": float(np.mean(window_losses)),
-        "bits_per_byte": None,
-        "byte_perplexity": None,
-        "word_perplexity": None,
-        "ci95": None,
-    }
-    record["documents"] = [{"id": "stream", "nll_sum": nll_sum, "tokens": scored, "bytes": None, "words": None}]
-    record["runtime"] = runtime(lm, seconds=seconds, tokens_per_second=round(scored / seconds, 1) if seconds > 0 else None,
-                                device_text=device_name(device), processes=ranks.world_size, started=began_at)
-    return record
+    return longlora_record(
+        lm, tokenizer, model_id, spec, tokenized, ctx, fields.stride, add_bos=settings.add_bos,
+        max_tokens=settings.max_tokens, batch=batch, window_losses=scores.nll_sum / scores.tokens, nll_sum=nll_sum,
+        tokens=scored, distinct_tokens=int(min(len(stream) - 1, windows[-1].end - 1)) if windows else 0,
+        runtime=runtime(lm, seconds=seconds, tokens_per_second=round(scored / seconds, 1) if seconds > 0 else None,
+                        device_text=device_name(device), processes=ranks.world_size, started=began_at,
+                        compiled=is_compiled(lm)))
 
 
 def plan_groups(windows: Sequence[Window], target_tokens: int) -> list[list[int]]:
@@ -246,7 +229,8 @@ def evaluate_cell(lm, tokenizer, model_id, spec, tokenized: TokenizedTask, ctx: 
     record["runtime"] = runtime(
         lm, seconds=cell.seconds_before + seconds,
         tokens_per_second=round(scored_now / seconds, 1) if seconds > 0 and scored_now else None,
-        device_text=device_text, processes=ranks.world_size, started=began_at, resumed_documents=cell.resumed)
+        device_text=device_text, processes=ranks.world_size, started=began_at, resumed_documents=cell.resumed,
+        compiled=is_compiled(lm))
     return record, cell.progress_file
 
 

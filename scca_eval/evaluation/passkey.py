@@ -26,18 +26,20 @@ pattern and every model with the same tokenizer answers the same prompts.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from .. import records
 from ..choices import PASSKEY_DEPTHS, PASSKEY_TRIALS
 from ..errors import UserError
+# A stored record with the same identity (``records.passkey_identity``) answers a cell, so a
+# stopped run, run again, continues with the next cell (``is_passkey_record``: also for the CLI).
+from ..records import config_key, is_passkey_record  # noqa: F401  (re-exported)
 
 TASK = "passkey"
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -227,49 +229,24 @@ def trial_entries(verdicts: Sequence[Verdict], tokenizer) -> list[dict]:
     } for v in verdicts]
 
 
-def is_passkey_record(record: dict) -> bool:
-    return record.get("config", {}).get("protocol") == TASK
-
-
-def config_key(record: dict) -> str:
-    """An existing record with the same identity (``records.passkey_identity``) answers the
-    cell, so a stopped run, run again, continues with the next cell."""
-    from ..records import passkey_identity
-
-    return json.dumps(passkey_identity(record), sort_keys=True, default=str)
-
-
 def cell_config(lm, tokenizer, spec, *, trials: int, depths: int, seed: int) -> dict:
     """The settings a passkey record stores (those of ``config_key`` among them)."""
-    from ..models import model_record
-    from ..records import model_dtype, package_versions
-
-    info = model_record(lm, tokenizer)
-    return {
-        "protocol": TASK,
-        "passkey": {"trials_per_depth": trials, "depths": depths, "seed": seed,
-                    "key_digits": len(str(KEY_RANGE[0])), "filler": FILLER, "question": QUESTION,
-                    "scoring": "teacher-forced greedy exact match"},
-        "model": info,
-        "pattern": spec.to_dict(),
-        "tokenizer_fingerprint": (info.get("tokenizer") or {}).get("fingerprint"),
-        "dtype": model_dtype(lm),
-        "versions": package_versions(),
-    }
+    return records.passkey_config(lm, tokenizer, spec, {
+        "trials_per_depth": trials, "depths": depths, "seed": seed, "key_digits": len(str(KEY_RANGE[0])),
+        "filler": FILLER, "question": QUESTION, "scoring": "teacher-forced greedy exact match"})
 
 
 def evaluate_passkey(lm, tokenizer, model_id: str, spec, ctx: int, *, trials: int, depths: int, seed: int,
                      batch_size: int | None = None, progress=None) -> dict:
     """Run the trials of one (pattern, ctx) cell on a loaded model with ``spec`` applied;
     return its record."""
-    from ..records import device_name, record_pattern_name, runtime
-    from .engine import auto_batch_size, model_device
+    from .engine import auto_batch_size, is_compiled, model_device
 
     builder = PromptBuilder(tokenizer)
     cell_trials = make_trials(builder, ctx, trials=trials, depths=depths, seed=seed)
     device = model_device(lm)
     batch = batch_size or auto_batch_size(ctx, device)
-    label = f"ctx {ctx} · {record_pattern_name(spec)} · {TASK}"
+    label = f"ctx {ctx} · {records.record_pattern_name(spec)} · {TASK}"
     if progress is not None:
         progress.begin(label, len(cell_trials) * ctx)
     began_at = datetime.now(timezone.utc)
@@ -281,38 +258,12 @@ def evaluate_passkey(lm, tokenizer, model_id: str, spec, ctx: int, *, trials: in
         if progress is not None:
             progress.end()
     seconds = time.perf_counter() - started
-    return {
-        "schema": 1,
-        "model": model_id,
-        "task": TASK,
-        "pattern": record_pattern_name(spec),
-        "ctx": ctx,
-        "stride": ctx,
-        "metrics": summarize(verdicts, depths),
-        "documents": trial_entries(verdicts, tokenizer),
-        "skipped_documents": [],
-        "config": {**cell_config(lm, tokenizer, spec, trials=trials, depths=depths, seed=seed), "batch_size": batch},
-        "runtime": runtime(lm, seconds=seconds, device_text=device_name(device), processes=1, started=began_at,
-                           tokens_per_second=round(len(cell_trials) * ctx / seconds, 1) if seconds > 0 else None),
-    }
-
-
-def _existing_records(out, log) -> dict[str, dict]:
-    """config key -> record, for the passkey records already in ``out``."""
-    from ..results import read_record
-
-    found: dict[str, dict] = {}
-    folder = Path(out)
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.glob(f"*__{TASK}__*.json")):
-        try:
-            record = read_record(path)
-            if is_passkey_record(record):
-                found[config_key(record)] = record
-        except (UserError, KeyError, TypeError, AttributeError) as error:
-            log(f"ignoring {path}: {error}; its cell will be run again")
-    return found
+    return records.passkey_record(
+        model_id, spec, ctx, metrics=summarize(verdicts, depths), trials=trial_entries(verdicts, tokenizer),
+        config={**cell_config(lm, tokenizer, spec, trials=trials, depths=depths, seed=seed), "batch_size": batch},
+        runtime=records.runtime(lm, seconds=seconds, device_text=records.device_name(device), processes=1,
+                                started=began_at, compiled=is_compiled(lm),
+                                tokens_per_second=round(len(cell_trials) * ctx / seconds, 1) if seconds > 0 else None))
 
 
 def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, trials: int = DEFAULT_TRIALS,
@@ -323,7 +274,6 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
     to ``out`` as soon as it is done. A cell whose record ``out`` already holds with the same
     settings (:func:`config_key`) is read instead of run."""
     from ..attention.register import apply_pattern
-    from ..results import write_record
     from ..validation import check_trained_length
 
     lm, tokenizer = loaded
@@ -334,8 +284,8 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
             raise UserError(f"--ctx {ctx} is too short for the passkey prompt with {depths} depth buckets; "
                             f"give at least {builder.minimum_ctx(depths)} tokens")
     check_trained_length(lm, ctxs, allow_long_context, say)
-    existing = _existing_records(out, say) if out is not None else {}
-    records = []
+    existing = records.existing_records(out, say, passkey=True) if out is not None else {}
+    done = []
     for spec in specs:
         apply_pattern(lm, spec, backend=attention_backend)
         for ctx in ctxs:
@@ -348,9 +298,9 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
                 record = evaluate_passkey(lm, tokenizer, model_id, spec, ctx, trials=trials, depths=depths,
                                           seed=seed, batch_size=batch_size, progress=progress)
                 if out is not None:
-                    path = write_record(record, out, say)
+                    path = records.write_record(record, out, say)
                     record["path"] = str(path)
                     say(f"wrote {record['pattern']} · ctx {ctx}: accuracy {record['metrics']['accuracy']:.0%} "
                         f"({path})")
-            records.append(record)
-    return records
+            done.append(record)
+    return done

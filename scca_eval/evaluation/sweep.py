@@ -256,26 +256,6 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     return Sweep(models=values["models"], settings=shared, cells=cells, out=Path(values["out"]))
 
 
-# ---------------------------------------------------------------- stored records
-
-def _existing_records(out: Path, say: Callable[[str], None]) -> dict[str, dict]:
-    """config key -> record, for every readable record in ``out``."""
-    from ..results import read_record
-
-    found: dict[str, dict] = {}
-    if not out.is_dir():
-        return found
-    for path in sorted(out.glob("*.json")):
-        if path.name.startswith("."):
-            continue
-        try:
-            record = read_record(path)
-            found[config_key(record)] = record
-        except (UserError, KeyError, TypeError) as error:
-            say(f"ignoring {path}: {error}; its cell will be recomputed")
-    return found
-
-
 # ---------------------------------------------------------------- running
 
 def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None = None) -> SweepResult:
@@ -288,11 +268,11 @@ def run_sweep(sweep: Sweep, *, progress=None, log: Callable[[str], None] | None 
     from ..api import evaluate
     from ..data import tokenize_task
     from ..models import load_model, model_record
-    from ..records import model_dtype, model_identity
+    from ..records import existing_records, model_dtype, model_identity
     from .cells import predicted_key
 
     say = log or (lambda message: None)
-    existing = _existing_records(sweep.out, say)
+    existing = existing_records(sweep.out, say)
     result = SweepResult()
     shared = sweep.settings
     for entry in sweep.models:

@@ -29,7 +29,7 @@ from .fingerprint import files_fingerprint
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TRAINABLE_PARAMS = "trainable_params.bin"
-# Written by `scca-eval finetune` next to the adapter (see scca_eval/training/record.py).
+# Written by `scca-eval finetune` next to the adapter (built in scca_eval/records/build.py).
 TRAINING_RECORD = "training.json"
 PEFT_PREFIX = "base_model.model."
 # LongLoRA trains every parameter whose name contains one of these.

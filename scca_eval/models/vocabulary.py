@@ -10,11 +10,9 @@ the same values LongLoRA's own merge script produces.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-from ..data.tokens import tokenizer_definition
+from ..data.tokens import tokenizer_fingerprint
 
 
 def grow_embeddings(model, rows: int) -> dict | None:
@@ -34,7 +32,8 @@ def grow_embeddings(model, rows: int) -> dict | None:
 
 
 def tokenizer_summary(tokenizer, name: str) -> dict:
-    """Name, size, BOS/EOS handling and a content fingerprint of a tokenizer."""
+    """Name, size, BOS/EOS handling and the fingerprint of a tokenizer (``data.tokens.tokenizer_fingerprint``
+    without a BOS token added: the tokenizer alone)."""
     sample = tokenizer("a").input_ids  # default add_special_tokens=True, as the evaluation uses it
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     adds_bos = bos is not None and len(sample) > 0 and sample[0] == bos
@@ -47,13 +46,6 @@ def tokenizer_summary(tokenizer, name: str) -> dict:
         "eos_token_id": eos,
         "adds_bos": adds_bos,
         "adds_eos": adds_eos,
-        "fingerprint": tokenizer_fingerprint(tokenizer, adds_bos, adds_eos),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
     }
 
-
-def tokenizer_fingerprint(tokenizer, adds_bos: bool, adds_eos: bool) -> str:
-    """SHA-256 of the tokenizer's definition (vocabulary, merges, added tokens, how it splits a
-    probe text; the same on every library version) and of whether it adds BOS/EOS."""
-    definition = tokenizer_definition(tokenizer)
-    material = f"{definition}\nadds_bos={adds_bos}\nadds_eos={adds_eos}\n"
-    return "sha256:" + hashlib.sha256(material.encode("utf-8")).hexdigest()

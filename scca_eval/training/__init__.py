@@ -7,7 +7,7 @@ trained weights, ``loop.py`` one optimizer step, ``sharding.py`` the model split
 several processes (FSDP2, ``--shard``), ``validation_loss.py`` the validation loss under
 full attention, ``convergence.py`` the rule that says whether it has flattened,
 ``tensorboard_log.py`` TensorBoard event files, ``checkpoint.py`` checkpoints and the
-output folder, ``record.py`` training.json.
+output folder (training.json is built in ``records/build.py``).
 """
 
 from .recipe import Recipe

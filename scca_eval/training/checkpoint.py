@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.adapters import ADAPTER_CONFIG, TRAINABLE_PARAMS
-from ..files import atomic_write, atomic_write_text
+from ..models.adapters import ADAPTER_CONFIG, TRAINABLE_PARAMS, TRAINING_RECORD
+from ..files import atomic_write
+from ..records import write_training_record
 from .lora import fully_trained_state, trainable_parameters
 from .loop import History, Trainer
 from .sharding import (full_optimizer_state, full_trainable_state, load_optimizer_state,
                        load_trainable_state)
 
 CHECKPOINT = "checkpoint.pt"
-TRAINING_RECORD = "training.json"
 FORMAT = 1
 # Recipe options that do not change the numbers of a step: a resumed run may change them.
 NOT_IN_KEY = ("steps", "max_time", "save_every", "compile", "gradient_checkpointing", "offload_activations",
@@ -184,4 +184,4 @@ def write_results(out: Path, peft_model, trained: dict[str, torch.Tensor], recor
         atomic_write(target, lambda handle: handle.write(buffer.getbuffer()))
     else:
         target.unlink(missing_ok=True)
-    atomic_write_text(out / TRAINING_RECORD, json.dumps(record, indent=2) + "\n")
+    write_training_record(out, record)

@@ -24,14 +24,15 @@ import torch
 from ..distributed import all_agree
 from ..errors import UserError
 from ..evaluation.resume import Interrupted
+from ..records import record_pattern_name, training_record
 from . import checkpoint as ckpt
+from .convergence import convergence
 from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, keep_activations_in,
                    trainable_parameters)
 from .loop import StepAbandoned, Trainer
 from .recipe import DEFAULT_EVAL_TOKENS, DEFAULT_TASKS, Recipe, split_names
 from .sharding import shard_for_training
 from .tensorboard_log import TensorBoardLog, check_log_dir
-from .record import training_record
 from .validation_loss import build_validation_set, evaluate
 from .windows import build_stream
 
@@ -208,13 +209,13 @@ def finetune(
             raise UserError(f"the checkpoint in {out} measured its validation loss on other windows; resume "
                             "with the --eval-task/--eval-data and --eval-tokens it was started with")
 
-    from ..records import record_pattern_name  # noqa: PLC0415  (a pure naming rule, shared with ppl records)
-
     def record(stopped_by: str) -> dict:
+        history = trainer.history
         return training_record(
             model=described, pattern_name=record_pattern_name(spec), pattern=spec.to_dict(),
             rope_scaling=described["rope_scaling"], ctx=ctx, data=stream.describe(), recipe=recipe.to_dict(),
-            history=trainer.history, dtype=str(weights_dtype).removeprefix("torch."), device=device_,
+            history=history, convergence=convergence(history.validation, history.step) if history.validation else None,
+            dtype=str(weights_dtype).removeprefix("torch."), device=device_,
             resumed_from=resumed_at, attention_backend=attention_backend, finished=True, stopped_by=stopped_by,
             validation=validation.describe() if validation is not None else None, eval_every=eval_every,
             activations=trainer.activations.describe())

@@ -1,22 +1,15 @@
-"""What a result record holds, built in one place, and what makes two cells the same.
+"""What makes two records the same cell: names and identities.
 
-A record is one JSON object per (model, task, pattern, ctx): see README, "Record". The
-two protocols' cells (``evaluation/cells.py``) fill the same skeleton here. A cell's
-identity (the settings that decide its per-document sums) is defined here once and used
+A cell's identity (the settings that decide its numbers) is defined here once and used
 three ways: a progress file must match it to be resumed (``evaluation/resume.py``), a
-sweep reuses a stored record that matches it (``evaluation/sweep.py``), and ``compare``
-pairs cells by task, pattern settings and ctx.
+sweep or a passkey run reuses a stored record that matches it (``config_key``,
+``store.existing_records``), and ``compare`` pairs cells by task, pattern settings and ctx.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import platform
-
-from . import __version__
-
-SCHEMA = 1
 
 
 # ---------------------------------------------------------------- names and identities
@@ -100,9 +93,13 @@ def passkey_identity(record: dict) -> dict:
             "ctx": record["ctx"], "passkey": config.get("passkey"), "dtype": config.get("dtype")}
 
 
+def is_passkey_record(record: dict) -> bool:
+    return record.get("config", {}).get("protocol") == "passkey"
+
+
 def identity_of(record: dict) -> dict:
     """The identity of a record of either kind: a perplexity cell's or a passkey cell's."""
-    if record.get("config", {}).get("protocol") == "passkey":
+    if is_passkey_record(record):
         return passkey_identity(record)
     return record_identity(record)
 
@@ -124,6 +121,9 @@ def identity_difference(first: dict, second: dict) -> str | None:
     a, b = identity_of(first), identity_of(second)
     if set(a) != set(b):
         return "their kind (a perplexity record and a passkey record)"
+    if _schema1_passkey(first) or _schema1_passkey(second):
+        # its tokenizer fingerprint is of another kind: compare what both records say of the tokenizer
+        a["tokenizer"], b["tokenizer"] = _tokenizer_described(first), _tokenizer_described(second)
     differing = []
     for key in a:
         if key == "model":
@@ -131,6 +131,18 @@ def identity_difference(first: dict, second: dict) -> str | None:
         elif json.dumps(a[key], sort_keys=True, default=str) != json.dumps(b[key], sort_keys=True, default=str):
             differing.append(key)
     return ", ".join(_IDENTITY_WORDS.get(key, key) for key in differing) or None
+
+
+def _schema1_passkey(record: dict) -> bool:
+    """A passkey record of schema 1: its ``config.tokenizer_fingerprint`` is a digest of another
+    kind than today's (``records/build.py``, SCHEMA), so it can't be compared with one."""
+    return is_passkey_record(record) and record.get("schema", 1) == 1
+
+
+def _tokenizer_described(record: dict) -> dict:
+    """The record's tokenizer summary (name, class, size, BOS/EOS ids and habits), without its fingerprint."""
+    summary = (record.get("config", {}).get("model") or {}).get("tokenizer") or {}
+    return {key: value for key, value in summary.items() if key != "fingerprint"}
 
 
 def progress_key(record: dict, scored_tokens: int) -> dict:
@@ -146,110 +158,8 @@ def sweep_key(identity: dict, seed) -> str:
 
 
 def config_key(record: dict) -> str:
-    """sweep_key of a record."""
+    """The key under which a stored record answers a planned cell: for a perplexity record its
+    sweep_key, for a passkey record its passkey_identity as JSON with sorted keys."""
+    if is_passkey_record(record):
+        return json.dumps(passkey_identity(record), sort_keys=True, default=str)
     return sweep_key(record_identity(record), record["config"].get("bootstrap_seed"))
-
-
-# ---------------------------------------------------------------- building a record
-
-def package_versions() -> dict:
-    """The versions every record kind stores (evaluation, passkey, training.json): scca-eval's
-    own and those of the packages that compute the numbers (peft runs the adapters)."""
-    from importlib.metadata import version
-
-    import torch
-    import transformers
-
-    return {
-        "scca_eval": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": version("peft"),
-        "python": platform.python_version(),
-    }
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    threads = torch.get_num_threads()
-    return f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
-
-
-def model_dtype(model) -> str:
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
-
-
-def determinism(model) -> tuple[bool, str]:
-    """Whether running the same cell again on this device gives the same float64 sums bit for
-    bit, and why. CPU kernels sum in a fixed order for a given number of threads (tested);
-    on a GPU, matrix-product and attention kernels are chosen per shape and may split their
-    sums differently from run to run, so a GPU run is not claimed to be bitwise repeatable."""
-    import torch
-
-    from .evaluation.engine import model_device
-
-    device = model_device(model)
-    attention = getattr(model.config, "_attn_implementation", None) or "unknown"
-    if device.type == "cpu":
-        return True, (f"CPU run with {torch.get_num_threads()} threads: kernels sum in a fixed order, so the "
-                      f"same run gives the same numbers bit for bit (attention: {attention})")
-    flag = torch.are_deterministic_algorithms_enabled()
-    return False, (f"{device.type} run: cuBLAS matrix products and the attention kernels ({attention}) may "
-                   "choose different algorithms or summation orders from run to run, and the per-window sums "
-                   "are accumulated with atomic adds, so repeated runs can differ in the last bits; "
-                   f"torch.are_deterministic_algorithms_enabled() was {str(flag).lower()}")
-
-
-def new_record(model_id: str, spec, tokenized, ctx: int, stride: int, config: dict) -> dict:
-    """A record's skeleton: metrics, documents and runtime are filled in once the cell ran."""
-    return {
-        "schema": SCHEMA,
-        "model": model_id,
-        "task": tokenized.task.name,
-        "pattern": record_pattern_name(spec),
-        "ctx": ctx,
-        "stride": stride,
-        "metrics": None,
-        "documents": None,
-        "skipped_documents": list(tokenized.skipped),
-        "config": config,
-    }
-
-
-def cell_config(lm, tokenizer, spec, tokenized, *, add_bos, max_tokens, batch) -> dict:
-    """The settings every record stores, whatever its protocol."""
-    from .models import model_record
-
-    return {
-        "model": model_record(lm, tokenizer),
-        "pattern": spec.to_dict(),
-        "task": tokenized.describe(),
-        "data_fingerprint": tokenized.data_fingerprint,
-        "tokenizer_fingerprint": tokenized.tokenizer_fingerprint,
-        "add_bos": add_bos,
-        "max_tokens": max_tokens,
-        "batch_size": batch,
-        "dtype": model_dtype(lm),
-        "versions": package_versions(),
-    }
-
-
-def runtime(lm, *, seconds: float, tokens_per_second, device_text: str, processes: int, started, **extra) -> dict:
-    """The record's ``runtime``: timing, device, processes, determinism, compilation."""
-    from .evaluation.engine import is_compiled
-
-    deterministic, note = determinism(lm)
-    return {
-        "seconds": round(seconds, 3),
-        "tokens_per_second": tokens_per_second,
-        "device": device_text,
-        "processes": processes,
-        "started": started.isoformat(timespec="seconds"),
-        **extra,
-        "deterministic": deterministic,
-        "determinism_note": note,
-        "compiled": is_compiled(lm),
-    }

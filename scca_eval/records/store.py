@@ -1,0 +1,216 @@
+"""Record files: their names, writing, reading, and the records a folder already holds.
+
+A cell record is one JSON object per (model, task, pattern, ctx). Records are written
+atomically (``files.atomic_write``), so a reader never sees half a file. Tables and
+comparisons are built from records alone, without a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+from ..choices import DEFAULT_DILATION, PASSKEY_DEPTHS, PASSKEY_SEED, PASSKEY_TRIALS
+from ..errors import UserError
+from ..files import atomic_write_text
+from .identity import config_key, identity_difference, identity_of, is_passkey_record
+
+REQUIRED_KEYS = ("model", "task", "pattern", "ctx", "stride", "metrics", "documents", "config", "runtime")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a model id or path."""
+    text = text.rstrip("/").split("/")[-1] if "/" in text and os.path.exists(text) else text
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def record_filename(record: dict) -> str:
+    """``model__task__pattern__ctx`` and, after it, a readable tag for every setting of the
+    record's identity that differs from the plain run (stride, protocol, last window, adapter,
+    RoPE scaling, chunk size, dilation, BOS, token budget, dtype), so that two cells that
+    differ in any of them never share a file. What no tag names (two models whose folders have
+    the same name, two data sets of one task name) is kept apart by ``write_record``."""
+    name = f"{slug(record['model'])}__{record['task']}__{record['pattern']}__ctx{record['ctx']}"
+    if record["stride"] != record["ctx"]:
+        name += f"__stride{record['stride']}"
+    protocol = record.get("config", {}).get("protocol", "stride")
+    if protocol not in ("stride", "passkey"):
+        name += f"__{protocol}"
+    elif record.get("config", {}).get("last_window") == "short":
+        name += "__short-last"
+    return name + "".join(f"__{tag}" for tag in identity_tags(record)) + ".json"
+
+
+def identity_tags(record: dict) -> list[str]:
+    """The file-name tags of the settings that differ from a plain run (see record_filename)."""
+    config = record.get("config") or {}
+    model = config.get("model") or {}
+    tags = []
+    adapter = model.get("adapter")
+    if isinstance(adapter, dict):
+        folder = slug(Path(adapter.get("path") or "adapter").name)
+        tags.append(f"adapter-{folder}-{_short_digest(adapter.get('fingerprint'))}")
+    rope = model.get("rope_scaling")
+    if isinstance(rope, dict) and rope.get("source") == "option":
+        tags.append("rope-" + slug(str(rope.get("requested") or rope.get("rope_type") or "scaled").replace(":", "-")))
+    tags += _pattern_tags(config.get("pattern"))
+    if config.get("add_bos"):
+        tags.append("bos")
+    if config.get("max_tokens") is not None:
+        tags.append(f"max{config['max_tokens']}")
+    if config.get("dtype") not in (None, "float32"):
+        tags.append(str(config["dtype"]))
+    passkey = config.get("passkey")
+    if isinstance(passkey, dict):
+        settings = (passkey.get("trials_per_depth"), passkey.get("depths"), passkey.get("seed"))
+        if settings != (PASSKEY_TRIALS, PASSKEY_DEPTHS, PASSKEY_SEED):
+            tags.append("trials{}-depths{}-seed{}".format(*settings))
+    return tags
+
+
+def _pattern_tags(pattern) -> list[str]:
+    """Chunk size, chunk ratio and dilation where they differ from the pattern's defaults."""
+    from ..patterns.spec import DEFAULT_CHUNK_RATIO  # here: patterns/ imports torch, reading records need not
+
+    if not isinstance(pattern, dict):
+        return []
+    tags = []
+    if pattern.get("chunk_size") is not None:
+        tags.append(f"G{pattern['chunk_size']}")
+    elif pattern.get("chunk_ratio") not in (None, str(DEFAULT_CHUNK_RATIO)):
+        tags.append("G" + str(pattern["chunk_ratio"]).replace("/", "-"))
+    if pattern.get("name") == "sda" and pattern.get("dilation") not in (None, DEFAULT_DILATION):
+        tags.append(f"r{pattern['dilation']}")  # a custom mix names its rates in its groups (its hash)
+    return tags
+
+
+def _short_digest(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:6]
+
+
+def write_record(record: dict, out_dir: str | Path, say=None) -> Path:
+    """Write ``record`` into ``out_dir`` under record_filename, atomically. A file of that name
+    that holds a record of another identity (a setting no file-name tag names) is kept: the
+    new record goes to a name with a digest of its identity added, and ``say`` is told."""
+    path = Path(out_dir) / record_filename(record)
+    stored = {key: value for key, value in record.items() if key != "path"}  # "path" is where it was read from
+    path = _file_of_same_identity(path, stored) or path
+    if path.exists():
+        difference = _difference_from_file(path, stored)
+        if difference:
+            path = path.with_name(f"{path.stem}__{_identity_digest(stored)}.json")
+            if say is not None:
+                say(f"note: {path.parent / record_filename(record)} holds a record that differs in {difference}; "
+                    f"this one is written to {path.name}")
+    atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _file_of_same_identity(path: Path, record: dict) -> Path | None:
+    """An existing file of the cell's name family (``model__task__pattern__ctx…``) that holds a
+    record of the same identity under another name (written before the name carried its
+    tags, or under a digest name): a run again replaces that record rather than adding a twin."""
+    stem = f"{slug(record['model'])}__{record['task']}__{record['pattern']}__ctx{record['ctx']}"
+    for candidate in sorted(path.parent.glob(f"{stem}*.json")):
+        if candidate != path and _difference_from_file(candidate, record) is None \
+                and _readable(candidate):
+            return candidate
+    return None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        read_record(path)
+        return True
+    except UserError:
+        return False
+
+
+def _difference_from_file(path: Path, record: dict) -> str | None:
+    try:
+        existing = read_record(path)
+    except UserError:
+        return None  # not a readable record: nothing of value is replaced
+    try:
+        return identity_difference(existing, record)
+    except (KeyError, TypeError, AttributeError):
+        return "its settings (the file is of an older or other kind)"
+
+
+def _identity_digest(record: dict) -> str:
+    return _short_digest(identity_of(record))[:8]
+
+
+def read_record(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such result file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a valid result file ({error}); re-run the evaluation that wrote it") from None
+    if not isinstance(record, dict) or any(key not in record for key in REQUIRED_KEYS):
+        missing = [key for key in REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
+        raise UserError(f"{path}: not a scca-eval result record (missing {', '.join(missing)})")
+    record["path"] = str(path)  # where it was read from, for messages (not part of the stored record)
+    return record
+
+
+def load_records(paths: Iterable[str | Path]) -> list[dict]:
+    """Records from files and folders (folders are searched for *.json, recursively).
+
+    A file named twice (directly and through its folder) is read once.
+    """
+    files: list[Path] = []
+    for entry in paths:
+        entry = Path(entry)
+        if entry.is_dir():
+            found = sorted(p for p in entry.rglob("*.json") if not p.name.startswith("."))
+            if not found:
+                raise UserError(f"{entry}: folder holds no result files (*.json) yet; write some first, e.g. "
+                                f"`scca-eval ppl --out {entry}` (or `sweep`, `passkey` with --out {entry})")
+            files.extend(found)
+        elif entry.exists():
+            files.append(entry)
+        else:
+            raise UserError(f"{entry}: no such result file or folder")
+    records, seen = [], set()
+    for path in files:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            records.append(read_record(path))
+    return records
+
+
+def existing_records(folder: str | Path, say, *, passkey: bool = False) -> dict[str, dict]:
+    """``config_key`` -> record, for the readable records of one kind (perplexity, or passkey
+    with ``passkey``) in ``folder``: the cells a sweep or a passkey run reuses rather than
+    running again. A file that cannot be read as a record is told to ``say`` and left out."""
+    found: dict[str, dict] = {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            record = read_record(path)
+            if is_passkey_record(record) == passkey:
+                found[config_key(record)] = record
+        except (UserError, KeyError, TypeError, AttributeError) as error:
+            say(f"ignoring {path}: {error}; its cell will be run again")
+    return found
+
+
+def write_training_record(folder: str | Path, record: dict) -> Path:
+    """Write ``training.json`` (``build.training_record``) into an adapter folder, atomically."""
+    from ..models.adapters import TRAINING_RECORD  # the name ppl --adapter reads it under
+
+    path = Path(folder) / TRAINING_RECORD
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
