@@ -41,8 +41,8 @@ step "environment"
 
 step "(a) GPU tests of the packed backend, auto, and --offload-activations auto"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -k "packed or auto or varlen or offload" \
-    tests/test_packed.py tests/test_attention.py tests/test_training_attention.py tests/test_offload.py \
-    tests/test_finetune.py > "$work/pytest_gpu.log" 2>&1
+    tests/attention/test_packed.py tests/attention/test_attention.py tests/attention/test_training_attention.py \
+    tests/training/test_offload.py tests/training/test_finetune.py > "$work/pytest_gpu.log" 2>&1
 tail -15 "$work/pytest_gpu.log" | tee -a "$log"
 
 step "(b) attention alone, SmolLM2-135M heads at 16k and 32k: packed, strided, chunked; fwd and fwd+bwd"

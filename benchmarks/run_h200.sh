@@ -15,7 +15,7 @@ step "environment"
 } 2>&1 | tee -a "$log"
 
 step "GPU tests: bf16 against a float64 reference"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_flex.py tests/test_strided.py -k gpu > "$out/pytest_gpu.log" 2>&1
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/attention/test_flex.py tests/attention/test_strided.py -k gpu > "$out/pytest_gpu.log" 2>&1
 tail -3 "$out/pytest_gpu.log" | tee -a "$log"
 
 step "attention alone, N = 8192 and 32768"

@@ -9,7 +9,7 @@ the layers see: the model under a pattern sees one full window, as in ``ppl``.
 Greedy decoding of the A key tokens is right exactly when, for every i, the most likely
 token after the prompt and the first i key tokens is key token i. So one teacher-forced
 forward pass over prompt + key decides a trial (no incremental decoding, no KV cache):
-the argmax at each answer position must be the next key token. ``tests/test_passkey.py``
+the argmax at each answer position must be the next key token. ``tests/evaluation/test_passkey.py``
 checks this against transformers' ``generate``.
 
 Differences from LongLoRA's script, each for the reason given:

@@ -26,7 +26,7 @@ way, which costs time; ``Recipe.offload_activations`` says what to do:
   later pass keeps its activations on the GPU when the need fits, and offloads otherwise.
 
 Offloading changes where tensors wait, not what is computed: the weights after a step are
-the same either way (tests/test_finetune.py).
+the same either way (tests/training/test_finetune.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ which checks every document against the committed ``mixture_manifest.json``; the
 itself (pinned Debian packages, what is taken from each, the splits) is
 ``scca_eval/data/corpora/mixture.py``. Whoever changes the recipe runs this script from
 the repository root to write the new manifest, ``MIXTURE_SOURCES.md`` and the test slice
-``tests/data/mixture_slice.tokens.xz`` (the first 512 token ids of every document, for
+``tests/assets/mixture_slice.tokens.xz`` (the first 512 token ids of every document, for
 the disjointness test that runs without the built corpus)::
 
     python tasks/data/build_mixture.py
@@ -37,7 +37,7 @@ def main() -> None:
     here = Path(__file__).resolve().parent
     manifest = build.build(default_tokenizer(), say=lambda message: print(message, file=sys.stderr),
                            record_to=here)
-    write_slice(here.parent.parent / "tests" / "data" / "mixture_slice.tokens.xz")
+    write_slice(here.parent.parent / "tests" / "assets" / "mixture_slice.tokens.xz")
     for split, counts in manifest["splits"].items():
         print(f"{split}: {counts['documents']} documents, {counts['tokens']:,} tokens")
 

@@ -2,9 +2,9 @@
 dense reference mask pair by pair, its CPU varlen kernel against a masked-SDPA one, the
 whole path against the reference in fp32 (every preset, mixes, grouped-query heads, N not
 a multiple of G, batches) and inside a model, the compiled path, and auto's choice
-(attention/auto.py). Gradients: tests/test_training_attention.py.
+(attention/auto.py). Gradients: tests/attention/test_training_attention.py.
 
-GPU tests (FlashAttention's varlen kernel in bf16): ``python -m pytest -q -m gpu tests/test_packed.py``.
+GPU tests (FlashAttention's varlen kernel in bf16): ``python -m pytest -q -m gpu tests/attention/test_packed.py``.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def test_view_path_without_fallback(monkeypatch, pattern, heads, kv_heads, n):
 @pytest.mark.parametrize("name", ["s2", "scca_fixed", "scca_flow", "sda", "sda4", "longmixed", "custom"])
 @pytest.mark.parametrize("batch,n,heads,kv_heads", [(1, 256, 8, 4), (2, 131, 9, 3), (2, 96, 6, 6)])
 def test_strided_matches_the_float64_rule_reference(name, batch, n, heads, kv_heads):
-    """A second yardstick: the mask straight from Rule.allows, float64 softmax (tests/test_flex.py)."""
+    """A second yardstick: the mask straight from Rule.allows, float64 softmax (tests/attention/test_flex.py)."""
 
     spec = spec_named(name)
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)

@@ -2,9 +2,9 @@
 path against those of the dense reference mask. On CPU in float64 for the backends
 that run there (chunked, strided, packed, and the dispatch); on a GPU in bf16 for chunked,
 strided, packed (FlashAttention's varlen kernel) and FlexAttention, within the tolerance
-the forward documents (tests/test_flex.py).
+the forward documents (tests/attention/test_flex.py).
 
-GPU tests: ``python -m pytest -q -m gpu tests/test_training_attention.py``.
+GPU tests: ``python -m pytest -q -m gpu tests/attention/test_training_attention.py``.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def test_flex_refuses_to_train_off_cuda_with_one_line():
 # -- GPU (skipped without one) ----------------------------------------------------------------
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# The forward's bf16 rule (tests/test_flex.py): relative error ||got - ref|| / ||ref||
+# The forward's bf16 rule (tests/attention/test_flex.py): relative error ||got - ref|| / ||ref||
 # against float64 below BF16_REL_TOL, and within BF16_SDPA_FACTOR times what PyTorch's
 # own SDPA loses in bf16 on full causal attention with the same inputs. Here it is
 # applied to each gradient, the SDPA yardstick being the worst of its three gradients.

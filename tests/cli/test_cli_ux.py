@@ -122,7 +122,7 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(args, 
 
     if not Path("/proc/1").is_dir():
         pytest.skip("needs /proc")
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     captured = capsys.readouterr()

@@ -26,7 +26,7 @@ from scca_eval.data import (
 from scca_eval.data import tokens as token_module
 from scca_eval.errors import MissingDependency, UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog. " * 30,

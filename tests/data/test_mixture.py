@@ -4,11 +4,11 @@ that cut its texts out of Debian packages, and its disjointness from the evaluat
 The corpus itself is built on a machine (``scca-eval tasks build mixture``), not shipped.
 What runs everywhere: the machinery on small inputs, and the disjointness check with the
 real SmolLM2 tokenizer on a committed slice (the first 512 token ids of every document,
-``tests/data/mixture_slice.tokens.xz``) and on a copy of a training file with an
+``tests/assets/mixture_slice.tokens.xz``) and on a copy of a training file with an
 evaluation paragraph pasted in (which it must find). The check of the whole corpus is
 ``slow`` and runs where the corpus is built or imported (the tests use an empty cache
 unless ``SCCA_EVAL_CACHE`` is set, so point it at the cache that holds the corpus):
-``SCCA_EVAL_CACHE=~/.cache/scca-eval python -m pytest -q -m slow tests/test_mixture.py``.
+``SCCA_EVAL_CACHE=~/.cache/scca-eval python -m pytest -q -m slow tests/data/test_mixture.py``.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from scca_eval.data.sources import read_documents
 from scca_eval.data.tasks import parse_task_file
 from scca_eval.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tasks" / "data"
-SLICE = REPO / "tests" / "data" / "mixture_slice.tokens.xz"
+SLICE = REPO / "tests" / "assets" / "mixture_slice.tokens.xz"
 EVAL_TASKS = ("pg19_sample", "proof_pile_sample")
 
 

@@ -22,7 +22,7 @@ from scca_eval.data.sources import read_documents
 from scca_eval.data.tasks import load_task, task_from_data_path
 from scca_eval.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tasks" / "data"
 TRAIN_TASKS = ("pg19_train", "proof_pile_train")
 EVAL_TASKS = ("pg19_sample", "proof_pile_sample")

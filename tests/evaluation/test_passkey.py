@@ -350,7 +350,7 @@ def test_committed_passkey_results_match_their_command_and_findings():
     from scca_eval.cli import cli
     from scca_eval.results import load_records
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     readme = (repo / "results" / "passkey" / "README.md").read_text(encoding="utf-8")
     block = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)[0].replace("\\\n", " ")
     commands = [shlex.split(line)[1:] for line in block.splitlines() if line.strip().startswith("scca-eval ")]

@@ -23,7 +23,7 @@ from scca_eval.errors import UserError
 from scca_eval.evaluation.resume import Interrupted
 from conftest import sample_slice
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCS = 6
 RECORD = "tiny__docs__full__ctx16__stride8.json"
 PROGRESS = RECORD + ".progress"

@@ -250,7 +250,7 @@ def test_committed_results_command_is_consistent(monkeypatch, capsys):
 
     from scca_eval.cli import cli
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(repo)
     readme = (repo / "results" / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)

@@ -337,7 +337,7 @@ def test_the_documented_workflow_uses_real_options():
 
     from scca_eval.cli import cli
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "ci.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "docs" / "ci.md").read_text(encoding="utf-8")
     (workflow_text,) = _code_blocks(text, "yaml")
     workflow = yaml.safe_load(workflow_text)
     env = {key: str(value) for key, value in workflow["env"].items()}

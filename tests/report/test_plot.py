@@ -62,7 +62,7 @@ def test_matplotlib_is_in_the_default_install():
 
     from packaging.requirements import Requirement
 
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     assert "matplotlib" in {Requirement(r).name for r in project["dependencies"]}
 
 

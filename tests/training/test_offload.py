@@ -1,7 +1,7 @@
 """--offload-activations auto (training/offload.py): its arithmetic, its settings, and on a GPU
 that what it measures bounds what keeping the activations really takes.
 
-GPU tests: ``python -m pytest -q -m gpu tests/test_offload.py``.
+GPU tests: ``python -m pytest -q -m gpu tests/training/test_offload.py``.
 """
 
 from __future__ import annotations
