@@ -112,12 +112,7 @@ def offload_setting(text: str) -> bool | str:
                    "copy; --shard splits every weight, gradient and AdamW moment over them (FSDP2), for a model "
                    "too large for one GPU. Same files, same weights within float tolerance.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, steps, max_time, eval_tasks, eval_data,
-             eval_every, eval_tokens, log_dir, batch_size, grad_accum, tokens_per_step,
-             lr, warmup_steps, weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, lora_targets,
-             trainable, dtype, device, gradient_checkpointing, compile_layers, offload_activations, no_offload,
-             max_memory_gib, save_every, resume, keep_checkpoint, chunk_size, dilation, attention_backend,
-             allow_long_context, gpus, shard, quiet):
+def finetune(model, gpus, quiet, compile_layers, offload_activations, no_offload, **options):
     """LoRA fine-tuning under an attention pattern, with LongLoRA's recipe.
 
     Trains LoRA on the attention projections plus the embeddings and norms of MODEL on
@@ -143,26 +138,24 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
     from .. import distributed
     from ..errors import UserError
     from ..training import finetune as run_finetune
+    from ..training.settings import TrainSettings
     from .training_progress import TrainingBar
 
-    launch.start_processes(gpus, device)
-    ranks, device = distributed.setup(device)
+    # Every cheap check first: bad input fails before a model is loaded or processes start.
     try:
-        record = run_finetune(
-            model, ctx=ctx, out=out, pattern=pattern, tasks=tasks, data=data, rope_scaling=rope_scaling,
-            original_ctx=original_ctx, chunk_size=chunk_size, dilation=dilation,
-            attention_backend=attention_backend, dtype=dtype, device=device, resume=resume, shard=shard,
-            keep_checkpoint=keep_checkpoint,
-            allow_long_context=allow_long_context, progress=None if quiet or not ranks.is_main else TrainingBar(),
-            steps=steps, batch_size=batch_size, grad_accum=grad_accum, tokens_per_step=tokens_per_step, lr=lr,
-            warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
-            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
-            trainable=trainable, gradient_checkpointing=gradient_checkpointing, compile=compile_layers,
-            offload_activations=offload_setting("off" if no_offload else offload_activations),
-            max_memory_gib=max_memory_gib, save_every=save_every, max_time=max_time,
-            eval_tasks=eval_tasks, eval_data=eval_data, eval_every=eval_every, eval_tokens=eval_tokens,
-            log_dir=log_dir,
-        )
+        settings = TrainSettings.from_options(
+            {**options, "compile": compile_layers,
+             "offload_activations": offload_setting("off" if no_offload else offload_activations)})
+        settings.check()
+    except UserError:
+        launch.leave_input_errors_to_rank_zero()  # every process checks the same input; rank 0 says it
+        raise
+
+    launch.start_processes(gpus, settings.device)
+    ranks, device = distributed.setup(settings.device)
+    try:
+        record = run_finetune(model, settings.on_device(device),
+                              progress=None if quiet or not ranks.is_main else TrainingBar())
     except UserError:
         launch.leave_input_errors_to_rank_zero()  # every rank meets the same bad input; rank 0 says it
         raise
@@ -170,6 +163,7 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
         distributed.teardown()
     if not ranks.is_main:
         return
+    ctx, out = settings.ctx, settings.out
     runtime = record["runtime"]
     loss = record["loss_curve"][-1] if record["loss_curve"] else float("nan")
     click.echo(f"trained {record['steps']} steps ({record['tokens_seen']:,} tokens) under {record['pattern_name']} "
@@ -179,7 +173,7 @@ def finetune(model, pattern, ctx, out, rope_scaling, original_ctx, tasks, data, 
         click.echo(f"{checkpoint} ({checkpoint.stat().st_size / 2**20:,.0f} MiB) is kept: --resume with more --steps "
                    "extends the run; delete it when done", err=True)
     if record["stopped_by"] == "max_time":
-        click.echo(f"stopped by --max-time {max_time:g}: {runtime['seconds']:.1f} s of training")
+        click.echo(f"stopped by --max-time {settings.recipe.max_time:g}: {runtime['seconds']:.1f} s of training")
     if record["validation"] and record["validation"]["curve"]:
         point, rule = record["validation"]["curve"][-1], record["convergence"]
         verdict = ("not judged: " + rule["reason"] if rule["converged"] is None else

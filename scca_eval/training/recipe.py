@@ -49,9 +49,11 @@ DEFAULT_TASKS = ("pg19_train", "proof_pile_train")
 DEFAULT_EVAL_TOKENS = 131_072
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    """What to train and how; ``check()`` refuses bad values with one line each."""
+    """How to train (the optimizer, LoRA, the steps); ``check()`` refuses bad values with one
+    line each. ``to_dict()`` is training.json's ``recipe`` and part of the checkpoint's key.
+    ``lora_targets`` and ``trainable`` may be given as ``"a,b"`` text (``"none"``: no name)."""
 
     ctx: int
     steps: int = 1000
@@ -80,6 +82,12 @@ class Recipe:
     max_time: float | None = None  # seconds of training (the steps alone) after which the run stops
     loss_chunk: int = 1024  # positions per chunk of the LM head's loss (never full fp32 logits)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # Frozen all through: module names as tuples, betas as a tuple.
+        object.__setattr__(self, "lora_targets", split_names(self.lora_targets))
+        object.__setattr__(self, "trainable", split_names(self.trainable))
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
 
     def check(self) -> None:
         def whole(value, option, least=1):
@@ -119,6 +127,8 @@ class Recipe:
         if self.max_memory_gib is not None and not (isinstance(self.max_memory_gib, (int, float))
                                                     and math.isfinite(self.max_memory_gib) and self.max_memory_gib > 0):
             raise UserError(f"--max-memory must be a number of GiB above 0 (got {self.max_memory_gib!r})")
+        check_module_names(self.lora_targets, "--lora-targets")
+        check_module_names(self.trainable, "--trainable")
         if not self.lora_targets:
             raise UserError("--lora-targets names no module; give e.g. q_proj,k_proj,v_proj,o_proj")
 
@@ -145,15 +155,16 @@ class Recipe:
         return data
 
 
-def split_names(text, option: str) -> tuple[str, ...]:
+def split_names(text) -> tuple[str, ...]:
     """``"a,b"`` (or a list) → ``("a", "b")``; ``""``/``"none"`` → ``()``."""
     if text is None:
         return ()
     parts = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    names = tuple(p.strip() for p in parts if p.strip())
-    if names in (("none",),):
-        return ()
+    names = tuple(str(p).strip() for p in parts if str(p).strip())
+    return () if names == ("none",) else names
+
+
+def check_module_names(names: tuple[str, ...], option: str) -> None:
     for name in names:
         if not name.replace("_", "").replace(".", "").replace("-", "").isalnum():
             raise UserError(f"{option}: {name!r} is not a module name; give comma-separated names such as q_proj,v_proj")
-    return names

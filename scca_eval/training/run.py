@@ -1,6 +1,7 @@
 """``finetune``: LoRA fine-tuning of a model under an attention pattern, start to finish.
 
-Order: every cheap check (options, pattern, output folder), then the model (with its
+Order: every cheap check (``TrainSettings.check()``: options, pattern, tasks, output folder;
+then those that need the process count), then the model (with its
 RoPE scaling and the pattern applied through the same AttentionInterface registration
 evaluation uses), the data as training windows, LoRA, the checkpoint to resume from, the
 steps (a checkpoint every ``save_every``, a validation point every ``eval_every``), and the
@@ -12,12 +13,11 @@ after that much training time.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -30,9 +30,9 @@ from .convergence import convergence
 from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, keep_activations_in,
                    trainable_parameters)
 from .loop import StepAbandoned, Trainer
-from .recipe import DEFAULT_EVAL_TOKENS, DEFAULT_TASKS, Recipe, split_names
+from .settings import TrainSettings
 from .sharding import shard_for_training
-from .tensorboard_log import TensorBoardLog, check_log_dir
+from .tensorboard_log import TensorBoardLog
 from .validation_loss import build_validation_set, evaluate
 from .windows import build_stream
 
@@ -54,44 +54,29 @@ def _say(message: str) -> None:
 
 def finetune(
     model: str = "default",
+    settings: TrainSettings | None = None,
     *,
-    ctx: int,
-    out: str | os.PathLike,
-    pattern="full",
-    tasks: Iterable[str] | None = None,
-    data: Iterable[str] | None = None,
-    rope_scaling: str | None = None,
-    original_ctx: int | None = None,
-    chunk_size: int | None = None,
-    dilation: int | None = None,
-    attention_backend: str = "auto",
-    dtype: str | None = None,
-    device: str | None = None,
-    resume: bool = False,
-    keep_checkpoint: bool = False,
-    shard: bool = False,
-    allow_long_context: bool = False,
     progress: TrainingProgress | None = None,
     notify: Callable[[str], None] | None = None,
-    eval_tasks: Iterable[str] | None = None,
-    eval_data: Iterable[str] | None = None,
-    eval_every: int | None = None,
-    eval_tokens: int = DEFAULT_EVAL_TOKENS,
-    log_dir: str | os.PathLike | None = None,
-    **recipe_options,
+    **options,
 ) -> dict:
-    """Fine-tune ``model`` with LoRA under ``pattern`` on ctx-token windows; returns training.json.
+    """Fine-tune ``model`` with LoRA under a pattern on ctx-token windows; returns training.json.
 
-    ``recipe_options`` are the fields of :class:`~scca_eval.training.recipe.Recipe` (steps,
-    batch_size, grad_accum or tokens_per_step, lr, warmup_steps, seed, lora_rank,
-    lora_alpha, lora_dropout, lora_targets, trainable, gradient_checkpointing, compile, offload_activations,
-    save_every, …); the defaults are LongLoRA's. ``tasks``/``data`` name the training text
-    as ``ppl`` takes it (default: the bundled training samples, disjoint from the
-    evaluation samples). The folder ``out`` receives a peft adapter, ``trainable_params.bin``,
-    ``training.json`` and ``checkpoint.pt``; ``resume=True`` continues the run whose
-    checkpoint is there. A run that reaches its ``steps`` removes its checkpoint (it holds the
-    trainable weights and both AdamW moments) unless ``keep_checkpoint``: keep it to extend the run
-    later with more ``steps``. ``shard=True`` (several processes, e.g. under torchrun) splits
+    model:      "default" (embedded SmolLM2-135M), a model folder, a .gguf file or a hub id
+    settings:   a :class:`~scca_eval.training.settings.TrainSettings` (ctx, out, pattern, tasks,
+                data, rope_scaling, the recipe, validation, resume, ...; its fields say what each
+                does). Instead of one, its fields and the :class:`~scca_eval.training.recipe.Recipe`'s
+                may be given as keywords here: ``finetune("default", ctx=1024, out="run",
+                pattern="s2", steps=200)`` builds ``TrainSettings.from_options`` of them.
+    progress:   receives begin, each step, each validation point and end (the CLI draws a bar)
+    notify:     receives one-line notices (default: printed to stderr)
+
+    The recipe's defaults are LongLoRA's; the training text defaults to the bundled training
+    samples, disjoint from the evaluation samples. The folder ``out`` receives a peft adapter,
+    ``trainable_params.bin``, ``training.json`` and ``checkpoint.pt``; ``resume`` continues the run
+    whose checkpoint is there. A run that reaches its ``steps`` removes its checkpoint (it holds
+    the trainable weights and both AdamW moments) unless ``keep_checkpoint``: keep it to extend
+    the run later with more ``steps``. ``shard`` (several processes, e.g. under torchrun) splits
     the model over the processes with FSDP2 instead of giving each a whole copy, for models
     larger than one GPU (:mod:`.sharding`); it writes the same files.
 
@@ -99,58 +84,41 @@ def finetune(
     a fixed set of ctx-token windows (at most ``eval_tokens`` tokens) is measured before
     the first step, every ``eval_every`` steps and after the last, without changing the
     training (``validation_loss.py``). ``log_dir`` writes TensorBoard event files there.
-    ``max_time`` (a recipe option) stops the run at the first step boundary after that
-    many seconds of training.
+    The recipe's ``max_time`` stops the run at the first step boundary after that many
+    seconds of training.
     """
-    from ..data import load_task, task_from_data_path, tokenize_task
-    from ..data.corpora import require_built
-    from ..models import load_model, model_record, parse_rope_scaling, trained_length
-    from ..models.loading import parse_device, parse_dtype
-    from ..validation import resolve_patterns
-
+    from ..data import tokenize_task
     from ..distributed import current, share_from_main
+    from ..models import load_model, model_record, trained_length
+    from ..models.loading import parse_device, parse_dtype
 
+    if settings is None:
+        settings = TrainSettings.from_options(options)
+    elif not isinstance(settings, TrainSettings):
+        raise TypeError(f"settings must be a TrainSettings, not {type(settings).__name__}; give other "
+                        "settings as keywords (finetune(model, ctx=..., out=...))")
+    elif options:
+        raise TypeError(f"{', '.join(sorted(options))}: give settings either in the TrainSettings or as "
+                        "keywords, not both")
+    settings.check()
     ranks = current()  # several processes under torchrun: the passes of each step are shared
     say = (notify or _say) if ranks.is_main else (lambda message: None)
     if not ranks.is_main:
         progress = None
-    for name in ("lora_targets", "trainable"):
-        if name in recipe_options:
-            recipe_options[name] = split_names(recipe_options[name], "--" + name.replace("_", "-"))
-    try:
-        recipe = Recipe(ctx=ctx, **recipe_options)
-    except TypeError as error:
-        raise UserError(f"finetune: {error}") from None
-    recipe.check()
+    recipe, ctx, shard = settings.recipe, settings.ctx, settings.shard
     if shard and not ranks.is_distributed:
         raise UserError("--shard splits the model over several processes: give --gpus N (N of at least 2), or "
                         "start with torchrun --nproc-per-node N")
-    if shard and recipe.compile:
-        raise UserError("--compile is not available with --shard; leave one of them out")
-    if shard and (eval_tasks or eval_data):
-        raise UserError("the validation loss (--eval-task, --eval-data) is not measured under --shard yet; "
-                        "measure it afterwards with scca-eval ppl --adapter OUT, or train without --shard")
     if recipe.accumulation % ranks.world_size:
         raise UserError(f"{ranks.world_size} processes share each step's {recipe.accumulation} passes: give "
                         f"--grad-accum (or --tokens-per-step) as a multiple of {ranks.world_size}")
-    (spec,) = resolve_patterns([pattern], [ctx], chunk_size=chunk_size, dilation=dilation)
-    parse_rope_scaling(rope_scaling, ctx)
-    eval_names, eval_paths = list(eval_tasks or []), list(eval_data or [])
-    _check_validation_options(eval_names or eval_paths, eval_every, eval_tokens, ctx)
-    if log_dir is not None:
-        check_log_dir(log_dir)
-    out = Path(out).expanduser()
-    resume_from = ckpt.check_out_folder(out, resume)
-    names, paths = list(tasks or []), list(data or [])
-    if not names and not paths:
-        names = list(DEFAULT_TASKS)
-    task_specs = [load_task(name) for name in names] + [task_from_data_path(path) for path in paths]
-    eval_specs = [load_task(name) for name in eval_names] + [task_from_data_path(path) for path in eval_paths]
-    for task_spec in task_specs + eval_specs:
-        require_built(task_spec)
+    spec, attention_backend, eval_every = settings.pattern_spec, settings.attention_backend, settings.eval_every
+    out, resume_from = settings.out_folder, settings.checkpoint_to_resume
+    task_specs, eval_specs = settings.task_specs, settings.eval_specs
+    dtype, device = settings.dtype, settings.device
 
-    load_options = dict(pattern=spec, attention_backend=attention_backend, rope_scaling=rope_scaling,
-                        original_ctx=original_ctx, finetuned_ctx=ctx)
+    load_options = dict(pattern=spec, attention_backend=attention_backend, rope_scaling=settings.rope_scaling,
+                        original_ctx=settings.original_ctx, finetuned_ctx=ctx)
     if shard:
         # The weights are read once, by rank 0, into host memory; the other ranks build the same
         # model on the meta device and receive their shards from rank 0 (sharding.py).
@@ -160,7 +128,7 @@ def finetune(
     else:
         lm, tokenizer = load_model(model, dtype=dtype, device=device, **load_options)
     limit = trained_length(lm)
-    if limit is not None and ctx > limit and not allow_long_context:
+    if limit is not None and ctx > limit and not settings.allow_long_context:
         raise UserError(f"ctx {ctx} is beyond the {limit} tokens the model's RoPE settings cover: extend them "
                         f"with --rope-scaling longlora (LongLoRA's rule, here linear:{-(-ctx // limit)}) or another "
                         "scaling, or train without one with --allow-long-context")
@@ -173,7 +141,7 @@ def finetune(
     validation = None
     if eval_specs:
         validation = build_validation_set([tokenize_task(t, tokenizer) for t in eval_specs],
-                                          tokenizer.eos_token_id, ctx, eval_tokens)
+                                          tokenizer.eos_token_id, ctx, settings.eval_tokens)
         shared = {t["name"] for t in validation.stream.tasks
                   if t["data_fingerprint"] in {u["data_fingerprint"] for u in stream.tasks}}
         if shared:
@@ -222,9 +190,9 @@ def finetune(
 
     history = trainer.history
     tensorboard = None
-    if log_dir is not None and ranks.is_main:
+    if settings.log_dir is not None and ranks.is_main:
         # Steps after the checkpoint that an earlier process logged are computed again: drop them.
-        tensorboard = TensorBoardLog(log_dir, purge_step=None if resumed_at is None else resumed_at + 1)
+        tensorboard = TensorBoardLog(settings.log_dir, purge_step=None if resumed_at is None else resumed_at + 1)
     listeners = [listener for listener in (progress, tensorboard) if listener is not None]
 
     def validate_if_due(last: bool) -> None:
@@ -287,7 +255,7 @@ def finetune(
     trained = ckpt.trainable_state(peft_model)  # gathered from every rank when sharded
     if ranks.is_main:
         ckpt.write_results(out, peft_model, trained, final)
-        if not keep_checkpoint and stopped_by is None:  # a run stopped by --max-time may go on
+        if not settings.keep_checkpoint and stopped_by is None:  # a run stopped by --max-time may go on
             checkpoint_path.unlink(missing_ok=True)
     return final
 
@@ -309,17 +277,6 @@ def _stop_on_sigint(trainer: Trainer):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _check_validation_options(has_data: bool, eval_every: int | None, eval_tokens: int, ctx: int) -> None:
-    if eval_every is not None:
-        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-            raise UserError(f"--eval-every must be a whole number of steps, at least 1 (got {eval_every!r})")
-        if not has_data:
-            raise UserError("--eval-every needs validation text: give --eval-task or --eval-data")
-    if has_data and (isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < ctx):
-        raise UserError(f"--eval-tokens must be a whole number of at least one window, ctx {ctx} "
-                        f"(got {eval_tokens!r})")
 
 
 def _check_disk_space(out: Path, peft_model) -> None:

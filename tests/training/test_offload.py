@@ -85,8 +85,9 @@ def test_cli_reads_the_setting(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_finetune(model, **options):
-        seen.update(options)
+    def fake_finetune(model, settings, **options):
+        seen.update(offload_activations=settings.recipe.offload_activations,
+                    max_memory_gib=settings.recipe.max_memory_gib)
         raise UserError("stop here")
 
     monkeypatch.setattr(training, "finetune", fake_finetune)
