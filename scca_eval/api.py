@@ -4,8 +4,8 @@ The CLI is a thin layer over this module; tests call it directly. ``evaluate`` t
 settings as one object (``evaluation/settings.py``: ``EvalSettings``, or keywords that build
 one), checks them once, loads the model with its pattern (``models``; a model handed in is
 left as it is when it already carries the pattern), tokenizes each task (``data``) and runs
-each cell (``evaluation/cells.py``), which builds the records (``records.py``); they are
-written here (``results.py``).
+each cell (``evaluation/cells.py``), which builds the records (``records/build.py``); they
+are written here (``records/store.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .evaluation.protocols import LONGLORA_STEP
 from .evaluation.settings import EvalSettings
 from .models import load_model
 from .records import determinism, record_pattern_name
-from .results import write_record
+from .records import write_record
 from .validation import (DEFAULT_TASKS, check_ctx_and_stride, check_out_folder, check_run_options,
                          check_trained_length, resolve_tasks, warn_if_not_evaluation)
 

@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from ..choices import PROTOCOLS
+from ..choices import LAST_WINDOWS, PROTOCOLS
 from ..errors import UserError
 from . import launch
 from .options import (device_option, dtype_option, ints_callback, model_loading_options, names_callback,
@@ -59,7 +59,7 @@ HELP_SECTIONS = {
                    "tokens (default 256), every token of every window scored, exp(mean window loss). "
                    "lm-eval: lm-evaluation-harness's loglikelihood_rolling token for token, --ctx = its "
                    "max_length (every token scored, the first after lm-eval's prefix token).")
-@click.option("--last-window", type=click.Choice(["full", "short"]), default="full", show_default=True,
+@click.option("--last-window", type=click.Choice(list(LAST_WINDOWS)), default="full", show_default=True,
               help="stride protocol: a document's last window ends at its end and is a full ctx long "
                    "(re-reading scored tokens as context), or short: only the tokens left, as in the "
                    "transformers/YaRN perplexity recipes. Either way every token is scored once.")

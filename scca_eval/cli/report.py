@@ -69,7 +69,7 @@ def table(paths, fmt, metric, rows, ci, references, digits, output):
     """
     from ..report.tables import render_tables
     from ..files import check_output_path
-    from ..results import load_records
+    from ..records import load_records
 
     if output is not None:
         check_output_path(output)
@@ -88,7 +88,7 @@ def table(paths, fmt, metric, rows, ci, references, digits, output):
 
 def _split_passkey(records):
     """(passkey records, the others): passkey records have views of their own."""
-    from ..evaluation.passkey import is_passkey_record
+    from ..records import is_passkey_record
 
     return [r for r in records if is_passkey_record(r)], [r for r in records if not is_passkey_record(r)]
 
@@ -131,7 +131,7 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
     from ..errors import UserError
     from ..report.compare import compare_records
     from ..files import check_output_path
-    from ..results import load_records
+    from ..records import load_records
 
     if bootstrap_samples < 100:
         raise UserError(f"--bootstrap-samples must be at least 100 (got {bootstrap_samples})")
@@ -178,7 +178,7 @@ def plot(paths, prefix, metric, rows, references, title):
       scca-eval plot results/smollm2-135m --out results/smollm2-135m --reference scca_paper_pg19
     """
     from ..report.plot import plot_records
-    from ..results import load_records
+    from ..records import load_records
 
     from ..report.plot import output_paths
 

@@ -88,20 +88,26 @@ def tokenizer_definition(tokenizer) -> str:
     The serialized form (``backend_tokenizer.to_str()``) changes between ``tokenizers``
     releases for the same tokenizer, so it cannot name one across machines. This is the
     vocabulary, the merges (as "a b" strings), the added tokens, and the ids of a fixed
-    probe text (which covers the normalizer and pre-tokenizer).
+    probe text (which covers the normalizer and pre-tokenizer); and, where a tokenizer has
+    them, its pieces' scores (Unigram) or its sentencepiece model file.
     """
-    merges = []
+    definition: dict = {"vocab": sorted(tokenizer.get_vocab().items()), "merges": []}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         model = json.loads(backend.to_str()).get("model") or {}
-        merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges") or []]
+        definition["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
         probe = backend.encode(_PROBE_TEXT, add_special_tokens=False).ids
     else:
         probe = tokenizer.encode(_PROBE_TEXT, add_special_tokens=False)
-    added = sorted((token.content if hasattr(token, "content") else str(token), int(index))
-                   for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items())
-    return json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "merges": merges, "added": added,
-                       "probe": list(probe)}, ensure_ascii=False)
+    definition["added"] = sorted((token.content if hasattr(token, "content") else str(token), int(index))
+                                 for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items())
+    definition["probe"] = list(probe)
+    if backend is not None and isinstance(model.get("vocab"), list):  # Unigram: [piece, score] pairs
+        definition["scores"] = model["vocab"]
+    sp_model = getattr(tokenizer, "sp_model", None)
+    if backend is None and sp_model is not None and hasattr(sp_model, "serialized_model_proto"):
+        definition["sentencepiece"] = hashlib.sha256(sp_model.serialized_model_proto()).hexdigest()
+    return json.dumps(definition, ensure_ascii=False)
 
 
 def tokenizer_fingerprint(tokenizer, add_bos: bool = False) -> str:
@@ -445,8 +451,9 @@ def _packed_task(task: TaskSpec, tokenizer, add_bos: bool) -> TokenizedTask:
     header, splits = packed.read_cached(path)
     if header["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer, False):
         raise UserError(f"{task.name}: this machine has only its token ids ({path}), made with another tokenizer "
-                        f"than this model's; build its texts with 'scca-eval tasks build {task.source.corpus}' "
-                        "to use another model")
+                        f"than this model's, or packed by an older scca-eval; pack them again with this version "
+                        f"('scca-eval tasks pack {task.source.corpus}' where the texts are built), or build its "
+                        f"texts here with 'scca-eval tasks build {task.source.corpus}' to use another model")
     packed_docs = splits[task.source.split]
     bos = [tokenizer.bos_token_id] if add_bos else []
     ids = [np.concatenate([np.array(bos, dtype=np.int32), doc.ids.astype(np.int32)]) for doc in packed_docs]

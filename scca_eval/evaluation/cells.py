@@ -29,7 +29,7 @@ from ..data import TokenizedTask
 from ..errors import UserError
 from ..records import (cell_config, cell_identity, device_name, longlora_record, new_record, progress_key,
                        record_pattern_name, runtime, sweep_key)
-from ..results import record_filename
+from ..records import record_filename
 from . import cost
 from .engine import WindowScores, auto_batch_size, is_compiled, model_device, plan_batches, score_windows
 from .metrics import DocScore, summarize

@@ -38,8 +38,8 @@ from .. import records
 from ..choices import PASSKEY_DEPTHS, PASSKEY_TRIALS
 from ..errors import UserError
 # A stored record with the same identity (``records.passkey_identity``) answers a cell, so a
-# stopped run, run again, continues with the next cell (``is_passkey_record``: also for the CLI).
-from ..records import config_key, is_passkey_record  # noqa: F401  (re-exported)
+# stopped run, run again, continues with the next cell.
+from ..records import config_key
 
 TASK = "passkey"
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

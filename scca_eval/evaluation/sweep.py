@@ -21,7 +21,8 @@ A sweep is given by options or by a YAML file (command-line options win)::
 
 Other settings: ``data`` (files or folders evaluated as ad-hoc tasks) and the other fields of
 ``EvalSettings`` that ``settings.SWEEP_FILE_KINDS`` lists (``protocol``, ``stride``, ``batch_size``,
-``dtype``, ``device``, ...), each as the option of the same name. Relative paths are relative
+``dtype``, ``device``, ...), each as the option of the same name (``protocol`` is set in the file only: ``sweep`` has no
+``--protocol``). Relative paths are relative
 to the folder the command runs in, as on the command line.
 
 The settings are read into one ``EvalSettings`` and checked once; each cell gets its own
@@ -211,7 +212,7 @@ def _read_setting(key: str, value: Any, where: str) -> Any:
 def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     """Check every setting (bad input fails here, before any model is loaded)."""
     from ..records import record_pattern_name
-    from ..results import record_filename
+    from ..records import record_filename
 
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:

@@ -13,14 +13,14 @@ Nothing here imports torch at import time.
 
 from .build import (SCHEMA, cell_config, determinism, device_name, longlora_record, model_dtype, new_record,
                     package_versions, passkey_config, passkey_record, peak_memory, runtime, training_record)
-from .identity import (cell_identity, comparison_key, config_key, identity_difference, identity_of,
+from .identity import (cell_identity, comparable_tokenizers, comparison_key, config_key, identity_difference, identity_of,
                        is_passkey_record, last_window_of, model_identity, passkey_identity, pattern_config,
                        pattern_identity, progress_key, record_identity, record_pattern_name, sweep_key)
 from .store import (REQUIRED_KEYS, existing_records, identity_tags, load_records, read_record,
                     record_filename, slug, write_record, write_training_record)
 
 __all__ = [
-    "REQUIRED_KEYS", "SCHEMA", "cell_config", "cell_identity", "comparison_key", "config_key",
+    "REQUIRED_KEYS", "SCHEMA", "cell_config", "cell_identity", "comparable_tokenizers", "comparison_key", "config_key",
     "determinism", "device_name", "existing_records", "identity_difference", "identity_of", "identity_tags",
     "is_passkey_record", "last_window_of", "load_records", "longlora_record", "model_dtype", "model_identity",
     "new_record", "package_versions", "passkey_config", "passkey_identity", "passkey_record", "pattern_config",

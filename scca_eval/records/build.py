@@ -14,11 +14,13 @@ from datetime import datetime, timezone
 from .. import __version__
 from .identity import record_pattern_name
 
-# Schema 2: ``config.tokenizer_fingerprint`` of a passkey record, and ``fingerprint`` in a
-# record's tokenizer summary (``config.model.tokenizer``, ``base_model.tokenizer`` of
-# training.json), are ``data.tokens.tokenizer_fingerprint``, as ``config.tokenizer_fingerprint``
-# of perplexity records always was. Schema 1 records held there a digest of the tokenizer's
-# definition and its own BOS/EOS habit ("sha256:..."); they are read as before.
+# Schema 2: ``config.tokenizer_fingerprint`` of every record, and ``fingerprint`` in a record's
+# tokenizer summary (``config.model.tokenizer``, ``base_model.tokenizer`` of training.json), are
+# ``data.tokens.tokenizer_fingerprint``: a digest of what decides the ids, the same on every
+# ``tokenizers`` release. Schema 1 perplexity records held a digest of the serialized form (which
+# changes with the release), passkey records one of the definition and the BOS/EOS habit
+# ("sha256:..."); they are read as before and compared by their tokenizer summaries
+# (``identity.comparable_tokenizers``).
 SCHEMA = 2
 
 

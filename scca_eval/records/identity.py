@@ -121,9 +121,7 @@ def identity_difference(first: dict, second: dict) -> str | None:
     a, b = identity_of(first), identity_of(second)
     if set(a) != set(b):
         return "their kind (a perplexity record and a passkey record)"
-    if _schema1_passkey(first) or _schema1_passkey(second):
-        # its tokenizer fingerprint is of another kind: compare what both records say of the tokenizer
-        a["tokenizer"], b["tokenizer"] = _tokenizer_described(first), _tokenizer_described(second)
+    a["tokenizer"], b["tokenizer"] = comparable_tokenizers(first, second)
     differing = []
     for key in a:
         if key == "model":
@@ -133,10 +131,17 @@ def identity_difference(first: dict, second: dict) -> str | None:
     return ", ".join(_IDENTITY_WORDS.get(key, key) for key in differing) or None
 
 
-def _schema1_passkey(record: dict) -> bool:
-    """A passkey record of schema 1: its ``config.tokenizer_fingerprint`` is a digest of another
-    kind than today's (``records/build.py``, SCHEMA), so it can't be compared with one."""
-    return is_passkey_record(record) and record.get("schema", 1) == 1
+def comparable_tokenizers(first: dict, second: dict) -> tuple:
+    """What two records say of their tokenizers, in a form that can be compared: the tokenizer
+    fingerprints, unless one record is of schema 1, whose fingerprint is of another kind (a
+    digest of the serialized form, which changes with the `tokenizers` release; passkey records
+    held yet another); then the tokenizer summaries without their fingerprints, where both
+    records have one."""
+    older = first.get("schema", 1) < 2 or second.get("schema", 1) < 2
+    described = _tokenizer_described(first), _tokenizer_described(second)
+    if older and all(described):
+        return described
+    return first["config"].get("tokenizer_fingerprint"), second["config"].get("tokenizer_fingerprint")
 
 
 def _tokenizer_described(record: dict) -> dict:

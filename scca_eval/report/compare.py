@@ -23,7 +23,7 @@ from typing import Sequence
 
 from ..errors import UserError
 from ..evaluation.metrics import paired_bootstrap, paired_block_bootstrap
-from ..records import comparison_key, last_window_of
+from ..records import comparable_tokenizers, comparison_key, last_window_of
 from ..evaluation.window_sums import decode_windows
 from .grid import PRESET_ORDER, pattern_labels
 
@@ -143,6 +143,10 @@ def _short(digest) -> str:
     return text.split(":")[-1][:12]
 
 
+def _described(tokenizer: dict) -> str:
+    return f"{tokenizer.get('name', '?')}, {tokenizer.get('vocab_size', '?')} tokens"
+
+
 def _check_comparable(base: dict, new: dict, where: str) -> None:
     b_config, n_config = base["config"], new["config"]
     checks = [
@@ -152,7 +156,7 @@ def _check_comparable(base: dict, new: dict, where: str) -> None:
         ("the last windows differ", last_window_of(base), last_window_of(new),
          "evaluate both with the same --last-window (records made before the option had short last "
          "windows: evaluate the base again)"),
-        ("the tokenizers differ", b_config.get("tokenizer_fingerprint"), n_config.get("tokenizer_fingerprint"),
+        ("the tokenizers differ", *comparable_tokenizers(base, new),
          "token perplexities of different tokenizers are not comparable (compare bits per byte with "
          "`scca-eval table --metric bits_per_byte`)"),
         ("the task data differ", b_config.get("data_fingerprint"), n_config.get("data_fingerprint"),
@@ -162,7 +166,9 @@ def _check_comparable(base: dict, new: dict, where: str) -> None:
     ]
     for problem, b_value, n_value, fix in checks:
         if b_value != n_value:
-            if problem in ("the tokenizers differ", "the task data differ"):
+            if problem == "the tokenizers differ" and isinstance(b_value, dict):
+                b_value, n_value = _described(b_value), _described(n_value)
+            elif problem in ("the tokenizers differ", "the task data differ"):
                 b_value, n_value = _short(b_value), _short(n_value)
             raise UserError(f"cannot compare {where}: {problem} (base {b_value}, new {n_value}); {fix}")
 

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from ..results import load_records
+from ..records import load_records
 
 METRIC_COLUMNS = ("perplexity", "bits_per_byte", "word_perplexity", "byte_perplexity", "nll_sum", "tokens")
 

@@ -388,3 +388,27 @@ def test_a_worse_checkpoint_on_one_document_fails_the_gate(tiny_model_dir, tmp_p
     code, out, _ = run_cli(["compare", str(tmp_path / "base"), str(tmp_path / "base"), "--max-regression", "1"],
                            capsys)
     assert code in (0, None) and "Gate passed" in out
+
+
+def test_a_record_of_schema_1_is_compared_by_its_tokenizer_summary():
+    """Schema 1 stored a digest of the tokenizer's serialized form, which changes with the
+    `tokenizers` release: such a record and a new one of the same tokenizer compare; another
+    tokenizer is still refused."""
+    from scca_eval.report.compare import compare_records
+
+    summary = {"name": "default", "class": "TokenizersBackend", "vocab_size": 49152, "bos_token_id": 1,
+               "eos_token_id": 2, "adds_bos": False, "adds_eos": False}
+    old = make_record(base_docs(), tokenizer="serialized-digest")
+    old["config"]["model"]["tokenizer"] = {**summary, "fingerprint": "sha256:old-kind"}
+    new = make_record(base_docs(), tokenizer="definition-digest")
+    new["schema"] = 2
+    new["config"]["model"]["tokenizer"] = {**summary, "fingerprint": "definition-digest"}
+    compare_records([old], [new])
+    other = make_record(base_docs(), tokenizer="definition-digest-b")
+    other["schema"] = 2
+    other["config"]["model"]["tokenizer"] = {**summary, "vocab_size": 32000, "fingerprint": "definition-digest-b"}
+    with pytest.raises(UserError, match="the tokenizers differ"):
+        compare_records([old], [other])
+    # Both of schema 2: the fingerprints decide.
+    with pytest.raises(UserError, match="the tokenizers differ"):
+        compare_records([new], [{**other, "config": {**other["config"], "model": new["config"]["model"]}}])
