@@ -2,12 +2,21 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "evaluate", "finetune", "load_model", "read_records"]
+# The public API: everything else is reached through these.
+__all__ = ["__version__", "EvalSettings", "TrainSettings", "evaluate", "finetune", "load_model", "read_records"]
 
 
 def __getattr__(name):
     # Imported lazily so that `scca-eval --help` and the table commands start fast
     # and need no model stack.
+    if name == "EvalSettings":
+        from .evaluation.settings import EvalSettings
+
+        return EvalSettings
+    if name == "TrainSettings":
+        from .training.settings import TrainSettings
+
+        return TrainSettings
     if name == "evaluate":
         from .api import evaluate
 
