@@ -163,6 +163,9 @@ class LongLoRAProtocol(Protocol):
         stride = settings.stride
         if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
             raise UserError(f"--stride (the LongLoRA window step) must be a whole number of at least 1; got {stride!r}")
+        if settings.last_window != "full":
+            raise UserError(f"--last-window {settings.last_window} does not apply to --protocol longlora (it scores "
+                            "every target of every window of one stream); leave it out")
 
     def bounded_stride(self, settings):
         return None  # a step between window starts, which may exceed ctx

@@ -299,7 +299,7 @@ def test_plot_draws_passkey_heat_maps_beside_perplexity_rows(passkey_run, tmp_pa
     bar in the percent the cells show."""
     from scca_eval.report.passkey import heatmap_figure
     from scca_eval.report.plot import text_outside
-    from scca_eval.results import load_records
+    from scca_eval.records import load_records
 
     pytest.importorskip("matplotlib")
     out, _ = passkey_run
@@ -348,7 +348,7 @@ def test_committed_passkey_results_match_their_command_and_findings():
     import shlex
 
     from scca_eval.cli import cli
-    from scca_eval.results import load_records
+    from scca_eval.records import load_records
 
     repo = Path(__file__).resolve().parents[2]
     readme = (repo / "results" / "passkey" / "README.md").read_text(encoding="utf-8")

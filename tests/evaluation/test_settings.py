@@ -21,6 +21,7 @@ from scca_eval.evaluation.settings import EvalSettings
     ({"protocol": "lm-eval", "stride": 8}, "--stride does not apply to --protocol lm-eval"),
     ({"protocol": "lm-eval", "add_bos": True}, "--bos does not apply to --protocol lm-eval"),
     ({"protocol": "lm-eval", "last_window": "short"}, "--last-window short does not apply to --protocol lm-eval"),
+    ({"protocol": "longlora", "last_window": "short"}, "--last-window short does not apply to --protocol longlora"),
     ({"protocol": "longlora", "stride": 0}, "LongLoRA window step) must be a whole number of at least 1"),
     ({"batch_size": 0}, "--batch-size must be a whole number of at least 1"),
     ({"max_tokens": 2.5}, "--max-tokens must be a whole number"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from scca_eval.errors import UserError
-from scca_eval.results import load_records
+from scca_eval.records import load_records
 from scca_eval.evaluation.sweep import config_key, load_sweep_file, make_sweep, run_sweep, split_patterns
 from helpers import run_cli
 

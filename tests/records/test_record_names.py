@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scca_eval.records import identity_difference
-from scca_eval.results import read_record, record_filename, write_record
+from scca_eval.records import read_record, record_filename, write_record
 
 from helpers import make_record, run_cli
 

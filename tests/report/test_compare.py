@@ -11,7 +11,7 @@ from helpers import run_cli
 
 from scca_eval.errors import UserError
 from scca_eval.report.compare import compare_records
-from scca_eval.results import write_record
+from scca_eval.records import write_record
 
 N_DOCS = 40
 WORSE_HEAD_SCALE = 3.1  # the tiny random model with its output layer sharpened: about 10% worse

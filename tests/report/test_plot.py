@@ -10,7 +10,7 @@ import pytest
 from scca_eval.errors import MissingDependency, UserError
 from scca_eval.report.plot import output_paths, plot_records
 from scca_eval.report.reference import load_reference
-from scca_eval.results import write_record
+from scca_eval.records import write_record
 from helpers import make_record, run_cli
 
 pytest.importorskip("matplotlib")

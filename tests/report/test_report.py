@@ -14,7 +14,7 @@ from scca_eval.errors import UserError
 from scca_eval.report.grid import build_grids
 from scca_eval.report.reference import load_reference
 from scca_eval.report.tables import markdown_tables, render_tables
-from scca_eval.results import load_records, write_record
+from scca_eval.records import load_records, write_record
 
 def table_rows(markdown: str) -> dict[str, list[str]]:
     """Row label -> cell texts, for every table row of a markdown block."""
