@@ -23,8 +23,9 @@
 #   passkey   passkey retrieval at PASSKEY_CTX, full attention, for every checkpoint
 #   report    tables (mean ± sd over seeds), paired tests against s2 per seed, curves
 #
-# Every stage resumes: a finished fine-tune (training.json present) is skipped, a stopped
-# one continues from its checkpoint, an evaluation sweep skips the cells it wrote. Changing
+# Every stage resumes: a finished fine-tune (its training.json in CKPT, or the copy kept in
+# RESULTS/training/ when it ran on another machine) is skipped, a stopped one continues from its
+# checkpoint, an evaluation sweep skips the cells it wrote. Changing
 # STEPS or the rates needs a fresh CKPT. The adapters go to $CKPT (default: checkpoints/
 # here, not committed); RESULTS=DIR writes records, tables and plots there instead of here.
 #
@@ -96,6 +97,9 @@ finetune_line() {  # GROUP NAME FINETUNE-OPTIONS...: the command of one run (non
         [ -f "$copy" ] || cp "$out/training.json" "$copy"
         return
     fi
+    # Finished on another machine: its training.json (and its evaluation records) are kept here,
+    # its checkpoint is not. Delete the copy to train the run again.
+    [ -f "$copy" ] && return
     [ -f "$out/checkpoint.pt" ] && resume="--resume"
     echo "$PY -m scca_eval finetune ${FINETUNE[*]} $* --out $out $resume > $out.log 2>&1 && cp $out/training.json $copy"
 }
@@ -162,6 +166,7 @@ matched() {  # every pattern for the training time of the full-attention run of 
     main_lr=$(chosen_lr s2)
     for seed in "${MATCHED_SEEDS[@]}"; do
         reference="$CKPT/main/full-seed$seed/training.json"
+        [ -f "$reference" ] || reference="$RESULTS/training/main/full-seed$seed.json"  # the kept copy
         if [ -z "${MATCHED_SECONDS:-}" ] && [ ! -f "$reference" ]; then
             echo "reproduce.sh: $reference is missing; run the finetune stage (with full in PATTERNS) first" >&2
             exit 2
