@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from fractions import Fraction as F
@@ -215,3 +216,20 @@ def launch_two_processes(args: list[str], cwd: Path, timeout: int = 300) -> subp
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
+
+
+class CtrlCAtStep:
+    """A fine-tune's progress that presses Ctrl-C once, after the given step (the run saves and stops)."""
+
+    def __init__(self, step: int):
+        self.at = step
+
+    def begin(self, *args):
+        pass
+
+    def end(self):
+        pass
+
+    def step(self, result):
+        if result["step"] == self.at:
+            os.kill(os.getpid(), signal.SIGINT)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import launch_two_processes
+from helpers import CtrlCAtStep, launch_two_processes
 from scca_eval.cli import main
 
 CTX = 64
@@ -239,17 +239,10 @@ def test_ctrl_c_saves_and_resume_ends_bitwise_equal(trained, tiny_model_dir, sam
     straight, _ = trained
     stopped = tmp_path / "stopped"
 
-    class CtrlCAtStep2:
-        def begin(self, *args): pass
-        def end(self): pass
-
-        def step(self, result):
-            if result["step"] == 2:
-                os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: stop after this step
 
     with pytest.raises(Interrupted, match="step 2 of 3 is saved .* --resume"):
         _finetune(tiny_model_dir, sample_data_dir, stopped, rope_scaling="linear:2", save_every=100,
-                  progress=CtrlCAtStep2())
+                  progress=CtrlCAtStep(2))
     assert torch.load(stopped / "checkpoint.pt", weights_only=True)["history"]["step"] == 2
     assert not (stopped / "training.json").exists()
     record = _finetune(tiny_model_dir, sample_data_dir, stopped, rope_scaling="linear:2", resume=True)

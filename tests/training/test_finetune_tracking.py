@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import statistics
 import sys
 
@@ -16,6 +14,7 @@ import torch
 
 from scca_eval.cli import main
 from conftest import sample_slice
+from helpers import CtrlCAtStep
 
 CTX = 64
 # 2 windows per pass, 2 passes per step; validation every 2 steps on 6 windows of 64 tokens.
@@ -142,17 +141,10 @@ def test_resume_keeps_the_validation_curve(runs, tiny_model_dir, sample_data_dir
     root, _, tracked = runs
     stopped = tmp_path / "stopped"
 
-    class CtrlCAtStep2:
-        def begin(self, *args): pass
-        def end(self): pass
-
-        def step(self, result):
-            if result["step"] == 2:
-                os.kill(os.getpid(), signal.SIGINT)
 
     options = dict(lora_dropout=0.1, eval_data=[str(validation_dir)], **EVAL)
     with pytest.raises(Interrupted):
-        _finetune(tiny_model_dir, sample_data_dir, stopped, save_every=100, progress=CtrlCAtStep2(), **options)
+        _finetune(tiny_model_dir, sample_data_dir, stopped, save_every=100, progress=CtrlCAtStep(2), **options)
     saved = torch.load(stopped / "checkpoint.pt", weights_only=True)["history"]
     assert saved["step"] == 2 and [p["step"] for p in saved["validation"]] == [0, 2]
     resumed = _finetune(tiny_model_dir, sample_data_dir, stopped, resume=True, **options)
