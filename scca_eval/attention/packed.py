@@ -1,11 +1,11 @@
 """Pattern attention as one variable-length FlashAttention call per layer (two with ``cross``).
 
 The heads are folded into the token axis: the queries of every head (and the key/value
-head each of them reads, repeated per query head under grouped-query attention) are
-gathered into the segments of the packed layout (attention/packing.py), one call of
-``torch.nn.attention.varlen.varlen_attn`` attends all of them, and one gather puts the
-outputs back into transformers' ``[B, N, H, D]`` order. Gathers are ``index_select``, so
-autograd carries the gradients back through them (the key/value gradients summed in float32).
+head each of them reads, repeated per query head under grouped-query attention) are copied
+into the packed layout (attention/packing.py) by strided copies, one call of
+``torch.nn.attention.varlen.varlen_attn`` attends all of them, and one more copy puts the
+outputs back into transformers' ``[B, N, H, D]`` order. Autograd carries the gradients back
+through the copies (a grouped key/value head's gradient is the sum over its query heads).
 
 ``varlen_attn`` is FlashAttention: CUDA only, float16 or bfloat16, a head dimension that
 is a multiple of 8 up to 256. Elsewhere the same segments run through
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..patterns.spec import PatternSpec
 from .chunked import grad_in_output_layout, query_heads_per_kv
-from .packing import packed_plan
+from .packing import expand_kv_heads, pack_keys, pack_queries, pack_reach, packed_plan, unpack
 
 # kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> out, the varlen contract:
 # q [T_q, h, D], k and v [T_k, h, D]; segment i is rows cu_q[i]:cu_q[i+1] of q against rows
@@ -117,35 +117,6 @@ def segment_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
     return torch.cat(outputs).index_select(0, order)
 
 
-class _GatherRows(torch.autograd.Function):
-    """``x.index_select(0, rows)`` whose backward adds repeated rows up in float32.
-
-    A key/value row is gathered once per query head that reads it (and twice where a
-    ``cross`` chunk is a key of two segments), and its gradient is the sum of the copies' gradients.
-    Summed in bf16 that would round once per copy; in float32 it rounds once, as a fused
-    kernel's own reduction over grouped heads does.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows)
-        ctx.rows_of_x = x.shape[0]
-        return x.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (rows,) = ctx.saved_tensors
-        wide = torch.promote_types(grad.dtype, torch.float32)
-        total = grad.new_zeros((ctx.rows_of_x, *grad.shape[1:]), dtype=wide)
-        total.index_add_(0, rows, grad.to(wide))
-        return total.to(grad.dtype), None
-
-
-def _token_rows(x: torch.Tensor) -> torch.Tensor:
-    """[B, h, N, D] -> [B * N * h, D], row (b * N + p) * h + i: a view of transformers' [B, N, h, D] memory."""
-    return x.transpose(1, 2).reshape(-1, x.shape[-1])
-
-
 def packed_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
                              scaling: float, *, kernel: VarlenKernel | None = None) -> torch.Tensor:
     """Attention of ``spec`` for q [B, H, N, D], k, v [B, H_kv, N, D] -> [B, H, N, D] ([B, N, H, D] in memory).
@@ -158,13 +129,15 @@ def packed_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if kernel is None:
         kernel = flash_varlen if varlen_supported(q) else segment_attention
     plan = packed_plan(spec, n, num_heads, k.shape[1], batch, q.device)
-    queries, keys, values = _token_rows(q), _token_rows(k), _token_rows(v)
-    outputs = []
-    for call in plan.calls:
-        pq = queries.index_select(0, call.q_rows).unsqueeze(1)  # [T, 1, D]: one head, the heads are tokens
-        pk = _GatherRows.apply(keys, call.k_rows).unsqueeze(1)
-        pv = _GatherRows.apply(values, call.k_rows).unsqueeze(1)
-        outputs.append(kernel(pq, pk, pv, call.cu_q, call.cu_k, call.max_q, call.max_k, call.causal, scaling))
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    out = out.squeeze(1).index_select(0, plan.order)
-    return out.view(batch, n, num_heads, v.shape[-1]).transpose(1, 2)
+
+    def call(index, queries, keys, values):  # [T, D] each: the heads are tokens, one kernel head
+        spec_ = plan.calls[index]
+        return kernel(queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), spec_.cu_q, spec_.cu_k,
+                      spec_.max_q, spec_.max_k, spec_.causal, scaling).squeeze(1)
+
+    k, v = expand_kv_heads(k, plan.per_kv), expand_kv_heads(v, plan.per_kv)  # a key/value head per query head
+    causal = call(0, pack_queries(plan, q), pack_keys(plan, k), pack_keys(plan, v))
+    far = None
+    if plan.reaches:
+        far = call(1, pack_reach(plan, q, keys=False), pack_reach(plan, k, keys=True), pack_reach(plan, v, keys=True))
+    return unpack(plan, causal, far)

@@ -3,33 +3,42 @@
 Under every head rule of docs/patterns.md, each query attends one run of keys that can
 be laid out contiguously, so that a whole layer — every head, every window of the batch —
 becomes segments of *one* variable-length attention call (FlashAttention's varlen
-kernel), with the heads folded into the token axis:
+kernel), with the heads folded into the token axis: window after window, head after head,
+each head's rows one after the other.
+
+The rows of a head are its positions in order, so that its segments are runs of rows and
+the layout is built by strided copies (transposes), never by gathering rows one by one:
 
 - ``causal``:  one causal segment of the whole window.
 - ``local`` (and ``cross(0)``): one causal segment per chunk (the last may be shorter).
 - ``shifted(G, s)``: one causal segment per shifted chunk, ``(p + s) // G`` equal;
   LongLoRA's S2 halves are both plain causal segments, so they share the call.
-- ``cross(G, d)``: the first ``d`` chunks fall back to ``local`` (causal segments); query
-  chunk ``c >= d`` sees *every* key of chunk ``c - d`` and nothing else, a non-causal
-  segment (queries and keys of different lengths where the last chunk is short).
-- ``dilated(r, j)``: query residue class ``a`` (positions ``a, a + r, …``) sees key class
-  ``b = (a - j) mod r``. For ``a >= j`` its m-th query sees the first ``m + 1`` keys of
-  class ``b``: causal, with as many keys as queries. For ``a < j`` its m-th query sees the
-  first ``m`` keys (strictly causal): a causal segment of queries ``1, 2, …`` against keys
-  ``0, 1, …``; its first query (``q < j``) has no key and attends itself, a one-token
-  segment.
+- ``cross(G, d)``: the first ``d`` chunks are ``local`` (causal segments). Query chunk
+  ``c >= d`` sees *every* key of chunk ``c - d`` and nothing else: a non-causal segment
+  of a second call (queries and keys of different lengths where the last chunk is
+  short). In the first call those queries still hold their rows, cut into short
+  segments (``WASTE_RUN``) whose outputs are replaced by the second call's.
+- ``dilated(r, j)``: the head's rows are its residue classes mod ``r`` one after the
+  other (positions ``a, a + r, …``), each padded at its end to ``L = ceil(N / r)`` rows.
+  Query class ``a`` sees key class ``b = (a - j) mod r``, so the keys are laid out class
+  by class in that order. For ``a >= j`` the m-th query sees the first ``m + 1`` keys of
+  class ``b``: one causal segment. For ``a < j`` it sees the first ``m`` keys (strictly
+  causal): the key rows of class ``a`` are the query's own key (row 0) followed by class
+  ``b``'s first ``L - 1``, and two causal segments, the first query alone (it attends
+  itself) and the rest. Padding rows come after every real row of their segment, so
+  causality keeps them out of every real query's keys.
 
-So no query ever needs keys from two segments, and no two partial results have to be
-merged: the causal segments form one call and the non-causal ones (only ``cross``
-needs them) a second. Every causal segment has as many keys as queries, so the
-kernel's causal alignment (bottom-right in FlashAttention) is the top-left one meant
-here. :func:`build_plan` checks that the segments hold every query exactly once.
+So no query needs keys from two segments, and no two partial results are merged: the
+causal segments form one call and the non-causal ones (only ``cross`` needs them) a
+second. Every causal segment has as many keys as queries, so the kernel's causal
+alignment (bottom-right in FlashAttention) is the top-left one meant here.
 
-A plan is a few index tensors on the device, built once per (pattern, length, heads,
-key/value heads, batch, device) and cached: the rows of the queries and keys of each
-call in the flattened ``[B, N, H, D]`` token layout, ``cu_seqlens``, the longest segment
-(plain ints, so the forward needs no host sync), and the permutation that puts the
-outputs back in order.
+A plan is built once per (pattern, length, heads, key/value heads, batch, device) and
+cached: how the heads are laid out, ``cu_seqlens`` on the device, the longest segment
+(plain ints, so the forward needs no host sync). :func:`build_plan` lays out the *row
+numbers* of the queries and keys with the same functions the forward uses, and checks
+that the segments hold every query exactly once; the row numbers stay in the plan (on
+the host) for tests.
 """
 
 from __future__ import annotations
@@ -39,125 +48,131 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
 
-# Cached plans; one for 32 heads at 32k holds about 3 x 8 MB of indices.
+# Cached plans.
 _PLAN_CACHE_SIZE = 32
+# Segment length for the rows of a cross head's far queries in the causal call: their
+# outputs are replaced, so the segments are kept short (one FlashAttention tile).
+WASTE_RUN = 128
 
 
+# -- one head --------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Segments:
-    """Segments of one head rule over positions 0..n-1 (one head, one window).
+class HeadLayout:
+    """How one head rule lays out a window of ``n`` tokens.
 
-    q_pos, k_pos: LongTensors of positions, segment after segment.
-    q_len, k_len: LongTensors, the length of each segment (>= 1).
+    rate, offset: rows are residue classes mod ``rate`` (padded to ``rate * ceil(n / rate)``
+        rows), key classes taken ``offset`` classes back; rate 1: the positions in order.
+    causal: segment lengths over the head's rows in the causal call (they sum to its rows).
+    discarded: which of those segments only hold rows whose output the non-causal call
+        replaces (a cross head's far queries).
+    reach: ``(start, query_lengths, key_lengths)`` of a cross head's non-causal call:
+        queries ``start..n-1`` against keys ``0..sum(key_lengths)-1``; None without one.
     """
 
-    q_pos: torch.Tensor
-    k_pos: torch.Tensor
-    q_len: torch.Tensor
-    k_len: torch.Tensor
+    rate: int
+    offset: int
+    causal: tuple[int, ...]
+    discarded: tuple[bool, ...]
+    reach: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None
 
-    @staticmethod
-    def empty() -> "Segments":
-        none = torch.zeros(0, dtype=torch.long)
-        return Segments(none, none, none, none)
+    def rows(self, n: int) -> int:
+        return n if self.rate == 1 else self.rate * -(-n // self.rate)
 
-    @staticmethod
-    def square(positions: torch.Tensor, lengths: torch.Tensor) -> "Segments":
-        """Segments whose keys are their queries (causal self-attention runs)."""
-        return Segments(positions, positions, lengths, lengths)
 
-    def __add__(self, other: "Segments") -> "Segments":
-        return Segments(*(torch.cat([a, b]) for a, b in zip(
-            (self.q_pos, self.k_pos, self.q_len, self.k_len), (other.q_pos, other.k_pos, other.q_len, other.k_len))))
+def _runs(n: int, length: int, shift: int = 0) -> tuple[int, ...]:
+    """Lengths of the runs of positions 0..n-1 with equal (p + shift) // length."""
+    if n == 0:
+        return ()
+    ids = (torch.arange(n) + shift) // length
+    return tuple(torch.unique_consecutive(ids, return_counts=True)[1].tolist())
+
+
+def _plain(lengths: tuple[int, ...]) -> HeadLayout:
+    return HeadLayout(1, 0, lengths, (False,) * len(lengths))
+
+
+def head_layout(rule: Rule, n: int, chunk: int) -> HeadLayout:
+    """The layout of ``rule`` for a window of ``n`` tokens and chunk size ``chunk``."""
+    if rule.kind == "causal" or (rule.kind == "dilated" and rule.rate == 1):
+        return _plain((n,))
+    if rule.kind == "local":
+        return _plain(_runs(n, chunk))
+    if rule.kind == "shifted":
+        return _plain(_runs(n, chunk, rule.shift_for(chunk)))
+    if rule.kind == "cross":
+        chunks = -(-n // chunk)
+        if rule.distance == 0 or rule.distance >= chunks:  # no chunk that far back anywhere: local
+            return _plain(_runs(n, chunk))
+        start = rule.distance * chunk
+        near, far = _runs(start, chunk), _runs(n - start, WASTE_RUN)
+        queries = _runs(n - start, chunk)  # start is a chunk border
+        return HeadLayout(1, 0, near + far, (False,) * len(near) + (True,) * len(far),
+                          (start, queries, (chunk,) * len(queries)))
+    rate, offset = rule.rate, rule.offset
+    per_class = -(-n // rate)
+    lengths: list[int] = []
+    for a in range(rate):
+        lengths += [per_class] if a >= offset or per_class == 1 else [1, per_class - 1]
+    return HeadLayout(rate, offset, tuple(lengths), (False,) * len(lengths))
+
+
+# -- a layer: pieces of heads laid out alike ---------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """Query heads ``first..end-1``, laid out alike (same rate and offset), at rows
+    ``start..start + (end - first) * rows - 1`` of each window's block in the causal call."""
+
+    first: int
+    end: int
+    rate: int
+    offset: int
+    rows: int  # per head
+    start: int
 
     @property
-    def count(self) -> int:
-        return len(self.q_len)
+    def heads(self) -> int:
+        return self.end - self.first
 
 
-def _runs(ids: torch.Tensor) -> torch.Tensor:
-    """Lengths of the runs of equal neighbouring values in ``ids`` (sorted ids)."""
-    if ids.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.unique_consecutive(ids, return_counts=True)[1]
+@dataclass(frozen=True)
+class Reach:
+    """Query heads ``first..end-1`` of a cross rule: queries ``query_start..n-1`` against keys
+    ``0..keys-1`` in the non-causal call, at query rows ``q_at`` and key rows ``k_at`` of each
+    window's block there."""
+
+    first: int
+    end: int
+    query_start: int
+    keys: int
+    q_at: int
+    k_at: int
 
 
-def _chunks(start: int, end: int, chunk: int, shift: int = 0) -> Segments:
-    """Causal segments over positions [start, end), cut where (p + shift) // chunk changes."""
-    positions = torch.arange(start, end)
-    return Segments.square(positions, _runs((positions + shift) // chunk))
-
-
-def rule_segments(rule: Rule, n: int, chunk: int) -> tuple[Segments, Segments]:
-    """(causal, non-causal) segments of ``rule`` for a window of ``n`` tokens and chunk size ``chunk``.
-
-    In a causal segment query i attends keys 0..i (as many keys as queries); in a
-    non-causal one every query attends every key of its segment.
-    """
-    if rule.kind == "causal":
-        return Segments.square(torch.arange(n), torch.tensor([n])), Segments.empty()
-    if rule.kind == "local":
-        return _chunks(0, n, chunk), Segments.empty()
-    if rule.kind == "shifted":
-        return _chunks(0, n, chunk, rule.shift_for(chunk)), Segments.empty()
-    if rule.kind == "cross":
-        return _cross(n, chunk, rule.distance)
-    return _dilated(n, rule.rate, rule.offset), Segments.empty()
-
-
-def _cross(n: int, chunk: int, distance: int) -> tuple[Segments, Segments]:
-    chunks = -(-n // chunk)
-    if distance == 0 or distance >= chunks:  # no chunk that far back anywhere: local
-        return _chunks(0, n, chunk), Segments.empty()
-    start = distance * chunk  # queries before it fall back to local
-    pairs = chunks - distance  # query chunks distance..chunks-1 see key chunks 0..pairs-1, all complete
-    queries = torch.arange(start, n)
-    far = Segments(queries, torch.arange(pairs * chunk), _runs(queries // chunk),
-                   torch.full((pairs,), chunk, dtype=torch.long))
-    return _chunks(0, start, chunk), far
-
-
-def _dilated(n: int, rate: int, offset: int) -> Segments:
-    parts = Segments.empty()
-    for a in range(min(rate, n)):
-        queries = torch.arange(a, n, rate)
-        count = len(queries)
-        if a >= offset:  # query m sees keys 0..m of class a - offset
-            keys = torch.arange(a - offset, n, rate)[:count]
-            parts = parts + Segments(queries, keys, torch.tensor([count]), torch.tensor([count]))
-            continue
-        # a < offset: query m sees keys 0..m-1 of class a - offset + rate ...
-        if count > 1:
-            keys = torch.arange(a - offset + rate, n, rate)[:count - 1]
-            parts = parts + Segments(queries[1:], keys, torch.tensor([count - 1]), torch.tensor([count - 1]))
-        # ... and its first query (q = a < offset) has no such key: it attends itself
-        parts = parts + Segments.square(queries[:1], torch.tensor([1]))
-    return parts
-
-
-# -- plans ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VarlenCall:
-    """One variable-length attention call over rows of the flattened token layouts.
+    """One variable-length attention call.
 
-    q_rows: rows of the queries [B * N * H, D] (row (b * N + p) * H + h), segment after segment.
-    k_rows: rows of the keys and values [B * N * H_kv, D] for the same segments.
-    cu_q, cu_k: int32 [segments + 1], where each segment starts and ends.
+    cu_q, cu_k: int32 [segments + 1] on the device, where each segment starts and ends.
     max_q, max_k: the longest segment (plain ints: no host sync in the forward).
     causal: query i of a segment attends its keys 0..i (else all of them).
+    q_rows, k_rows: (host) for each packed row, the row of the flattened ``[B, N, H, D]``
+        queries (``[B, N, H_kv, D]`` keys) it holds, -1 for padding.
+    kept: (host) per segment, whether its outputs are used.
     """
 
-    q_rows: torch.Tensor
-    k_rows: torch.Tensor
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     max_q: int
     max_k: int
     causal: bool
+    q_rows: torch.Tensor
+    k_rows: torch.Tensor
+    kept: torch.Tensor
 
     @property
     def segments(self) -> int:
@@ -166,15 +181,123 @@ class VarlenCall:
 
 @dataclass(frozen=True)
 class PackedPlan:
-    """The calls of one layer (causal first) and ``order``: for each query row of the
-    flattened layout, its row in the calls' outputs laid end to end."""
+    """The layout of one layer: ``n`` tokens, ``heads`` query heads sharing ``kv_heads``,
+    ``batch`` windows; the causal call's pieces (``block`` rows per window) and the
+    non-causal call's reaches (``reach_q``/``reach_k`` rows per window), and the calls."""
 
+    n: int
+    heads: int
+    kv_heads: int
+    batch: int
+    pieces: tuple[Piece, ...]
+    block: int
+    reaches: tuple[Reach, ...]
+    reach_q: int
+    reach_k: int
     calls: tuple[VarlenCall, ...]
-    order: torch.Tensor
+
+    @property
+    def per_kv(self) -> int:
+        return self.heads // self.kv_heads
 
 
-def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+# -- the layout, for values and for row numbers alike ----------------------------------
+# Built from split, reshape and cat only, so that autograd's backward is the same few
+# strided copies run the other way (split's gradient is one cat, cat's is views).
+def expand_kv_heads(x: torch.Tensor, per: int) -> torch.Tensor:
+    """x [B, H_kv, N, D] -> [B, H_kv * per, N, D]: each key/value head repeated for its query heads."""
+    if per == 1:
+        return x
+    return x.unsqueeze(2).expand(-1, -1, per, -1, -1).flatten(1, 2)
+
+
+def _classes(x: torch.Tensor, rate: int, pad: float) -> torch.Tensor:
+    """[B, h, N, D] -> [B, h, rate, L, D]: residue class a is positions a, a + rate, …, padded to L rows."""
+    n = x.shape[2]
+    per_class = -(-n // rate)
+    if per_class * rate > n:
+        x = F.pad(x, (0, 0, 0, per_class * rate - n), value=pad)
+    return x.unflatten(2, (per_class, rate)).transpose(2, 3)
+
+
+def _key_classes(x: torch.Tensor, rate: int, offset: int, pad: float) -> torch.Tensor:
+    """[B, h, N, D] -> [B, h, rate, L, D]: for query class a, the keys its segments read."""
+    classes = _classes(x, rate, pad)
+    if offset == 0:
+        return classes
+    per_class = classes.shape[3]
+    # query class a < j: its own first key, then key class a - j + r; a >= j: key class a - j
+    early = torch.cat([classes[:, :, :offset, :1], classes[:, :, rate - offset:, :per_class - 1]], dim=3)
+    return torch.cat([early, classes[:, :, :rate - offset]], dim=2)
+
+
+def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[B, h_i, …, D] parts -> their rows window by window, [B * sum(rows), D]."""
+    flat = [part.reshape(part.shape[0], -1, part.shape[-1]) for part in parts]
+    packed = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+    return packed.reshape(-1, packed.shape[-1])
+
+
+def pack_queries(plan: PackedPlan, q: torch.Tensor, pad: float = 0) -> torch.Tensor:
+    """q [B, H, N, D] (any strides) -> the causal call's queries [B * block, D]."""
+    parts = q.split([piece.heads for piece in plan.pieces], dim=1)
+    return _rows([part if piece.rate == 1 else _classes(part, piece.rate, pad)
+                  for piece, part in zip(plan.pieces, parts)])
+
+
+def pack_keys(plan: PackedPlan, keys: torch.Tensor, pad: float = 0) -> torch.Tensor:
+    """Keys (or values) per query head, ``expand_kv_heads``' [B, H, N, D] -> the causal call's
+    keys [B * block, D], row for row with the queries."""
+    parts = keys.split([piece.heads for piece in plan.pieces], dim=1)
+    return _rows([part if piece.rate == 1 else _key_classes(part, piece.rate, piece.offset, pad)
+                  for piece, part in zip(plan.pieces, parts)])
+
+
+def _reach_heads(plan: PackedPlan, x: torch.Tensor) -> list[torch.Tensor]:
+    """x [B, H, N, D] split at the reaches' heads: the parts of the reaches, in order."""
+    bounds = sorted({0, plan.heads, *(r.first for r in plan.reaches), *(r.end for r in plan.reaches)})
+    parts = dict(zip(bounds, x.split([end - first for first, end in zip(bounds, bounds[1:])], dim=1)))
+    return [parts[reach.first] for reach in plan.reaches]
+
+
+def pack_reach(plan: PackedPlan, x: torch.Tensor, keys: bool) -> torch.Tensor:
+    """The non-causal call's queries (keys=False, x [B, H, N, D]) or keys/values (x from
+    ``expand_kv_heads``): [B * reach_q, D] or [B * reach_k, D]."""
+    n = plan.n
+    return _rows([part.split([reach.keys, n - reach.keys] if keys else [reach.query_start, n - reach.query_start],
+                             dim=2)[0 if keys else 1]
+                  for reach, part in zip(plan.reaches, _reach_heads(plan, x))])
+
+
+def unpack(plan: PackedPlan, causal_out: torch.Tensor, reach_out: torch.Tensor | None) -> torch.Tensor:
+    """The calls' outputs ([B * block, D], [B * reach_q, D]) -> [B, H, N, D], laid out [B, N, H, D] in memory."""
+    batch, n, dim = plan.batch, plan.n, causal_out.shape[-1]
+    blocks = causal_out.view(batch, plan.block, dim).split([p.heads * p.rows for p in plan.pieces], dim=1)
+    heads = []  # [B, h, N, D] per piece, in head order
+    for piece, block in zip(plan.pieces, blocks):
+        block = block.unflatten(1, (piece.heads, piece.rows))
+        if piece.rate > 1:
+            block = block.unflatten(2, (piece.rate, piece.rows // piece.rate)).transpose(2, 3).flatten(2, 3)[:, :, :n]
+        heads.append(block)
+    if reach_out is not None:  # the far queries of cross heads: the non-causal call's outputs replace the first's
+        whole = torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]
+        bounds = sorted({0, plan.heads, *(r.first for r in plan.reaches), *(r.end for r in plan.reaches)})
+        parts = dict(zip(bounds, whole.split([end - first for first, end in zip(bounds, bounds[1:])], dim=1)))
+        far = reach_out.view(batch, plan.reach_q, dim).split(
+            [(r.end - r.first) * (n - r.query_start) for r in plan.reaches], dim=1)
+        for reach, rows in zip(plan.reaches, far):
+            near = parts[reach.first].split([reach.query_start, n - reach.query_start], dim=2)[0]
+            parts[reach.first] = torch.cat([near, rows.unflatten(1, (reach.end - reach.first, n - reach.query_start))],
+                                           dim=2)
+        heads = [parts[first] for first in bounds[:-1]]
+    if len(heads) == 1:
+        return heads[0].transpose(1, 2).contiguous().transpose(1, 2)
+    return torch.cat([part.transpose(1, 2) for part in heads], dim=2).transpose(1, 2)
+
+
+# -- plans ------------------------------------------------------------------------------
+def _cumulative(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + lengths, dtype=torch.long).cumsum(0).to(torch.int32)
 
 
 def build_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: int,
@@ -182,37 +305,73 @@ def build_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: 
     """The packed layout of ``spec`` for ``batch`` windows of ``n`` tokens (no cache)."""
     if num_heads % kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads evenly")
-    per_kv = num_heads // kv_heads
     chunk = spec.chunk_for(n)
-    windows = torch.arange(batch)[:, None, None]
-    pieces: dict[bool, list[tuple[torch.Tensor, ...]]] = {True: [], False: []}
-    for first, end, rule in spec.head_groups(n, num_heads):
-        heads = torch.arange(first, end)[None, :, None]
-        for causal, seg in zip((True, False), rule_segments(rule, n, chunk)):
-            if seg.count == 0:
-                continue
-            # windows, then heads, then the rule's segments: [batch, heads, tokens] flattened
-            q_rows = (windows * n + seg.q_pos) * num_heads + heads
-            k_rows = (windows * n + seg.k_pos) * kv_heads + heads // per_kv
-            copies = batch * (end - first)
-            pieces[causal].append((q_rows.reshape(-1), k_rows.reshape(-1),
-                                   seg.q_len.repeat(copies), seg.k_len.repeat(copies)))
-    calls = []
-    for causal in (True, False):
-        if not pieces[causal]:
+    layouts = [head_layout(rule, n, chunk) for rule in spec.head_rules(n, num_heads)]
+    pieces: list[Piece] = []
+    block = 0
+    for head, layout in enumerate(layouts):
+        last = pieces[-1] if pieces else None
+        if last is not None and (last.rate, last.offset) == (layout.rate, layout.offset):
+            pieces[-1] = Piece(last.first, head + 1, last.rate, last.offset, last.rows, last.start)
+        else:
+            pieces.append(Piece(head, head + 1, layout.rate, layout.offset, layout.rows(n), block))
+        block += layout.rows(n)
+    reaches: list[Reach] = []
+    reach_q = reach_k = 0
+    for head, layout in enumerate(layouts):
+        if layout.reach is None:
             continue
-        q_rows, k_rows, q_len, k_len = (torch.cat(parts) for parts in zip(*pieces[causal]))
-        if causal and not torch.equal(q_len, k_len):
-            raise AssertionError("a causal segment with fewer keys than queries")  # the layout promises equal
-        calls.append(VarlenCall(q_rows.to(device), k_rows.to(device), _cumulative(q_len).to(device),
-                                _cumulative(k_len).to(device), int(q_len.max()), int(k_len.max()), causal))
-    rows = torch.cat([call.q_rows.cpu() for call in calls])
-    total = batch * n * num_heads
+        start, _, key_lengths = layout.reach
+        last = reaches[-1] if reaches else None
+        if last is not None and last.end == head and last.query_start == start:
+            reaches[-1] = Reach(last.first, head + 1, start, last.keys, last.q_at, last.k_at)
+        else:
+            reaches.append(Reach(head, head + 1, start, sum(key_lengths), reach_q, reach_k))
+        reach_q += n - start
+        reach_k += sum(key_lengths)
+    plan = PackedPlan(n, num_heads, kv_heads, batch, tuple(pieces), block, tuple(reaches), reach_q, reach_k, ())
+
+    # The row numbers of queries and keys, laid out by the forward's own functions.
+    q_ids = torch.arange(batch * n * num_heads).view(batch, n, num_heads, 1).transpose(1, 2)
+    k_ids = torch.arange(batch * n * kv_heads).view(batch, n, kv_heads, 1).transpose(1, 2)
+    causal = [length for layout in layouts for length in layout.causal] * batch
+    kept = [not waste for layout in layouts for waste in layout.discarded] * batch
+    k_ids = expand_kv_heads(k_ids, num_heads // kv_heads)
+    calls = [_call(causal, causal, True, pack_queries(plan, q_ids, -1), pack_keys(plan, k_ids, -1), kept, device)]
+    if reaches:
+        q_lengths = [length for layout in layouts if layout.reach for length in layout.reach[1]] * batch
+        k_lengths = [length for layout in layouts if layout.reach for length in layout.reach[2]] * batch
+        calls.append(_call(q_lengths, k_lengths, False, pack_reach(plan, q_ids, False),
+                           pack_reach(plan, k_ids, True), [True] * len(q_lengths), device))
+    plan = PackedPlan(*(getattr(plan, name) for name in
+                        ("n", "heads", "kv_heads", "batch", "pieces", "block", "reaches", "reach_q", "reach_k")),
+                      tuple(calls))
+    _check_every_query_once(plan, spec)
+    return plan
+
+
+def _call(q_lengths: list[int], k_lengths: list[int], causal: bool, q_rows: torch.Tensor, k_rows: torch.Tensor,
+          kept: list[bool], device) -> VarlenCall:
+    if causal and q_lengths != k_lengths:
+        raise AssertionError("a causal segment with fewer keys than queries")  # the layout promises equal
+    cu_q, cu_k = _cumulative(q_lengths), _cumulative(k_lengths)
+    if int(cu_q[-1]) != len(q_rows) or int(cu_k[-1]) != len(k_rows):
+        raise AssertionError("the segments do not cover the packed rows")
+    return VarlenCall(cu_q.to(device), cu_k.to(device), max(q_lengths), max(k_lengths), causal,
+                      q_rows.view(-1), k_rows.view(-1), torch.tensor(kept, dtype=torch.bool))
+
+
+def _check_every_query_once(plan: PackedPlan, spec: PatternSpec) -> None:
+    rows = []
+    for call in plan.calls:
+        cu = call.cu_q.cpu().long()
+        segment_of_row = torch.repeat_interleave(torch.arange(call.segments), cu[1:] - cu[:-1])
+        used = call.q_rows[call.kept[segment_of_row]]
+        rows.append(used[used >= 0])
+    rows = torch.cat(rows)
+    total = plan.batch * plan.n * plan.heads
     if len(rows) != total or not torch.equal(torch.bincount(rows, minlength=total), torch.ones(total, dtype=torch.long)):
         raise AssertionError(f"the packed layout of {spec.canonical()} does not hold every query exactly once")
-    order = torch.empty(total, dtype=torch.long)
-    order[rows] = torch.arange(total)
-    return PackedPlan(tuple(calls), order.to(device))
 
 
 _plans: OrderedDict = OrderedDict()  # by value: one plan per case, shared by equal specs
@@ -232,6 +391,13 @@ def packed_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch:
     hit = _plans_of_spec.get((id(spec), *case))
     if hit is not None and hit[0] is spec:
         return hit[1]
+    return _cached_or_built(spec, n, num_heads, kv_heads, batch, device)
+
+
+@torch.compiler.disable  # compiled code builds a plan eagerly (a graph break), then finds it cached
+def _cached_or_built(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: int,
+                     device: torch.device) -> PackedPlan:
+    case = (n, num_heads, kv_heads, batch, str(device))
     with _plans_lock:
         plan = _plans.get((spec, *case))
     if plan is None:

@@ -21,7 +21,7 @@ from helpers import spec_named, tiny_llama, token_batch
 from scca_eval.attention import (apply_pattern, call_counts, masked_attention, packed_pattern_attention,
                                  pattern_attention, reset_call_counts, resolve_backend)
 from scca_eval.attention import auto, packed, packing
-from scca_eval.attention.packing import build_plan, rule_segments
+from scca_eval.attention.packing import WASTE_RUN, build_plan, head_layout
 from scca_eval.patterns import PRESET_DESCRIPTIONS, Rule, build_mask, resolve_pattern
 
 PRESETS = list(PRESET_DESCRIPTIONS)
@@ -74,25 +74,33 @@ def qkv(batch, heads, kv_heads, n, dim=8, seed=0, transformers_layout=True):
 
 # -- the layout, pair by pair --------------------------------------------------------------
 def mask_from_plan(plan, batch, heads, kv_heads, n) -> torch.Tensor:
-    """bool [B, H, N, N] rebuilt from the plan's rows: which (query, key) pairs its segments hold.
-    Also checks that every key row reads the key/value head of its query head, in its own window."""
+    """bool [B, H, N, N] rebuilt from the plan's row numbers: which (query, key) pairs its
+    kept segments hold (padding rows, -1, hold none). Also checks that every key row reads
+    the key/value head of its query head, in its own window."""
     mask = torch.zeros(batch, heads, n, n, dtype=torch.bool)
     per_kv = heads // kv_heads
     for call in plan.calls:
         cu_q, cu_k = call.cu_q.tolist(), call.cu_k.tolist()
         for index in range(call.segments):
+            assert cu_q[index + 1] - cu_q[index] <= call.max_q and cu_k[index + 1] - cu_k[index] <= call.max_k
+            if not call.kept[index]:
+                continue
             q_rows = call.q_rows[cu_q[index]:cu_q[index + 1]]
             k_rows = call.k_rows[cu_k[index]:cu_k[index + 1]]
-            assert len(q_rows) <= call.max_q and len(k_rows) <= call.max_k
-            token, head = q_rows // heads, q_rows % heads
-            key_token, kv_head = k_rows // kv_heads, k_rows % kv_heads
-            assert (head == head[0]).all() and (kv_head == head[0] // per_kv).all()
-            window = token[0] // n
-            assert (token // n == window).all() and (key_token // n == window).all()
             pairs = torch.ones(len(q_rows), len(k_rows), dtype=torch.bool)
             if call.causal:
                 assert len(q_rows) == len(k_rows)
                 pairs = pairs.tril()
+            # padding only ever follows the real rows of a segment
+            assert torch.equal(q_rows >= 0, (q_rows >= 0).sort(descending=True).values)
+            pairs &= (q_rows >= 0)[:, None] & (k_rows >= 0)[None, :]
+            q_rows, k_rows = q_rows.clamp(min=0), k_rows.clamp(min=0)
+            token, head = q_rows // heads, q_rows % heads
+            key_token, kv_head = k_rows // kv_heads, k_rows % kv_heads
+            real_q, real_k = pairs.any(1), pairs.any(0)
+            assert (head[real_q] == head[0]).all() and (kv_head[real_k] == head[0] // per_kv).all()
+            window = token[0] // n
+            assert (token[real_q] // n == window).all() and (key_token[real_k] // n == window).all()
             queries, keys = (token % n)[:, None], (key_token % n)[None, :]
             assert not mask[window, head[0], queries.expand_as(pairs)[pairs], keys.expand_as(pairs)[pairs]].any()
             mask[window, head[0], queries.expand_as(pairs)[pairs], keys.expand_as(pairs)[pairs]] = True
@@ -115,20 +123,35 @@ def test_segments_hold_exactly_the_reference_pairs(pattern, batch, heads, kv_hea
 def test_layout_of_each_rule():
     """The segment lengths the module docstring promises, written out by hand."""
     def lengths(rule, n, chunk):
-        causal, full = rule_segments(rule, n, chunk)
-        return causal.q_len.tolist(), full.q_len.tolist(), full.k_len.tolist()
+        layout = head_layout(rule, n, chunk)
+        reach = layout.reach or (None, (), ())
+        return list(layout.causal), list(reach[1]), list(reach[2])
 
     assert lengths(Rule("causal"), 10, 4) == ([10], [], [])
     assert lengths(Rule("local"), 10, 4) == ([4, 4, 2], [], [])
     assert lengths(Rule("shifted"), 10, 4) == ([2, 4, 4], [], [])  # S2: G/2, G, ..., the rest
     assert lengths(Rule("shifted", shift=1), 10, 4) == ([3, 4, 3], [], [])
-    assert lengths(Rule("cross", distance=1), 10, 4) == ([4], [4, 2], [4, 4])
-    assert lengths(Rule("cross", distance=2), 10, 4) == ([4, 4], [2], [4])
+    # cross: the near chunks, then the far queries' rows in short discarded segments
+    assert lengths(Rule("cross", distance=1), 10, 4) == ([4, 6], [4, 2], [4, 4])
+    assert head_layout(Rule("cross", distance=1), 10, 4).discarded == (False, True)
+    assert lengths(Rule("cross", distance=1), 300, 100) == ([100, WASTE_RUN, 200 - WASTE_RUN], [100, 100], [100, 100])
+    assert lengths(Rule("cross", distance=2), 10, 4) == ([4, 4, 2], [2], [4])
     assert lengths(Rule("cross", distance=3), 10, 4) == ([4, 4, 2], [], [])  # no chunk 3 back: local
-    # dilated(3, 2) on 10 tokens: class 2 sees class 0 (3 queries); classes 0 and 1 see
-    # classes 1 and 2 strictly earlier (3 and 2 queries after their first) and their first
-    # queries (0 and 1) attend themselves
-    assert lengths(Rule("dilated", rate=3, offset=2), 10, 4) == ([3, 1, 2, 1, 3], [], [])
+    # dilated(3, 2) on 10 tokens: classes of 4 rows (padded); class 2 sees class 0; classes
+    # 0 and 1 see classes 1 and 2 strictly earlier, after their first query, which attends itself
+    assert lengths(Rule("dilated", rate=3, offset=2), 10, 4) == ([1, 3, 1, 3, 4], [], [])
+    assert head_layout(Rule("dilated", rate=3, offset=2), 10, 4).rows(10) == 12
+    assert lengths(Rule("dilated", rate=1, offset=0), 10, 4) == ([10], [], [])
+
+
+def test_rows_of_a_dilated_head_written_out():
+    """dilated(3, 1) on 7 tokens, one head: query classes 0 / 1 / 2 = positions 0 3 6 / 1 4 pad /
+    2 5 pad; key rows: class 0 its own first key then class 2 (2, 5), class 1 sees class 0, class 2 class 1."""
+    plan = build_plan(resolve_pattern("dilated(3,1)"), 7, 1, 1, 1)
+    (call,) = plan.calls
+    assert call.q_rows.tolist() == [0, 3, 6, 1, 4, -1, 2, 5, -1]
+    assert call.k_rows.tolist() == [0, 2, 5, 0, 3, 6, 1, 4, -1]
+    assert call.cu_q.tolist() == [0, 1, 3, 6, 9]
 
 
 def test_plans_are_cached_per_case():
@@ -244,6 +267,24 @@ def test_compiled_in_one_graph():
 def test_compiled_in_one_graph_with_gradients():
     """The same with the backward (the float32 key/value gradient sum included): compiles the backward too."""
     _compiled_against_eager(with_gradients=True)
+
+
+def test_compiled_builds_a_missing_plan_eagerly():
+    """A plan not yet cached is built outside the graph (it reads tensors back to the host),
+    so that compiled training can start with an empty cache."""
+    packing.clear_cache()
+    spec = resolve_pattern("longmixed", chunk_size=5)
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv(1, 9, 3, 23))
+
+    def attention(q, k, v):
+        return packed_pattern_attention(q, k, v, spec, 0.3, kernel=masked_varlen)
+
+    got = torch.compile(attention, dynamic=False)(q, k, v)
+    gradients = torch.autograd.grad(got.square().sum(), (q, k, v))
+    expected = attention(q, k, v)
+    assert torch.allclose(got, expected, atol=1e-6)
+    for a, b in zip(gradients, torch.autograd.grad(expected.square().sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_rejects_mismatched_shapes():
