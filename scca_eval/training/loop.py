@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..distributed import SINGLE, all_agree
-from .lora import trainable_parameters
+from .lora import has_compiled_layers, trainable_parameters
 from .offload import ActivationPlace
 from .recipe import Recipe
 from .windows import TrainingStream, batch_ids
@@ -159,6 +159,16 @@ class Trainer:
         self.history = history or History()
         self.stop_requested = False  # set from a signal handler: finish no more passes
         self.activations = ActivationPlace(recipe.offload_activations, device, recipe.max_memory_gib, notify)
+        # With compiled layers the first pass runs eagerly: every attention layer then builds
+        # its pattern's layout (host code) before anything is traced, and the traced layers
+        # find it cached and compile into whole graphs (no graph break in every later step).
+        self._eager_passes = 1 if has_compiled_layers(peft_model) else 0
+
+    def _eager_if_first(self):
+        if not self._eager_passes:
+            return contextlib.nullcontext()
+        self._eager_passes -= 1
+        return torch.compiler.set_stance("force_eager")
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -182,9 +192,10 @@ class Trainer:
                 first = history.position + index * recipe.batch_size
                 ids = torch.from_numpy(batch_ids(self.stream, recipe.seed, first, recipe.batch_size))
                 ids = ids.to(self.device, non_blocking=True)
-                with self.autocast(), self.activations.forward():
-                    pass_nll = self.loss(ids)
-                (pass_nll / targets).backward()
+                with self._eager_if_first():
+                    with self.autocast(), self.activations.forward():
+                        pass_nll = self.loss(ids)
+                    (pass_nll / targets).backward()
                 self.activations.after_pass(self.parameters, bool(self.optimizer.state))
                 nll += pass_nll.detach().double()
         except BaseException:

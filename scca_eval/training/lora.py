@@ -93,3 +93,8 @@ def compile_layers(peft_model) -> None:
     setattr(config, name, max(getattr(config, name), 64))
     for layer in peft_model.get_base_model().get_decoder().layers:
         layer.compile(dynamic=False)
+
+
+def has_compiled_layers(model) -> bool:
+    """Whether any module of ``model`` was compiled in place (``module.compile()``)."""
+    return any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules())
