@@ -9,6 +9,9 @@
 #   results/finetune-smollm2-16k-v2/reproduce.sh sweep finetune   # or some of: sweep finetune matched
 #                                                                 #   evaluate passkey report
 #   PARALLEL=6 results/finetune-smollm2-16k-v2/reproduce.sh       # that many runs at once
+#   COMPILE=1 ...                                                  # finetune --compile (GPU): compiled
+#             decoder layers, faster steps, the same results up to rounding; the compute-matched
+#             stage needs the full-attention runs it matches timed in the same setting
 #
 # Stages:
 #   sweep     short runs of SWEEP_PATTERNS at every rate of LRS (seed 0); lr_sweep.py picks, per
@@ -68,9 +71,10 @@ EVAL_TOKENS=${EVAL_TOKENS:-131072}
 EVAL_EVERY=${EVAL_EVERY:-$(( STEPS / 20 > 0 ? STEPS / 20 : 1 ))}
 SWEEP_EVAL_EVERY=${SWEEP_EVAL_EVERY:-$(( SWEEP_STEPS / 10 > 0 ? SWEEP_STEPS / 10 : 1 ))}
 DEVICE_OPTION=(); [ -n "${DEVICE:-}" ] && DEVICE_OPTION=(--device "$DEVICE")
+COMPILE_OPTION=(); [ "${COMPILE:-0}" = 1 ] && COMPILE_OPTION=(--compile)
 FINETUNE=(--model default --ctx "$CTX" --rope-scaling linear:2 --grad-accum 1 --warmup-steps "$WARMUP"
           --save-every 50 --task "$TRAIN_TASK" --eval-task "$VALID_TASK" --eval-tokens "$EVAL_TOKENS"
-          "${DEVICE_OPTION[@]}" --quiet)
+          "${DEVICE_OPTION[@]}" "${COMPILE_OPTION[@]}" --quiet)
 # Evaluation as in v1: the paper's lengths scaled 2x, the first 24,577 tokens of each document.
 EVAL_CTX=${EVAL_CTX:-2048,4096,8192,16384}
 EVAL=(--ctx "$EVAL_CTX" --task pg19_sample --task proof_pile_sample --max-tokens "${MAX_TOKENS:-147456}"
