@@ -233,3 +233,17 @@ class CtrlCAtStep:
     def step(self, result):
         if result["step"] == self.at:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def masked_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """The varlen contract of attention/packed.py as one SDPA call under a block-diagonal mask
+    (no host sync, so torch.compile traces it whole)."""
+    rows_q, rows_k = torch.arange(len(q)), torch.arange(len(k))
+    segment_q = torch.bucketize(rows_q, cu_q[1:].long(), right=True)
+    segment_k = torch.bucketize(rows_k, cu_k[1:].long(), right=True)
+    mask = segment_q[:, None] == segment_k[None, :]
+    if causal:
+        mask &= (rows_q - cu_q.long()[segment_q])[:, None] >= (rows_k - cu_k.long()[segment_k])[None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)

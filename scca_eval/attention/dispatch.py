@@ -102,7 +102,10 @@ def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: P
         out = flex_pattern_attention(q, k, v, spec, scaling)
     else:
         out = chunked_pattern_attention(q, k, v, spec, scaling, block_attention=_flash_blocks())
-    _calls[chosen] += 1
+    if not torch.compiler.is_compiling():
+        # counted in eager runs only: compiled code that read the count would be guarded on
+        # its value and compiled again at every call
+        _calls[chosen] += 1
     return out
 
 

@@ -81,6 +81,8 @@ def _target_nll(head: torch.nn.Module, softcap: float | None, hidden_rows: torch
 # Models that ``compile_for_evaluation`` compiled; their loss step runs compiled too.
 _COMPILED_MODELS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 _compiled_target_nll = None
+# The batch shapes each compiled model has run once eagerly (see score_windows).
+_WARMED_SHAPES: "weakref.WeakKeyDictionary[torch.nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 class _LogitHead:
@@ -132,7 +134,9 @@ def score_windows(
     default: the longest window given), and every other batch (a document's
     last, shorter window, a document shorter than ctx, a last partial batch)
     eagerly: compiling a graph for each of those shapes would cost more time
-    than it saves.
+    than it saves. The first batch of the compiled shape also runs eagerly, so
+    that the attention layers build their pattern's layout before anything is
+    traced.
     """
     device = model_device(model)
     decoder = model.get_decoder()
@@ -152,7 +156,13 @@ def score_windows(
         rows = [windows[i] for i in batch]
         input_ids = _to_device(np.stack([documents[w.doc][w.start : w.start + w.fed] for w in rows])
                                .astype(np.int64), device)
-        with _eager_unless(not compiled or tuple(input_ids.shape) == compiled_shape):
+        run_compiled = compiled and tuple(input_ids.shape) == compiled_shape
+        if run_compiled and compiled_shape not in _WARMED_SHAPES.setdefault(model, set()):
+            # The first batch of a shape runs eagerly: attention layers build their pattern's
+            # layout then, and the compiled layers find it built (no graph break in them).
+            _WARMED_SHAPES[model].add(compiled_shape)
+            run_compiled = False
+        with _eager_unless(run_compiled):
             hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         # With a device map the last layers (and the head) may sit on another device.
         out_device = hidden.device

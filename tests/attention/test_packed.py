@@ -14,10 +14,9 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import BF16_REL_TOL, CUSTOM, dense_attention, dense_mask, logits, one_thread, random_qkv  # noqa: F401
-from helpers import spec_named, tiny_llama, token_batch
+from helpers import masked_varlen, spec_named, tiny_llama, token_batch
 from scca_eval.attention import (apply_pattern, call_counts, masked_attention, packed_pattern_attention,
                                  pattern_attention, reset_call_counts, resolve_backend)
 from scca_eval.attention import auto, packed, packing
@@ -167,19 +166,6 @@ def test_plans_are_cached_per_case():
 
 
 # -- the CPU varlen kernel -----------------------------------------------------------------
-def masked_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    """The varlen contract as one SDPA call under a block-diagonal mask (no host sync, traceable)."""
-    rows_q, rows_k = torch.arange(len(q)), torch.arange(len(k))
-    segment_q = torch.bucketize(rows_q, cu_q[1:].long(), right=True)
-    segment_k = torch.bucketize(rows_k, cu_k[1:].long(), right=True)
-    mask = segment_q[:, None] == segment_k[None, :]
-    if causal:
-        mask &= (rows_q - cu_q.long()[segment_q])[:, None] >= (rows_k - cu_k.long()[segment_k])[None, :]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_segment_kernel_equals_a_block_diagonal_mask(causal):
     generator = torch.Generator().manual_seed(3)

@@ -103,15 +103,48 @@ def test_only_full_batches_of_full_windows_run_compiled(compiled_tiny):
     want = score_windows(eager, odd_docs, odd, batch_size=2, window_length=64)
     assert got.nll_sum.tolist() == want.nll_sum.tolist()  # the same eager code: bit for bit
 
-    # two full windows of 64: the compiled shape
+    # two full windows of 64: the compiled shape, whose first batch runs eagerly (it builds
+    # what the attention layers keep), the next compiled
     full_docs = _documents([127], vocab, seed=1)
     full = plan_windows([127], 64, 64)
     assert [w.end - w.start for w in full] == [64, 64]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        first = score_windows(compiled, full_docs, full, batch_size=2, window_length=64)
     with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(Exception, match="(?i)recompil"):
         score_windows(compiled, full_docs, full, batch_size=2, window_length=64)
     got = score_windows(compiled, full_docs, full, batch_size=2, window_length=64)
     want = score_windows(eager, full_docs, full, batch_size=2, window_length=64)
     assert got.nll_sum == pytest.approx(want.nll_sum, rel=1e-5)
+    assert first.nll_sum.tolist() == want.nll_sum.tolist()
+
+
+def test_compiled_pattern_layers_run_as_whole_graphs(monkeypatch):
+    """Under a sparse pattern the compiled layers trace without a graph break (the first
+    batch, eager, built the packed layout) and are not compiled again from call to call
+    (nothing they read changes between calls)."""
+    from torch._dynamo.utils import counters
+
+    from helpers import masked_varlen, tiny_llama
+    from scca_eval.attention import apply_pattern, packed
+    from scca_eval.evaluation.engine import compile_for_evaluation, score_windows
+    from scca_eval.evaluation.windows import plan_windows
+    from scca_eval.patterns import resolve_pattern
+
+    # the varlen contract as one traceable SDPA call, so that the CPU run compiles as a GPU run does
+    monkeypatch.setattr(packed, "segment_attention", masked_varlen)
+    model = tiny_llama().eval()
+    apply_pattern(model, resolve_pattern("longmixed", chunk_size=8), backend="packed")
+    compile_for_evaluation(model)
+    documents = _documents([32 * 9], model.config.vocab_size)
+    windows = plan_windows([32 * 9], 32, 32)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for _ in range(3):
+        score_windows(model, documents, windows, batch_size=2, window_length=32)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert sum(counters["graph_break"].values()) == 0
+    assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 2
 
 
 def test_automatic_batch_is_no_larger_than_the_full_windows():

@@ -1,21 +1,26 @@
 """Fine-tuning with compiled layers (finetune --compile): the trainer's first pass runs
-eagerly, so that attention layouts are built before anything is traced
-(training/loop.py); which modules count as compiled (training/lora.py)."""
+eagerly, so that attention layouts are built before anything is traced and the layers
+compile into whole graphs (training/loop.py); which modules count as compiled (training/lora.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from helpers import tiny_llama
+from helpers import masked_varlen, tiny_llama
 from scca_eval.training.lora import attach_lora, has_compiled_layers
 from scca_eval.training.loop import Trainer
 from scca_eval.training.recipe import Recipe
 from scca_eval.training.windows import TrainingStream
 
 
-def _trainer(compiled: bool, ctx: int = 32):
+def _trainer(compiled: bool, ctx: int = 32, pattern: str | None = None):
+    from scca_eval.attention import apply_pattern
+    from scca_eval.patterns import resolve_pattern
+
     model = tiny_llama()
+    if pattern is not None:
+        apply_pattern(model, resolve_pattern(pattern, chunk_size=8), backend="packed")
     recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=2, warmup_steps=0)
     peft_model = attach_lora(model, recipe, "tiny")
     if compiled:
@@ -32,23 +37,34 @@ def test_compiled_layers_are_recognised():
     assert has_compiled_layers(model)
 
 
-def test_the_first_pass_of_compiled_layers_runs_eagerly(monkeypatch):
-    stances = []
-    real = torch.compiler.set_stance
+def _compiled_steps(monkeypatch, eager_first_pass: bool, steps: int = 3) -> tuple[int, list[int]]:
+    """Graph breaks over ``steps`` fine-tuning steps of compiled layers under a packed
+    pattern, and the graphs compiled so far after each step."""
+    from torch._dynamo.utils import counters
 
-    def recording(stance, *args, **kwargs):
-        stances.append(stance)
-        return real(stance, *args, **kwargs)
+    from scca_eval.attention import packed
 
-    monkeypatch.setattr(torch.compiler, "set_stance", recording)
-    trainer = _trainer(compiled=True)
-    # the test runs every step eagerly (outside, not through the trainer) so that nothing compiles
-    with real("force_eager"):
+    # the varlen contract as one traceable SDPA call, so that the CPU run compiles as a GPU run does
+    monkeypatch.setattr(packed, "segment_attention", masked_varlen)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = _trainer(compiled=True, pattern="longmixed")
+    if not eager_first_pass:
+        trainer._eager_passes = 0
+    graphs = []
+    for _ in range(steps):
         trainer.step()
-        assert stances == ["force_eager"]  # the first of the step's two passes, only
-        trainer.step()
-    assert stances == ["force_eager"]
+        graphs.append(counters["stats"].get("unique_graphs", 0))
+    return sum(counters["graph_break"].values()), graphs
 
-    stances.clear()
-    _trainer(compiled=False).step()
-    assert stances == []  # nothing compiled: no stance is set
+
+def test_compiled_layers_train_in_whole_graphs(monkeypatch):
+    """The first pass runs eagerly, so the layers under a packed pattern find their layout
+    built and compile without a graph break, once (nothing they read changes from step to
+    step); without that pass, each traced layer keeps a break (the layout is built outside
+    the graph) in every step."""
+    breaks, graphs = _compiled_steps(monkeypatch, eager_first_pass=True)
+    assert breaks == 0
+    assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 2  # compiled in the first step's second pass
+    breaks, _ = _compiled_steps(monkeypatch, eager_first_pass=False)
+    assert breaks > 0
