@@ -37,12 +37,13 @@ A plan is built once per (pattern, length, heads, key/value heads, batch, device
 cached: how the heads are laid out, ``cu_seqlens`` on the device, the longest segment
 (plain ints, so the forward needs no host sync). :func:`build_plan` lays out the *row
 numbers* of the queries and keys with the same functions the forward uses, and checks
-that the segments hold every query exactly once; the row numbers stay in the plan (on
-the host) for tests.
+that the segments hold every query exactly once; ``build_plan`` keeps the row numbers in
+the plan (on the host) for tests, the cached plans the forward uses drop them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -161,7 +162,7 @@ class VarlenCall:
     max_q, max_k: the longest segment (plain ints: no host sync in the forward).
     causal: query i of a segment attends its keys 0..i (else all of them).
     q_rows, k_rows: (host) for each packed row, the row of the flattened ``[B, N, H, D]``
-        queries (``[B, N, H_kv, D]`` keys) it holds, -1 for padding.
+        queries (``[B, N, H_kv, D]`` keys) it holds, -1 for padding; empty in cached plans.
     kept: (host) per segment, whether its outputs are used.
     """
 
@@ -301,8 +302,12 @@ def _cumulative(lengths: list[int]) -> torch.Tensor:
 
 
 def build_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: int,
-               device: torch.device | str = "cpu") -> PackedPlan:
-    """The packed layout of ``spec`` for ``batch`` windows of ``n`` tokens (no cache)."""
+               device: torch.device | str = "cpu", keep_rows: bool = True) -> PackedPlan:
+    """The packed layout of ``spec`` for ``batch`` windows of ``n`` tokens (no cache).
+
+    keep_rows: keep each call's row numbers (for tests; the forward never reads them, and at
+    long lengths they take tens of MB of host memory per plan).
+    """
     if num_heads % kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads evenly")
     chunk = spec.chunk_for(n)
@@ -347,6 +352,10 @@ def build_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: 
                         ("n", "heads", "kv_heads", "batch", "pieces", "block", "reaches", "reach_q", "reach_k")),
                       tuple(calls))
     _check_every_query_once(plan, spec)
+    if not keep_rows:
+        none = torch.zeros(0, dtype=torch.long)
+        plan = dataclasses.replace(plan, calls=tuple(dataclasses.replace(call, q_rows=none, k_rows=none)
+                                                     for call in plan.calls))
     return plan
 
 
@@ -401,7 +410,7 @@ def _cached_or_built(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, b
     with _plans_lock:
         plan = _plans.get((spec, *case))
     if plan is None:
-        plan = build_plan(spec, n, num_heads, kv_heads, batch, device)
+        plan = build_plan(spec, n, num_heads, kv_heads, batch, device, keep_rows=False)
     with _plans_lock:
         _plans[(spec, *case)] = plan
         _plans_of_spec[(id(spec), *case)] = (spec, plan)  # holding the spec keeps its id unique

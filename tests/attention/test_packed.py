@@ -163,6 +163,10 @@ def test_plans_are_cached_per_case():
     assert packing.packed_plan(spec, 32, 4, 2, 2, torch.device("cpu")) is not first
     packing.clear_cache()
     assert packing.packed_plan(spec, 32, 4, 2, 1, torch.device("cpu")) is not first
+    # the cached plans carry no row numbers (host memory); the plan's layout is the same
+    assert all(len(call.q_rows) == 0 for call in first.calls)
+    built = build_plan(spec, 32, 4, 2, 1)
+    assert [torch.equal(a.cu_q, b.cu_q) for a, b in zip(first.calls, built.calls)] == [True] * len(built.calls)
 
 
 # -- the CPU varlen kernel -----------------------------------------------------------------
