@@ -184,6 +184,8 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                                   "auto" if backend == "sdpa" else backend)))
         for path, label, backend, run in cells:
             row = {"ctx": ctx, "path": path, "pattern": label, "backend": backend, "error": None}
+            if path == "finetune":
+                row["kernel"] = _training_kernel(base, specs[label], backend, ctx, device, dtype)
             try:
                 row.update(run())
                 row["tokens_per_s"] = ctx / row["seconds"]
@@ -199,6 +201,27 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     return result
 
 
+def _training_kernel(base, spec, backend: str, ctx: int, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel the step's attention runs on ``backend``: for auto, its choice for this
+    head shape and length with a backward to come (no memory is written to ask it)."""
+    from ..attention import resolve_backend
+
+    if spec.is_full:
+        return "sdpa"
+    config = base.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    q = torch.empty(1, heads, ctx, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.empty(1, kv_heads, ctx, head_dim, device=device, dtype=dtype, requires_grad=True)
+    return resolve_backend(spec, device, backend, (q, k, k))
+
+
+def _backend_label(row: dict) -> str:
+    """``auto (flex)``: what was asked for and, where that was auto, what ran."""
+    backend, kernel = row.get("backend", ""), row.get("kernel")
+    return f"{backend} ({kernel})" if backend == "auto" and kernel and kernel != "sdpa" else backend
+
+
 def _offloaded(row: dict) -> str:
     """How the row's activations waited: "host", "GPU", or "" (the baseline keeps them on the GPU)."""
     activations = row.get("activations")
@@ -208,7 +231,7 @@ def _offloaded(row: dict) -> str:
 
 
 def _line(row: dict) -> str:
-    head = f"  ctx {row['ctx']:>6} {row['path']:<9} {row['pattern']:<11} {row.get('backend', ''):<8}"
+    head = f"  ctx {row['ctx']:>6} {row['path']:<9} {row['pattern']:<11} {_backend_label(row):<8}"
     if row["error"]:
         return f"{head} {row['error']}"
     memory = f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""
@@ -252,7 +275,7 @@ def markdown_train(result: dict) -> str:
              "| vs full | goal vs full | first loss |",
              "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
-        head = f"| {r['ctx']} | {r['path']} | {r['pattern']} | {r.get('backend', '')} | {_offloaded(r)} |"
+        head = f"| {r['ctx']} | {r['path']} | {r['pattern']} | {_backend_label(r)} | {_offloaded(r)} |"
         if r["error"]:
             lines.append(f"{head} {r['error']} | | | | | | | |")
             continue

@@ -28,7 +28,9 @@ def test_bench_train_baseline_and_finetune_agree(tmp_path):
     assert rows["finetune", "s2"]["first_loss"] != pytest.approx(rows["finetune", "full"]["first_loss"], rel=1e-6)
     assert rows["finetune", "full"]["speed_vs_baseline"] > 0
     assert rows["finetune", "s2"]["goal_vs_full"] > 1
-    assert "| 48 | finetune | s2 | auto |" in result.output
+    # auto's choice is shown beside it: on a CPU, the chunked kernel
+    assert rows["finetune", "s2"]["kernel"] == "chunked" and rows["finetune", "full"]["kernel"] == "sdpa"
+    assert "| 48 | finetune | s2 | auto (chunked) |" in result.output
 
 
 def test_bench_train_times_each_backend_on_the_same_work(tmp_path):
@@ -40,6 +42,7 @@ def test_bench_train_times_each_backend_on_the_same_work(tmp_path):
     assert result.exit_code == 0, result.output
     rows = {(row["pattern"], row["backend"]): row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {("full", "sdpa"), ("longmixed", "packed"), ("longmixed", "chunked")}
+    assert [rows[case]["kernel"] for case in sorted(rows)] == ["sdpa", "chunked", "packed"]  # as asked
     # the same pattern on two kernels: the same loss (each cell starts from the same weights)
     assert rows["longmixed", "packed"]["first_loss"] == pytest.approx(rows["longmixed", "chunked"]["first_loss"],
                                                                       rel=1e-5)
