@@ -27,9 +27,7 @@ inputs that need gradients.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +36,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..errors import UserError
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
+from .plan_cache import PlanCache
 
 # Kernel options used unless the caller passes its own. Not ROWS_GUARANTEED_SAFE,
 # although every query attends some key: the Triton kernel drops its guard in
@@ -221,38 +220,6 @@ def _split_points(rules: list[Rule], per_kv: int) -> list[tuple[int, int]]:
     return runs
 
 
-_plans: OrderedDict = OrderedDict()  # by value: one plan per case, shared by equal specs
-_plans_of_spec: OrderedDict = OrderedDict()  # by spec object: the lookup torch.compile traces
-_plans_lock = threading.Lock()
-
-
-def _plan(spec: PatternSpec, n: int, num_heads: int, per_kv: int, device: torch.device,
-          block_size: tuple[int, int], split_layouts: bool) -> _Plan:
-    case = (n, num_heads, per_kv, str(device), block_size, split_layouts)
-    # first by the spec object: a plain dict read that torch.compile traces without a break
-    hit = _plans_of_spec.get((id(spec), *case))
-    if hit is not None and hit[0] is spec:
-        return hit[1]
-    return _cached_or_built(spec, case)
-
-
-@torch.compiler.disable  # compiled layers build a block mask eagerly (a graph break), then find it cached
-def _cached_or_built(spec: PatternSpec, case: tuple) -> _Plan:
-    key = (spec, *case)
-    with _plans_lock:
-        plan = _plans.get(key)
-    if plan is None:
-        plan = _build_plan(spec, *case)
-    with _plans_lock:
-        _plans[key] = plan
-        _plans.move_to_end(key)
-        _plans_of_spec[(id(spec), *case)] = (spec, plan)  # holding the spec keeps its id unique
-        for cache, size in ((_plans, _PLAN_CACHE_SIZE), (_plans_of_spec, 4 * _PLAN_CACHE_SIZE)):
-            while len(cache) > size:
-                cache.popitem(last=False)
-    return plan
-
-
 def _build_plan(spec: PatternSpec, n: int, num_heads: int, per_kv: int, device: str,
                 block_size: tuple[int, int], split_layouts: bool) -> _Plan:
     device = torch.device(device)
@@ -263,11 +230,17 @@ def _build_plan(spec: PatternSpec, n: int, num_heads: int, per_kv: int, device: 
                   for first, end in bounds])
 
 
+_plans: PlanCache[_Plan] = PlanCache(_build_plan, _PLAN_CACHE_SIZE)
+
+
+def _plan(spec: PatternSpec, n: int, num_heads: int, per_kv: int, device: torch.device,
+          block_size: tuple[int, int], split_layouts: bool) -> _Plan:
+    return _plans.get(spec, n, num_heads, per_kv, str(device), block_size, split_layouts)
+
+
 def clear_cache() -> None:
     """Forget every cached block mask (e.g. between benchmark runs)."""
-    with _plans_lock:
-        _plans.clear()
-        _plans_of_spec.clear()
+    _plans.clear()
 
 
 # -- the kernel -----------------------------------------------------------------

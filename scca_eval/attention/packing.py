@@ -44,8 +44,6 @@ the plan (on the host) for tests, the cached plans the forward uses drop them.
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +51,8 @@ import torch.nn.functional as F
 
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
+from .plan_cache import PlanCache
 
-# Cached plans.
-_PLAN_CACHE_SIZE = 32
 # Segment length for the rows of a cross head's far queries in the causal call: their
 # outputs are replaced, so the segments are kept short (one FlashAttention tile).
 WASTE_RUN = 128
@@ -383,45 +380,20 @@ def _check_every_query_once(plan: PackedPlan, spec: PatternSpec) -> None:
         raise AssertionError(f"the packed layout of {spec.canonical()} does not hold every query exactly once")
 
 
-_plans: OrderedDict = OrderedDict()  # by value: one plan per case, shared by equal specs
-_plans_of_spec: OrderedDict = OrderedDict()  # by spec object: the lookup torch.compile traces
-_plans_lock = threading.Lock()
+def _build_cached(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: int, device: str) -> PackedPlan:
+    return build_plan(spec, n, num_heads, kv_heads, batch, device, keep_rows=False)
+
+
+_plans: PlanCache[PackedPlan] = PlanCache(_build_cached)
 
 
 def packed_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: int,
                 device: torch.device) -> PackedPlan:
-    """``build_plan``, cached per (pattern, length, heads, key/value heads, batch, device).
-
-    Looked up first by the spec *object* (a plain read keyed by ``id``, which torch.compile
-    traces without a break, where it cannot compare two specs by value), then by value,
-    so that equal specs (every attention layer reads its own) share one plan.
-    """
-    case = (n, num_heads, kv_heads, batch, str(device))
-    hit = _plans_of_spec.get((id(spec), *case))
-    if hit is not None and hit[0] is spec:
-        return hit[1]
-    return _cached_or_built(spec, n, num_heads, kv_heads, batch, device)
-
-
-@torch.compiler.disable  # compiled code builds a plan eagerly (a graph break), then finds it cached
-def _cached_or_built(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: int,
-                     device: torch.device) -> PackedPlan:
-    case = (n, num_heads, kv_heads, batch, str(device))
-    with _plans_lock:
-        plan = _plans.get((spec, *case))
-    if plan is None:
-        plan = build_plan(spec, n, num_heads, kv_heads, batch, device, keep_rows=False)
-    with _plans_lock:
-        _plans[(spec, *case)] = plan
-        _plans_of_spec[(id(spec), *case)] = (spec, plan)  # holding the spec keeps its id unique
-        for cache, size in ((_plans, _PLAN_CACHE_SIZE), (_plans_of_spec, 4 * _PLAN_CACHE_SIZE)):
-            while len(cache) > size:  # the oldest goes first
-                cache.popitem(last=False)
-    return plan
+    """``build_plan``, cached per (pattern, length, heads, key/value heads, batch, device);
+    equal specs share one plan, and compiled code reads it without a graph break (plan_cache.py)."""
+    return _plans.get(spec, n, num_heads, kv_heads, batch, str(device))
 
 
 def clear_cache() -> None:
     """Forget every cached plan (e.g. between benchmark runs)."""
-    with _plans_lock:
-        _plans.clear()
-        _plans_of_spec.clear()
+    _plans.clear()

@@ -39,7 +39,7 @@ def test_split_and_single_layouts_give_the_same_output(name, split):
     ref = dense_attention(q, k, v, dense_mask(spec, 160, 16), 0.5)
     out = flex_pattern_attention(q, k, v, spec, 0.5, block_size=32, split_layouts=split)
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
-    parts = flex._plans[next(reversed(flex._plans))].parts
+    parts = flex._plans.newest().parts
     dilated = [rule.kind == "dilated" for rule in spec.head_rules(160, 16)]
     runs = 1 + sum(a != b for a, b in zip(dilated, dilated[1:]))  # longmixed: 2, custom: 3
     assert len(parts) == (runs if split else 1)
