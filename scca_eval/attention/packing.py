@@ -251,20 +251,24 @@ def pack_keys(plan: PackedPlan, keys: torch.Tensor, pad: float = 0) -> torch.Ten
                   for piece, part in zip(plan.pieces, parts)])
 
 
-def _reach_heads(plan: PackedPlan, x: torch.Tensor) -> list[torch.Tensor]:
-    """x [B, H, N, D] split at the reaches' heads: the parts of the reaches, in order."""
+def _split_at_reaches(plan: PackedPlan, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    """x [B, H, N, D] split along the heads where a reach starts or ends: {first head: part},
+    in head order."""
     bounds = sorted({0, plan.heads, *(r.first for r in plan.reaches), *(r.end for r in plan.reaches)})
-    parts = dict(zip(bounds, x.split([end - first for first, end in zip(bounds, bounds[1:])], dim=1)))
-    return [parts[reach.first] for reach in plan.reaches]
+    return dict(zip(bounds, x.split([end - first for first, end in zip(bounds, bounds[1:])], dim=1)))
 
 
 def pack_reach(plan: PackedPlan, x: torch.Tensor, keys: bool) -> torch.Tensor:
     """The non-causal call's queries (keys=False, x [B, H, N, D]) or keys/values (x from
     ``expand_kv_heads``): [B * reach_q, D] or [B * reach_k, D]."""
-    n = plan.n
-    return _rows([part.split([reach.keys, n - reach.keys] if keys else [reach.query_start, n - reach.query_start],
-                             dim=2)[0 if keys else 1]
-                  for reach, part in zip(plan.reaches, _reach_heads(plan, x))])
+    n, parts = plan.n, _split_at_reaches(plan, x)
+    rows = []
+    for reach in plan.reaches:
+        if keys:  # keys 0..keys-1
+            rows.append(parts[reach.first].split([reach.keys, n - reach.keys], dim=2)[0])
+        else:  # queries query_start..n-1
+            rows.append(parts[reach.first].split([reach.query_start, n - reach.query_start], dim=2)[1])
+    return _rows(rows)
 
 
 def unpack(plan: PackedPlan, causal_out: torch.Tensor, reach_out: torch.Tensor | None) -> torch.Tensor:
@@ -279,15 +283,14 @@ def unpack(plan: PackedPlan, causal_out: torch.Tensor, reach_out: torch.Tensor |
         heads.append(block)
     if reach_out is not None:  # the far queries of cross heads: the non-causal call's outputs replace the first's
         whole = torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]
-        bounds = sorted({0, plan.heads, *(r.first for r in plan.reaches), *(r.end for r in plan.reaches)})
-        parts = dict(zip(bounds, whole.split([end - first for first, end in zip(bounds, bounds[1:])], dim=1)))
+        parts = _split_at_reaches(plan, whole)
         far = reach_out.view(batch, plan.reach_q, dim).split(
             [(r.end - r.first) * (n - r.query_start) for r in plan.reaches], dim=1)
         for reach, rows in zip(plan.reaches, far):
             near = parts[reach.first].split([reach.query_start, n - reach.query_start], dim=2)[0]
             parts[reach.first] = torch.cat([near, rows.unflatten(1, (reach.end - reach.first, n - reach.query_start))],
                                            dim=2)
-        heads = [parts[first] for first in bounds[:-1]]
+        heads = list(parts.values())
     if len(heads) == 1:
         return heads[0].transpose(1, 2).contiguous().transpose(1, 2)
     return torch.cat([part.transpose(1, 2) for part in heads], dim=2).transpose(1, 2)
@@ -345,9 +348,7 @@ def build_plan(spec: PatternSpec, n: int, num_heads: int, kv_heads: int, batch: 
         k_lengths = [length for layout in layouts if layout.reach for length in layout.reach[2]] * batch
         calls.append(_call(q_lengths, k_lengths, False, pack_reach(plan, q_ids, False),
                            pack_reach(plan, k_ids, True), [True] * len(q_lengths), device))
-    plan = PackedPlan(*(getattr(plan, name) for name in
-                        ("n", "heads", "kv_heads", "batch", "pieces", "block", "reaches", "reach_q", "reach_k")),
-                      tuple(calls))
+    plan = dataclasses.replace(plan, calls=tuple(calls))
     _check_every_query_once(plan, spec)
     if not keep_rows:
         none = torch.zeros(0, dtype=torch.long)
