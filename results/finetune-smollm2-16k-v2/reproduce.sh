@@ -11,7 +11,7 @@
 #   PARALLEL=6 results/finetune-smollm2-16k-v2/reproduce.sh       # that many runs at once
 #   COMPILE=1 ...                                                  # finetune --compile (GPU): compiled
 #             decoder layers, faster steps, the same results up to rounding; the compute-matched
-#             stage needs the full-attention runs it matches timed in the same setting
+#             stage times the patterns' steps compiled too
 #
 # Stages:
 #   sweep     short runs of SWEEP_PATTERNS at every rate of LRS (seed 0); lr_sweep.py picks, per
@@ -19,8 +19,8 @@
 #   finetune  main table: every pattern at the rate chosen for s2, seeds SEEDS, STEPS steps;
 #             second table: each swept pattern at its own chosen rate, seed 0 (a run of the
 #             main table is reused when the rates agree)
-#   matched   every pattern at the s2 rate for the training time the full-attention run of
-#             the same seed took (its training.json runtime.seconds; MATCHED_SECONDS overrides)
+#   matched   every sparse pattern at the s2 rate for the GPU time of STEPS full-attention steps:
+#             seconds per step timed alone by `bench train` (matched-speed.json), steps scaled by it
 #   evaluate  pg19_sample and proof_pile_sample at EVAL_CTX, full attention and the training
 #             pattern, for every checkpoint and the two baselines
 #   passkey   passkey retrieval at PASSKEY_CTX, full attention, for every checkpoint
@@ -65,6 +65,7 @@ WARMUP=${WARMUP:-20}
 # The cap of a compute-matched run: 2 x STEPS windows of 16k (32.8M tokens) stay inside the
 # 39.6M training tokens of mixture_train, so no run repeats its data.
 MATCHED_MAX_STEPS=${MATCHED_MAX_STEPS:-$((STEPS * 2))}
+MATCHED_SHAPE=${MATCHED_SHAPE:-smollm2-135m}   # the model shape the matched stage times (bench train --shape)
 # Validation: EVAL_TOKENS // CTX windows (8 at 16k) every EVAL_EVERY steps; a tenth of a run
 # must hold a point for the convergence rule (docs/finetune.md).
 EVAL_TOKENS=${EVAL_TOKENS:-131072}
@@ -165,23 +166,38 @@ finetune() {
     } | run_parallel
 }
 
-matched() {  # every pattern for the training time of the full-attention run of the same seed
-    local main_lr seconds reference
+matched() {  # every sparse pattern for the GPU time of STEPS full-attention steps, each alone on the GPU
+    local main_lr speed="$RESULTS/matched-speed.json" seed p steps
     main_lr=$(chosen_lr s2)
+    # Seconds per step of each pattern, timed one after another in one process on an idle GPU
+    # (`bench train`: the experiment's model shape, ctx and settings, random weights): a
+    # pattern's budget is STEPS x (full's s/step / its s/step) steps, capped at MATCHED_MAX_STEPS.
+    # Kept in RESULTS, so the step counts are remade from it, not from another measurement.
+    if [ ! -f "$speed" ]; then
+        local measured=(full); for p in "${PATTERNS[@]}"; do [ "$p" = full ] || measured+=("$p"); done
+        $PY -m scca_eval bench train --shape "$MATCHED_SHAPE" --ctx "$CTX" --pattern "$(IFS=,; echo "${measured[*]}")" \
+            --no-baseline --warmup 2 --steps 5 "${DEVICE_OPTION[@]}" "${COMPILE_OPTION[@]}" --json "$speed.tmp" \
+            --markdown "$RESULTS/matched-speed.md" > /dev/null
+        mv "$speed.tmp" "$speed"
+    fi
     for seed in "${MATCHED_SEEDS[@]}"; do
-        reference="$CKPT/main/full-seed$seed/training.json"
-        [ -f "$reference" ] || reference="$RESULTS/training/main/full-seed$seed.json"  # the kept copy
-        if [ -z "${MATCHED_SECONDS:-}" ] && [ ! -f "$reference" ]; then
-            echo "reproduce.sh: $reference is missing; run the finetune stage (with full in PATTERNS) first" >&2
-            exit 2
-        fi
-        seconds=${MATCHED_SECONDS:-$(json_field "$reference" runtime.seconds)}
         for p in "${PATTERNS[@]}"; do
             [ "$p" = full ] && continue
+            steps=$(matched_steps "$speed" "$p")
             finetune_line matched "$p-matched-seed$seed" --pattern "$p" --lr "$main_lr" --seed "$seed" \
-                --steps "$MATCHED_MAX_STEPS" --max-time "$seconds" --eval-every "$EVAL_EVERY"
+                --steps "$steps" --eval-every "$EVAL_EVERY"
         done
     done | run_parallel
+}
+
+matched_steps() {  # SPEED-JSON PATTERN: STEPS scaled by full's seconds per step over the pattern's
+    $PY -c 'import json, sys
+rows = {row["pattern"]: row for row in json.load(open(sys.argv[1]))["rows"] if row["path"] == "finetune"}
+for name in ("full", sys.argv[2]):
+    if name not in rows or rows[name].get("error") or not rows[name].get("seconds"):
+        sys.exit(f"reproduce.sh: {sys.argv[1]} has no step time for {name}; delete it to measure again")
+steps = round(int(sys.argv[3]) * rows["full"]["seconds"] / rows[sys.argv[2]]["seconds"])
+print(min(steps, int(sys.argv[4])))' "$1" "$2" "$STEPS" "$MATCHED_MAX_STEPS"
 }
 
 checkpoints() {  # GROUP/NAME of every finished fine-tune of the tables
