@@ -32,6 +32,13 @@ IMPLEMENTATION = "scca"
 PATTERN_KEY = "scca_pattern"  # config attribute: the pattern's settings (spec.to_dict())
 BACKEND_KEY = "scca_attention_backend"  # config attribute: the kernel (dispatch.BACKENDS)
 _READ = "_scca_pattern_read"  # attention-layer attribute: (settings, spec, backend) read from the config
+# One settings object and one spec object per distinct pattern. Compiled layers are guarded on
+# the identity of the settings and the spec they read: the layers of a model share one graph
+# only if they read the same objects (else each layer compiles its own, and past dynamo's
+# recompile limit the rest run eagerly), and applying a pattern again (after validating a
+# run under full attention, say) must hand them the objects they were traced with.
+_SETTINGS: dict[PatternSpec, dict] = {}
+_SPECS: dict[PatternSpec, PatternSpec] = {}
 
 
 def _read_pattern(module) -> tuple[PatternSpec, str] | None:
@@ -42,7 +49,8 @@ def _read_pattern(module) -> tuple[PatternSpec, str] | None:
         return None
     read = getattr(module, _READ, None)
     if read is None or read[0] is not data:  # first call, or the config got another pattern
-        read = (data, pattern_from_dict(data), getattr(config, BACKEND_KEY, "auto"))
+        spec = pattern_from_dict(data)
+        read = (data, _SPECS.setdefault(spec, spec), getattr(config, BACKEND_KEY, "auto"))
         setattr(module, _READ, read)
     return read[1], read[2]
 
@@ -172,7 +180,7 @@ def apply_pattern(model, spec: PatternSpec, backend: str = "auto"):
         return model
     check_architecture(model)
     register()
-    settings = spec.to_dict()
+    settings = _SETTINGS.setdefault(spec, spec.to_dict())
     for config in configs:
         setattr(config, PATTERN_KEY, settings)
         setattr(config, BACKEND_KEY, backend)

@@ -42,10 +42,11 @@ def _compiled_steps(monkeypatch, eager_first_pass: bool, steps: int = 3) -> tupl
     pattern, and the graphs compiled so far after each step."""
     from torch._dynamo.utils import counters
 
-    from scca_eval.attention import packed
+    from scca_eval.attention import packed, packing
 
     # the varlen contract as one traceable SDPA call, so that the CPU run compiles as a GPU run does
     monkeypatch.setattr(packed, "segment_attention", masked_varlen)
+    packing._plans.clear()  # layouts built by earlier tests would hide the first pass's lookups
     torch._dynamo.reset()
     counters.clear()
     trainer = _trainer(compiled=True, pattern="longmixed")
@@ -68,3 +69,37 @@ def test_compiled_layers_train_in_whole_graphs(monkeypatch):
     assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 2  # compiled in the first step's second pass
     breaks, _ = _compiled_steps(monkeypatch, eager_first_pass=False)
     assert breaks > 0
+
+
+def test_layers_share_one_graph_and_validation_does_not_recompile_them(monkeypatch):
+    """The layers of a model under a pattern read one spec object, so they share one compiled
+    graph (a graph per layer would pass dynamo's recompile limit on a deep model and leave the
+    rest of the layers eager). Validation switches the model to full attention and back
+    (validation_loss.full_attention); coming back must hand the layers the objects they were
+    traced with, so the training graph is reused: one graph for training and one for
+    validation (no gradients), however often a run validates."""
+    from torch._dynamo.utils import counters
+
+    from scca_eval.attention import packed
+    from scca_eval.patterns import resolve_pattern
+    from scca_eval.training.loop import window_nll_sum
+    from scca_eval.training.validation_loss import full_attention
+
+    monkeypatch.setattr(packed, "segment_attention", masked_varlen)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = _trainer(compiled=True, pattern="longmixed")
+    assert len(trainer.model.get_base_model().get_decoder().layers) > 1
+    spec = resolve_pattern("longmixed", chunk_size=8)
+    ids = torch.randint(0, trainer.model.config.vocab_size, (1, 32))
+    graphs = []
+    for _ in range(4):
+        trainer.step()
+        graphs.append(counters["stats"].get("unique_graphs", 0))
+        trainer.model.eval()
+        with torch.no_grad(), full_attention(trainer.model, spec, "packed"):
+            window_nll_sum(trainer.model, ids)
+        trainer.model.train()
+        graphs.append(counters["stats"].get("unique_graphs", 0))
+    assert sum(counters["graph_break"].values()) == 0
+    assert graphs == [1] + [2] * 7, graphs
