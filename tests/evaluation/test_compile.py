@@ -120,8 +120,8 @@ def test_only_full_batches_of_full_windows_run_compiled(compiled_tiny):
 
 def test_compiled_pattern_layers_run_as_whole_graphs(monkeypatch):
     """Under a sparse pattern the compiled layers trace without a graph break (the first
-    batch, eager, built the packed layout) and are not compiled again from call to call
-    (nothing they read changes between calls)."""
+    batch, eager, built the packed layout), share one graph, and are not compiled again from
+    call to call (nothing they read changes between calls)."""
     from torch._dynamo.utils import counters
 
     from helpers import masked_varlen, tiny_llama
@@ -144,7 +144,7 @@ def test_compiled_pattern_layers_run_as_whole_graphs(monkeypatch):
         score_windows(model, documents, windows, batch_size=2, window_length=32)
         graphs.append(counters["stats"]["unique_graphs"])
     assert sum(counters["graph_break"].values()) == 0
-    assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 2
+    assert graphs == [1, 1, 1]  # the layers share one graph (they read one spec object)
 
 
 def test_automatic_batch_is_no_larger_than_the_full_windows():
