@@ -18,11 +18,12 @@
 #             pattern, the rate with the lowest final validation loss -> lr-sweep.{json,md,png}
 #   finetune  main table: every pattern at the rate chosen for s2, seeds SEEDS, STEPS steps;
 #             second table: each swept pattern at its own chosen rate, seed 0 (a run of the
-#             main table is reused when the rates agree)
+#             main table is reused when the rates agree); each run of these tables (and of
+#             matched) is evaluated and passkey-tested as soon as it has finished
 #   matched   every sparse pattern at the s2 rate for the GPU time of STEPS full-attention steps:
 #             seconds per step timed alone by `bench train` (matched-speed.json), steps scaled by it
 #   evaluate  pg19_sample and proof_pile_sample at EVAL_CTX, full attention and the training
-#             pattern, for every checkpoint and the two baselines
+#             pattern, for the two baselines and every checkpoint (cells already written are skipped)
 #   passkey   passkey retrieval at PASSKEY_CTX, full attention, for every checkpoint
 #   report    tables (mean ± sd over seeds), paired tests against s2 per seed, curves
 #
@@ -96,7 +97,7 @@ run_parallel() {  # run the given commands (one per line on stdin), PARALLEL at 
 
 finetune_line() {  # GROUP NAME FINETUNE-OPTIONS...: the command of one run (none when it has finished)
     local group=$1 name=$2; shift 2
-    local out="$CKPT/$group/$name" copy="$RESULTS/training/$group/$name.json" resume=""
+    local out="$CKPT/$group/$name" copy="$RESULTS/training/$group/$name.json" resume="" after=""
     mkdir -p "$CKPT/$group" "$RESULTS/training/$group"
     if [ -f "$out/training.json" ]; then
         [ -f "$copy" ] || cp "$out/training.json" "$copy"
@@ -106,7 +107,26 @@ finetune_line() {  # GROUP NAME FINETUNE-OPTIONS...: the command of one run (non
     # its checkpoint is not. Delete the copy to train the run again.
     [ -f "$copy" ] && return
     [ -f "$out/checkpoint.pt" ] && resume="--resume"
-    echo "$PY -m scca_eval finetune ${FINETUNE[*]} $* --out $out $resume > $out.log 2>&1 && cp $out/training.json $copy"
+    # A run of the tables is evaluated as soon as it has finished, on the machine that holds its
+    # checkpoint: a session that ends before the other runs do keeps its numbers.
+    in_list "$group" "${RUN_GROUPS[@]}" && after=" && $(evaluation_line "$group/$name" "$(option_value --pattern "$@")") && $(passkey_line "$group/$name")"
+    echo "$PY -m scca_eval finetune ${FINETUNE[*]} $* --out $out $resume > $out.log 2>&1 && cp $out/training.json $copy$after"
+}
+
+option_value() {  # OPTION ARGS...: the value that follows OPTION in ARGS
+    local option=$1; shift
+    while [ $# -gt 1 ]; do [ "$1" = "$option" ] && { echo "$2"; return; }; shift; done
+}
+
+evaluation_line() {  # GROUP/NAME PATTERN: evaluate a checkpoint with full attention and under its training pattern
+    local line="$PY -m scca_eval sweep --model default --adapter $CKPT/$1 --pattern full ${EVAL[*]} --out $RESULTS/full-attention/$1 --quiet"
+    # The adapter brings its RoPE scaling (training.json) and its training pattern.
+    [ "$2" = full ] || line+=" && $PY -m scca_eval sweep --model default --adapter $CKPT/$1 --pattern $2 ${EVAL[*]} --out $RESULTS/trained-pattern/$1 --quiet"
+    echo "$line"
+}
+
+passkey_line() {  # GROUP/NAME: passkey retrieval of a checkpoint, full attention
+    echo "$PY -m scca_eval passkey --model default --adapter $CKPT/$1 --pattern full ${PASSKEY[*]} --out $RESULTS/passkey/$1"
 }
 
 json_field() {  # FILE KEY[.KEY...]: one value of a JSON file
@@ -210,27 +230,21 @@ checkpoints() {  # GROUP/NAME of every finished fine-tune of the tables
 }
 
 evaluate() {
-    local fa="$RESULTS/full-attention" tp="$RESULTS/trained-pattern" run p
+    local fa="$RESULTS/full-attention" run
     {
         # Baselines: no fine-tuning, without and with the interpolation.
         echo "$PY -m scca_eval sweep --model default --pattern full ${EVAL[*]} --allow-long-context --out $fa/base --quiet"
         echo "$PY -m scca_eval sweep --model default --rope-scaling linear:2 --pattern full ${EVAL[*]} --out $fa/base-pi2 --quiet"
         for run in $(checkpoints); do
-            p=$(json_field "$CKPT/$run/training.json" pattern_name)
-            # The adapter brings its RoPE scaling (training.json) and its training pattern.
-            echo "$PY -m scca_eval sweep --model default --adapter $CKPT/$run --pattern full ${EVAL[*]} --out $fa/$run --quiet"
-            [ "$p" = full ] || echo "$PY -m scca_eval sweep --model default --adapter $CKPT/$run --pattern $p ${EVAL[*]} --out $tp/$run --quiet"
+            evaluation_line "$run" "$(json_field "$CKPT/$run/training.json" pattern_name)"
         done
     } | run_parallel
 }
 
 passkey() {  # LongLoRA's passkey test on every checkpoint and the interpolated base, full attention
-    local pk="$RESULTS/passkey" run
     {
-        echo "$PY -m scca_eval passkey --model default --rope-scaling linear:2 --pattern full ${PASSKEY[*]} --out $pk/base-pi2"
-        for run in $(checkpoints); do
-            echo "$PY -m scca_eval passkey --model default --adapter $CKPT/$run --pattern full ${PASSKEY[*]} --out $pk/$run"
-        done
+        echo "$PY -m scca_eval passkey --model default --rope-scaling linear:2 --pattern full ${PASSKEY[*]} --out $RESULTS/passkey/base-pi2"
+        for run in $(checkpoints); do passkey_line "$run"; done
     } | run_parallel
 }
 
