@@ -108,7 +108,7 @@ finetune_line() {  # GROUP NAME FINETUNE-OPTIONS...: the command of one run (non
     [ -f "$copy" ] && return
     [ -f "$out/checkpoint.pt" ] && resume="--resume"
     # A run of the tables is evaluated as soon as it has finished, on the machine that holds its
-    # checkpoint: a session that ends before the other runs do keeps its numbers.
+    # checkpoint: a machine given back before the other runs end keeps the numbers of those that finished.
     in_list "$group" "${RUN_GROUPS[@]}" && after=" && $(evaluation_line "$group/$name" "$(option_value --pattern "$@")") && $(passkey_line "$group/$name")"
     echo "$PY -m scca_eval finetune ${FINETUNE[*]} $* --out $out $resume > $out.log 2>&1 && cp $out/training.json $copy$after"
 }
