@@ -47,10 +47,11 @@ def _read_pattern(module) -> tuple[PatternSpec, str] | None:
     data = getattr(config, PATTERN_KEY, None)
     if data is None:
         return None
+    backend = getattr(config, BACKEND_KEY, "auto")
     read = getattr(module, _READ, None)
-    if read is None or read[0] is not data:  # first call, or the config got another pattern
+    if read is None or read[0] is not data or read[2] != backend:  # first call, or the config changed
         spec = pattern_from_dict(data)
-        read = (data, _SPECS.setdefault(spec, spec), getattr(config, BACKEND_KEY, "auto"))
+        read = (data, _SPECS.setdefault(spec, spec), backend)
         setattr(module, _READ, read)
     return read[1], read[2]
 

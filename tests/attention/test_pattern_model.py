@@ -268,3 +268,17 @@ def test_training_mode_gradients_equal_the_dense_reference(base_model, pattern):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+
+
+def test_applying_the_same_pattern_on_another_backend_switches_the_kernel(base_model):
+    """One settings object serves every model under a pattern, so a layer must notice a
+    changed backend by itself and not only a changed pattern."""
+    model = copy.deepcopy(base_model)
+    spec = resolve_pattern("s2", chunk_size=4)
+    ids = token_batch(1, 16)
+    for backend in ("chunked", "strided", "chunked"):
+        apply_pattern(model, spec, backend=backend)
+        reset_call_counts()
+        with torch.no_grad():
+            model(ids)
+        assert set(call_counts()) == {backend}
