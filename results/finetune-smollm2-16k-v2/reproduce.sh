@@ -95,8 +95,8 @@ run_parallel() {  # run the given commands (one per line on stdin), PARALLEL at 
     return $failed
 }
 
-finetune_line() {  # GROUP NAME FINETUNE-OPTIONS...: the command of one run (none when it has finished)
-    local group=$1 name=$2; shift 2
+finetune_line() {  # GROUP NAME PATTERN FINETUNE-OPTIONS...: the command of one run (none when it has finished)
+    local group=$1 name=$2 pattern=$3; shift 3
     local out="$CKPT/$group/$name" copy="$RESULTS/training/$group/$name.json" resume="" after=""
     mkdir -p "$CKPT/$group" "$RESULTS/training/$group"
     if [ -f "$out/training.json" ]; then
@@ -109,13 +109,8 @@ finetune_line() {  # GROUP NAME FINETUNE-OPTIONS...: the command of one run (non
     [ -f "$out/checkpoint.pt" ] && resume="--resume"
     # A run of the tables is evaluated as soon as it has finished, on the machine that holds its
     # checkpoint: a machine given back before the other runs end keeps the numbers of those that finished.
-    in_list "$group" "${RUN_GROUPS[@]}" && after=" && $(evaluation_line "$group/$name" "$(option_value --pattern "$@")") && $(passkey_line "$group/$name")"
-    echo "$PY -m scca_eval finetune ${FINETUNE[*]} $* --out $out $resume > $out.log 2>&1 && cp $out/training.json $copy$after"
-}
-
-option_value() {  # OPTION ARGS...: the value that follows OPTION in ARGS
-    local option=$1; shift
-    while [ $# -gt 1 ]; do [ "$1" = "$option" ] && { echo "$2"; return; }; shift; done
+    in_list "$group" "${RUN_GROUPS[@]}" && after=" && $(evaluation_line "$group/$name" "$pattern") && $(passkey_line "$group/$name")"
+    echo "$PY -m scca_eval finetune ${FINETUNE[*]} --pattern $pattern $* --out $out $resume > $out.log 2>&1 && cp $out/training.json $copy$after"
 }
 
 evaluation_line() {  # GROUP/NAME PATTERN: evaluate a checkpoint with full attention and under its training pattern
@@ -157,7 +152,7 @@ in_list() {  # WORD LIST...: is WORD one of LIST?
 sweep() {
     for p in "${SWEEP_PATTERNS[@]}"; do
         for lr in "${LRS[@]}"; do
-            finetune_line sweep "$p-lr$lr" --pattern "$p" --lr "$lr" --seed 0 --steps "$SWEEP_STEPS" \
+            finetune_line sweep "$p-lr$lr" "$p" --lr "$lr" --seed 0 --steps "$SWEEP_STEPS" \
                 --eval-every "$SWEEP_EVAL_EVERY"
         done
     done | run_parallel
@@ -171,7 +166,7 @@ finetune() {
     {
         for p in "${PATTERNS[@]}"; do
             for seed in "${SEEDS[@]}"; do
-                finetune_line main "$p-seed$seed" --pattern "$p" --lr "$main_lr" --seed "$seed" --steps "$STEPS" \
+                finetune_line main "$p-seed$seed" "$p" --lr "$main_lr" --seed "$seed" --steps "$STEPS" \
                     --eval-every "$EVAL_EVERY"
             done
         done
@@ -181,7 +176,7 @@ finetune() {
             if [ "$own_lr" = "$main_lr" ] && in_list "$p" "${PATTERNS[@]}" && in_list 0 "${SEEDS[@]}"; then
                 continue
             fi
-            finetune_line own "$p" --pattern "$p" --lr "$own_lr" --seed 0 --steps "$STEPS" --eval-every "$EVAL_EVERY"
+            finetune_line own "$p" "$p" --lr "$own_lr" --seed 0 --steps "$STEPS" --eval-every "$EVAL_EVERY"
         done
     } | run_parallel
 }
@@ -204,7 +199,7 @@ matched() {  # every sparse pattern for the GPU time of STEPS full-attention ste
         for p in "${PATTERNS[@]}"; do
             [ "$p" = full ] && continue
             steps=$(matched_steps "$speed" "$p")
-            finetune_line matched "$p-matched-seed$seed" --pattern "$p" --lr "$main_lr" --seed "$seed" \
+            finetune_line matched "$p-matched-seed$seed" "$p" --lr "$main_lr" --seed "$seed" \
                 --steps "$steps" --eval-every "$EVAL_EVERY"
         done
     done | run_parallel

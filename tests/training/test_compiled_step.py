@@ -37,9 +37,9 @@ def test_compiled_layers_are_recognised():
     assert has_compiled_layers(model)
 
 
-def _compiled_steps(monkeypatch, eager_first_pass: bool, steps: int = 3) -> tuple[int, list[int]]:
-    """Graph breaks over ``steps`` fine-tuning steps of compiled layers under a packed
-    pattern, and the graphs compiled so far after each step."""
+def _fresh_compiled_trainer(monkeypatch):
+    """A trainer of compiled layers under longmixed on the packed backend, with nothing
+    compiled or cached yet and dynamo's counters at zero."""
     from torch._dynamo.utils import counters
 
     from scca_eval.attention import packed, packing
@@ -49,7 +49,15 @@ def _compiled_steps(monkeypatch, eager_first_pass: bool, steps: int = 3) -> tupl
     packing._plans.clear()  # layouts built by earlier tests would hide the first pass's lookups
     torch._dynamo.reset()
     counters.clear()
-    trainer = _trainer(compiled=True, pattern="longmixed")
+    return _trainer(compiled=True, pattern="longmixed")
+
+
+def _compiled_steps(monkeypatch, eager_first_pass: bool, steps: int = 3) -> tuple[int, list[int]]:
+    """Graph breaks over ``steps`` fine-tuning steps of compiled layers under a packed
+    pattern, and the graphs compiled so far after each step."""
+    from torch._dynamo.utils import counters
+
+    trainer = _fresh_compiled_trainer(monkeypatch)
     if not eager_first_pass:
         trainer._eager_passes = 0
     graphs = []
@@ -80,15 +88,11 @@ def test_layers_share_one_graph_and_validation_does_not_recompile_them(monkeypat
     validation (no gradients), however often a run validates."""
     from torch._dynamo.utils import counters
 
-    from scca_eval.attention import packed
     from scca_eval.patterns import resolve_pattern
     from scca_eval.training.loop import window_nll_sum
     from scca_eval.training.validation_loss import full_attention
 
-    monkeypatch.setattr(packed, "segment_attention", masked_varlen)
-    torch._dynamo.reset()
-    counters.clear()
-    trainer = _trainer(compiled=True, pattern="longmixed")
+    trainer = _fresh_compiled_trainer(monkeypatch)
     assert len(trainer.model.get_base_model().get_decoder().layers) > 1
     spec = resolve_pattern("longmixed", chunk_size=8)
     ids = torch.randint(0, trainer.model.config.vocab_size, (1, 32))
