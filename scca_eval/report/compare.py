@@ -102,9 +102,9 @@ class Comparison:
                 lines.append(f"Only in {side} ({len(cells)}, not compared): " + ", ".join(cells) + ".")
         untested = [c for c in self.cells if c.significant is None]
         for cell in untested:
-            consequence = " so it fails the gate (it cannot show that it did not regress)" \
+            consequence = "; so it fails the gate (it cannot show that it did not regress)" \
                 if self.max_regression is not None else ""
-            lines.append(f"{cell.label}: not testable: {cell.untested_reason};{consequence}.")
+            lines.append(f"{cell.label}: not testable: {cell.untested_reason}{consequence}.")
         if self.max_regression is not None:
             lines.append("")
             if self.passed:

@@ -297,6 +297,11 @@ def test_too_few_windows_fail_the_gate_closed():
     result = compare_records([base], [worse], max_regression=1)
     assert not result.passed and result.cells[0].significant is None
     assert "fewer than 10" in result.cells[0].untested_reason
+    # the note under the table: one sentence, with the gate's consequence only where a gate is set
+    gated = [line for line in result.to_markdown().splitlines() if ": not testable: " in line]
+    assert len(gated) == 1 and gated[0].endswith("more windows; so it fails the gate (it cannot show that it did not regress).")
+    ungated = [line for line in compare_records([base], [worse]).to_markdown().splitlines() if ": not testable: " in line]
+    assert len(ungated) == 1 and ungated[0].endswith("more windows.")
 
 
 def test_inputs_are_not_modified():
