@@ -172,10 +172,9 @@ finetune() {
         done
         for p in "${SWEEP_PATTERNS[@]}"; do
             own_lr=$(chosen_lr "$p")
-            # The same rate and seed 0 is a run of the main table: the report reads that one.
-            if [ "$own_lr" = "$main_lr" ] && in_list "$p" "${PATTERNS[@]}" && in_list 0 "${SEEDS[@]}"; then
-                continue
-            fi
+            # At s2's rate the second table's row is the main table's seed-0 run (the report reads
+            # that one), whether or not this call's PATTERNS and SEEDS select it.
+            [ "$own_lr" = "$main_lr" ] && continue
             finetune_line own "$p" "$p" --lr "$own_lr" --seed 0 --steps "$STEPS" --eval-every "$EVAL_EVERY"
         done
     } | run_parallel
