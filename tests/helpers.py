@@ -207,11 +207,21 @@ def write_local_task(folder: Path, texts: list[str]) -> tuple[Path, Path]:
     return folder, data
 
 
-def launch_two_processes(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch_two_processes(args: list[str], cwd: Path, timeout: int = 300,
+                         rank_zero_delay: float = 0.0) -> subprocess.CompletedProcess:
     """``scca-eval ARGS`` as two gloo processes on this machine (what ``--gpus 2`` starts), from
-    a fresh interpreter that imports this checkout; returns the finished launcher."""
+    a fresh interpreter that imports this checkout; returns the finished launcher.
+    ``rank_zero_delay``: rank 0 starts that many seconds late (a ``sitecustomize`` put on its
+    path), so that the other rank meets any error first."""
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    path = str(repo)
+    if rank_zero_delay:
+        slow = cwd / "rank_zero_starts_late"
+        slow.mkdir(exist_ok=True)
+        (slow / "sitecustomize.py").write_text(
+            f"import os, time\nif os.environ.get('RANK') == '0':\n    time.sleep({rank_zero_delay})\n")
+        path = f"{slow}{os.pathsep}{path}"
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     code = f"import sys; from scca_eval.distributed import launch; sys.exit(launch({list(args)!r}, 2))"
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import NoReturn
 
 import click
@@ -77,7 +78,7 @@ def leave_input_errors_to_rank_zero() -> None:
     from .. import distributed
 
     if distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
-        click.get_current_context().exit(2)
+        _exit_after_rank_zero()
 
 
 def interrupted(ranks, error: KeyboardInterrupt) -> NoReturn:
@@ -94,5 +95,18 @@ def rank_error(ranks, error: UserError) -> NoReturn:
     if ranks.is_main:
         raise error
     if getattr(error, "reported_by_main", False):
-        click.get_current_context().exit(2)
+        _exit_after_rank_zero()
     raise UserError(f"rank {ranks.rank}: {error}") from None
+
+
+# How long a quiet rank waits for rank 0 to say the error and exit; rank 0 meets the same
+# input, so the wait normally ends within moments, when the launcher stops this process.
+RANK_ZERO_GRACE_SECONDS = 60.0
+
+
+def _exit_after_rank_zero() -> NoReturn:
+    """Exit with status 2, but not before rank 0: the launcher stops every process as soon as
+    one of them fails, so a quiet rank that left first could stop rank 0 before it printed
+    the error line, leaving the user a bare status 2."""
+    time.sleep(RANK_ZERO_GRACE_SECONDS)
+    click.get_current_context().exit(2)

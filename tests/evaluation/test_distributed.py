@@ -89,9 +89,12 @@ def test_two_gloo_processes_write_the_record_of_one_process(tiny_model_dir, samp
         len(d) - 1 for d in _token_counts(tiny_model_dir, sample_data_dir))
 
 
-def test_bad_input_under_torchrun_is_one_line_and_status_2(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("rank_zero_delay", [0.0, 3.0], ids=["together", "rank-0-late"])
+def test_bad_input_under_torchrun_is_one_line_and_status_2(tiny_model_dir, tmp_path, rank_zero_delay):
+    # rank-0-late: the quiet rank meets the error first; it must not end the launch before
+    # rank 0 has said the line.
     args = ["ppl", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nowhere"), "--device", "cpu", "-q"]
-    done = launch_two_processes(args, tmp_path)
+    done = launch_two_processes(args, tmp_path, rank_zero_delay=rank_zero_delay)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no such file or folder" in lines[0] and "Traceback" not in done.stderr
