@@ -14,13 +14,18 @@ q/k/v/o plus trainable embeddings and norms, gradient checkpointing):
 Each cell runs warm-up steps, then timed steps; it reports tokens/s, peak device memory
 (``max_memory_allocated`` from just before its first step: weights, optimizer state and
 activations), the first step's loss (baseline and full attention must agree: the
-same model on the same window) and the ratios the fine-tuning goals are stated in.
+same model on the same window) and the ratios the fine-tuning goals are stated in. With
+``profile_dir``, one more step of each cell runs under torch.profiler: the row gets the
+host's and the GPU's busy time in that step (a step whose host time exceeds its GPU time
+waits on the host, not on its kernels) and the op table goes to a file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -60,7 +65,7 @@ def _restore(base, dtype: torch.dtype, original: dict[str, torch.Tensor]) -> Non
     disable()
 
 
-def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original) -> dict:
+def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original, profile_to=None) -> dict:
     """The loop a user writes: peft + transformers (SDPA) + gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 
@@ -86,7 +91,7 @@ def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original) 
         return float(loss.detach())
 
     try:
-        return _timed(step, steps, warmup, device)
+        return _timed(step, steps, warmup, device, profile_to)
     finally:
         del optimizer
         model.unload()
@@ -94,7 +99,7 @@ def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original) 
 
 
 def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, original, offload,
-                   backend: str = "auto") -> dict:
+                   backend: str = "auto", profile_to: Path | None = None) -> dict:
     from ..attention.register import apply_pattern
     from ..training.lora import attach_lora, enable_gradient_checkpointing, keep_activations_in
     from ..training.loop import Trainer
@@ -110,7 +115,7 @@ def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, orig
     stream = TrainingStream(ids[0].cpu().numpy().astype(np.int64), ctx, None, [], "random")
     trainer = Trainer(model, stream, recipe, device, None if dtype == torch.float32 else dtype)
     try:
-        timed = _timed(lambda: trainer.step()["loss"], steps, warmup, device)
+        timed = _timed(lambda: trainer.step()["loss"], steps, warmup, device, profile_to)
         timed["activations"] = trainer.activations.describe()
         return timed
     finally:
@@ -121,7 +126,7 @@ def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, orig
         _restore(base, dtype, original)
 
 
-def _timed(step: Callable[[], float], steps: int, warmup: int, device) -> dict:
+def _timed(step: Callable[[], float], steps: int, warmup: int, device, profile_to: Path | None = None) -> dict:
     _reset_peak(device)
     first_loss = None
     for _ in range(warmup):
@@ -135,19 +140,47 @@ def _timed(step: Callable[[], float], steps: int, warmup: int, device) -> dict:
         _sync(device)
         times.append(time.perf_counter() - started)
         first_loss = loss if first_loss is None else first_loss
-    return {"times_s": times, "seconds": float(np.median(times)), "first_loss": first_loss,
-            "peak_memory_gib": _peak_memory(device)}
+    timed = {"times_s": times, "seconds": float(np.median(times)), "first_loss": first_loss,
+             "peak_memory_gib": _peak_memory(device)}
+    if profile_to is not None:
+        timed["profile"] = _profiled(step, device, profile_to)
+    return timed
+
+
+def _profiled(step: Callable[[], float], device, path: Path) -> dict:
+    """One more step under torch.profiler: the host's and the GPU's busy time (ms, summed as
+    the profiler's own table sums them), and that table, by GPU time, written to ``path``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    _sync(device)
+    with profile(activities=activities) as profiler:
+        step()
+        _sync(device)
+    events = profiler.key_averages()
+    host_ms = sum(event.self_cpu_time_total for event in events) / 1000
+    gpu_ms = sum(event.self_device_time_total for event in events
+                 if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1000 if on_gpu else None
+    table = events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=40)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(table)
+    os.replace(partial, path)
+    return {"host_ms": host_ms, "gpu_ms": gpu_ms, "table": path.name}
 
 
 def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 patterns: Sequence[str] = DEFAULT_PATTERNS, *, device: torch.device | None = None,
                 dtype: torch.dtype | None = None, steps: int = 1, warmup: int = 1, baseline: bool = True,
                 compile: bool = False, offload_activations: bool | str = "auto", backends: Sequence[str] = ("auto",),
-                layers: int | None = None, seed: int = 0, log: Callable[[str], None] | None = print) -> dict:
+                layers: int | None = None, seed: int = 0, profile_dir: str | Path | None = None,
+                log: Callable[[str], None] | None = print) -> dict:
     """Baseline and finetune-step throughput and memory for each ctx and pattern (one window a step).
 
     backends: attention backends the sparse patterns are timed on, one cell each (full
-    attention always runs on SDPA, once).
+    attention always runs on SDPA, once). profile_dir: a folder for one profiled step per
+    cell (``CTX-PATH-PATTERN-BACKEND.txt``).
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -155,6 +188,13 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     if shape not in SHAPES and not str(shape).endswith(".json"):
         raise UserError(f"bench train builds random weights: --shape takes a named shape or a config .json, not {shape!r}")
     specs = {label: pattern_from_label(label) for label in patterns}
+    if profile_dir is not None:
+        profile_dir = Path(profile_dir)
+        profile_dir.mkdir(parents=True, exist_ok=True)
+
+    def profile_to(ctx: int, path: str, label: str, backend: str) -> Path | None:
+        return None if profile_dir is None else profile_dir / f"{ctx}-{path}-{label}-{backend}.txt"
+
     base = random_model(shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=layers, seed=seed)
     body, head = _linear_params(base)
     original = _trained_in_full(base)
@@ -173,15 +213,17 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
         ids = torch.from_numpy(rng.integers(0, base.config.vocab_size, size=(1, ctx))).long().to(device)
         def baseline_cell():
             with run_eagerly() if compile else contextlib.nullcontext():
-                return _baseline_cell(base, ids, steps, warmup, device, dtype, original)
+                return _baseline_cell(base, ids, steps, warmup, device, dtype, original,
+                                      profile_to(ctx, "baseline", "full", "sdpa"))
 
         cells = [("baseline", "full", "sdpa", baseline_cell)] if baseline else []
         for label, spec in specs.items():
             for backend in (["sdpa"] if spec.is_full else backends):
                 cells.append(("finetune", label, backend,
-                              lambda spec=spec, backend=backend: _finetune_cell(
+                              lambda label=label, spec=spec, backend=backend: _finetune_cell(
                                   base, ids, spec, steps, warmup, device, dtype, original, offload_activations,
-                                  "auto" if backend == "sdpa" else backend)))
+                                  "auto" if backend == "sdpa" else backend,
+                                  profile_to(ctx, "finetune", label, backend))))
         for path, label, backend, run in cells:
             row = {"ctx": ctx, "path": path, "pattern": label, "backend": backend, "error": None}
             if path == "finetune":
@@ -236,8 +278,13 @@ def _line(row: dict) -> str:
         return f"{head} {row['error']}"
     memory = f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""
     place = f", activations on the {_offloaded(row)}" if _offloaded(row) else ""
+    profiled = row.get("profile")
+    busy = ""
+    if profiled:
+        gpu = f", GPU {profiled['gpu_ms']:.1f} ms" if profiled["gpu_ms"] is not None else ""
+        busy = f", profiled step: host {profiled['host_ms']:.1f} ms{gpu}"
     return (f"{head} {row['seconds']:.3f} s/step, {row['tokens_per_s']:,.0f} tok/s{memory}{place}, "
-            f"loss {row['first_loss']:.4f}")
+            f"loss {row['first_loss']:.4f}{busy}")
 
 
 def _add_ratios(result: dict) -> None:
@@ -274,10 +321,14 @@ def markdown_train(result: dict) -> str:
              "| ctx | path | pattern | backend | acts | s/step | tok/s | peak GiB | vs baseline | memory vs baseline "
              "| vs full | goal vs full | first loss |",
              "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    profiled = any(r.get("profile") for r in result["rows"])
+    if profiled:  # the busy times of one more, profiled step
+        lines[-2] += " host ms | GPU ms |"
+        lines[-1] += " ---: | ---: |"
     for r in result["rows"]:
         head = f"| {r['ctx']} | {r['path']} | {r['pattern']} | {_backend_label(r)} | {_offloaded(r)} |"
         if r["error"]:
-            lines.append(f"{head} {r['error']} | | | | | | | |")
+            lines.append(f"{head} {r['error']} | | | | | | | |" + (" | |" if profiled else ""))
             continue
 
         def ratio(key):
@@ -287,4 +338,8 @@ def markdown_train(result: dict) -> str:
         lines.append(f"{head} {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{memory} | {ratio('speed_vs_baseline')} | {ratio('memory_vs_baseline')} | "
                      f"{ratio('speed_vs_full')} | {ratio('goal_vs_full')} | {r['first_loss']:.4f} |")
+        if profiled:
+            busy = r.get("profile") or {}
+            gpu = busy.get("gpu_ms")
+            lines[-1] += (f" {busy['host_ms']:.1f} |" if busy else " |") + (f" {gpu:.1f} |" if gpu is not None else " |")
     return "\n".join(lines) + "\n"

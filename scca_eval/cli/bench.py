@@ -208,13 +208,16 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--no-offload-activations", "no_offload", is_flag=True, hidden=True,
               help="The same as --offload-activations off.")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
+              help="Profile one more step of each cell: host and GPU busy time in the table, each cell's op "
+                   "table in this folder.")
 @dtype_option()
 @device_option()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the table as markdown.")
 def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, backends, offload_activations,
-                  no_offload, layers, dtype, device, json_path, markdown_path):
+                  no_offload, layers, profile_dir, dtype, device, json_path, markdown_path):
     """Fine-tuning step throughput and peak memory, next to the loop a user writes today.
 
     For each ctx: the baseline (peft + transformers SDPA + gradient checkpointing,
@@ -241,5 +244,5 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
     result = train_bench(shape, ctxs, patterns, device=device, dtype=parse_dtype(dtype, device), steps=steps,
                          warmup=warmup, baseline=not no_baseline, compile=compile_layers,
                          offload_activations=offload_setting("off" if no_offload else offload_activations),
-                         backends=backends, layers=layers, log=click.echo)
+                         backends=backends, layers=layers, profile_dir=profile_dir, log=click.echo)
     _write_outputs(result, markdown_train(result), json_path, markdown_path)

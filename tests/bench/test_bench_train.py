@@ -47,3 +47,23 @@ def test_bench_train_times_each_backend_on_the_same_work(tmp_path):
     assert rows["longmixed", "packed"]["first_loss"] == pytest.approx(rows["longmixed", "chunked"]["first_loss"],
                                                                       rel=1e-5)
     assert rows["longmixed", "packed"]["activations"] == {"setting": "auto", "offloaded": False}  # CPU: nothing to do
+
+
+def test_bench_train_profiles_one_more_step_per_cell(tmp_path):
+    """--profile: each cell's op table in the folder, and the profiled step's host time (the
+    whole step on a CPU, so about as long as a timed step) in the row and the table."""
+    config, out, folder = tmp_path / "tiny.json", tmp_path / "train.json", tmp_path / "profiles"
+    config.write_text(json.dumps(TINY))
+    result = CliRunner().invoke(bench, ["train", "--shape", str(config), "--ctx", "40", "--pattern", "full,s2",
+                                        "--no-baseline", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                                        "--profile", str(folder), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["pattern"]: row for row in json.loads(out.read_text())["rows"]}
+    assert sorted(path.name for path in folder.iterdir()) == ["40-finetune-full-sdpa.txt", "40-finetune-s2-auto.txt"]
+    for label, row in rows.items():
+        profiled = row["profile"]
+        assert profiled["gpu_ms"] is None  # no GPU to measure
+        assert 0.2 < profiled["host_ms"] / (1000 * row["seconds"]) < 5
+        assert "aten::mm" in (folder / profiled["table"]).read_text()
+    assert "| host ms | GPU ms |" in result.output
+    assert not list(folder.glob("*.partial"))
