@@ -16,8 +16,9 @@ Each cell runs warm-up steps, then timed steps; it reports tokens/s, peak device
 activations), the first step's loss (baseline and full attention must agree: the
 same model on the same window) and the ratios the fine-tuning goals are stated in. With
 ``profile_dir``, one more step of each cell runs under torch.profiler: the row gets the
-host's and the GPU's busy time in that step (a step whose host time exceeds its GPU time
-waits on the host, not on its kernels) and the op table goes to a file.
+host's and the GPU's busy time in that step (a step whose GPU busy time is well below its
+wall time leaves the GPU waiting on the host) and the op table goes to a file. The host
+time is the profiler's sum over threads, with its own overhead, so it can exceed the step.
 """
 
 from __future__ import annotations
