@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -107,8 +108,10 @@ def _split_passkey(records):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--output", "-o", type=click.Path(), default=None, callback=output_file_callback,
               help="Also write the markdown report to this file (e.g. for a pull-request comment).")
+@click.option("--json", "json_path", type=click.Path(), default=None, callback=output_file_callback,
+              help="Also write every cell's numbers and verdict as JSON to this file.")
 @click.pass_context
-def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, output):
+def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, output, json_path):
     """Compare NEW result records with BASE ones, cell by cell (task, pattern, ctx).
 
     For each cell: both perplexities, the relative change, and a paired bootstrap that
@@ -137,6 +140,8 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
         raise UserError(f"--bootstrap-samples must be at least 100 (got {bootstrap_samples})")
     if output is not None:
         check_output_path(output)  # before the report is printed, so a bad path fails alone
+    if output is not None and json_path is not None and Path(output).resolve() == Path(json_path).resolve():
+        raise UserError(f"--output and --json both name {output}; give each its own file")
     base_records, new_records = load_records([base]), load_records([new])
     if _split_passkey(base_records)[0] or _split_passkey(new_records)[0]:
         raise UserError("compare works on perplexity records; passkey records have no per-document losses to "
@@ -148,6 +153,8 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
     click.echo(report)
     if output is not None:
         _write(report, output)
+    if json_path is not None:
+        _write(json.dumps(comparison.to_dict(), indent=1), json_path)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with open(summary, "a", encoding="utf-8") as handle:

@@ -78,6 +78,19 @@ class Comparison:
     def passed(self) -> bool:
         return not self.regressions
 
+    def to_dict(self) -> dict:
+        """The comparison as plain data (``compare --json``): every cell with its numbers and
+        verdict, the cells of one side only, the settings that differ and the gate."""
+        cells = [{"task": c.task, "pattern": c.pattern, "ctx": c.ctx, "base_perplexity": c.base_perplexity,
+                  "new_perplexity": c.new_perplexity, "relative_change": c.relative_change,
+                  "ci95": list(c.ci95) if c.ci95 else None, "p_value": c.p_value, "documents": c.documents,
+                  "unit": c.unit, "significant": c.significant, "regression": c.regression,
+                  "verdict": c.verdict.strip("*"), "untested_reason": c.untested_reason} for c in self.cells]
+        return {"base": self.base_name.strip("`"), "new": self.new_name.strip("`"), "alpha": self.alpha,
+                "max_regression": self.max_regression, "passed": self.passed if self.max_regression is not None
+                else None, "cells": cells, "only_base": self.only_base, "only_new": self.only_new,
+                "differences": self.differences}
+
     def to_markdown(self) -> str:
         lines = [f"### Perplexity: {self.new_name} against {self.base_name}", ""]
         lines.append("| task | pattern | ctx | base | new | change | 95% interval | p | verdict |")

@@ -417,3 +417,38 @@ def test_a_record_of_schema_1_is_compared_by_its_tokenizer_summary():
     # Both of schema 2: the fingerprints decide.
     with pytest.raises(UserError, match="the tokenizers differ"):
         compare_records([new], [{**other, "config": {**other["config"], "model": new["config"]["model"]}}])
+
+
+def test_json_holds_every_cell_as_the_report_shows_it(sides, tmp_path, capsys):
+    """compare --json: the cells' numbers (the change checked against the documents' own
+    perplexities), verdicts and interval as in the markdown report, and the gate's outcome."""
+    import json
+
+    factors = [1.05] * N_DOCS
+    base, new = sides(factors)
+    out_json = tmp_path / "compare.json"
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1", "--json", str(out_json)], capsys)
+    assert code == 1
+    data = json.loads(out_json.read_text())
+    assert data["passed"] is False and data["max_regression"] == 1 and data["base"] == base
+    assert sorted((c["pattern"], c["ctx"]) for c in data["cells"]) == [("full", 1024), ("full", 2048),
+                                                                       ("s2", 1024), ("s2", 2048)]
+    expected = ppl(scaled(base_docs(), factors)) / ppl(base_docs()) - 1
+    for cell in data["cells"]:
+        assert cell["relative_change"] == pytest.approx(expected, rel=1e-9)
+        assert cell["verdict"] == "regression" and cell["significant"] is True
+        low, high = cell["ci95"]
+        assert f"| {cell['relative_change']:+.2%} | {low:+.2%} … {high:+.2%} |" in out
+    code, out, err = run_cli(["compare", base, new, "--json", str(out_json)], capsys)  # no gate
+    data = json.loads(out_json.read_text())
+    assert code == 0 and data["passed"] is None and {c["verdict"] for c in data["cells"]} == {"worse"}
+
+
+def test_json_and_output_may_not_name_one_file(sides, tmp_path, capsys):
+    base, new = sides([1.0] * N_DOCS)
+    same = tmp_path / "report"
+    code, out, err = run_cli(["compare", base, new, "--output", str(same), "--json", str(same)], capsys)
+    assert code == 2 and "give each its own file" in err and len(err.strip().splitlines()) == 1
+    assert not same.exists()
+    code, out, err = run_cli(["compare", base, new, "--json", str(tmp_path)], capsys)  # a folder
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out
