@@ -191,7 +191,11 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     specs = {label: pattern_from_label(label) for label in patterns}
     if profile_dir is not None:
         profile_dir = Path(profile_dir)
-        profile_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot make the profile folder {profile_dir}: {error.strerror or error}; "
+                            "give --profile a folder that can be made") from None
 
     def profile_to(ctx: int, path: str, label: str, backend: str) -> Path | None:
         return None if profile_dir is None else profile_dir / f"{ctx}-{path}-{label}-{backend}.txt"

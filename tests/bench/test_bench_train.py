@@ -67,3 +67,14 @@ def test_bench_train_profiles_one_more_step_per_cell(tmp_path):
         assert "aten::mm" in (folder / profiled["table"]).read_text()
     assert "| host ms | GPU ms |" in result.output
     assert not list(folder.glob("*.partial"))
+
+
+def test_bench_train_profile_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    from helpers import run_cli
+
+    config, blocker = tmp_path / "tiny.json", tmp_path / "a-file"
+    config.write_text(json.dumps(TINY))
+    blocker.write_text("")
+    code, out, err = run_cli(["bench", "train", "--shape", str(config), "--ctx", "40", "--pattern", "full",
+                              "--no-baseline", "--device", "cpu", "--profile", str(blocker / "sub")], capsys)
+    assert code == 2 and "cannot make the profile folder" in err and len(err.strip().splitlines()) == 1, err
