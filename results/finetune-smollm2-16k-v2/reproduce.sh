@@ -262,13 +262,17 @@ report() {
             [ "$p" = s2 ] && continue
             [ -d "$fa/main/$p-seed$seed" ] && [ -d "$fa/main/s2-seed$seed" ] || continue
             $PY -m scca_eval compare "$fa/main/s2-seed$seed" "$fa/main/$p-seed$seed" \
-                --output "$RESULTS/compare/$p-vs-s2-seed$seed.md" > /dev/null
+                --output "$RESULTS/compare/$p-vs-s2-seed$seed.md" --json "$RESULTS/compare/$p-vs-s2-seed$seed.json" \
+                > /dev/null
         done
     done
+    # ... and over seeds: the mean change and how many seeds' tests agree.
+    ls "$RESULTS"/compare/*-vs-s2-seed*.json > /dev/null 2>&1 && \
+        $PY "$HERE/over_seeds.py" "$RESULTS/compare" --out "$RESULTS/compare-over-seeds"
     # Second table: each swept pattern at its own rate (seed 0); the baselines beside it.
     mapfile -t own < <(own_rows "$fa")
     [ "${#own[@]}" -gt 0 ] && $PY -m scca_eval table "${own[@]}" "$fa/base-pi2" --ci --output "$RESULTS/own-lr.md"
-    # Compute-matched table: the sparse runs stopped at the full-attention run's training time.
+    # Compute-matched table: each sparse run of the GPU time of full attention's STEPS steps, beside it.
     for seed in "${MATCHED_SEEDS[@]}"; do
         [ -d "$fa/matched" ] && [ -d "$fa/main/full-seed$seed" ] || continue
         $PY -m scca_eval table "$fa/matched"/*-matched-seed"$seed" "$fa/main/full-seed$seed" --ci \
