@@ -150,7 +150,7 @@ def _timed(step: Callable[[], float], steps: int, warmup: int, device, profile_t
 
 def _profiled(step: Callable[[], float], device, path: Path) -> dict:
     """One more step under torch.profiler: the host's and the GPU's busy time (ms, summed as
-    the profiler's own table sums them), and that table, by GPU time, written to ``path``."""
+    the profiler's own table sums them), and that table written to ``path``."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -164,7 +164,10 @@ def _profiled(step: Callable[[], float], device, path: Path) -> dict:
     host_ms = sum(event.self_cpu_time_total for event in events) / 1000
     gpu_ms = sum(event.self_device_time_total for event in events
                  if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1000 if on_gpu else None
-    table = events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=40)
+    # By host time always (where a step that waits on the host spends it), and by GPU time on a GPU.
+    table = "By host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=40)
+    if on_gpu:
+        table = "By GPU time:\n" + events.table(sort_by="self_device_time_total", row_limit=40) + "\n" + table
     partial = path.with_name(path.name + ".partial")
     partial.write_text(table)
     os.replace(partial, path)
