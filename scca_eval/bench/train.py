@@ -207,8 +207,9 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     body, head = _linear_params(base)
     original = _trained_in_full(base)
     if compile:  # the decoder layers, once: every finetune cell runs them compiled, the baseline eagerly
-        for layer in base.get_decoder().layers:
-            layer.compile(dynamic=False)
+        from ..training.lora import compile_layers
+
+        compile_layers(base)
     result = {"shape": shape, "layers": base.config.num_hidden_layers, "dtype": str(dtype).removeprefix("torch."),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": steps, "warmup": warmup, "compiled": compile,

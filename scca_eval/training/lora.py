@@ -86,12 +86,16 @@ def enable_gradient_checkpointing(peft_model) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
-def compile_layers(peft_model) -> None:
-    """Compile each decoder layer in place (fused elementwise kernels around the matmuls)."""
+def compile_layers(model) -> None:
+    """Compile each decoder layer of ``model`` (a peft model or a plain one) in place: fused
+    elementwise kernels around the matmuls. Each pattern a process trains under is a graph of
+    its own (and validation one more), so dynamo's recompile limit is raised: past it, layers
+    would run eagerly without a word."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 64))
-    for layer in peft_model.get_base_model().get_decoder().layers:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.get_decoder().layers:
         layer.compile(dynamic=False)
 
 

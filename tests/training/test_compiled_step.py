@@ -37,6 +37,28 @@ def test_compiled_layers_are_recognised():
     assert has_compiled_layers(model)
 
 
+def test_compile_layers_takes_a_plain_or_a_peft_model_and_raises_the_recompile_limit():
+    """finetune compiles a peft model, bench train the plain one it attaches LoRA to per cell;
+    both raise dynamo's recompile limit, past which layers would silently run eagerly (a bench
+    of many patterns and backends in one process compiles a graph for each)."""
+    from scca_eval.training.lora import compile_layers
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    try:
+        for wrap in (False, True):
+            setattr(config, name, 8)
+            model = tiny_llama()
+            target = attach_lora(model, Recipe(ctx=32, batch_size=1, grad_accum=1, warmup_steps=0), "tiny") \
+                if wrap else model
+            compile_layers(target)  # lazy: nothing is compiled before a call
+            assert getattr(config, name) >= 64
+            assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.model.layers)
+    finally:
+        setattr(config, name, before)
+
+
 def _fresh_compiled_trainer(monkeypatch):
     """A trainer of compiled layers under longmixed on the packed backend, with nothing
     compiled or cached yet and dynamo's counters at zero."""
