@@ -21,7 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ("full", "s2", "scca_fixed", "scca_flow", "sda", "longmixed")
+from seed_table import ORDER  # the row order of the seed tables beside this script
 FILE_NAME = re.compile(r"^(?P<pattern>.+)-vs-(?P<reference>.+)-seed(?P<seed>\d+)\.json$")
 VERDICTS = ("worse", "better", "no significant change", "not testable")
 SHORT = {"no significant change": "equal"}
