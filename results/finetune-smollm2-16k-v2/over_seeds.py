@@ -8,7 +8,9 @@ FOLDER holds `scca-eval compare --json` files named PATTERN-vs-REFERENCE-seedS.j
 reproduce.sh names them). Writes OUT.md: per task, rows = pattern, columns = ctx, cells =
 the change in perplexity against the reference checkpoint of the same seed (mean ± sd over
 seeds, in percent) and the seeds' verdicts, e.g. "+6.8 ± 0.2% · worse 3/3". A pattern is
-consistently worse (or better) where every seed's test says so.
+consistently worse (or better) where every seed's test says so. Where a seed's cell has too
+little data for its test, the cell also says in how many of those seeds the point estimate
+was higher (or lower): agreement in direction, not a test.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def _cell(rows: list[dict]) -> str:
     for row in rows:
         counts[row["verdict"]] += 1
     verdicts = ", ".join(f"{SHORT.get(v, v)} {counts[v]}/{len(rows)}" for v in VERDICTS if counts[v])
+    untested = [r["change"] for r in rows if r["verdict"] == "not testable"]
+    if untested:  # no test, but whether the seeds' point estimates at least agree in direction
+        higher = sum(change > 0 for change in untested)
+        verdicts += (f" (higher in {higher}/{len(untested)})" if higher * 2 >= len(untested)
+                     else f" (lower in {len(untested) - higher}/{len(untested)})")
     return f"{statistics.fmean(changes):+.1f}{spread}% · {verdicts}"
 
 
@@ -74,7 +81,9 @@ def markdown(reference: str, rows: list[dict]) -> str:
         parts.append("\n".join(lines))
     seeds = sorted({r["seed"] for r in rows})
     parts.append(f"Seeds: {', '.join(str(s) for s in seeds)}. Each seed's test: `scca-eval compare` (paired "
-                 "bootstrap, significant when p < 0.05), in `compare/PATTERN-vs-" + reference + "-seedS.md`.")
+                 "bootstrap, significant when p < 0.05), in `compare/PATTERN-vs-" + reference + "-seedS.md`. "
+                 "Where a test could not run, \"higher in k/n\" counts the seeds whose perplexity was higher "
+                 "than the reference's: a direction, not a test.")
     return "\n\n".join(parts) + "\n"
 
 
