@@ -2,7 +2,8 @@
 
 ``train_bench`` builds a model of a named shape with random weights once, and for each
 ctx times, in the same process, on the same random window (one window per step, LoRA on
-q/k/v/o plus trainable embeddings and norms, gradient checkpointing):
+q/k/v/o plus trainable embeddings and norms, gradient checkpointing unless
+``gradient_checkpointing=False``):
 
 - ``baseline``: peft + transformers with SDPA attention, ``model(ids, labels=ids).loss``,
   backward, AdamW — the weights as loaded (bf16 on a GPU), LoRA in peft's float32;
@@ -66,8 +67,9 @@ def _restore(base, dtype: torch.dtype, original: dict[str, torch.Tensor]) -> Non
     disable()
 
 
-def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original, profile_to=None) -> dict:
-    """The loop a user writes: peft + transformers (SDPA) + gradient checkpointing."""
+def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original, profile_to=None,
+                   checkpointing: bool = True) -> dict:
+    """The loop a user writes: peft + transformers (SDPA) + gradient checkpointing (where asked)."""
     from peft import LoraConfig, get_peft_model
 
     from ..attention.register import apply_pattern
@@ -80,7 +82,8 @@ def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original, 
         if "embed" in name or "norm" in name:
             parameter.requires_grad_(True)
     base.config.use_cache = False
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0)
 
@@ -100,7 +103,7 @@ def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original, 
 
 
 def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, original, offload,
-                   backend: str = "auto", profile_to: Path | None = None) -> dict:
+                   backend: str = "auto", profile_to: Path | None = None, checkpointing: bool = True) -> dict:
     from ..attention.register import apply_pattern
     from ..training.lora import attach_lora, enable_gradient_checkpointing, keep_activations_in
     from ..training.loop import Trainer
@@ -109,10 +112,12 @@ def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, orig
 
     ctx = ids.shape[1]
     apply_pattern(base, spec, backend=backend)
-    recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0, offload_activations=offload)
+    recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0, offload_activations=offload,
+                    gradient_checkpointing=checkpointing)
     model = attach_lora(base, recipe, "random")
     hook = keep_activations_in(model, dtype) if dtype != torch.float32 else None
-    enable_gradient_checkpointing(model)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
     stream = TrainingStream(ids[0].cpu().numpy().astype(np.int64), ctx, None, [], "random")
     trainer = Trainer(model, stream, recipe, device, None if dtype == torch.float32 else dtype)
     try:
@@ -178,13 +183,16 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 patterns: Sequence[str] = DEFAULT_PATTERNS, *, device: torch.device | None = None,
                 dtype: torch.dtype | None = None, steps: int = 1, warmup: int = 1, baseline: bool = True,
                 compile: bool = False, offload_activations: bool | str = "auto", backends: Sequence[str] = ("auto",),
+                gradient_checkpointing: bool = True,
                 layers: int | None = None, seed: int = 0, profile_dir: str | Path | None = None,
                 log: Callable[[str], None] | None = print) -> dict:
     """Baseline and finetune-step throughput and memory for each ctx and pattern (one window a step).
 
     backends: attention backends the sparse patterns are timed on, one cell each (full
     attention always runs on SDPA, once). profile_dir: a folder for one profiled step per
-    cell (``CTX-PATH-PATTERN-BACKEND.txt``).
+    cell (``CTX-PATH-PATTERN-BACKEND.txt``). gradient_checkpointing: False keeps every
+    activation instead of recomputing each layer's forward in the backward pass (baseline and
+    finetune cells alike).
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -214,6 +222,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": steps, "warmup": warmup, "compiled": compile,
               "offload_activations": offload_activations, "backends": list(backends),
+              "gradient_checkpointing": gradient_checkpointing,
               "window_per_step": 1, "rows": []}
     say(f"bench train: {shape} ({base.config.num_hidden_layers} layers, random weights, {dtype}), one window "
         f"per step, {warmup} warm-up + {steps} timed step(s) per cell")
@@ -223,7 +232,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
         def baseline_cell():
             with run_eagerly() if compile else contextlib.nullcontext():
                 return _baseline_cell(base, ids, steps, warmup, device, dtype, original,
-                                      profile_to(ctx, "baseline", "full", "sdpa"))
+                                      profile_to(ctx, "baseline", "full", "sdpa"), gradient_checkpointing)
 
         cells = [("baseline", "full", "sdpa", baseline_cell)] if baseline else []
         for label, spec in specs.items():
@@ -232,7 +241,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                               lambda label=label, spec=spec, backend=backend: _finetune_cell(
                                   base, ids, spec, steps, warmup, device, dtype, original, offload_activations,
                                   "auto" if backend == "sdpa" else backend,
-                                  profile_to(ctx, "finetune", label, backend))))
+                                  profile_to(ctx, "finetune", label, backend), gradient_checkpointing)))
         for path, label, backend, run in cells:
             row = {"ctx": ctx, "path": path, "pattern": label, "backend": backend, "error": None}
             if path == "finetune":
@@ -316,7 +325,7 @@ def _add_ratios(result: dict) -> None:
 
 
 def markdown_train(result: dict) -> str:
-    settings = "gradient checkpointing"
+    settings = "gradient checkpointing" if result.get("gradient_checkpointing", True) else "no gradient checkpointing"
     offload = result.get("offload_activations")
     if offload is True:
         settings += ", finetune's activations offloaded to host memory"

@@ -207,6 +207,9 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
                    "--offload-activations` (auto: in host memory only where keeping it on the GPU would not fit).")
 @click.option("--no-offload-activations", "no_offload", is_flag=True, hidden=True,
               help="The same as --offload-activations off.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
+              help="Recompute each decoder layer's forward in the backward pass (baseline and finetune cells), "
+                   "or keep every activation, as `finetune --no-gradient-checkpointing`.")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="Profile one more step of each cell: host and GPU busy time in the table, each cell's op "
@@ -217,7 +220,7 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the table as markdown.")
 def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, backends, offload_activations,
-                  no_offload, layers, profile_dir, dtype, device, json_path, markdown_path):
+                  no_offload, gradient_checkpointing, layers, profile_dir, dtype, device, json_path, markdown_path):
     """Fine-tuning step throughput and peak memory, next to the loop a user writes today.
 
     For each ctx: the baseline (peft + transformers SDPA + gradient checkpointing,
@@ -244,5 +247,6 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
     result = train_bench(shape, ctxs, patterns, device=device, dtype=parse_dtype(dtype, device), steps=steps,
                          warmup=warmup, baseline=not no_baseline, compile=compile_layers,
                          offload_activations=offload_setting("off" if no_offload else offload_activations),
-                         backends=backends, layers=layers, profile_dir=profile_dir, log=click.echo)
+                         backends=backends, gradient_checkpointing=gradient_checkpointing, layers=layers,
+                         profile_dir=profile_dir, log=click.echo)
     _write_outputs(result, markdown_train(result), json_path, markdown_path)

@@ -78,3 +78,36 @@ def test_bench_train_profile_folder_that_cannot_be_made_is_one_line(tmp_path, ca
     code, out, err = run_cli(["bench", "train", "--shape", str(config), "--ctx", "40", "--pattern", "full",
                               "--no-baseline", "--device", "cpu", "--profile", str(blocker / "sub")], capsys)
     assert code == 2 and "cannot make the profile folder" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_train_without_checkpointing_runs_each_layer_once_a_step(tmp_path, monkeypatch):
+    """--no-gradient-checkpointing: a decoder layer's attention runs once a step instead of
+    twice (no recomputation in the backward pass), in the baseline and the finetune cells,
+    and the step computes the same loss."""
+    import scca_eval.bench.train as train_module
+
+    calls = []
+    build = train_module.random_model
+
+    def counted_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.get_decoder().layers[0].self_attn.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+        return model
+
+    monkeypatch.setattr(train_module, "random_model", counted_model)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    losses = {}
+    for flag, per_step in (("--gradient-checkpointing", 2), ("--no-gradient-checkpointing", 1)):
+        calls.clear()
+        out = tmp_path / f"{flag}.json"
+        result = CliRunner().invoke(bench, ["train", "--shape", str(config), "--ctx", "40", "--pattern", "full",
+                                            "--steps", "2", "--warmup", "1", "--device", "cpu", flag,
+                                            "--json", str(out), "--markdown", str(tmp_path / f"{flag}.md")])
+        assert result.exit_code == 0, result.output
+        data = json.loads(out.read_text())
+        assert data["gradient_checkpointing"] is (per_step == 2)
+        assert len(calls) == 2 * 3 * per_step  # two cells (baseline, finetune) of 1 + 2 steps
+        losses[flag] = {row["path"]: row["first_loss"] for row in data["rows"]}
+    assert losses["--no-gradient-checkpointing"] == pytest.approx(losses["--gradient-checkpointing"], rel=1e-5)
+    assert "no gradient checkpointing" in (tmp_path / "--no-gradient-checkpointing.md").read_text()
