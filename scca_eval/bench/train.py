@@ -255,7 +255,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
             row["linear_flops"] = 2.0 * (body + head) * ctx
             row["attention_flops"] = attention_flops(base, specs.get(label, pattern_from_label("full")), ctx)
             result["rows"].append(row)
-            say(_line(row))
+            say(_line(row, device.type == "cuda"))
             _reset_peak(device)
     _add_ratios(result)
     return result
@@ -282,20 +282,21 @@ def _backend_label(row: dict) -> str:
     return f"{backend} ({kernel})" if backend == "auto" and kernel and kernel != "sdpa" else backend
 
 
-def _offloaded(row: dict) -> str:
-    """How the row's activations waited: "host", "GPU", or "" (the baseline keeps them on the GPU)."""
+def _offloaded(row: dict, on_gpu: bool) -> str:
+    """How the row's activations waited: "host", "GPU", or "" (the baseline keeps them where it
+    computes; off a GPU there is nowhere else)."""
     activations = row.get("activations")
-    if not activations:
+    if not activations or not on_gpu:
         return ""
     return "host" if activations.get("offloaded") else "GPU"
 
 
-def _line(row: dict) -> str:
+def _line(row: dict, on_gpu: bool) -> str:
     head = f"  ctx {row['ctx']:>6} {row['path']:<9} {row['pattern']:<11} {_backend_label(row):<8}"
     if row["error"]:
         return f"{head} {row['error']}"
     memory = f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""
-    place = f", activations on the {_offloaded(row)}" if _offloaded(row) else ""
+    place = f", activations on the {_offloaded(row, on_gpu)}" if _offloaded(row, on_gpu) else ""
     profiled = row.get("profile")
     busy = ""
     if profiled:
@@ -344,7 +345,8 @@ def markdown_train(result: dict) -> str:
         lines[-2] += " host ms | GPU ms |"
         lines[-1] += " ---: | ---: |"
     for r in result["rows"]:
-        head = f"| {r['ctx']} | {r['path']} | {r['pattern']} | {_backend_label(r)} | {_offloaded(r)} |"
+        head = (f"| {r['ctx']} | {r['path']} | {r['pattern']} | {_backend_label(r)} | "
+                f"{_offloaded(r, result['device'] != 'cpu')} |")
         if r["error"]:
             lines.append(f"{head} {r['error']} | | | | | | | |" + (" | |" if profiled else ""))
             continue

@@ -31,6 +31,8 @@ def test_bench_train_baseline_and_finetune_agree(tmp_path):
     # auto's choice is shown beside it: on a CPU, the chunked kernel
     assert rows["finetune", "s2"]["kernel"] == "chunked" and rows["finetune", "full"]["kernel"] == "sdpa"
     assert "| 48 | finetune | s2 | auto (chunked) |" in result.output
+    # off a GPU there is nowhere to offload to: no "GPU" or "host" placement is claimed
+    assert "| 48 | finetune | s2 | auto (chunked) |  |" in result.output and "activations on the" not in result.output
 
 
 def test_bench_train_times_each_backend_on_the_same_work(tmp_path):
