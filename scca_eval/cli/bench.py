@@ -223,10 +223,11 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
                   no_offload, gradient_checkpointing, layers, profile_dir, dtype, device, json_path, markdown_path):
     """Fine-tuning step throughput and peak memory, next to the loop a user writes today.
 
-    For each ctx: the baseline (peft + transformers SDPA + gradient checkpointing,
-    model(ids, labels=ids).loss, AdamW) and the `scca-eval finetune` step under each
-    pattern, on one random window per step of a model with random weights; tokens/s,
-    peak memory, and their ratios to the baseline and to full attention.
+    For each ctx: the baseline (peft + transformers SDPA, model(ids, labels=ids).loss,
+    AdamW) and the `scca-eval finetune` step under each pattern, both with gradient
+    checkpointing unless --no-gradient-checkpointing, on one random window per step of a
+    model with random weights; tokens/s, peak memory, and their ratios to the baseline and
+    to full attention.
     """
     from ..attention.dispatch import BACKENDS
     from ..bench.train import markdown_train, train_bench
