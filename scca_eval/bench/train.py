@@ -103,7 +103,8 @@ def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original, 
 
 
 def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, original, offload,
-                   backend: str = "auto", profile_to: Path | None = None, checkpointing: bool = True) -> dict:
+                   backend: str = "auto", profile_to: Path | None = None, checkpointing: bool = True,
+                   cuda_graphs: bool = False) -> dict:
     from ..attention.register import apply_pattern
     from ..training.lora import attach_lora, enable_gradient_checkpointing, keep_activations_in
     from ..training.loop import Trainer
@@ -113,7 +114,7 @@ def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, orig
     ctx = ids.shape[1]
     apply_pattern(base, spec, backend=backend)
     recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0, offload_activations=offload,
-                    gradient_checkpointing=checkpointing)
+                    gradient_checkpointing=checkpointing, compile=cuda_graphs, cuda_graphs=cuda_graphs)
     model = attach_lora(base, recipe, "random")
     hook = keep_activations_in(model, dtype) if dtype != torch.float32 else None
     if checkpointing:
@@ -183,7 +184,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 patterns: Sequence[str] = DEFAULT_PATTERNS, *, device: torch.device | None = None,
                 dtype: torch.dtype | None = None, steps: int = 1, warmup: int = 1, baseline: bool = True,
                 compile: bool = False, offload_activations: bool | str = "auto", backends: Sequence[str] = ("auto",),
-                gradient_checkpointing: bool = True,
+                gradient_checkpointing: bool = True, cuda_graphs: bool = False,
                 layers: int | None = None, seed: int = 0, profile_dir: str | Path | None = None,
                 log: Callable[[str], None] | None = print) -> dict:
     """Baseline and finetune-step throughput and memory for each ctx and pattern (one window a step).
@@ -192,13 +193,22 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     attention always runs on SDPA, once). profile_dir: a folder for one profiled step per
     cell (``CTX-PATH-PATTERN-BACKEND.txt``). gradient_checkpointing: False keeps every
     activation instead of recomputing each layer's forward in the backward pass (baseline and
-    finetune cells alike).
+    finetune cells alike). cuda_graphs: the finetune cells' compiled layers replay as CUDA
+    graphs (implies compile; needs a CUDA device, no checkpointing, no offloading).
     """
+    from ..training.recipe import Recipe
+
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     say = log or (lambda _text: None)
     if shape not in SHAPES and not str(shape).endswith(".json"):
         raise UserError(f"bench train builds random weights: --shape takes a named shape or a config .json, not {shape!r}")
+    if cuda_graphs:
+        if device.type != "cuda":
+            raise UserError("--cuda-graphs needs a CUDA GPU; bench without it here")
+        Recipe(ctx=max(ctxs), compile=True, cuda_graphs=True, gradient_checkpointing=gradient_checkpointing,
+               offload_activations=offload_activations).check()  # the same refusals as finetune's
+        compile = True
     specs = {label: pattern_from_label(label) for label in patterns}
     if profile_dir is not None:
         profile_dir = Path(profile_dir)
@@ -217,12 +227,12 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     if compile:  # the decoder layers, once: every finetune cell runs them compiled, the baseline eagerly
         from ..training.lora import compile_layers
 
-        compile_layers(base)
+        compile_layers(base, cuda_graphs=cuda_graphs)
     result = {"shape": shape, "layers": base.config.num_hidden_layers, "dtype": str(dtype).removeprefix("torch."),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": steps, "warmup": warmup, "compiled": compile,
               "offload_activations": offload_activations, "backends": list(backends),
-              "gradient_checkpointing": gradient_checkpointing,
+              "gradient_checkpointing": gradient_checkpointing, "cuda_graphs": cuda_graphs,
               "window_per_step": 1, "rows": []}
     say(f"bench train: {shape} ({base.config.num_hidden_layers} layers, random weights, {dtype}), one window "
         f"per step, {warmup} warm-up + {steps} timed step(s) per cell")
@@ -241,7 +251,8 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                               lambda label=label, spec=spec, backend=backend: _finetune_cell(
                                   base, ids, spec, steps, warmup, device, dtype, original, offload_activations,
                                   "auto" if backend == "sdpa" else backend,
-                                  profile_to(ctx, "finetune", label, backend), gradient_checkpointing)))
+                                  profile_to(ctx, "finetune", label, backend), gradient_checkpointing,
+                                  cuda_graphs)))
         for path, label, backend, run in cells:
             row = {"ctx": ctx, "path": path, "pattern": label, "backend": backend, "error": None}
             if path == "finetune":
@@ -334,6 +345,8 @@ def markdown_train(result: dict) -> str:
         settings += ", finetune's activations offloaded only where keeping them would not fit (column 'acts')"
     if result.get("compiled"):
         settings += ", finetune's decoder layers compiled"
+        if result.get("cuda_graphs"):
+            settings += " and replayed as CUDA graphs"
     lines = [f"Fine-tuning step, {result['shape']} ({result['layers']} layers, random weights), {result['dtype']}, "
              f"{result['device']}, torch {result['torch']}; one window per step, LoRA q/k/v/o + embed + norm, "
              f"{settings}; {result['warmup']} warm-up + {result['steps']} timed step(s) (median).", "",

@@ -210,6 +210,9 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
               help="Recompute each decoder layer's forward in the backward pass (baseline and finetune cells), "
                    "or keep every activation, as `finetune --no-gradient-checkpointing`.")
+@click.option("--cuda-graphs", is_flag=True,
+              help="Replay the finetune cells' compiled layers as CUDA graphs, as `finetune --cuda-graphs` (implies "
+                   "--compile; needs --no-gradient-checkpointing and --offload-activations off).")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="Profile one more step of each cell: host and GPU busy time in the table, each cell's op "
@@ -220,7 +223,8 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the table as markdown.")
 def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_layers, backends, offload_activations,
-                  no_offload, gradient_checkpointing, layers, profile_dir, dtype, device, json_path, markdown_path):
+                  no_offload, gradient_checkpointing, cuda_graphs, layers, profile_dir, dtype, device, json_path,
+                  markdown_path):
     """Fine-tuning step throughput and peak memory, next to the loop a user writes today.
 
     For each ctx: the baseline (peft + transformers SDPA, model(ids, labels=ids).loss,
@@ -248,6 +252,7 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
     result = train_bench(shape, ctxs, patterns, device=device, dtype=parse_dtype(dtype, device), steps=steps,
                          warmup=warmup, baseline=not no_baseline, compile=compile_layers,
                          offload_activations=offload_setting("off" if no_offload else offload_activations),
-                         backends=backends, gradient_checkpointing=gradient_checkpointing, layers=layers,
+                         backends=backends, gradient_checkpointing=gradient_checkpointing, cuda_graphs=cuda_graphs,
+                         layers=layers,
                          profile_dir=profile_dir, log=click.echo)
     _write_outputs(result, markdown_train(result), json_path, markdown_path)

@@ -83,6 +83,10 @@ def offload_setting(text: str) -> bool | str:
               help=f"Recompute each decoder layer in the backward pass to save memory ({_LL}).")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers (torch.compile; fused elementwise kernels).")
+@click.option("--cuda-graphs", is_flag=True,
+              help="On a CUDA GPU, replay each compiled decoder layer as a CUDA graph (torch.compile's "
+                   "reduce-overhead mode): the host launches one graph instead of every kernel. Implies "
+                   "--compile; needs --no-gradient-checkpointing and --offload-activations off.")
 @click.option("--offload-activations", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               is_flag=False, flag_value="on",
               help="On a GPU, keep what the backward pass needs (under --gradient-checkpointing: each decoder "
@@ -112,7 +116,7 @@ def offload_setting(text: str) -> bool | str:
                    "copy; --shard splits every weight, gradient and AdamW moment over them (FSDP2), for a model "
                    "too large for one GPU. Same files, same weights within float tolerance.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def finetune(model, gpus, quiet, compile_layers, offload_activations, no_offload, **options):
+def finetune(model, gpus, quiet, compile_layers, cuda_graphs, offload_activations, no_offload, **options):
     """LoRA fine-tuning under an attention pattern, with LongLoRA's recipe.
 
     Trains LoRA on the attention projections plus the embeddings and norms of MODEL on
@@ -144,7 +148,7 @@ def finetune(model, gpus, quiet, compile_layers, offload_activations, no_offload
     # Every cheap check first: bad input fails before a model is loaded or processes start.
     try:
         settings = TrainSettings.from_options(
-            {**options, "compile": compile_layers,
+            {**options, "compile": compile_layers or cuda_graphs, "cuda_graphs": cuda_graphs,
              "offload_activations": offload_setting("off" if no_offload else offload_activations)})
         settings.check()
     except UserError:

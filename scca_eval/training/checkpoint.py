@@ -39,8 +39,8 @@ from .sharding import (full_optimizer_state, full_trainable_state, load_optimize
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
 # Recipe options that do not change the numbers of a step: a resumed run may change them.
-NOT_IN_KEY = ("steps", "max_time", "save_every", "compile", "gradient_checkpointing", "offload_activations",
-              "max_memory_gib")
+NOT_IN_KEY = ("steps", "max_time", "save_every", "compile", "cuda_graphs", "gradient_checkpointing",
+              "offload_activations", "max_memory_gib")
 
 
 def run_key(*, model: dict, pattern: dict, rope_scaling, ctx: int, data: str, recipe: dict, dtype: str) -> dict:

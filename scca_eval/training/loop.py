@@ -170,6 +170,12 @@ class Trainer:
         self._eager_passes -= 1
         return torch.compiler.set_stance("force_eager")
 
+    def mark_step_begin(self) -> None:
+        """Under CUDA graphs, tell torch that a new step (or validation window) begins: the
+        graphs' outputs of the last one may be overwritten from here on."""
+        if self.recipe.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -179,6 +185,7 @@ class Trainer:
         """One optimizer step; returns its loss, lr, gradient norm, tokens and seconds."""
         recipe, history = self.recipe, self.history
         started = time.perf_counter()
+        self.mark_step_begin()
         targets = recipe.windows_per_step * (recipe.ctx - 1)
         nll = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()

@@ -86,17 +86,21 @@ def enable_gradient_checkpointing(peft_model) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
-def compile_layers(model) -> None:
+def compile_layers(model, cuda_graphs: bool = False) -> None:
     """Compile each decoder layer of ``model`` (a peft model or a plain one) in place: fused
     elementwise kernels around the matmuls. Each pattern a process trains under is a graph of
     its own (and validation one more), so dynamo's recompile limit is raised: past it, layers
-    would run eagerly without a word."""
+    would run eagerly without a word.
+
+    cuda_graphs: compile with ``mode="reduce-overhead"``, so that each layer's kernels replay
+    as one CUDA graph (the host launches one graph instead of every kernel); the trainer then
+    marks where each step begins (``torch.compiler.cudagraph_mark_step_begin``)."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 64))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.get_decoder().layers:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
 
 
 def has_compiled_layers(model) -> bool:

@@ -74,6 +74,8 @@ class Recipe:
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE
     gradient_checkpointing: bool = True
     compile: bool = False
+    # replay the compiled layers as CUDA graphs (less host work a step; training/lora.py)
+    cuda_graphs: bool = False
     # on a GPU, whether what autograd keeps for the backward pass waits in host memory:
     # True, False, or "auto" (only where keeping it would not fit; training/offload.py)
     offload_activations: bool | str = "auto"
@@ -127,10 +129,24 @@ class Recipe:
         if self.max_memory_gib is not None and not (isinstance(self.max_memory_gib, (int, float))
                                                     and math.isfinite(self.max_memory_gib) and self.max_memory_gib > 0):
             raise UserError(f"--max-memory must be a number of GiB above 0 (got {self.max_memory_gib!r})")
+        if self.cuda_graphs:
+            self._check_cuda_graphs()
         check_module_names(self.lora_targets, "--lora-targets")
         check_module_names(self.trainable, "--trainable")
         if not self.lora_targets:
             raise UserError("--lora-targets names no module; give e.g. q_proj,k_proj,v_proj,o_proj")
+
+    def _check_cuda_graphs(self) -> None:
+        if not self.compile:
+            raise UserError("--cuda-graphs replays the compiled decoder layers: give --compile too")
+        if self.gradient_checkpointing:
+            # torch cannot replay a compiled layer as a CUDA graph when non-reentrant checkpointing
+            # runs its forward again inside the backward pass (pytorch/pytorch#154306)
+            raise UserError("--cuda-graphs needs --no-gradient-checkpointing: a checkpointed layer runs again "
+                            "inside the backward pass, which its CUDA graph cannot replay")
+        if self.offload_activations is not False:
+            raise UserError("--cuda-graphs keeps what the backward pass needs on the GPU: give "
+                            "--offload-activations off too")
 
     @property
     def accumulation(self) -> int:

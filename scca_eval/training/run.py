@@ -112,6 +112,8 @@ def finetune(
     if recipe.accumulation % ranks.world_size:
         raise UserError(f"{ranks.world_size} processes share each step's {recipe.accumulation} passes: give "
                         f"--grad-accum (or --tokens-per-step) as a multiple of {ranks.world_size}")
+    if recipe.cuda_graphs and parse_device(settings.device).type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA GPU; train without it here")
     spec, attention_backend, eval_every = settings.pattern_spec, settings.attention_backend, settings.eval_every
     out, resume_from = settings.out_folder, settings.checkpoint_to_resume
     task_specs, eval_specs = settings.task_specs, settings.eval_specs
@@ -151,7 +153,7 @@ def finetune(
     if recipe.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
     if recipe.compile:
-        compile_layers(peft_model)
+        compile_layers(peft_model, cuda_graphs=recipe.cuda_graphs)
     _check_disk_space(out, peft_model)
     autocast = None if weights_dtype == torch.float32 else weights_dtype
     if autocast is not None:

@@ -110,6 +110,7 @@ def window_losses(trainer: Trainer, validation: ValidationSet, pattern, backend:
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), full_attention(model, pattern, backend):
             for row in mine:  # one window at a time: a loss per window, and no more memory than a step
+                trainer.mark_step_begin()
                 ids = torch.from_numpy(validation.stream.window(validation.indices[row])[None])
                 with trainer.autocast():
                     nll = window_nll_sum(model, ids.to(trainer.device), trainer.recipe.loss_chunk)

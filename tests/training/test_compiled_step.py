@@ -5,6 +5,7 @@ compile into whole graphs (training/loop.py); which modules count as compiled (t
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from helpers import masked_varlen, tiny_llama
@@ -129,3 +130,75 @@ def test_layers_share_one_graph_and_validation_does_not_recompile_them(monkeypat
         graphs.append(counters["stats"].get("unique_graphs", 0))
     assert sum(counters["graph_break"].values()) == 0
     assert graphs == [1] + [2] * 7, graphs
+
+
+def test_cuda_graphs_imply_compile_and_need_a_gpu(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    """finetune --cuda-graphs: compiled layers follow from it; without a GPU it is refused in one
+    line (exit 2) before anything is trained, and nothing is written."""
+    from unittest import mock
+
+    from helpers import run_cli
+
+    import scca_eval.training as training
+    from scca_eval.errors import UserError
+
+    common = ["finetune", "--model", str(tiny_model_dir), "--ctx", "64", "--data", str(sample_data_dir),
+              "--cuda-graphs", "--no-gradient-checkpointing", "--offload-activations", "off"]
+    seen = {}
+
+    def fake_finetune(model, settings, **options):
+        seen.update(compile=settings.recipe.compile, cuda_graphs=settings.recipe.cuda_graphs)
+        raise UserError("stop here")
+
+    with mock.patch.object(training, "finetune", fake_finetune):
+        code, out, err = run_cli([*common, "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and seen == {"compile": True, "cuda_graphs": True}, err
+    if torch.cuda.is_available():
+        return
+    code, out, err = run_cli([*common, "--device", "cpu", "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and err.strip() == "scca-eval: error: --cuda-graphs needs a CUDA GPU; train without it here", err
+    assert not (tmp_path / "b").exists()
+    code, out, err = run_cli(["bench", "train", "--shape", "smollm2-135m", "--ctx", "64", "--layers", "1",
+                              "--device", "cpu", "--cuda-graphs"], capsys)
+    assert code == 2 and "--cuda-graphs needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_the_same_steps(tiny_model_dir, sample_data_dir, tmp_path):
+    """On a GPU, --cuda-graphs trains the steps and validation losses of compiled layers without
+    graphs (the same kernels, replayed), and a step does replay graphs."""
+    import json
+
+    from scca_eval import finetune
+
+    runs = {}
+    for graphs in (False, True):
+        out = tmp_path / f"graphs-{graphs}"
+        finetune(str(tiny_model_dir), ctx=64, out=out, data=[str(sample_data_dir)], pattern="s2", steps=4,
+                 grad_accum=2, warmup_steps=0, lr=1e-3, device="cuda", dtype="float32", compile=True,
+                 cuda_graphs=graphs, gradient_checkpointing=False, offload_activations=False,
+                 eval_data=[str(sample_data_dir)], eval_tokens=128, eval_every=2, notify=lambda message: None)
+        record = json.loads((out / "training.json").read_text())
+        runs[graphs] = (record["loss_curve"], [point["loss"] for point in record["validation"]["curve"]])
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_a_step_under_cuda_graphs_launches_graphs():
+    from torch.profiler import ProfilerActivity, profile
+
+    from scca_eval.training.lora import compile_layers
+
+    model = tiny_llama().cuda()
+    recipe = Recipe(ctx=32, batch_size=1, grad_accum=1, warmup_steps=0, gradient_checkpointing=False,
+                    offload_activations=False, compile=True, cuda_graphs=True)
+    peft_model = attach_lora(model, recipe, "tiny")
+    compile_layers(peft_model, cuda_graphs=True)
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, 32 * 8).astype(np.int64)
+    trainer = Trainer(peft_model, TrainingStream(tokens, 32, None, [], "random"), recipe, torch.device("cuda"), None)
+    for _ in range(3):  # eager first pass, then recording, then replays
+        trainer.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        trainer.step()
+    assert any("cudaGraphLaunch" in event.key for event in profiler.key_averages())
