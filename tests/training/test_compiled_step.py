@@ -165,8 +165,8 @@ def test_cuda_graphs_imply_compile_and_need_a_gpu(tiny_model_dir, sample_data_di
 
 @pytest.mark.gpu
 def test_cuda_graphs_train_the_same_steps(tiny_model_dir, sample_data_dir, tmp_path):
-    """On a GPU, --cuda-graphs trains the steps and validation losses of compiled layers without
-    graphs (the same kernels, replayed), and a step does replay graphs."""
+    """On a GPU, --cuda-graphs gives the training and validation losses of compiled layers
+    without graphs (the same kernels, replayed)."""
     import json
 
     from scca_eval import finetune
@@ -186,6 +186,7 @@ def test_cuda_graphs_train_the_same_steps(tiny_model_dir, sample_data_dir, tmp_p
 
 @pytest.mark.gpu
 def test_a_step_under_cuda_graphs_launches_graphs():
+    """After the eager first pass and the recording, a step replays the layers' CUDA graphs."""
     from torch.profiler import ProfilerActivity, profile
 
     from scca_eval.training.lora import compile_layers
