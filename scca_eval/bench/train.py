@@ -307,7 +307,8 @@ def _line(row: dict, on_gpu: bool) -> str:
     if row["error"]:
         return f"{head} {row['error']}"
     memory = f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""
-    place = f", activations on the {_offloaded(row, on_gpu)}" if _offloaded(row, on_gpu) else ""
+    placed = _offloaded(row, on_gpu)
+    place = f", activations on the {placed}" if placed else ""
     profiled = row.get("profile")
     busy = ""
     if profiled:
@@ -357,9 +358,9 @@ def markdown_train(result: dict) -> str:
     if profiled:  # the busy times of one more, profiled step
         lines[-2] += " host ms | GPU ms |"
         lines[-1] += " ---: | ---: |"
+    on_gpu = result["device"] != "cpu"
     for r in result["rows"]:
-        head = (f"| {r['ctx']} | {r['path']} | {r['pattern']} | {_backend_label(r)} | "
-                f"{_offloaded(r, result['device'] != 'cpu')} |")
+        head = f"| {r['ctx']} | {r['path']} | {r['pattern']} | {_backend_label(r)} | {_offloaded(r, on_gpu)} |"
         if r["error"]:
             lines.append(f"{head} {r['error']} | | | | | | | |" + (" | |" if profiled else ""))
             continue

@@ -253,6 +253,5 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
                          warmup=warmup, baseline=not no_baseline, compile=compile_layers,
                          offload_activations=offload_setting("off" if no_offload else offload_activations),
                          backends=backends, gradient_checkpointing=gradient_checkpointing, cuda_graphs=cuda_graphs,
-                         layers=layers,
-                         profile_dir=profile_dir, log=click.echo)
+                         layers=layers, profile_dir=profile_dir, log=click.echo)
     _write_outputs(result, markdown_train(result), json_path, markdown_path)

@@ -131,8 +131,8 @@ class TrainSettings:
         check_dtype_name(self.dtype)
         check_attention_backend(self.attention_backend)
         if self.shard and self.recipe.compile:
-            raise UserError("--compile (and --cuda-graphs, which compiles) is not available with --shard; leave it out "
-                            "or train without --shard")
+            raise UserError("--compile (and --cuda-graphs, which compiles) is not available with --shard; "
+                            "leave it out or train without --shard")
         if self.shard and (self.eval_tasks or self.eval_data):
             raise UserError("the validation loss (--eval-task, --eval-data) is not measured under --shard yet; "
                             "measure it afterwards with scca-eval ppl --adapter OUT, or train without --shard")
