@@ -46,13 +46,15 @@ STREAMS = 4  # side streams per device that independent calls are spread over
 class _Launcher:
     """Runs independent calls on a few CUDA streams, so that small kernels overlap.
 
-    Each call writes its own slice of the output. On CPU (or with width 1) the
-    calls simply run in order. ``join`` makes the caller's stream wait for all.
+    Each call writes its own slice of the output. On CPU, with width 1 or while
+    torch.compile traces, the calls simply run in order. ``join`` makes the caller's stream wait for all.
     """
 
     def __init__(self, device: torch.device, width: int):
         self.streams = []
-        if device.type == "cuda" and width > 1:
+        # Under torch.compile the compiled graph schedules the kernels itself, and torch cannot
+        # trace writes into an input made on a side stream: run in order there.
+        if device.type == "cuda" and width > 1 and not torch.compiler.is_compiling():
             pool = _STREAMS.setdefault(device.index or 0, [])
             while len(pool) < width:
                 pool.append(torch.cuda.Stream(device))
