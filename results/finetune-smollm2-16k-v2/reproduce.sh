@@ -12,6 +12,9 @@
 #   COMPILE=1 ...                                                  # finetune --compile (GPU): compiled
 #             decoder layers, faster steps, the same results up to rounding; the compute-matched
 #             stage times the patterns' steps compiled too
+#   CHECKPOINTING=0 ...                                            # finetune --no-gradient-checkpointing
+#             (a GPU with room for every activation): faster steps, the same results up to
+#             rounding; the compute-matched stage times the steps that way too
 #
 # Stages:
 #   sweep     short runs of SWEEP_PATTERNS at every rate of LRS (seed 0); lr_sweep.py picks, per
@@ -74,9 +77,12 @@ EVAL_EVERY=${EVAL_EVERY:-$(( STEPS / 20 > 0 ? STEPS / 20 : 1 ))}
 SWEEP_EVAL_EVERY=${SWEEP_EVAL_EVERY:-$(( SWEEP_STEPS / 10 > 0 ? SWEEP_STEPS / 10 : 1 ))}
 DEVICE_OPTION=(); [ -n "${DEVICE:-}" ] && DEVICE_OPTION=(--device "$DEVICE")
 COMPILE_OPTION=(); [ "${COMPILE:-0}" = 1 ] && COMPILE_OPTION=(--compile)
+CHECKPOINTING=${CHECKPOINTING:-1}
+case $CHECKPOINTING in 0|1) ;; *) echo "reproduce.sh: CHECKPOINTING must be 0 or 1 (got '$CHECKPOINTING')" >&2; exit 2 ;; esac
+CHECKPOINT_OPTION=(); [ "$CHECKPOINTING" = 0 ] && CHECKPOINT_OPTION=(--no-gradient-checkpointing)
 FINETUNE=(--model default --ctx "$CTX" --rope-scaling linear:2 --grad-accum 1 --warmup-steps "$WARMUP"
           --save-every 50 --task "$TRAIN_TASK" --eval-task "$VALID_TASK" --eval-tokens "$EVAL_TOKENS"
-          "${DEVICE_OPTION[@]}" "${COMPILE_OPTION[@]}" --quiet)
+          "${DEVICE_OPTION[@]}" "${COMPILE_OPTION[@]}" "${CHECKPOINT_OPTION[@]}" --quiet)
 # Evaluation as in v1: the paper's lengths scaled 2x, the first 24,577 tokens of each document.
 EVAL_CTX=${EVAL_CTX:-2048,4096,8192,16384}
 EVAL=(--ctx "$EVAL_CTX" --task pg19_sample --task proof_pile_sample --max-tokens "${MAX_TOKENS:-147456}"
@@ -190,7 +196,7 @@ matched() {  # every sparse pattern for the GPU time of STEPS full-attention ste
     if [ ! -f "$speed" ]; then
         local measured=(full); for p in "${PATTERNS[@]}"; do [ "$p" = full ] || measured+=("$p"); done
         $PY -m scca_eval bench train --shape "$MATCHED_SHAPE" --ctx "$CTX" --pattern "$(IFS=,; echo "${measured[*]}")" \
-            --no-baseline --warmup 2 --steps 5 "${DEVICE_OPTION[@]}" "${COMPILE_OPTION[@]}" --json "$speed.tmp" \
+            --no-baseline --warmup 2 --steps 5 "${DEVICE_OPTION[@]}" "${COMPILE_OPTION[@]}" "${CHECKPOINT_OPTION[@]}" --json "$speed.tmp" \
             --markdown "$RESULTS/matched-speed.md" > /dev/null
         mv "$speed.tmp" "$speed"
     fi
@@ -206,12 +212,17 @@ matched() {  # every sparse pattern for the GPU time of STEPS full-attention ste
 
 matched_steps() {  # SPEED-JSON PATTERN: STEPS scaled by full's seconds per step over the pattern's
     $PY -c 'import json, sys
-rows = {row["pattern"]: row for row in json.load(open(sys.argv[1]))["rows"] if row["path"] == "finetune"}
+speed = json.load(open(sys.argv[1]))
+if speed.get("gradient_checkpointing", True) != (sys.argv[5] == "1"):
+    timed = "with" if speed.get("gradient_checkpointing", True) else "without"
+    sys.exit(f"reproduce.sh: {sys.argv[1]} timed the steps {timed} gradient checkpointing, and CHECKPOINTING={sys.argv[5]} "
+             "trains the other way; delete it to time them again, or set CHECKPOINTING to match it")
+rows = {row["pattern"]: row for row in speed["rows"] if row["path"] == "finetune"}
 for name in ("full", sys.argv[2]):
     if name not in rows or rows[name].get("error") or not rows[name].get("seconds"):
         sys.exit(f"reproduce.sh: {sys.argv[1]} has no step time for {name}; delete it to measure again")
 steps = round(int(sys.argv[3]) * rows["full"]["seconds"] / rows[sys.argv[2]]["seconds"])
-print(min(steps, int(sys.argv[4])))' "$1" "$2" "$STEPS" "$MATCHED_MAX_STEPS"
+print(min(steps, int(sys.argv[4])))' "$1" "$2" "$STEPS" "$MATCHED_MAX_STEPS" "$CHECKPOINTING"
 }
 
 checkpoints() {  # GROUP/NAME of every finished fine-tune of the tables
