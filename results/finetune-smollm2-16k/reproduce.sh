@@ -10,6 +10,8 @@
 #   PARALLEL=6 results/finetune-smollm2-16k/reproduce.sh    # run that many fine-tunes/evaluations at once
 #   COMPILE=1 ...                                           # finetune --compile (GPU): compiled decoder
 #             layers, faster steps, the same results up to rounding
+#   CHECKPOINTING=0 ...                                     # finetune --no-gradient-checkpointing (a GPU
+#             with room for every activation): faster steps, the same results up to rounding
 #
 # Every stage resumes: a fine-tune continues from its last checkpoint, a sweep skips the
 # cells it already wrote. The adapters go to $CKPT (default: checkpoints/ here, not
@@ -32,6 +34,11 @@ STEPS=${STEPS:-200}
 FINETUNE=(--model default --ctx "$CTX" --rope-scaling linear:2 --steps "$STEPS" --grad-accum 1
           --lr 2e-5 --warmup-steps 20 --seed 42 --save-every 50 --quiet)
 [ "${COMPILE:-0}" = 1 ] && FINETUNE+=(--compile)
+case ${CHECKPOINTING:-1} in
+    0) FINETUNE+=(--no-gradient-checkpointing) ;;
+    1) ;;
+    *) echo "reproduce.sh: CHECKPOINTING must be 0 or 1 (got '$CHECKPOINTING')" >&2; exit 2 ;;
+esac
 # Evaluation: the paper's lengths scaled 2x, the first 24,577 tokens of each document.
 EVAL_CTX=${EVAL_CTX:-2048,4096,8192,16384}
 EVAL=(--ctx "$EVAL_CTX" --task pg19_sample --task proof_pile_sample --max-tokens "${MAX_TOKENS:-147456}")
