@@ -8,7 +8,7 @@ backward pass. A step averages over all its windows (``batch_size`` per pass, ``
 passes), so it does not depend on how the windows are split into passes.
 
 On a GPU the tensors autograd keeps for the backward pass can wait in pinned host memory
-(``Recipe.offload_activations``, torch's ``save_on_cpu``). Under gradient checkpointing
+(``Recipe.offload_activations``, training/offload.py). Under gradient checkpointing
 those are mainly each decoder layer's input, ``[batch, ctx, hidden]`` per layer, which
 otherwise grow with ctx × layers; each comes back to the GPU when its layer is recomputed.
 By default they are offloaded only where keeping them would not fit (training/offload.py).

@@ -2,8 +2,9 @@
 
 Under gradient checkpointing, what autograd keeps for the backward pass is mainly each
 decoder layer's input (``[batch, ctx, hidden]`` per layer), memory that grows with
-ctx × layers. Offloading it (torch's ``save_on_cpu``) frees that memory for a copy each
-way, which costs time; ``Recipe.offload_activations`` says what to do:
+ctx × layers. Offloading it (``HostOffload``: torch's ``save_on_cpu``, but each copy keeps
+its tensor's layout) frees that memory for a copy each way, which costs time;
+``Recipe.offload_activations`` says what to do:
 
 - ``True`` / ``False``: always / never (on a GPU; off a GPU nothing is offloaded).
 - ``"auto"`` (the default): offload only where keeping them on the GPU would not fit.
@@ -87,20 +88,35 @@ def adam_state_bytes(parameters) -> int:
     return sum(2 * p.numel() * p.element_size() for p in parameters)
 
 
-class _CountingOffload(torch.autograd.graph.save_on_cpu):
-    """torch's save_on_cpu that also adds up the bytes of the GPU tensors it moves."""
+class HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """What autograd saves on the GPU waits in pinned host memory until the backward pass.
+
+    torch's ``save_on_cpu`` does the same but hands back contiguous copies, and the backward
+    of a compiled layer checks the strides of what it saved: a transposed query that comes
+    back contiguous stops the step. So each copy here keeps the layout of its tensor
+    (``empty_like``), and a tensor whose layout a copy cannot keep (a broadcast view) stays on
+    the GPU, as do parameters (resident anyway). ``saved_bytes`` adds up what was moved.
+    """
 
     def __init__(self):
-        super().__init__(pin_memory=True)
         self.saved_bytes = 0
-        pack = self.pack_hook
+        super().__init__(self._pack, self._unpack)
 
-        def counting_pack(tensor):
-            if tensor.is_cuda and not isinstance(tensor, torch.nn.Parameter):  # a parameter stays resident anyway
-                self.saved_bytes += tensor.nbytes
-            return pack(tensor)
+    def _pack(self, tensor: torch.Tensor):
+        if not tensor.is_cuda or isinstance(tensor, torch.nn.Parameter):
+            return None, tensor
+        packed = torch.empty_like(tensor, device="cpu", pin_memory=True)
+        if packed.stride() != tensor.stride():
+            return None, tensor
+        packed.copy_(tensor, non_blocking=True)
+        self.saved_bytes += tensor.nbytes
+        return tensor.device, packed
 
-        self.pack_hook = counting_pack
+    @staticmethod
+    def _unpack(packed) -> torch.Tensor:
+        device, tensor = packed
+        # to() keeps the strides of a dense tensor (torch.preserve_format)
+        return tensor if device is None else tensor.to(device, non_blocking=True)
 
 
 class ActivationPlace:
@@ -112,7 +128,7 @@ class ActivationPlace:
         self.mode, self.device, self.notify = mode, device, notify
         self.max_memory = None if max_memory_gib is None else int(max_memory_gib * GIB)
         self.measurement: Measurement | None = None
-        self._counter: _CountingOffload | None = None
+        self._counter: HostOffload | None = None
 
     @property
     def active(self) -> bool:
@@ -133,10 +149,10 @@ class ActivationPlace:
         if decided is False:
             return contextlib.nullcontext()
         if decided is True:
-            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+            return HostOffload()
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._counter = _CountingOffload()
+        self._counter = HostOffload()
         return self._counter
 
     def after_pass(self, trainable: list[torch.nn.Parameter], optimizer_has_state: bool) -> None:

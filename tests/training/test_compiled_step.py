@@ -185,6 +185,28 @@ def test_cuda_graphs_train_the_same_steps(tiny_model_dir, sample_data_dir, tmp_p
 
 
 @pytest.mark.gpu
+def test_compiled_layers_without_checkpointing_train_the_same_with_activations_offloaded(
+        tiny_model_dir, sample_data_dir, tmp_path):
+    """On a GPU, compiled layers keep every activation without checkpointing; offloaded to the
+    host they must come back with their strides (the compiled backward checks them), and the
+    run trains the same steps as one that keeps them on the GPU."""
+    import json
+
+    from scca_eval import finetune
+
+    curves = {}
+    for offload in (False, True):
+        out = tmp_path / f"offload-{offload}"
+        finetune(str(tiny_model_dir), ctx=64, out=out, data=[str(sample_data_dir)], pattern="full", steps=3,
+                 grad_accum=2, warmup_steps=0, lr=1e-3, device="cuda", dtype="float32", compile=True,
+                 gradient_checkpointing=False, offload_activations=offload, notify=lambda message: None)
+        record = json.loads((out / "training.json").read_text())
+        assert record["runtime"]["activations"]["offloaded"] is offload
+        curves[offload] = record["loss_curve"]
+    torch.testing.assert_close(curves[True], curves[False], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
 def test_a_step_under_cuda_graphs_launches_graphs():
     """After the eager first pass and the recording, a step replays the layers' CUDA graphs."""
     from torch.profiler import ProfilerActivity, profile

@@ -105,16 +105,16 @@ def test_bfloat16_weights_train_float32_copies_under_autocast(tiny_model_dir, sa
 def test_offloaded_activations_train_the_same_weights(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
     """On a GPU what autograd saves waits in host memory and comes back unchanged: a run with
     offloading ends with the weights of a run without it, and it did move tensors to the host."""
+    from scca_eval.training import offload as offload_module
+
     moved = []
-    library_offload = torch.autograd.graph.save_on_cpu
+    pack = offload_module.HostOffload._pack
 
-    class CountingOffload(library_offload):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            pack = self.pack_hook
-            self.pack_hook = lambda tensor: (moved.append(tensor.is_cuda), pack(tensor))[1]
+    def recording_pack(self, tensor):
+        moved.append(tensor.is_cuda)
+        return pack(self, tensor)
 
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CountingOffload)
+    monkeypatch.setattr(offload_module.HostOffload, "_pack", recording_pack)
     runs = {}
     for offload in (False, True):
         out = tmp_path / f"offload-{offload}"

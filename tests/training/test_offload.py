@@ -157,3 +157,24 @@ def test_gpu_auto_offloads_under_a_small_max_memory_and_trains_the_same():
     assert offloaded.activations.describe()["max_memory_gib"] == 0.01
     for a, b in zip(kept.parameters, offloaded.parameters):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_host_offload_keeps_each_tensors_layout():
+    """A saved tensor comes back from the host with its strides (a compiled backward checks
+    them); a broadcast view, whose layout a copy cannot keep, and a parameter stay on the GPU."""
+    from scca_eval.training.offload import HostOffload
+
+    hooks = HostOffload()
+    transposed = torch.randn(1, 16, 3, 8, device="cuda").transpose(1, 2)
+    device, packed = hooks._pack(transposed)
+    assert packed.device.type == "cpu" and packed.is_pinned() and packed.stride() == transposed.stride()
+    back = hooks._unpack((device, packed))
+    torch.cuda.synchronize()
+    assert back.is_cuda and back.stride() == transposed.stride() and torch.equal(back, transposed)
+    assert hooks.saved_bytes == transposed.nbytes
+    broadcast = torch.randn(8, 1, device="cuda").expand(8, 4)
+    parameter = torch.nn.Parameter(torch.randn(4, device="cuda"))
+    for kept in (broadcast, parameter):
+        assert hooks._pack(kept) == (None, kept) and hooks._unpack((None, kept)) is kept
+    assert hooks.saved_bytes == transposed.nbytes
