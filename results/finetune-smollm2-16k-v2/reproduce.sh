@@ -13,8 +13,8 @@
 #             decoder layers, faster steps, the same results up to rounding; the compute-matched
 #             stage times the patterns' steps compiled too
 #   CHECKPOINTING=0 ...                                            # finetune --no-gradient-checkpointing
-#             (a GPU with room for every activation): faster steps, the same results up to
-#             rounding; the compute-matched stage times the steps that way too
+#             --offload-activations off (a GPU with room for every activation): faster steps,
+#             the same results up to rounding; the compute-matched stage times the steps that way too
 #
 # Stages:
 #   sweep     short runs of SWEEP_PATTERNS at every rate of LRS (seed 0); lr_sweep.py picks, per
@@ -79,7 +79,9 @@ DEVICE_OPTION=(); [ -n "${DEVICE:-}" ] && DEVICE_OPTION=(--device "$DEVICE")
 COMPILE_OPTION=(); [ "${COMPILE:-0}" = 1 ] && COMPILE_OPTION=(--compile)
 CHECKPOINTING=${CHECKPOINTING:-1}
 case $CHECKPOINTING in 0|1) ;; *) echo "reproduce.sh: CHECKPOINTING must be 0 or 1 (got '$CHECKPOINTING')" >&2; exit 2 ;; esac
-CHECKPOINT_OPTION=(); [ "$CHECKPOINTING" = 0 ] && CHECKPOINT_OPTION=(--no-gradient-checkpointing)
+# Without checkpointing every activation stays on the GPU (no first pass measured offloaded, as
+# --offload-activations auto would run): the same step in the timing and in the runs.
+CHECKPOINT_OPTION=(); [ "$CHECKPOINTING" = 0 ] && CHECKPOINT_OPTION=(--no-gradient-checkpointing --offload-activations off)
 FINETUNE=(--model default --ctx "$CTX" --rope-scaling linear:2 --grad-accum 1 --warmup-steps "$WARMUP"
           --save-every 50 --task "$TRAIN_TASK" --eval-task "$VALID_TASK" --eval-tokens "$EVAL_TOKENS"
           "${DEVICE_OPTION[@]}" "${COMPILE_OPTION[@]}" "${CHECKPOINT_OPTION[@]}" --quiet)

@@ -10,8 +10,9 @@
 #   PARALLEL=6 results/finetune-smollm2-16k/reproduce.sh    # run that many fine-tunes/evaluations at once
 #   COMPILE=1 ...                                           # finetune --compile (GPU): compiled decoder
 #             layers, faster steps, the same results up to rounding
-#   CHECKPOINTING=0 ...                                     # finetune --no-gradient-checkpointing (a GPU
-#             with room for every activation): faster steps, the same results up to rounding
+#   CHECKPOINTING=0 ...                                     # finetune --no-gradient-checkpointing
+#             --offload-activations off (a GPU with room for every activation): faster steps,
+#             the same results up to rounding
 #
 # Every stage resumes: a fine-tune continues from its last checkpoint, a sweep skips the
 # cells it already wrote. The adapters go to $CKPT (default: checkpoints/ here, not
@@ -35,7 +36,7 @@ FINETUNE=(--model default --ctx "$CTX" --rope-scaling linear:2 --steps "$STEPS" 
           --lr 2e-5 --warmup-steps 20 --seed 42 --save-every 50 --quiet)
 [ "${COMPILE:-0}" = 1 ] && FINETUNE+=(--compile)
 case ${CHECKPOINTING:-1} in
-    0) FINETUNE+=(--no-gradient-checkpointing) ;;
+    0) FINETUNE+=(--no-gradient-checkpointing --offload-activations off) ;;  # every activation kept on the GPU
     1) ;;
     *) echo "reproduce.sh: CHECKPOINTING must be 0 or 1 (got '$CHECKPOINTING')" >&2; exit 2 ;;
 esac
