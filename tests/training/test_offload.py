@@ -176,5 +176,6 @@ def test_gpu_host_offload_keeps_each_tensors_layout():
     broadcast = torch.randn(8, 1, device="cuda").expand(8, 4)
     parameter = torch.nn.Parameter(torch.randn(4, device="cuda"))
     for kept in (broadcast, parameter):
-        assert hooks._pack(kept) == (None, kept) and hooks._unpack((None, kept)) is kept
+        device, same = hooks._pack(kept)
+        assert device is None and same is kept and hooks._unpack((device, same)) is kept
     assert hooks.saved_bytes == transposed.nbytes
