@@ -12,9 +12,10 @@ Independent calls (head groups, segments, residue classes) are spread over a
 few CUDA streams, so that the many small kernels of a short window overlap
 instead of each leaving most of the GPU idle.
 
-Where a view is impossible (a head group that splits a key/value head, a
-length that is not a multiple of the rate) that head group falls back to
-``chunked_pattern_attention``. Where a view cannot merge the batch with the
+A head group that splits a key/value head (9 query heads over 3 key/value
+heads in two groups) reads a copy of its key/value heads, one per query head.
+Where a view is impossible (a length that is not a multiple of the rate) that
+head group falls back to ``chunked_pattern_attention``. Where a view cannot merge the batch with the
 chunks (a batch above 1 and a run of chunks shorter than the window: ``cross``,
 ``shifted``, a last partial chunk) reshape copies that run.
 """
@@ -91,18 +92,20 @@ def strided_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     chunk = spec.chunk_for(n)
     qn, kn, vn = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, h, D] views
     out = q.new_empty(batch, n, heads, v.shape[-1])
-    launch = _Launcher(q.device, streams)
+    # A head group that splits a key/value head gets its own copy of the K/V heads it reads, one
+    # per query head. The copies are made before any call is queued on a side stream (each
+    # stream waits for the main one once, at its first call) and kept until the join.
+    groups = []
     for first, end, rule in spec.head_groups(n, heads):
-        if first % per_kv or end % per_kv:  # the group splits a key/value head: copy its heads out
-            def work(first=first, end=end, rule=rule):
-                kv_index = torch.arange(first, end, device=q.device) // per_kv
-                out[:, :, first:end] = chunked_pattern_attention(
-                    q[:, first:end], k.index_select(1, kv_index), v.index_select(1, kv_index),
-                    _single(rule, spec), scaling).transpose(1, 2)
-            launch(work)
-            continue
+        if first % per_kv or end % per_kv:
+            kv_index = torch.arange(first, end, device=q.device) // per_kv
+            gk, gv = (x.index_select(2, kv_index) for x in (kn, vn))
+        else:
+            gk, gv = (x[:, :, first // per_kv:end // per_kv] for x in (kn, vn))
+        groups.append((first, end, rule, gk, gv))
+    launch = _Launcher(q.device, streams)
+    for first, end, rule, gk, gv in groups:
         gq = qn[:, :, first:end]
-        gk, gv = (x[:, :, first // per_kv:end // per_kv] for x in (kn, vn))
         o = out[:, :, first:end]
         if not _rule_views(rule, gq, gk, gv, o, chunk, scaling, launch):
             def work(gq=gq, gk=gk, gv=gv, rule=rule, first=first, end=end):

@@ -90,9 +90,11 @@ def test_strided_with_contiguous_inputs(pattern):
 @pytest.mark.parametrize("pattern,heads,kv_heads,n", [
     ("s2", 8, 4, 40), ("scca_fixed", 8, 4, 40), ("scca_flow", 8, 8, 40), ("sda", 8, 4, 40),
     ("longmixed", 16, 16, 48), ("1/4 local + 1/4 shifted(3) + 1/2 dilated(3,1)", 8, 4, 48),
+    # groups that split a key/value head (SmolLM2's 9 over 3) read copied K/V heads, still views
+    ("sda", 9, 3, 40), ("scca_fixed", 9, 3, 40), ("longmixed", 9, 3, 48),
 ])
 def test_view_path_without_fallback(monkeypatch, pattern, heads, kv_heads, n):
-    """Head groups on whole key/value heads and N a multiple of every rate: views only,
+    """N a multiple of every rate: views only (whole key/value heads or copies of them),
     so the tests above do check the view layout and not just the chunked fallback."""
     def refuse(*args, **kwargs):
         raise AssertionError("fell back to the chunked layout")
