@@ -15,9 +15,10 @@ instead of each leaving most of the GPU idle.
 A head group that splits a key/value head (9 query heads over 3 key/value
 heads in two groups) reads a copy of its key/value heads, one per query head.
 Where a view is impossible (a length that is not a multiple of the rate) that
-head group falls back to ``chunked_pattern_attention``. Where a view cannot merge the batch with the
-chunks (a batch above 1 and a run of chunks shorter than the window: ``cross``,
-``shifted``, a last partial chunk) reshape copies that run.
+head group falls back to ``chunked_pattern_attention``. Where a view cannot
+merge the batch with the chunks (a batch above 1 and a run of chunks shorter
+than the window: ``cross``, ``shifted``, a last partial chunk) reshape copies
+that run.
 """
 
 from __future__ import annotations
