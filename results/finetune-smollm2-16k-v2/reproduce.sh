@@ -290,6 +290,10 @@ report() {
         [ -d "$fa/matched" ] && [ -d "$fa/main/full-seed$seed" ] || continue
         $PY -m scca_eval table "$fa/matched"/*-matched-seed"$seed" "$fa/main/full-seed$seed" --ci \
             --output "$RESULTS/matched-seed$seed.md"
+        # ... and under each run's own pattern (full attention's own pattern is full attention).
+        [ -d "$tp/matched" ] && \
+            $PY -m scca_eval table "$tp/matched"/*-matched-seed"$seed" "$fa/main/full-seed$seed" --ci \
+                --output "$RESULTS/matched-seed$seed-trained-pattern.md"
     done
     for group in sweep main own matched; do
         [ -d "$RESULTS/training/$group" ] && [ -n "$(ls -A "$RESULTS/training/$group")" ] && \
