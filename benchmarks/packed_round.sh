@@ -12,7 +12,8 @@
 #   compiled   the same with the decoder layers compiled (finetune --compile), no baseline,
 #   train7b    the fine-tuning step, LLaMA-2-7B shape at 8k,
 #   model      whole-model evaluation throughput, SmolLM2-135M shape at 16k,
-#   flex       FlexAttention at 16k (it compiles its kernels; a timeout there costs nothing else).
+#   flex       FlexAttention, SmolLM2-135M heads at 16k and LLaMA-2-7B heads at 8k (it compiles its
+#              kernels; a timeout there costs nothing else), merged into the table too.
 # Everything lands in OUT/packed_round.tar.gz (rewritten after every step, so a run cut short
 # keeps what it finished); OUT/run.log and OUT/backend_table.json (the table to commit as
 # scca_eval/attention/backend_table.json) also lie beside it. Every step runs under a timeout.
@@ -96,6 +97,10 @@ if want flex; then
 step "(e) attention alone, FlexAttention (compiled), SmolLM2-135M heads at 16k"
 timeout 50 python3 -m scca_eval bench attention "${smollm[@]}" --n 16384 --backend flex --mode fwd,fwd+bwd \
     --repeats 10 --no-check --json "$work/attention_smollm2_flex.json" --write-table "$table" 2>&1 | tee -a "$log" \
+    | grep -v "^  "
+step "(e) attention alone, FlexAttention (compiled), LLaMA-2-7B heads at 8k"
+timeout 50 python3 -m scca_eval bench attention "${llama[@]}" --n 8192 --backend flex --mode fwd,fwd+bwd \
+    --repeats 10 --no-check --json "$work/attention_llama2_flex.json" --write-table "$table" 2>&1 | tee -a "$log" \
     | grep -v "^  "
 fi
 
