@@ -30,6 +30,7 @@ from ..choices import PRESETS
 from ..errors import UserError
 from ..patterns.masks import density
 from .attention import pattern_from_label
+from .profiling import make_profile_dir, markdown_breakdown, profile_step, speed_bounds
 from .timing import matmul_peak_tflops, sustained_matmul_tflops, wall_s
 
 # Public architecture figures of the named shapes (config.json of each model).
@@ -144,6 +145,8 @@ class ModelRow:
     mean_nll: float | None
     error: str | None = None
     times_s: list[float] | None = None  # every timed run, in the order run
+    attention_flops: float | None = None  # of one timed run
+    profile: dict | None = None  # one more engine run under the profiler (profiling.profile_step)
 
 
 def _documents(ctx: int, windows: int, vocab: int, seed: int) -> list[np.ndarray]:
@@ -185,7 +188,7 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 dtype: torch.dtype | None = None, tokens_per_run: int = 32768, repeats: int = 2,
                 plain: bool = True, compile: bool = False, layers: int | None = None, seed: int = 0,
                 rope_scaling: str | None = None, original_ctx: int | None = None,
-                log: Callable[[str], None] | None = print) -> dict:
+                profile_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Engine and plain-loop throughput of one model for each ctx and pattern.
 
     shape:          ``llama2-7b``, ``llama2-13b``, ``smollm2-135m`` or a config .json
@@ -203,6 +206,9 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     layers:         override the number of layers (quick checks).
     rope_scaling:   ``--rope-scaling`` value (with ``original_ctx``), as for ``load_model``;
                     the result names the RoPE parameters the model ran with.
+    profile_dir:    a folder for one more engine run of each cell under torch.profiler
+                    (``CTX-PATTERN-BACKEND.txt``); the row gets that run's GPU time by kernel
+                    class (``profiling.profile_step``).
     """
     from ..evaluation.engine import auto_batch_size, compile_for_evaluation, score_windows
     from ..evaluation.windows import plan_windows
@@ -219,6 +225,7 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     if unknown:
         raise UserError(f"unknown attention backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
 
+    profile_dir = make_profile_dir(profile_dir)
     model, origin = bench_model(shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=layers,
                                 rope_scaling=rope_scaling, original_ctx=original_ctx)
     if compile:
@@ -274,7 +281,15 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                                 row.times_s.append(seconds)
                                 row.peak_memory_gib = max(row.peak_memory_gib or 0.0, _peak_memory(device) or 0.0) \
                                     if device.type == "cuda" else None
+                engine = rows["engine"]
+                if profile_dir is not None and engine.error is None:
+                    try:  # a profiler that fails costs the breakdown, not the timing
+                        engine.profile = profile_step(paths["engine"], device,
+                                                      profile_dir / f"{ctx}-{label}-{backend}.txt")
+                    except Exception as error:
+                        say(f"  ctx {ctx} {label}: not profiled ({type(error).__name__}: {error})")
                 for path, row in rows.items():
+                    row.attention_flops = attn
                     if row.error is None:
                         row.seconds = statistics.median(row.times_s)
                         if path == "engine":
@@ -396,4 +411,17 @@ def markdown_model(result: dict) -> str:
                      f"{r['forward_tokens_per_s']:,.0f} | {r['scored_tokens_per_s']:,.0f} | {_num(r['tflops'])} | "
                      f"{100 * r['peak_share']:.0f}% | {of_sustained} | {memory} | {vs_plain} | {vs_full} | {goal} | "
                      f"{r['mean_nll']:.4f} |")
+    cells = []
+    for r in rows:
+        profiled = r.get("profile") or {}
+        if r["error"] or r["path"] != "engine" or profiled.get("busy_ms") is None:
+            continue
+        cell = dict(r, step_ms=1000 * r["seconds"])
+        full = full_engine.get(r["ctx"])
+        if r["pattern"] != "full" and full and (full.get("profile") or {}).get("busy_ms") is not None:
+            cell["bounds"] = speed_bounds(1000 * r["seconds"], profiled, 1000 * full["seconds"], full["profile"],
+                                          r["attention_flops"] / full["attention_flops"])
+        cells.append(cell)
+    if cells:
+        lines += ["", markdown_breakdown(cells, "engine run").rstrip("\n")]
     return "\n".join(lines) + "\n"

@@ -18,14 +18,15 @@ activations), the first step's loss (baseline and full attention must agree: the
 same model on the same window) and the ratios the fine-tuning goals are stated in. With
 ``profile_dir``, one more step of each cell runs under torch.profiler: the row gets the
 host's and the GPU's busy time in that step (a step whose GPU busy time is well below its
-wall time leaves the GPU waiting on the host) and the op table goes to a file. The host
-time is the profiler's sum over threads, with its own overhead, so it can exceed the step.
+wall time leaves the GPU waiting on the host), that GPU time split into kernel classes, and
+for a sparse pattern the bounds ``profiling.speed_bounds`` derives from it against full
+attention; the op tables go to a file. The host time is the profiler's sum over threads,
+with its own overhead, so it can exceed the step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,6 +37,7 @@ import torch
 from ..evaluation.engine import run_eagerly
 from ..errors import UserError
 from .attention import pattern_from_label
+from .profiling import make_profile_dir, markdown_breakdown, profile_step, speed_bounds
 from .model import (DEFAULT_PATTERNS, SHAPES, _linear_params, _peak_memory, _reset_peak, attention_flops,
                     random_model)
 
@@ -150,34 +152,8 @@ def _timed(step: Callable[[], float], steps: int, warmup: int, device, profile_t
     timed = {"times_s": times, "seconds": float(np.median(times)), "first_loss": first_loss,
              "peak_memory_gib": _peak_memory(device)}
     if profile_to is not None:
-        timed["profile"] = _profiled(step, device, profile_to)
+        timed["profile"] = profile_step(step, device, profile_to)
     return timed
-
-
-def _profiled(step: Callable[[], float], device, path: Path) -> dict:
-    """One more step under torch.profiler: the host's and the GPU's busy time (ms, summed as
-    the profiler's own table sums them), and that table written to ``path``."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    on_gpu = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    _sync(device)
-    with profile(activities=activities) as profiler:
-        step()
-        _sync(device)
-    events = profiler.key_averages()
-    host_ms = sum(event.self_cpu_time_total for event in events) / 1000
-    gpu_ms = sum(event.self_device_time_total for event in events
-                 if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1000 if on_gpu else None
-    # By host time always (where a step that waits on the host spends it), and by GPU time on a GPU.
-    table = "By host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=40)
-    if on_gpu:
-        table = "By GPU time:\n" + events.table(sort_by="self_device_time_total", row_limit=40) + "\n" + table
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(table)
-    os.replace(partial, path)
-    return {"host_ms": host_ms, "gpu_ms": gpu_ms, "table": path.name}
 
 
 def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
@@ -210,13 +186,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                offload_activations=offload_activations).check()  # the same refusals as finetune's
         compile = True
     specs = {label: pattern_from_label(label) for label in patterns}
-    if profile_dir is not None:
-        profile_dir = Path(profile_dir)
-        try:
-            profile_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"cannot make the profile folder {profile_dir}: {error.strerror or error}; "
-                            "give --profile a folder that can be made") from None
+    profile_dir = make_profile_dir(profile_dir)
 
     def profile_to(ctx: int, path: str, label: str, backend: str) -> Path | None:
         return None if profile_dir is None else profile_dir / f"{ctx}-{path}-{label}-{backend}.txt"
@@ -335,6 +305,9 @@ def _add_ratios(result: dict) -> None:
             allowed = (full["linear_flops"] + full["attention_flops"]) / (row["linear_flops"] + row["attention_flops"])
             row["speed_vs_full"] = row["tokens_per_s"] / full["tokens_per_s"]
             row["goal_vs_full"] = 1 + (allowed - 1) / 2
+            if row.get("profile", {}).get("busy_ms") is not None and full.get("profile", {}).get("busy_ms") is not None:
+                row["bounds"] = speed_bounds(1000 * row["seconds"], row["profile"], 1000 * full["seconds"],
+                                             full["profile"], row["attention_flops"] / full["attention_flops"])
 
 
 def markdown_train(result: dict) -> str:
@@ -376,4 +349,9 @@ def markdown_train(result: dict) -> str:
             busy = r.get("profile") or {}
             gpu = busy.get("gpu_ms")
             lines[-1] += (f" {busy['host_ms']:.1f} |" if busy else " |") + (f" {gpu:.1f} |" if gpu is not None else " |")
+    cells = [dict(r, step_ms=1000 * r["seconds"], backend=_backend_label(r) + (" (baseline)" if r["path"] == "baseline"
+                                                                                else ""))
+             for r in result["rows"] if not r["error"] and (r.get("profile") or {}).get("busy_ms") is not None]
+    if cells:
+        lines += ["", markdown_breakdown(cells, "step").rstrip("\n")]
     return "\n".join(lines) + "\n"

@@ -146,6 +146,10 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 @click.option("--compile", "compile_engine", is_flag=True,
               help="Run the engine compiled, as `ppl --compile` does (the plain loop stays eager).")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
+              help="Profile one more engine run of each cell: on a GPU its time by kernel class (attention, "
+                   "matmul, layout, other) and what that bounds against full attention in a second table; "
+                   "each cell's op table in this folder.")
 @rope_scaling_options()
 @dtype_option()
 @device_option()
@@ -155,7 +159,7 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
               callback=output_file_callback,
               help="Write the table as markdown.")
 def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, repeats, no_plain, compile_engine,
-                  layers, rope_scaling, original_ctx, dtype, device, json_path, markdown_path):
+                  layers, profile_dir, rope_scaling, original_ctx, dtype, device, json_path, markdown_path):
     """Evaluation throughput of a whole model, next to a plain transformers loop.
 
     For each ctx and pattern: forward and scored tokens/s of the engine (the
@@ -182,7 +186,7 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
     result = model_bench(shape, ctxs, patterns, batch_size, backends=backends, device=device,
                          dtype=parse_dtype(dtype, device), tokens_per_run=tokens_per_run, repeats=repeats,
                          plain=not no_plain, compile=compile_engine, layers=layers, rope_scaling=rope_scaling,
-                         original_ctx=original_ctx, log=click.echo)
+                         original_ctx=original_ctx, profile_dir=profile_dir, log=click.echo)
     _write_outputs(result, markdown_model(result), json_path, markdown_path)
 
 
@@ -215,8 +219,9 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
                    "--compile; needs --no-gradient-checkpointing and --offload-activations off).")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
-              help="Profile one more step of each cell: host and GPU busy time in the table, each cell's op "
-                   "table in this folder.")
+              help="Profile one more step of each cell: host and GPU busy time in the table, on a GPU that "
+                   "time by kernel class (attention, matmul, layout, other) and what that bounds against full "
+                   "attention in a second table; each cell's op table in this folder.")
 @dtype_option()
 @device_option()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
