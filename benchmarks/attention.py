@@ -30,6 +30,21 @@ VARIANTS = {
     "flex-split-tma": {"split_layouts": True, "kernel_options": {"USE_TMA": True}},
     "flex-b64": {"block_size": 64, "kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4,
                                                       "num_stages": 3}},
+    # Tiles of the forward (fwd_) and backward (bwd_) kernels apart, against Triton's defaults
+    # for this GPU (on an H100 at head dim 64: forward 128x128, 3 stages, 4 warps; backward
+    # 64x128 / 128x64, 3 stages, 8 warps).
+    "flex-fwd-128x64": {"kernel_options": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3,
+                                           "fwd_num_warps": 4}},
+    "flex-fwd-128x128w8": {"kernel_options": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_stages": 2,
+                                              "fwd_num_warps": 8}},
+    "flex-fwd-64x128": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3,
+                                           "fwd_num_warps": 4}},
+    "flex-bwd-64x64": {"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                                          "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4}},
+    "flex-bwd-32x128": {"kernel_options": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                           "bwd_BLOCK_N2": 32, "bwd_num_stages": 3, "bwd_num_warps": 4}},
+    "flex-bwd-64x128w4": {"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                             "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4}},
 }
 
 
@@ -42,6 +57,7 @@ def main() -> None:
     parser.add_argument("--patterns", default="s2,scca_fixed,scca_flow,sda,sda-r4,longmixed")
     parser.add_argument("--backends", default="flex,chunked,strided")
     parser.add_argument("--variants", default="", help=f"extra FlexAttention variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--modes", default="fwd", help="fwd and/or fwd+bwd, comma-separated")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
@@ -52,7 +68,7 @@ def main() -> None:
     result = attention_bench([int(n) for n in args.n.split(",")], args.heads, args.head_dim,
                              args.patterns.split(","), torch.bfloat16 if torch.cuda.is_available() else torch.float32,
                              kv_heads=args.kv_heads, backends=backends, flex_variants=variants,
-                             repeats=args.repeats)
+                             modes=args.modes.split(","), repeats=args.repeats)
     write_outputs(result, markdown_attention(result), args.json, args.markdown)
 
 

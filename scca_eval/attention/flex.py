@@ -45,6 +45,12 @@ from .plan_cache import PlanCache
 # turns into NaN. USE_TMA stays off: it did not pay at every length
 # (benchmarks/README.md, FlexAttention tuning).
 DEFAULT_KERNEL_OPTIONS: dict = {}
+# The forward kernel's tile on Hopper GPUs (compute capability 9.0) at head dims up to 64,
+# where Triton's default (128 x 128 with 4 warps) ran the sparse presets' forward at about
+# half the speed of this one; the backward keeps Triton's default (benchmarks/README.md,
+# FlexAttention tiles).
+HOPPER_SMALL_HEAD_FORWARD_TILE: dict = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3,
+                                        "fwd_num_warps": 4}
 # Split heads into dilated and other runs (one kernel call each) by default:
 # it was faster for mixes of both (benchmarks/README.md, FlexAttention tuning).
 DEFAULT_SPLIT_LAYOUTS = True
@@ -150,6 +156,7 @@ class _Part:
 
     first: int
     end: int
+    modulus: int  # the residue layout's R (1: natural order)
     order: torch.Tensor | None  # layout index -> position (None: natural order)
     inverse: torch.Tensor | None  # position -> layout index
     block_mask: BlockMask
@@ -163,6 +170,24 @@ class _Plan:
 def _residue_order(n: int, modulus: int, device) -> torch.Tensor:
     """Positions ordered by residue mod ``modulus`` (p mod R, then p // R)."""
     return torch.cat([torch.arange(a, n, modulus, device=device) for a in range(modulus)])
+
+
+def _to_residue_layout(x: torch.Tensor, part: _Part) -> torch.Tensor:
+    """[B, h, N, D] in natural order -> in ``part``'s residue order."""
+    n = x.shape[2]
+    if n % part.modulus:
+        return x.index_select(2, part.order)
+    # Position p = i * R + a sits at (i, a); the residue order wants (a, i). A transposed copy,
+    # whose backward is one too (index_select's backward is an atomic scatter-add, slower).
+    return x.unflatten(2, (n // part.modulus, part.modulus)).transpose(2, 3).flatten(2, 3)
+
+
+def _from_residue_layout(x: torch.Tensor, part: _Part) -> torch.Tensor:
+    """The inverse of ``_to_residue_layout``."""
+    n = x.shape[2]
+    if n % part.modulus:
+        return x.index_select(2, part.inverse)
+    return x.unflatten(2, (part.modulus, n // part.modulus)).transpose(2, 3).flatten(2, 3)
 
 
 def _layout_modulus(rules: list[Rule]) -> int:
@@ -199,7 +224,7 @@ def _build_part(spec: PatternSpec, n: int, rules: list[Rule], params: torch.Tens
     mask_mod = _make_mask_mod(params.to(device), lookup, first)
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
                                           mask_mod=mask_mod, seq_lengths=(n, n))
-    return _Part(first, end, order, inverse, block_mask)
+    return _Part(first, end, modulus, order, inverse, block_mask)
 
 
 def _split_points(rules: list[Rule], per_kv: int) -> list[tuple[int, int]]:
@@ -280,6 +305,15 @@ def _eager_flex(*args, **kwargs):
         return flex_attention(*args, **kwargs)
 
 
+def default_kernel_options(q: torch.Tensor) -> dict:
+    """The kernel options used for ``q`` where the caller passes none."""
+    options = dict(DEFAULT_KERNEL_OPTIONS)
+    if (q.device.type == "cuda" and q.shape[-1] <= 64 and q.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        options.update(HOPPER_SMALL_HEAD_FORWARD_TILE)
+    return options
+
+
 def _as_pair(block_size) -> tuple[int, int]:
     if isinstance(block_size, int):
         return (block_size, block_size)
@@ -293,7 +327,7 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     """Attention of ``spec`` for q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D].
 
     block_size:     sparse block size (int or (query, key)); default 128.
-    kernel_options: FlexAttention kernel options (default DEFAULT_KERNEL_OPTIONS).
+    kernel_options: FlexAttention kernel options (default ``default_kernel_options(q)``).
     split_layouts:  one call for the dilated heads (residue layout) and one for
                     the others (natural layout) instead of one call for all
                     (default DEFAULT_SPLIT_LAYOUTS; only where the split falls on a
@@ -314,7 +348,7 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     if compile is None:
         compile = q.device.type == "cuda"
     kernel = _compiled_flex() if compile else _eager_flex
-    options = dict(DEFAULT_KERNEL_OPTIONS if kernel_options is None else kernel_options)
+    options = dict(default_kernel_options(q) if kernel_options is None else kernel_options)
     block = _as_pair(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
     if split_layouts is None:
         split_layouts = DEFAULT_SPLIT_LAYOUTS
@@ -325,10 +359,10 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
         kv_first, kv_end = part.first // per_kv, -(-part.end // per_kv)
         pq, pk, pv = q[:, part.first:part.end], k[:, kv_first:kv_end], v[:, kv_first:kv_end]
         if part.order is not None:
-            pq, pk, pv = (x.index_select(2, part.order) for x in (pq, pk, pv))
+            pq, pk, pv = (_to_residue_layout(x, part) for x in (pq, pk, pv))
         out = kernel(pq, pk, pv, block_mask=part.block_mask, scale=scaling,
                      enable_gqa=per_kv > 1, kernel_options=options)
         if part.inverse is not None:
-            out = out.index_select(2, part.inverse)
+            out = _from_residue_layout(out, part)
         outputs.append(out)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

@@ -112,6 +112,15 @@ def test_residue_layout_only_for_dilated_rules():
     assert order[:4].tolist() == [0, 4, 8, 12] and order[64:66].tolist() == [1, 5]  # lcm(2, 4) = 4
 
 
+@pytest.mark.parametrize("n", [256, 254])  # a multiple of the modulus (a transposed copy) and not (a gather)
+def test_residue_layout_moves_tokens_to_the_plan_order_and_back(n):
+    part = flex._plan(preset("longmixed"), n, 8, 1, torch.device("cpu"), (32, 32), False).parts[0]
+    x = torch.randn(2, n, 8, 16).transpose(1, 2)  # transformers' memory layout
+    moved = flex._to_residue_layout(x, part)
+    assert torch.equal(moved, x[:, :, part.order])
+    assert torch.equal(flex._from_residue_layout(moved, part), x)
+
+
 def test_plans_are_cached_per_length_and_heads():
     flex.clear_cache()
     q, k, v = random_qkv(1, 4, 4, 64, 8)
@@ -172,6 +181,33 @@ def test_gpu_bf16_matches_reference(name, n):
     error, sdpa_error = relative_error(out, ref), relative_error(sdpa, causal)
     assert error < BF16_REL_TOL, (error, sdpa_error)
     assert error < BF16_SDPA_FACTOR * sdpa_error, (error, sdpa_error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
+@pytest.mark.parametrize("n", [2048, 1030])
+def test_gpu_bf16_small_heads_forward_and_backward_match_reference(name, n):
+    """The SmolLM2 head shape (9 query heads over 3 key/value heads, dim 64), where the
+    forward kernel runs its own tile on Hopper GPUs: outputs and gradients."""
+    spec = spec_named(name)
+    heads, kv_heads, dim = 9, 3, 64
+    q, k, v = random_qkv(1, heads, kv_heads, n, dim, dtype=torch.bfloat16, device="cuda", seed=n + 1)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    scaling = dim ** -0.5
+    grad_out = torch.randn(1, heads, n, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+    out = flex_pattern_attention(q, k, v, spec, scaling)
+    got = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = dense_attention(*exact, dense_mask(spec, n, heads).cuda(), scaling)
+    expected = torch.autograd.grad(ref, exact, grad_out.double())
+    assert relative_error(out, ref.detach()) < BF16_REL_TOL
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+        assert relative_error(g, e) < BF16_REL_TOL, name
+
+
+def test_forward_tile_only_on_hopper_gpus_at_small_head_dims():
+    assert flex.default_kernel_options(torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)) == {}  # CPU
 
 
 @pytest.mark.gpu

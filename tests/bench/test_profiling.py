@@ -63,15 +63,18 @@ def test_speed_bounds_replace_attention_by_its_ideal_and_by_nothing():
     sparse = {"classes": {"attention": 50.0, "matmul": 20.0, "layout": 6.0, "other": 10.0}}
     bounds = speed_bounds(90.0, sparse, 100.0, full, attention_share=0.25)
     # the rest of the sparse step is 90 - 50 = 40 ms; ideal attention 60 x 0.25 = 15 ms;
-    # it moves 6 - 2 = 4 ms more data than full attention
+    # full attention's step without its attention is 100 - 60 = 40 ms
     assert bounds["vs_full"] == pytest.approx(100 / 90)
     assert bounds["ideal_attention_ms"] == pytest.approx(15.0)
     assert bounds["vs_full_ideal_attention"] == pytest.approx(100 / 55)
-    assert bounds["vs_full_ideal_attention_no_extra_layout"] == pytest.approx(100 / 51)
+    assert bounds["vs_full_ideal_pattern"] == pytest.approx(100 / 55)
     assert bounds["vs_full_free_attention"] == pytest.approx(100 / 40)
+    slower = speed_bounds(95.0, sparse, 100.0, full, attention_share=0.25)  # 5 ms of host waits more
+    assert slower["vs_full_ideal_attention"] == pytest.approx(100 / 60)
+    assert slower["vs_full_ideal_pattern"] == pytest.approx(100 / 55)
     table = markdown_breakdown([{"ctx": 16, "pattern": "s2", "backend": "flex", "step_ms": 90.0,
                                  "profile": dict(sparse, busy_ms=85.0), "bounds": bounds}], "step")
-    assert "| 16 | s2 | flex | 90.0 | 85.0 | 5.0 | 50.0 | 20.0 | 6.0 | 10.0 | 1.11x | 1.82x | 1.96x | 2.50x |" in table
+    assert "| 16 | s2 | flex | 90.0 | 85.0 | 5.0 | 50.0 (15.0) | 20.0 | 6.0 | 10.0 | 1.11x | 1.82x | 1.82x | 2.50x |" in table
     assert "can gain" not in table  # no full-attention cell: no limit claimed
     with_full = markdown_breakdown([{"ctx": 16, "pattern": "full", "backend": "sdpa", "step_ms": 100.0,
                                      "profile": dict(full, busy_ms=95.0)}], "step")
