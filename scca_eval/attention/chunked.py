@@ -75,6 +75,18 @@ def query_heads_per_kv(q: torch.Tensor, k: torch.Tensor) -> int:
     return num_heads // kv_heads
 
 
+def kv_heads_for_queries(x: torch.Tensor, first: int, end: int, per_kv: int, dim: int) -> torch.Tensor:
+    """The key/value heads (along ``dim``) that query heads [first, end) read, one per query
+    head, as a contiguous copy. By expand rather than index_select: no index tensor to build
+    on every call, and a backward that sums instead of an atomic scatter-add."""
+    kv_first, kv_end = first // per_kv, -(-end // per_kv)
+    group = x.narrow(dim, kv_first, kv_end - kv_first).unsqueeze(dim + 1)
+    shape = list(group.shape)
+    shape[dim + 1] = per_kv
+    repeated = group.expand(shape).flatten(dim, dim + 1)
+    return repeated.narrow(dim, first - kv_first * per_kv, end - first).contiguous()
+
+
 def chunked_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
                               scaling: float, block_attention: BlockAttention = sdpa_blocks) -> torch.Tensor:
     """Attention of ``spec`` for q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D]."""
@@ -84,9 +96,8 @@ def chunked_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = q.new_empty(batch, num_heads, n, v.shape[-1])
     for first, end, rule in spec.head_groups(n, num_heads):
         # The key/value head of each query head in the group (grouped-query attention).
-        kv_index = torch.arange(first, end, device=q.device) // per_kv
-        group_k = k.index_select(1, kv_index) if per_kv > 1 else k[:, first:end]
-        group_v = v.index_select(1, kv_index) if per_kv > 1 else v[:, first:end]
+        group_k = kv_heads_for_queries(k, first, end, per_kv, 1) if per_kv > 1 else k[:, first:end]
+        group_v = kv_heads_for_queries(v, first, end, per_kv, 1) if per_kv > 1 else v[:, first:end]
         out[:, first:end] = _rule_attention(rule, q[:, first:end], group_k, group_v, chunk, scaling, block_attention)
     return out
 
@@ -165,11 +176,15 @@ def _dilated(q, k, v, rate: int, offset: int, scaling: float, kernel: BlockAtten
     length = qc.shape[3]
     out = q.new_zeros(b, h, rate, length, v.shape[-1])
 
-    def run(classes: list[int], strict: bool) -> None:
+    # Residue classes as slices, never as index lists: a list index is copied to the GPU
+    # on every call, and that copy waits for the host.
+    def run(classes: range, strict: bool) -> None:
         if not classes:
             return
-        keys = [(a - offset) % rate for a in classes]
-        qs, ks, vs = qc[:, :, classes], kc[:, :, keys], vc[:, :, keys]
+        # classes a see key class (a - offset) mod r: a contiguous run that does not wrap
+        first_key = (classes[0] - offset) % rate
+        queries, keys = slice(classes[0], classes[-1] + 1), slice(first_key, first_key + len(classes))
+        qs, ks, vs = qc[:, :, queries], kc[:, :, keys], vc[:, :, keys]
         if strict:  # query i attends keys 0..i-1: causal with queries one step ahead
             if length < 2:
                 return
@@ -178,14 +193,14 @@ def _dilated(q, k, v, rate: int, offset: int, scaling: float, kernel: BlockAtten
         flat = [x.reshape(b, h * len(classes), steps, x.shape[-1]) for x in (qs, ks, vs)]
         result = kernel(*flat, True, scaling).reshape(b, h, len(classes), steps, -1)
         if strict:
-            out[:, :, classes, 1:] = result
+            out[:, :, queries, 1:] = result
         else:
-            out[:, :, classes] = result
+            out[:, :, queries] = result
 
-    run([a for a in range(rate) if a >= offset], strict=False)
-    strict_classes = [a for a in range(rate) if a < offset]
+    run(range(offset, rate), strict=False)
+    strict_classes = range(0, offset)
     run(strict_classes, strict=True)
     # q < offset: no key at a qualifying distance, so the query attends itself.
     if strict_classes:
-        out[:, :, strict_classes, 0] = vc[:, :, strict_classes, 0]
+        out[:, :, :offset, 0] = vc[:, :, :offset, 0]
     return out.transpose(2, 3).reshape(b, h, rate * length, -1)[:, :, :n]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
-from .chunked import chunked_pattern_attention, grad_in_output_layout, query_heads_per_kv
+from .chunked import chunked_pattern_attention, grad_in_output_layout, kv_heads_for_queries, query_heads_per_kv
 
 
 def _sdpa(q, k, v, causal: bool, scaling: float):
@@ -99,8 +99,7 @@ def strided_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     groups = []
     for first, end, rule in spec.head_groups(n, heads):
         if first % per_kv or end % per_kv:
-            kv_index = torch.arange(first, end, device=q.device) // per_kv
-            gk, gv = (x.index_select(2, kv_index) for x in (kn, vn))
+            gk, gv = (kv_heads_for_queries(x, first, end, per_kv, 2) for x in (kn, vn))
         else:
             gk, gv = (x[:, :, first // per_kv:end // per_kv] for x in (kn, vn))
         groups.append((first, end, rule, gk, gv))

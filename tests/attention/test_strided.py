@@ -245,3 +245,19 @@ def test_gpu_streams_equal_one_stream_and_reference(pattern):
     assert torch.equal(spread, serial)
     # the GPU may run fp32 dot products in tf32
     assert float((spread - expected).norm() / expected.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("first,end", [(0, 5), (5, 9), (2, 7), (0, 9), (4, 5)])
+def test_kv_heads_for_query_heads_match_an_index_select(first, end):
+    """Query heads [first, end) of 9 over 3 key/value heads: each reads key/value head h // 3,
+    in either memory layout, with the layout index_select gives and its gradient."""
+    from scca_eval.attention.chunked import kv_heads_for_queries
+
+    index = torch.arange(first, end) // 3
+    for dim in (1, 2):
+        x = torch.randn(2, 7, 3, 4, dtype=torch.float64).transpose(1, 2).transpose(1, dim).requires_grad_()
+        got = kv_heads_for_queries(x, first, end, 3, dim)
+        expected = x.index_select(dim, index)
+        assert torch.equal(got, expected) and got.stride() == expected.stride()
+        upstream = torch.randn_like(got)
+        assert torch.equal(torch.autograd.grad(got, x, upstream)[0], torch.autograd.grad(expected, x, upstream)[0])

@@ -284,3 +284,24 @@ def test_gpu_strided_streams_keep_the_gradients_over_repeated_steps():
     for _ in range(5):
         got = gradients(lambda q, k, v: strided_pattern_attention(q, k, v, spec, 0.1), *bf16)
         assert max(relative_errors(got, expected)) < BF16_REL_TOL
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["chunked", "strided", "flex", "packed"])
+def test_gpu_forward_and_backward_never_wait_on_the_gpu(backend):
+    """No host sync in a layer's attention, forward or backward, once its plan is built: a
+    sync makes the host wait for the GPU and then the GPU for the host's next launches.
+    The SmolLM2 head shape (9 query heads over 3 key/value heads: head groups that split a
+    key/value head), every preset."""
+    q, k, v, upstream = qkv_and_upstream(1, 9, 3, 2048, dim=64, dtype=torch.bfloat16, device="cuda", seed=5)
+    for name in PRESETS:
+        spec = resolve_pattern(name)
+        run = lambda q, k, v: GPU_BACKENDS[backend](q, k, v, spec, 0.125)  # noqa: E731
+        gradients(run, q, k, v, upstream)  # builds and caches the plan, compiles kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gradients(run, q, k, v, upstream)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
