@@ -200,7 +200,7 @@ def test_gpu_bf16_small_heads_forward_and_backward_match_reference(name, n):
     exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref = dense_attention(*exact, dense_mask(spec, n, heads).cuda(), scaling)
     expected = torch.autograd.grad(ref, exact, grad_out.double())
-    assert relative_error(out, ref.detach()) < BF16_REL_TOL
+    assert relative_error(out.detach(), ref.detach()) < BF16_REL_TOL
     for g, e in zip(got, expected):
         assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
         assert relative_error(g, e) < BF16_REL_TOL, name
