@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The ninth round (benchmarks/README.md): where the speed issue's measures spend their GPU
+# time, kernel class by kernel class, on one GPU, in stages (STAGES picks some, default all):
+#   tests    GPU tests of FlexAttention at the SmolLM2-135M head shape, of every backend
+#            running without host syncs, and of the kernel classification,
+#   profile  the fine-tuning step (default, then compiled without checkpointing) and
+#            evaluation (bench model), SmolLM2-135M shape at 16k, each cell profiled,
+#   tiles    FlexAttention's forward and backward tiles at that head shape and 16k,
+#   table    attention alone for every backend at that head shape and 16k, merged into
+#            auto's backend table.
+# Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
+# short keeps what it finished), with OUT/backend_table.json beside it (to commit as
+# scca_eval/attention/backend_table.json). Every step runs under a timeout.
+# Usage: [STAGES="tests profile"] benchmarks/profile_round.sh [OUT]    (default: $OUT)
+set -uo pipefail
+out=${1:-${OUT:?give an output folder or set OUT}}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+log="$work/run.log"
+table="$work/backend_table.json"
+pack() {  # what is finished so far, into OUT
+  cp "$log" "$out/run.log"
+  cp "$table" "$out/backend_table.json"
+  tar -czf "$out/profile_round.tar.gz.tmp" -C "$work" . && mv "$out/profile_round.tar.gz.tmp" "$out/profile_round.tar.gz"
+}
+step() { [ -f "$log" ] && pack; echo "== $(date +%T) $*" | tee -a "$log"; }
+trap pack EXIT
+stages=" ${STAGES:-tests profile tiles table} "
+want() { [[ $stages == *" $1 "* ]]; }
+smollm=(--heads 9 --kv-heads 3 --head-dim 64)
+shape=(--shape smollm2-135m --ctx 16384)
+
+cp scca_eval/attention/backend_table.json "$table"
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
+
+if want tests; then
+step "(a) GPU tests: flex at the SmolLM2 head shape, no host syncs, kernel classes"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -k "small_heads or fp32 or never_wait or splits_attention" \
+    tests/attention/test_flex.py tests/attention/test_training_attention.py tests/bench/test_profiling.py \
+    > "$work/pytest_gpu.log" 2>&1
+tail -5 "$work/pytest_gpu.log" | tee -a "$log"
+fi
+
+if want profile; then
+step "(b) the default fine-tuning step, profiled"
+timeout 200 python3 -m scca_eval bench train "${shape[@]}" --warmup 1 --steps 3 --profile "$work/profile_train" \
+    --json "$work/train.json" --markdown "$work/train.md" >> "$log" 2>&1
+step "(c) evaluation, profiled"
+timeout 120 python3 -m scca_eval bench model "${shape[@]}" --profile "$work/profile_model" \
+    --json "$work/model.json" --markdown "$work/model.md" >> "$log" 2>&1
+step "(d) the compiled step without checkpointing, profiled"
+timeout 200 python3 -m scca_eval bench train "${shape[@]}" --compile --no-gradient-checkpointing \
+    --offload-activations off --no-baseline --warmup 2 --steps 5 --profile "$work/profile_train_compiled" \
+    --json "$work/train_compiled.json" --markdown "$work/train_compiled.md" >> "$log" 2>&1
+fi
+
+if want tiles; then
+step "(e) FlexAttention tiles"
+timeout 300 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns s2,scca_fixed,sda,longmixed \
+    --backends flex --variants flex-fwd-128x64,flex-fwd-128x128w8,flex-fwd-64x128,flex-bwd-64x64,flex-bwd-32x128,flex-bwd-64x128w4 \
+    --modes fwd,fwd+bwd --repeats 10 --json "$work/tiles.json" --markdown "$work/tiles.md" >> "$log" 2>&1
+fi
+
+if want table; then
+step "(f) attention alone, every backend, into auto's table"
+timeout 150 python3 -m scca_eval bench attention "${smollm[@]}" --n 16384 --mode fwd,fwd+bwd --repeats 10 --no-check \
+    --write-table "$table" --json "$work/attention.json" --markdown "$work/attention.md" >> "$log" 2>&1
+fi
+step "done"
