@@ -19,26 +19,10 @@
 # scca_eval/attention/backend_table.json) also lie beside it. Every step runs under a timeout.
 # Usage: [STAGES="tests attention train"] benchmarks/packed_round.sh [OUT]    (default: $OUT)
 set -uo pipefail
-out=${1:-${OUT:?give an output folder or set OUT}}
-mkdir -p "$out"
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-work=$(mktemp -d)
-log="$work/run.log"
-table="$work/backend_table.json"
-pack() {  # what is finished so far, into OUT
-  cp "$log" "$out/run.log"
-  [ -f "$table" ] && cp "$table" "$out/backend_table.json"
-  tar -czf "$out/packed_round.tar.gz.tmp" -C "$work" . && mv "$out/packed_round.tar.gz.tmp" "$out/packed_round.tar.gz"
-}
-step() { [ -f "$log" ] && pack; echo "== $(date +%T) $*" | tee -a "$log"; }
-trap pack EXIT
+. "$(dirname "$0")/round_lib.sh"
+round_setup packed_round "tests attention train compiled train7b model flex" "${1:-}"
 smollm=(--heads 9 --kv-heads 3 --head-dim 64)
-stages=" ${STAGES:-tests attention train compiled train7b model flex} "
-want() { [[ $stages == *" $1 "* ]]; }
 llama=(--heads 32 --kv-heads 32 --head-dim 128)
-
-cp scca_eval/attention/backend_table.json "$table"
 step "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, transformers, triton, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__)"

@@ -13,26 +13,10 @@
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
 # Usage: [STAGES="tests profile"] benchmarks/profile_round.sh [OUT]    (default: $OUT)
 set -uo pipefail
-out=${1:-${OUT:?give an output folder or set OUT}}
-mkdir -p "$out"
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-work=$(mktemp -d)
-log="$work/run.log"
-table="$work/backend_table.json"
-pack() {  # what is finished so far, into OUT
-  cp "$log" "$out/run.log"
-  cp "$table" "$out/backend_table.json"
-  tar -czf "$out/profile_round.tar.gz.tmp" -C "$work" . && mv "$out/profile_round.tar.gz.tmp" "$out/profile_round.tar.gz"
-}
-step() { [ -f "$log" ] && pack; echo "== $(date +%T) $*" | tee -a "$log"; }
-trap pack EXIT
-stages=" ${STAGES:-tests profile tiles table} "
-want() { [[ $stages == *" $1 "* ]]; }
+. "$(dirname "$0")/round_lib.sh"
+round_setup profile_round "tests profile tiles table" "${1:-}"
 smollm=(--heads 9 --kv-heads 3 --head-dim 64)
 shape=(--shape smollm2-135m --ctx 16384)
-
-cp scca_eval/attention/backend_table.json "$table"
 step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
 
