@@ -124,7 +124,8 @@ def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, orig
     stream = TrainingStream(ids[0].cpu().numpy().astype(np.int64), ctx, None, [], "random")
     trainer = Trainer(model, stream, recipe, device, None if dtype == torch.float32 else dtype)
     try:
-        timed = _timed(lambda: trainer.step()["loss"], steps, warmup, device, profile_to)
+        # A compiled cell's first pass runs eagerly and the next one compiles: both warm up.
+        timed = _timed(lambda: trainer.step()["loss"], steps, warmup + trainer.eager_passes_left, device, profile_to)
         timed["activations"] = trainer.activations.describe()
         return timed
     finally:

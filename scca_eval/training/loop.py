@@ -164,6 +164,11 @@ class Trainer:
         # find it cached and compile into whole graphs (no graph break in every later step).
         self._eager_passes = 1 if has_compiled_layers(peft_model) else 0
 
+    @property
+    def eager_passes_left(self) -> int:
+        """Passes still to run eagerly before the compiled layers run (and compile)."""
+        return self._eager_passes
+
     def _eager_if_first(self):
         if not self._eager_passes:
             return contextlib.nullcontext()

@@ -98,6 +98,12 @@ def compile_layers(model, cuda_graphs: bool = False) -> None:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 64))
+    if hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        # Newer transformers route a layer's modules through the `kernels` hub, which sets a
+        # context variable in every forward and resets it before returning. Inside a checkpointed
+        # layer dynamo refuses that side effect, and the whole layer would run eagerly without a
+        # word; the recomputation in the backward pass has no need to replay it.
+        config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.get_decoder().layers:
         layer.compile(dynamic=False, mode="reduce-overhead" if cuda_graphs else None)

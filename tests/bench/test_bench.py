@@ -110,6 +110,34 @@ def test_cli_model_compiled_engine_against_eager_plain_loop(tmp_path):
     assert re.search(r"\| \d+\.\d\dx \(\d+\.\d\d–\d+\.\d\d\) \|", line), line
 
 
+def test_compiled_engine_compiles_before_its_timed_runs(tmp_path, monkeypatch):
+    """One batch a run (one window, batch 1): the engine runs that batch eagerly the first
+    time and compiles the second, so the warm-up must cover both; no timed run compiles."""
+    from torch._dynamo.utils import counters
+
+    from scca_eval.bench import model as bench_model
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    compiled_during = []
+
+    def wall_s(run, device):
+        before = counters["stats"].get("unique_graphs", 0)
+        seconds = timing_wall_s(run, device)
+        compiled_during.append(counters["stats"].get("unique_graphs", 0) - before)
+        return seconds
+
+    timing_wall_s = bench_model.wall_s
+    monkeypatch.setattr(bench_model, "wall_s", wall_s)
+    torch._dynamo.reset()
+    counters.clear()
+    result = model_bench(str(config), ctxs=(48,), patterns=("full", "s2"), backends=("chunked",), batch_size=1,
+                         tokens_per_run=48, repeats=2, plain=False, compile=True, device="cpu", log=None)
+    assert [row["error"] for row in result["rows"]] == [None, None]
+    assert counters["stats"].get("unique_graphs", 0) > 0  # it did compile
+    assert compiled_during == [0, 0, 0, 0]  # two timed runs of each pattern, none compiling
+
+
 def test_cli_attention_on_cpu_writes_json(tmp_path):
     out = tmp_path / "attention.json"
     result = CliRunner().invoke(bench, ["attention", "--n", "64", "--heads", "2", "--head-dim", "8",

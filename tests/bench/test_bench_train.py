@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from scca_eval.cli.bench import bench
@@ -113,3 +114,38 @@ def test_bench_train_without_checkpointing_runs_each_layer_once_a_step(tmp_path,
         losses[flag] = {row["path"]: row["first_loss"] for row in data["rows"]}
     assert losses["--no-gradient-checkpointing"] == pytest.approx(losses["--gradient-checkpointing"], rel=1e-5)
     assert "no gradient checkpointing" in (tmp_path / "--no-gradient-checkpointing.md").read_text()
+
+
+def test_bench_train_compiled_cells_compile_before_their_timed_steps(tmp_path, monkeypatch):
+    """--compile: a cell's first step runs eagerly and the next compiles, so with --warmup 1
+    the warm-up covers both; no timed step compiles."""
+    import time as real_time
+
+    from torch._dynamo.utils import counters
+
+    import scca_eval.bench.train as train_module
+
+    compiled_during, started = [], []
+
+    class Clock:  # the timed steps are the code between two perf_counter calls
+        @staticmethod
+        def perf_counter():
+            graphs = counters["stats"].get("unique_graphs", 0)
+            if started:
+                compiled_during.append(graphs - started.pop())
+            else:
+                started.append(graphs)
+            return real_time.perf_counter()
+
+    monkeypatch.setattr(train_module, "time", Clock)
+    config, out = tmp_path / "tiny.json", tmp_path / "train.json"
+    config.write_text(json.dumps(TINY))
+    torch._dynamo.reset()
+    counters.clear()
+    result = CliRunner().invoke(bench, ["train", "--shape", str(config), "--ctx", "40", "--pattern", "full",
+                                        "--no-baseline", "--compile", "--steps", "2", "--warmup", "1",
+                                        "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["rows"][0]["error"] is None
+    assert counters["stats"].get("unique_graphs", 0) > 0  # it did compile
+    assert compiled_during == [0, 0]

@@ -102,6 +102,30 @@ def test_compiled_layers_train_in_whole_graphs(monkeypatch):
     assert breaks > 0
 
 
+def test_checkpointed_layers_compile_too(monkeypatch):
+    """Under gradient checkpointing (finetune's default) the compiled layers compile into
+    graphs without a graph break (a side effect inside the checkpointed forward would make
+    them run eagerly without a word) and train the same losses as the eager layers."""
+    from torch._dynamo.utils import counters
+
+    from scca_eval.training.lora import compile_layers, enable_gradient_checkpointing
+
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        trainer = _trainer(compiled=False)
+        enable_gradient_checkpointing(trainer.model)
+        if compiled:
+            compile_layers(trainer.model)
+            trainer._eager_passes = 1  # as a trainer built around compiled layers does
+        losses[compiled] = [trainer.step()["loss"] for _ in range(3)]
+        if compiled:
+            assert counters["stats"].get("unique_graphs", 0) > 0
+            assert sum(counters["graph_break"].values()) == 0
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_layers_share_one_graph_and_validation_does_not_recompile_them(monkeypatch):
     """The layers of a model under a pattern read one spec object, so they share one compiled
     graph (a graph per layer would pass dynamo's recompile limit on a deep model and leave the
