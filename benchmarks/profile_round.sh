@@ -8,6 +8,10 @@
 #   tiles    FlexAttention's forward and backward tiles at that head shape and 16k,
 #   table    attention alone for every backend at that head shape and 16k, merged into
 #            auto's backend table.
+# and, asked for by name (the tenth round):
+#   compiled evaluation compiled (bench model --compile) at that shape and 16k, profiled,
+#   attn32k  attention alone at that head shape and 32k, every backend,
+#   train7b  the default fine-tuning step of the LLaMA-2-7B shape at 8k, every preset.
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
 # short keeps what it finished), with OUT/backend_table.json beside it (to commit as
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
@@ -52,5 +56,23 @@ if want table; then
 step "(f) attention alone, every backend, into auto's table"
 timeout 150 python3 -m scca_eval bench attention "${smollm[@]}" --n 16384 --mode fwd,fwd+bwd --repeats 10 --no-check \
     --write-table "$table" --json "$work/attention.json" --markdown "$work/attention.md" >> "$log" 2>&1
+fi
+if want compiled; then
+step "(g) evaluation compiled, profiled"
+timeout 360 python3 -m scca_eval bench model "${shape[@]}" --compile --no-plain \
+    --profile "$work/profile_model_compiled" --json "$work/model_compiled.json" \
+    --markdown "$work/model_compiled.md" >> "$log" 2>&1
+fi
+
+if want attn32k; then
+step "(h) attention alone at 32k, every backend"
+timeout 200 python3 -m scca_eval bench attention "${smollm[@]}" --n 32768 --mode fwd,fwd+bwd --repeats 10 --no-check \
+    --json "$work/attention_32k.json" --markdown "$work/attention_32k.md" >> "$log" 2>&1
+fi
+
+if want train7b; then
+step "(i) the default fine-tuning step, LLaMA-2-7B shape at 8k"
+timeout 540 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --warmup 1 --steps 3 \
+    --json "$work/train7b.json" --markdown "$work/train7b.md" >> "$log" 2>&1
 fi
 step "done"
