@@ -141,7 +141,8 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 @click.option("--tokens-per-run", type=int, default=32768, show_default=True,
               help="About this many tokens per timed run (at least one window).")
 @click.option("--repeats", type=int, default=2, show_default=True,
-              help="Timed runs of each path after one warm-up (median); engine and plain take turns.")
+              help="Timed runs of each path after one warm-up (two for a compiled engine, whose first run of a "
+                   "shape is eager; median); engine and plain take turns.")
 @click.option("--no-plain", is_flag=True, help="Skip the plain transformers loop.")
 @click.option("--compile", "compile_engine", is_flag=True,
               help="Run the engine compiled, as `ppl --compile` does (the plain loop stays eager).")
@@ -198,7 +199,8 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--pattern", "patterns", type=NAME_LIST, default=MODEL_PATTERNS, show_default=True,
               help="Patterns to fine-tune under, comma-separated (sda-rN for sda with dilation N).")
 @click.option("--steps", type=int, default=1, show_default=True, help="Timed steps per cell (median).")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps per cell first.")
+@click.option("--warmup", type=int, default=1, show_default=True,
+              help="Untimed steps per cell first (a compiled cell adds one: its first step runs eagerly).")
 @click.option("--no-baseline", is_flag=True, help="Skip the peft + transformers baseline loop.")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers for the finetune cells (the baseline stays eager).")
