@@ -58,7 +58,7 @@ def test_bench_train_profiles_one_more_step_per_cell(tmp_path):
     config, out, folder = tmp_path / "tiny.json", tmp_path / "train.json", tmp_path / "profiles"
     config.write_text(json.dumps(TINY))
     result = CliRunner().invoke(bench, ["train", "--shape", str(config), "--ctx", "40", "--pattern", "full,s2",
-                                        "--no-baseline", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                                        "--no-baseline", "--steps", "3", "--warmup", "1", "--device", "cpu",
                                         "--profile", str(folder), "--json", str(out)])
     assert result.exit_code == 0, result.output
     rows = {row["pattern"]: row for row in json.loads(out.read_text())["rows"]}
@@ -66,7 +66,8 @@ def test_bench_train_profiles_one_more_step_per_cell(tmp_path):
     for label, row in rows.items():
         profiled = row["profile"]
         assert profiled["gpu_ms"] is None  # no GPU to measure
-        assert 0.2 < profiled["host_ms"] / (1000 * row["seconds"]) < 5
+        # against the fastest and slowest timed step: one step slowed by the machine is not a failure
+        assert 0.2 * 1000 * min(row["times_s"]) < profiled["host_ms"] < 5 * 1000 * max(row["times_s"])
         assert "aten::mm" in (folder / profiled["table"]).read_text()
     assert "| host ms | GPU ms |" in result.output
     assert not list(folder.glob("*.partial"))
