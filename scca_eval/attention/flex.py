@@ -305,13 +305,23 @@ def _eager_flex(*args, **kwargs):
         return flex_attention(*args, **kwargs)
 
 
+_kernel_options: dict = {}
+
+
 def default_kernel_options(q: torch.Tensor) -> dict:
-    """The kernel options used for ``q`` where the caller passes none."""
-    options = dict(DEFAULT_KERNEL_OPTIONS)
-    if (q.device.type == "cuda" and q.shape[-1] <= 64 and q.dtype in (torch.bfloat16, torch.float16)
-            and torch.cuda.get_device_capability(q.device) == (9, 0)):
-        options.update(HOPPER_SMALL_HEAD_FORWARD_TILE)
-    return options
+    """The kernel options used for ``q`` where the caller passes none (cached per device,
+    dtype and head dimension)."""
+    key = (q.device, q.dtype, q.shape[-1])
+    # A plain read, so that torch.compile traces it without a break: asking for the device's
+    # compute capability inside a compiled layer breaks its graph at every call. The first
+    # pass of a compiled model runs eagerly (engine, trainer) and fills the cache.
+    known = _kernel_options.get(key)
+    if known is None:
+        known = _kernel_options[key] = dict(DEFAULT_KERNEL_OPTIONS)
+        if (q.device.type == "cuda" and q.shape[-1] <= 64 and q.dtype in (torch.bfloat16, torch.float16)
+                and torch.cuda.get_device_capability(q.device) == (9, 0)):
+            known.update(HOPPER_SMALL_HEAD_FORWARD_TILE)
+    return known
 
 
 def _as_pair(block_size) -> tuple[int, int]:

@@ -206,8 +206,50 @@ def test_gpu_bf16_small_heads_forward_and_backward_match_reference(name, n):
         assert relative_error(g, e) < BF16_REL_TOL, name
 
 
-def test_forward_tile_only_on_hopper_gpus_at_small_head_dims():
+def test_forward_tile_only_on_hopper_gpus_at_small_head_dims(monkeypatch):
+    """And the device is asked for its compute capability once per device, dtype and head
+    dimension: inside a compiled layer that question would break the graph at every call."""
+    from types import SimpleNamespace
+
     assert flex.default_kernel_options(torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)) == {}  # CPU
+    asked = []
+    capabilities = {0: (9, 0), 1: (8, 0)}
+    monkeypatch.setattr(flex, "_kernel_options", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or
+                        capabilities[device.index])
+
+    def options(index, dim=64, dtype=torch.bfloat16):  # stands in for a query tensor on that GPU
+        return flex.default_kernel_options(SimpleNamespace(device=torch.device("cuda", index), dtype=dtype,
+                                                           shape=(1, 9, 128, dim)))
+
+    assert options(0) == flex.HOPPER_SMALL_HEAD_FORWARD_TILE and options(0) == options(0)
+    assert len(asked) == 1  # cached
+    assert options(1) == {} and options(0, dim=128) == {} and options(0, dtype=torch.float32) == {}
+    assert len(asked) == 2  # head dimension and dtype decide without asking the device
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_layers_under_flex_have_no_graph_break():
+    """A compiled decoder layer under FlexAttention traces as one graph on the GPU (the
+    evaluation engine's first batch runs eagerly and builds what the traced layers read)."""
+    from torch._dynamo.utils import counters
+
+    from helpers import tiny_llama
+    from scca_eval.attention import apply_pattern
+    from scca_eval.evaluation.engine import compile_for_evaluation, score_windows
+    from scca_eval.evaluation.windows import plan_windows
+
+    model = tiny_llama(heads=9, kv_heads=3, head_dim=64).to("cuda", torch.bfloat16)
+    apply_pattern(model, preset("longmixed", chunk_size=64), backend="flex")
+    compile_for_evaluation(model)
+    documents = [torch.randint(0, model.config.vocab_size, (256 * 3,)).numpy()]
+    windows = plan_windows([256 * 3], 256, 256)
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        score_windows(model, documents, windows, batch_size=1, window_length=256)
+    assert counters["stats"].get("unique_graphs", 0) > 0
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
 @pytest.mark.gpu
