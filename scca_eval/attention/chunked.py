@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
+from .plan_cache import PlanCache
 
 # kernel(q, k, v, causal, scaling) -> out, all [B, h, L, D] with one length L;
 # causal means query i attends keys 0..i.
@@ -87,14 +88,30 @@ def kv_heads_for_queries(x: torch.Tensor, first: int, end: int, per_kv: int, dim
     return repeated.narrow(dim, first - kv_first * per_kv, end - first).contiguous()
 
 
+def _chunk_and_head_groups(spec: PatternSpec, n: int, num_heads: int) -> tuple[int, tuple]:
+    return spec.chunk_for(n), tuple(spec.head_groups(n, num_heads))
+
+
+_layouts = PlanCache(_chunk_and_head_groups, size=64)
+
+
+def chunk_and_head_groups(spec: PatternSpec, n: int, num_heads: int) -> tuple[int, tuple]:
+    """``spec``'s chunk length at length ``n`` and its head groups ``(first, end, rule)``.
+
+    Cached (plan_cache.py): their arithmetic runs on Fractions, which a compiled layer cannot
+    trace, so reading them inside one would break its graph at every call.
+    """
+    return _layouts.get(spec, n, num_heads)
+
+
 def chunked_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
                               scaling: float, block_attention: BlockAttention = sdpa_blocks) -> torch.Tensor:
     """Attention of ``spec`` for q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D]."""
     batch, num_heads, n, head_dim = q.shape
     per_kv = query_heads_per_kv(q, k)
-    chunk = spec.chunk_for(n)
+    chunk, head_groups = chunk_and_head_groups(spec, n, num_heads)
     out = q.new_empty(batch, num_heads, n, v.shape[-1])
-    for first, end, rule in spec.head_groups(n, num_heads):
+    for first, end, rule in head_groups:
         # The key/value head of each query head in the group (grouped-query attention).
         group_k = kv_heads_for_queries(k, first, end, per_kv, 1) if per_kv > 1 else k[:, first:end]
         group_v = kv_heads_for_queries(v, first, end, per_kv, 1) if per_kv > 1 else v[:, first:end]

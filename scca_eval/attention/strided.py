@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
-from .chunked import chunked_pattern_attention, grad_in_output_layout, kv_heads_for_queries, query_heads_per_kv
+from .chunked import (chunk_and_head_groups, chunked_pattern_attention, grad_in_output_layout, kv_heads_for_queries,
+                      query_heads_per_kv)
 
 
 def _sdpa(q, k, v, causal: bool, scaling: float):
@@ -90,14 +91,14 @@ def strided_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     batch, heads, n, _ = q.shape
     per_kv = query_heads_per_kv(q, k)
-    chunk = spec.chunk_for(n)
+    chunk, head_groups = chunk_and_head_groups(spec, n, heads)
     qn, kn, vn = (x.transpose(1, 2) for x in (q, k, v))  # [B, N, h, D] views
     out = q.new_empty(batch, n, heads, v.shape[-1])
     # A head group that splits a key/value head gets its own copy of the K/V heads it reads, one
     # per query head. The copies are made before any call is queued on a side stream (each
     # stream waits for the main one once, at its first call) and kept until the join.
     groups = []
-    for first, end, rule in spec.head_groups(n, heads):
+    for first, end, rule in head_groups:
         if first % per_kv or end % per_kv:
             gk, gv = (kv_heads_for_queries(x, first, end, per_kv, 2) for x in (kn, vn))
         else:

@@ -147,6 +147,36 @@ def test_compiled_pattern_layers_run_as_whole_graphs(monkeypatch):
     assert graphs == [1, 1, 1]  # the layers share one graph (they read one spec object)
 
 
+@pytest.mark.parametrize("backend", ["strided", "chunked"])
+@pytest.mark.parametrize("pattern", ["longmixed", "scca_flow"])
+def test_compiled_layers_on_the_view_and_chunk_backends_run_as_whole_graphs(pattern, backend):
+    """strided and chunked read the pattern's chunk length and head groups, whose arithmetic
+    runs on Fractions (the chunk a share of the window by default; scca_flow's groups a share
+    of the heads each): read inside a compiled layer, that broke its graph at every call. They
+    come from a cache now, and the layers trace whole, into one shared graph."""
+    from torch._dynamo.utils import counters
+
+    from helpers import tiny_llama
+    from scca_eval.attention import apply_pattern
+    from scca_eval.evaluation.engine import compile_for_evaluation, score_windows
+    from scca_eval.evaluation.windows import plan_windows
+    from scca_eval.patterns import resolve_pattern
+
+    model = tiny_llama().eval()
+    spec = resolve_pattern(pattern)  # no chunk size: the default share of the window
+    assert spec.chunk_size is None
+    apply_pattern(model, spec, backend=backend)
+    compile_for_evaluation(model)
+    documents = _documents([64 * 3], model.config.vocab_size)
+    windows = plan_windows([64 * 3], 64, 64)
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        score_windows(model, documents, windows, batch_size=1, window_length=64)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_automatic_batch_is_no_larger_than_the_full_windows():
     """So that a small task still has full batches for a compiled model to run compiled."""
     from scca_eval.evaluation.engine import auto_batch_size
