@@ -55,6 +55,10 @@ def grad_in_output_layout(out: torch.Tensor) -> torch.Tensor:
     """
     if not out.requires_grad:
         return out
+    if torch.compiler.is_compiling():
+        # A hook that branches on the gradient's strides breaks a compiled graph; the
+        # traceable way copies every gradient into the output's layout.
+        return _GradInOutputLayout.apply(out)
     size, stride = out.shape, out.stride()
 
     def to_output_layout(grad: torch.Tensor) -> torch.Tensor:
@@ -64,6 +68,19 @@ def grad_in_output_layout(out: torch.Tensor) -> torch.Tensor:
 
     out.register_hook(to_output_layout)
     return out
+
+
+class _GradInOutputLayout(torch.autograd.Function):
+    """Identity forward; the backward hands on the gradient copied into the output's strides."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor) -> torch.Tensor:
+        ctx.size, ctx.stride = tuple(out.shape), out.stride()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(ctx.size, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 def query_heads_per_kv(q: torch.Tensor, k: torch.Tensor) -> int:

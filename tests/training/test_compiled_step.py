@@ -126,6 +126,38 @@ def test_checkpointed_layers_compile_too(monkeypatch):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["strided", "chunked"])
+def test_view_and_chunk_backends_train_compiled_in_whole_graphs(backend):
+    """strided and chunked hand the incoming gradient on in the output's layout (a hook that
+    branches on its strides, eagerly; a traceable copy when compiled) and read the pattern's
+    chunk and head groups from a cache: compiled layers train without a graph break, in one
+    shared graph, and the same losses as eager layers."""
+    from torch._dynamo.utils import counters
+
+    from scca_eval.attention import apply_pattern
+    from scca_eval.patterns import resolve_pattern
+    from scca_eval.training.lora import compile_layers
+
+    losses = {}
+    for compiled in (False, True):
+        model = tiny_llama()
+        apply_pattern(model, resolve_pattern("longmixed"), backend=backend)  # the default chunk: a share of ctx
+        recipe = Recipe(ctx=64, batch_size=1, grad_accum=1, warmup_steps=0, gradient_checkpointing=False)
+        peft_model = attach_lora(model, recipe, "tiny")
+        if compiled:
+            compile_layers(peft_model)
+        tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, 64 * 8).astype(np.int64)
+        trainer = Trainer(peft_model, TrainingStream(tokens, 64, None, [], "random"), recipe, torch.device("cpu"),
+                          None)
+        torch._dynamo.reset()
+        counters.clear()
+        losses[compiled] = [trainer.step()["loss"] for _ in range(3)]
+        if compiled:
+            assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+            assert counters["stats"].get("unique_graphs", 0) == 1
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_layers_share_one_graph_and_validation_does_not_recompile_them(monkeypatch):
     """The layers of a model under a pattern read one spec object, so they share one compiled
     graph (a graph per layer would pass dynamo's recompile limit on a deep model and leave the
