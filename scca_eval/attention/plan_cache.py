@@ -1,5 +1,5 @@
-"""A cache of what a pattern's kernel builds once per case (packed layouts, block masks),
-readable from compiled code.
+"""A cache of what a pattern's kernel builds once per case (packed layouts, block masks, the
+chunk length and head groups), readable from compiled code.
 
 torch.compile cannot compare two pattern specs by value, and every attention layer reads a
 spec object of its own. So a lookup goes first by the spec *object* (a plain dict read
