@@ -310,18 +310,19 @@ _kernel_options: dict = {}
 
 def default_kernel_options(q: torch.Tensor) -> dict:
     """The kernel options used for ``q`` where the caller passes none (cached per device,
-    dtype and head dimension)."""
+    dtype and head dimension; a copy is the caller's to change)."""
     key = (q.device, q.dtype, q.shape[-1])
-    # A plain read, so that torch.compile traces it without a break: asking for the device's
-    # compute capability inside a compiled layer breaks its graph at every call. The first
-    # pass of a compiled model runs eagerly (engine, trainer) and fills the cache.
+    # A plain read, so that torch.compile traces it without a break: dynamo does not fold the
+    # compute-capability query into a constant, so asking it inside a compiled layer may break
+    # the graph at every call. The first pass of a compiled model runs eagerly (engine,
+    # trainer) and fills the cache.
     known = _kernel_options.get(key)
     if known is None:
         known = _kernel_options[key] = dict(DEFAULT_KERNEL_OPTIONS)
         if (q.device.type == "cuda" and q.shape[-1] <= 64 and q.dtype in (torch.bfloat16, torch.float16)
                 and torch.cuda.get_device_capability(q.device) == (9, 0)):
             known.update(HOPPER_SMALL_HEAD_FORWARD_TILE)
-    return known
+    return dict(known)
 
 
 def _as_pair(block_size) -> tuple[int, int]:
@@ -358,7 +359,7 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     if compile is None:
         compile = q.device.type == "cuda"
     kernel = _compiled_flex() if compile else _eager_flex
-    options = dict(default_kernel_options(q) if kernel_options is None else kernel_options)
+    options = default_kernel_options(q) if kernel_options is None else dict(kernel_options)
     block = _as_pair(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
     if split_layouts is None:
         split_layouts = DEFAULT_SPLIT_LAYOUTS
