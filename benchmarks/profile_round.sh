@@ -4,13 +4,14 @@
 #   tests    GPU tests of FlexAttention at the SmolLM2-135M head shape (and of compiled
 #            layers on it tracing whole), of every backend running without host syncs,
 #            and of the kernel classification,
-#   profile  the fine-tuning step (default, then compiled without checkpointing) and
-#            evaluation (bench model), SmolLM2-135M shape at 16k, each cell profiled,
+#   profile  the default fine-tuning step and evaluation (bench model), SmolLM2-135M
+#            shape at 16k, each cell profiled,
 #   tiles    FlexAttention's forward and backward tiles at that head shape and 16k,
 #   table    attention alone for every backend at that head shape and 16k, merged into
 #            auto's backend table.
 # and, asked for by name (the tenth round):
-#   compiled evaluation compiled (bench model --compile) at that shape and 16k, profiled,
+#   compiled evaluation compiled (bench model --compile) and the compiled step without
+#            checkpointing, at that shape and 16k, profiled,
 #   attn32k  attention alone at that head shape and 32k, every backend,
 #   train7b  the default fine-tuning step of the LLaMA-2-7B shape at 8k, every preset.
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
@@ -40,10 +41,6 @@ timeout 200 python3 -m scca_eval bench train "${shape[@]}" --warmup 1 --steps 3 
 step "(c) evaluation, profiled"
 timeout 120 python3 -m scca_eval bench model "${shape[@]}" --profile "$work/profile_model" \
     --json "$work/model.json" --markdown "$work/model.md" >> "$log" 2>&1
-step "(d) the compiled step without checkpointing, profiled"
-timeout 200 python3 -m scca_eval bench train "${shape[@]}" --compile --no-gradient-checkpointing \
-    --offload-activations off --no-baseline --warmup 2 --steps 5 --profile "$work/profile_train_compiled" \
-    --json "$work/train_compiled.json" --markdown "$work/train_compiled.md" >> "$log" 2>&1
 fi
 
 if want tiles; then
@@ -63,6 +60,10 @@ step "(g) evaluation compiled, profiled"
 timeout 360 python3 -m scca_eval bench model "${shape[@]}" --compile --no-plain \
     --profile "$work/profile_model_compiled" --json "$work/model_compiled.json" \
     --markdown "$work/model_compiled.md" >> "$log" 2>&1
+step "(j) the compiled step without checkpointing, profiled"
+timeout 200 python3 -m scca_eval bench train "${shape[@]}" --compile --no-gradient-checkpointing \
+    --offload-activations off --no-baseline --warmup 2 --steps 5 --profile "$work/profile_train_compiled" \
+    --json "$work/train_compiled.json" --markdown "$work/train_compiled.md" >> "$log" 2>&1
 fi
 
 if want attn32k; then
