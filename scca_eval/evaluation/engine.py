@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..attention.register import backend_of, pattern_of
 from ..errors import UserError
 from .windows import Window
 
@@ -81,8 +82,9 @@ def _target_nll(head: torch.nn.Module, softcap: float | None, hidden_rows: torch
 # Models that ``compile_for_evaluation`` compiled; their loss step runs compiled too.
 _COMPILED_MODELS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 _compiled_target_nll = None
-# The batch shapes each compiled model has run once eagerly (see score_windows).
-_WARMED_SHAPES: "weakref.WeakKeyDictionary[torch.nn.Module, set]" = weakref.WeakKeyDictionary()
+# The (batch shape, pattern, backend) cases each compiled model has run once eagerly (see
+# score_windows).
+_WARMED_CASES: "weakref.WeakKeyDictionary[torch.nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 class _LogitHead:
@@ -134,9 +136,9 @@ def score_windows(
     default: the longest window given), and every other batch (a document's
     last, shorter window, a document shorter than ctx, a last partial batch)
     eagerly: compiling a graph for each of those shapes would cost more time
-    than it saves. The first batch of the compiled shape also runs eagerly, so
-    that the attention layers build their pattern's layout before anything is
-    traced.
+    than it saves. The first batch of the compiled shape under each pattern and
+    backend also runs eagerly, so that the attention layers build their pattern's
+    layout before anything is traced.
     """
     device = model_device(model)
     decoder = model.get_decoder()
@@ -152,15 +154,18 @@ def score_windows(
 
     compiled = model in _COMPILED_MODELS
     compiled_shape = (batch_size, window_length or max(w.fed for w in windows))
+    # a sweep applies one pattern after another to the same compiled model: each needs its warm-up
+    warm_case = (compiled_shape, pattern_of(model), backend_of(model)) if compiled else None
     for batch in plan_batches(windows, batch_size):
         rows = [windows[i] for i in batch]
         input_ids = _to_device(np.stack([documents[w.doc][w.start : w.start + w.fed] for w in rows])
                                .astype(np.int64), device)
         run_compiled = compiled and tuple(input_ids.shape) == compiled_shape
-        if run_compiled and compiled_shape not in _WARMED_SHAPES.setdefault(model, set()):
-            # The first batch of a shape runs eagerly: attention layers build their pattern's
-            # layout then, and the compiled layers find it built (no graph break in them).
-            _WARMED_SHAPES[model].add(compiled_shape)
+        if run_compiled and warm_case not in _WARMED_CASES.setdefault(model, set()):
+            # The first batch of a shape under a pattern runs eagerly: attention layers build
+            # their pattern's layout then, and the compiled layers find it built when they are
+            # traced (a layer traced without it would keep a graph break for good).
+            _WARMED_CASES[model].add(warm_case)
             run_compiled = False
         with _eager_unless(run_compiled):
             hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state

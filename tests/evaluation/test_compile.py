@@ -177,6 +177,33 @@ def test_compiled_layers_on_the_view_and_chunk_backends_run_as_whole_graphs(patt
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("backend", ["strided", "chunked"])
+def test_a_pattern_applied_after_another_traces_whole_too(backend):
+    """A sweep evaluates one compiled model under one pattern after another. The first batch
+    of every (pattern, shape) must run eagerly, so that the new pattern's layout is built
+    before its layers are traced: a layer traced without it keeps a graph break for good."""
+    from torch._dynamo.utils import counters
+
+    from helpers import tiny_llama
+    from scca_eval.attention import apply_pattern
+    from scca_eval.evaluation.engine import compile_for_evaluation, score_windows
+    from scca_eval.evaluation.windows import plan_windows
+    from scca_eval.patterns import preset, resolve_pattern
+
+    model = tiny_llama().eval()
+    documents = _documents([64 * 3], model.config.vocab_size)
+    windows = plan_windows([64 * 3], 64, 64)
+    torch._dynamo.reset()
+    compile_for_evaluation(model)
+    for spec in (resolve_pattern("full"), preset("longmixed", chunk_size=16)):
+        apply_pattern(model, spec, backend=backend)
+        counters.clear()
+        for _ in range(2):
+            score_windows(model, documents, windows, batch_size=1, window_length=64)
+        assert sum(counters["graph_break"].values()) == 0, (spec.name, dict(counters["graph_break"]))
+        assert counters["stats"]["unique_graphs"] == 1, spec.name
+
+
 def test_automatic_batch_is_no_larger_than_the_full_windows():
     """So that a small task still has full batches for a compiled model to run compiled."""
     from scca_eval.evaluation.engine import auto_batch_size
