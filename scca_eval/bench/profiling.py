@@ -31,6 +31,8 @@ import torch
 from ..errors import UserError
 
 KERNEL_CLASSES = ("attention", "matmul", "layout", "other")
+# The profiler's name for each entry into torch.compile'd code ("Torch-Compiled Region: 1/0").
+COMPILED_REGION = "Torch-Compiled Region"
 
 # Checked in this order: an attention kernel built on CUTLASS is attention, not a matmul.
 # Names are matched lowercased.
@@ -118,9 +120,11 @@ def profile_step(step: Callable[[], object], device: torch.device, path: Path | 
     """Run ``step`` once under torch.profiler (synchronized before and after).
 
     Returns host_ms (the profiler's host time summed over threads, with its own overhead),
-    gpu_ms (kernel time summed), and on a GPU ``busy_ms``, ``classes`` and ``top`` as
-    ``kernel_breakdown`` gives them. ``path``: the profiler's op tables and the breakdown,
-    written atomically.
+    gpu_ms (kernel time summed), compiled_entries and compiled_regions (how often the step
+    entered torch.compile'd code, and how many distinct compiled regions: a compiled layer
+    that traced whole is one region entered once per call, a graph break adds regions),
+    and on a GPU ``busy_ms``, ``classes`` and ``top`` as ``kernel_breakdown`` gives them.
+    ``path``: the profiler's op tables and the breakdown, written atomically.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -135,14 +139,17 @@ def profile_step(step: Callable[[], object], device: torch.device, path: Path | 
             torch.cuda.synchronize(device)
     events = profiler.key_averages()
     host_ms = sum(event.self_cpu_time_total for event in events) / 1000
-    result: dict = {"host_ms": host_ms, "gpu_ms": None}
-    text = ""
+    regions = [event for event in events if event.key.startswith(COMPILED_REGION)]
+    result: dict = {"host_ms": host_ms, "gpu_ms": None, "compiled_entries": sum(event.count for event in regions),
+                    "compiled_regions": len(regions)}
+    text = (f"Compiled code entered {result['compiled_entries']} times, "
+            f"{result['compiled_regions']} distinct compiled regions\n")
     if on_gpu:
         kernels = [(event.name, event.time_range.start, event.time_range.end) for event in profiler.events()
                    if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
         result["gpu_ms"] = sum(end - start for _, start, end in kernels) / 1000
         result.update(kernel_breakdown(kernels))
-        text = _breakdown_text(result) + "\nBy GPU time:\n" + events.table(sort_by="self_device_time_total",
+        text += _breakdown_text(result) + "\nBy GPU time:\n" + events.table(sort_by="self_device_time_total",
                                                                           row_limit=40) + "\n"
     # By host time always (where a step that waits on the host spends it).
     text += "By host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=40)

@@ -150,7 +150,8 @@ def attention_command(ns, heads, kv_heads, head_dim, batch, patterns, backends, 
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="Profile one more engine run of each cell: on a GPU its time by kernel class (attention, "
                    "matmul, layout, other) and what that bounds against full attention in a second table; "
-                   "each cell's op table in this folder.")
+                   "each cell's op table in this folder (its first line: how often compiled code was entered, "
+                   "and in how many regions).")
 @rope_scaling_options()
 @dtype_option()
 @device_option()
@@ -223,7 +224,8 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="Profile one more step of each cell: host and GPU busy time in the table, on a GPU that "
                    "time by kernel class (attention, matmul, layout, other) and what that bounds against full "
-                   "attention in a second table; each cell's op table in this folder.")
+                   "attention in a second table; each cell's op table in this folder (its first line: how "
+                   "often compiled code was entered, and in how many regions).")
 @dtype_option()
 @device_option()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")

@@ -86,6 +86,7 @@ def test_profile_step_off_a_gpu_reports_host_time_only(tmp_path):
     a = torch.randn(64, 64)
     profiled = profile_step(lambda: a @ a, torch.device("cpu"), table)
     assert profiled["gpu_ms"] is None and "busy_ms" not in profiled and profiled["host_ms"] > 0
+    assert profiled["compiled_entries"] == profiled["compiled_regions"] == 0  # nothing compiled here
     assert "aten::mm" in table.read_text() and profiled["table"] == "step.txt"
 
 
@@ -104,6 +105,25 @@ def test_bench_model_profiles_one_more_engine_run_per_cell(tmp_path):
         assert row["attention_flops"] > 0
     # no GPU, no kernel classes: the breakdown table is not printed with made-up figures
     assert "Where the GPU time" not in result.output
+
+
+def test_bench_model_profile_counts_compiled_regions_alike_for_every_pattern(tmp_path):
+    """A compiled layer that traces whole is entered once per call as one region, under a
+    sparse pattern as under full attention; a graph break would add regions (the engine
+    once traced the second cell's layers before building its pattern's layout)."""
+    config, out = tmp_path / "tiny.json", tmp_path / "model.json"
+    config.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320}))
+    result = CliRunner().invoke(bench, ["model", "--shape", str(config), "--ctx", "64", "--pattern", "full,longmixed",
+                                        "--backend", "strided", "--tokens-per-run", "128", "--repeats", "1",
+                                        "--no-plain", "--compile", "--device", "cpu", "--profile", str(tmp_path / "p"),
+                                        "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    profiles = {row["pattern"]: row["profile"] for row in json.loads(out.read_text())["rows"]}
+    assert profiles["full"]["compiled_entries"] > 0
+    assert profiles["longmixed"]["compiled_entries"] == profiles["full"]["compiled_entries"]
+    assert profiles["longmixed"]["compiled_regions"] == profiles["full"]["compiled_regions"]
+    assert "Compiled code entered" in (tmp_path / "p" / "64-longmixed-strided.txt").read_text()
 
 
 @pytest.mark.gpu
