@@ -75,6 +75,8 @@ def compiled_tiny(tiny_model_dir):
 
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     compiled = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    # a fresh start: layers of the same shapes compiled by an earlier test would pass the guards
+    torch._dynamo.reset()
     compile_for_evaluation(compiled)
     return eager, compiled
 
