@@ -149,8 +149,8 @@ def profile_step(step: Callable[[], object], device: torch.device, path: Path | 
                    if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
         result["gpu_ms"] = sum(end - start for _, start, end in kernels) / 1000
         result.update(kernel_breakdown(kernels))
-        text += _breakdown_text(result) + "\nBy GPU time:\n" + events.table(sort_by="self_device_time_total",
-                                                                          row_limit=40) + "\n"
+        text += _breakdown_text(result) + "\nBy GPU time:\n"
+        text += events.table(sort_by="self_device_time_total", row_limit=40) + "\n"
     # By host time always (where a step that waits on the host spends it).
     text += "By host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=40)
     if path is not None:
