@@ -13,6 +13,9 @@
 #   CHECKPOINTING=0 ...                                     # finetune --no-gradient-checkpointing
 #             --offload-activations off (a GPU with room for every activation): faster steps,
 #             the same results up to rounding
+#   CUDA_GRAPHS=1 ...                                       # finetune --cuda-graphs (GPU; implies
+#             COMPILE=1 CHECKPOINTING=0): each compiled layer replayed as a CUDA graph, so the
+#             host's kernel launches no longer set the step's pace
 #
 # Every stage resumes: a fine-tune continues from its last checkpoint, a sweep skips the
 # cells it already wrote. The adapters go to $CKPT (default: checkpoints/ here, not
@@ -34,6 +37,14 @@ CTX=${CTX:-16384}
 STEPS=${STEPS:-200}
 FINETUNE=(--model default --ctx "$CTX" --rope-scaling linear:2 --steps "$STEPS" --grad-accum 1
           --lr 2e-5 --warmup-steps 20 --seed 42 --save-every 50 --quiet)
+case ${CUDA_GRAPHS:-0} in
+    1) if [ "${CHECKPOINTING:-0}" != 0 ]; then
+           echo "reproduce.sh: CUDA_GRAPHS=1 trains without gradient checkpointing: leave CHECKPOINTING unset or 0" >&2; exit 2
+       fi
+       COMPILE=1 CHECKPOINTING=0; FINETUNE+=(--cuda-graphs) ;;
+    0) ;;
+    *) echo "reproduce.sh: CUDA_GRAPHS must be 0 or 1 (got '$CUDA_GRAPHS')" >&2; exit 2 ;;
+esac
 [ "${COMPILE:-0}" = 1 ] && FINETUNE+=(--compile)
 case ${CHECKPOINTING:-1} in
     0) FINETUNE+=(--no-gradient-checkpointing --offload-activations off) ;;  # every activation kept on the GPU
