@@ -8,10 +8,12 @@ backward (training). A measurement at length ``n`` answers for lengths from ``n 
 ``2 n`` (the nearest measured length wins). Where the table has no answer, or names a
 backend that cannot take the inputs, the rule decides:
 
-- ``packed`` where FlashAttention's varlen kernel takes the inputs (CUDA, fp16 or bf16,
-  head dimension a multiple of 8 up to 256, this PyTorch has ``varlen_attn``): one kernel
-  call per layer instead of many small ones;
-- else ``strided`` on CUDA;
+- forward alone (evaluation) on CUDA: ``strided``, which the benchmarks found faster than
+  ``packed`` for a forward at long windows (benchmarks/README.md, "Twelfth round");
+- forward and backward (training) on CUDA: ``packed`` where FlashAttention's varlen kernel
+  takes the inputs (fp16 or bf16, head dimension a multiple of 8 up to 256, this PyTorch
+  has ``varlen_attn``): one kernel call per layer, whose backward is one call too; else
+  ``strided``;
 - ``chunked`` off CUDA (no table there).
 
 The full pattern always runs on SDPA (dispatch.py).
@@ -110,11 +112,11 @@ def table_choice(case: Case, entries: list[dict]) -> str | None:
     return best
 
 
-def fallback_choice(device: torch.device, varlen_ok: bool) -> str:
+def fallback_choice(device: torch.device, varlen_ok: bool, mode: str = "fwd+bwd") -> str:
     """The rule where nothing was measured (see the module docstring)."""
     if device.type != "cuda":
         return "chunked"
-    return "packed" if varlen_ok else "strided"
+    return "packed" if varlen_ok and mode == "fwd+bwd" else "strided"
 
 
 _choices: dict = {}
@@ -144,12 +146,12 @@ def _decide(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, mode: str, entr
     measured = table_choice(case, entries)
     if measured == "packed" and not varlen_ok:  # measured in bf16; these inputs take no FlashAttention
         measured = None
-    return measured if measured in TABLE_BACKENDS else fallback_choice(q.device, varlen_ok)
+    return measured if measured in TABLE_BACKENDS else fallback_choice(q.device, varlen_ok, mode)
 
 
-def rule_without_inputs(device: torch.device) -> str:
+def rule_without_inputs(device: torch.device, mode: str = "fwd+bwd") -> str:
     """The rule's answer when only the device is known (no dtype or head dimension)."""
-    return fallback_choice(device, device.type == "cuda" and varlen_available())
+    return fallback_choice(device, device.type == "cuda" and varlen_available(), mode)
 
 
 # -- writing the table ------------------------------------------------------------------

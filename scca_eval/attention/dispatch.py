@@ -16,8 +16,9 @@ Backends (all take q [B, H, N, D], k, v [B, H_kv, N, D] and return [B, H, N, D])
                  (optional: ``pip install 'scca-eval[flash]'``).
 - ``auto``:      SDPA for the full pattern; for a sparse one on CUDA the fastest
                  backend measured for the case (``backend_table.json``), else
-                 ``packed`` where FlashAttention takes the inputs, else ``strided``;
-                 ``chunked`` off CUDA (attention/auto.py).
+                 ``strided`` for a forward alone and, for a forward with a backward to
+                 come, ``packed`` where FlashAttention takes the inputs, else
+                 ``strided``; ``chunked`` off CUDA (attention/auto.py).
 
 A per-process counter records which backend ran, so that callers can check
 that a pattern really took effect (``call_counts()``).

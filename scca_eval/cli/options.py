@@ -244,8 +244,8 @@ def pattern_size_options(chunk_default: str = "a quarter of the window"):
 
 ATTENTION_BACKEND_HELP = (
     "Kernel for sparse patterns: auto = the fastest measured for the case on a GPU "
-    "(attention/backend_table.json), else packed (one varlen FlashAttention call per layer) where it runs, "
-    "else strided; chunked on CPU.")
+    "(attention/backend_table.json), else strided to evaluate and packed (one varlen FlashAttention call per "
+    "layer, where it runs; else strided) to train; chunked on CPU.")
 
 
 def attention_backend_option(default: str | None = "auto"):

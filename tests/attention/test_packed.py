@@ -344,8 +344,13 @@ def test_auto_rule_without_measurements():
     assert resolve_backend(full, torch.device("cpu")) == "sdpa"
     assert resolve_backend(sparse, torch.device("cpu")) == "chunked"
     assert resolve_backend(sparse, torch.device("cuda", 0)) == ("packed" if packed.varlen_available() else "strided")
-    assert auto.fallback_choice(torch.device("cuda", 0), varlen_ok=True) == "packed"
-    assert auto.fallback_choice(torch.device("cuda", 0), varlen_ok=False) == "strided"
+    cuda = torch.device("cuda", 0)
+    assert auto.fallback_choice(cuda, varlen_ok=True, mode="fwd+bwd") == "packed"
+    assert auto.fallback_choice(cuda, varlen_ok=False, mode="fwd+bwd") == "strided"
+    # forward alone: strided, whether or not FlashAttention would take the inputs
+    assert auto.fallback_choice(cuda, varlen_ok=True, mode="fwd") == "strided"
+    assert auto.fallback_choice(cuda, varlen_ok=False, mode="fwd") == "strided"
+    assert auto.fallback_choice(torch.device("cpu"), varlen_ok=True, mode="fwd") == "chunked"
     q, k, v = qkv(1, 4, 2, 16)
     assert resolve_backend(sparse, q.device, "auto", (q, k, v)) == "chunked"  # no table off CUDA
 
@@ -362,12 +367,15 @@ def test_auto_on_cuda_reads_the_table_and_falls_back(monkeypatch):
     entries = [entry(backend="flex"), entry(mode="fwd+bwd", backend="packed")]
     for varlen_ok in (True, False):
         monkeypatch.setattr(auto, "varlen_supported", lambda q, ok=varlen_ok: ok)
-        rule = "packed" if varlen_ok else "strided"
+        training_rule = "packed" if varlen_ok else "strided"
         assert auto._decide(resolve_pattern("s2"), q, k, "fwd", entries) == "flex"
         # packed was measured fastest, but inputs that FlashAttention does not take get the rule
-        assert auto._decide(resolve_pattern("s2"), q, k, "fwd+bwd", entries) == rule
-        assert auto._decide(resolve_pattern("sda"), q, k, "fwd", entries) == rule  # not measured: the rule
-        assert auto._decide(resolve_pattern("s2"), OnCuda(1, 9, 65537, 64), k, "fwd", entries) == rule
+        assert auto._decide(resolve_pattern("s2"), q, k, "fwd+bwd", entries) == training_rule
+        # not measured: the rule, by mode
+        assert auto._decide(resolve_pattern("sda"), q, k, "fwd", entries) == "strided"
+        assert auto._decide(resolve_pattern("sda"), q, k, "fwd+bwd", entries) == training_rule
+        assert auto._decide(resolve_pattern("s2"), OnCuda(1, 9, 65537, 64), k, "fwd", entries) == "strided"
+        assert auto._decide(resolve_pattern("s2"), OnCuda(1, 9, 65537, 64), k, "fwd+bwd", entries) == training_rule
 
 
 def test_mode_follows_autograd():
