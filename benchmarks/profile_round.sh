@@ -13,7 +13,10 @@
 #   compiled evaluation compiled (bench model --compile) and the compiled step without
 #            checkpointing, at that shape and 16k, profiled,
 #   attn32k  attention alone at that head shape and 32k, every backend,
-#   train7b  the default fine-tuning step of the LLaMA-2-7B shape at 8k, every preset.
+#   train7b  the default fine-tuning step of the LLaMA-2-7B shape at 8k, every preset,
+# and (the twelfth round):
+#   gputests every GPU test of the suite (tests -m gpu, the files that hold them),
+#   ctx7b    evaluation of the LLaMA-2-7B shape at 8k-128k, every preset (ctx_scaling.py).
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
 # short keeps what it finished), with OUT/backend_table.json beside it (to commit as
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
@@ -76,5 +79,19 @@ if want train7b; then
 step "(i) the default fine-tuning step, LLaMA-2-7B shape at 8k"
 timeout 540 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --warmup 1 --steps 3 \
     --json "$work/train7b.json" --markdown "$work/train7b.md" >> "$log" 2>&1
+fi
+if want gputests; then
+step "(k) every GPU test"
+timeout 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests/attention/test_flex.py tests/attention/test_packed.py \
+    tests/attention/test_training_attention.py tests/attention/test_strided.py tests/attention/test_attention.py \
+    tests/training/test_offload.py tests/training/test_compiled_step.py tests/training/test_finetune.py \
+    tests/bench/test_profiling.py > "$work/pytest_gpu_all.log" 2>&1
+tail -3 "$work/pytest_gpu_all.log" | tee -a "$log"
+fi
+
+if want ctx7b; then
+step "(l) evaluation of the LLaMA-2-7B shape at 8k-128k"
+timeout 300 python3 benchmarks/ctx_scaling.py "$work/ctx7b" --ctx 8192,32768,65536,131072 --essential-ctx 32768 \
+    --compiled-ctx 0 --budget-s 200 >> "$log" 2>&1
 fi
 step "done"
