@@ -112,7 +112,7 @@ def table_choice(case: Case, entries: list[dict]) -> str | None:
     return best
 
 
-def fallback_choice(device: torch.device, varlen_ok: bool, mode: str = "fwd+bwd") -> str:
+def fallback_choice(device: torch.device, varlen_ok: bool, mode: str) -> str:
     """The rule where nothing was measured (see the module docstring)."""
     if device.type != "cuda":
         return "chunked"
@@ -149,9 +149,10 @@ def _decide(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, mode: str, entr
     return measured if measured in TABLE_BACKENDS else fallback_choice(q.device, varlen_ok, mode)
 
 
-def rule_without_inputs(device: torch.device, mode: str = "fwd+bwd") -> str:
-    """The rule's answer when only the device is known (no dtype or head dimension)."""
-    return fallback_choice(device, device.type == "cuda" and varlen_available(), mode)
+def rule_without_inputs(device: torch.device) -> str:
+    """The rule's answer when only the device is known (no dtype, head dimension or mode:
+    it answers as for training, the case that can take either kernel)."""
+    return fallback_choice(device, device.type == "cuda" and varlen_available(), "fwd+bwd")
 
 
 # -- writing the table ------------------------------------------------------------------
