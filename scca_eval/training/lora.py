@@ -62,17 +62,56 @@ def fully_trained_state(trained: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return state
 
 
-def keep_activations_in(peft_model, dtype: torch.dtype):
-    """Cast the (float32, trained) embedding's output to the compute dtype.
+class _Handles:
+    """Several hooks and settings, undone together (``remove()``, as one hook's handle)."""
 
-    Under autocast the matrix products run in ``dtype`` but additions do not: a float32
-    embedding output would keep the whole residual stream, and every activation that
-    gradient checkpointing stores, in float32 — twice the memory of a model trained in
-    ``dtype``. The cast is differentiable, so the embedding still gets its gradient.
-    Returns the hook's handle.
+    def __init__(self, handles, undo):
+        self._handles, self._undo = handles, undo
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._undo()
+
+
+def keep_activations_in(peft_model, dtype: torch.dtype) -> _Handles:
+    """Hand every activation to the next layer in the compute dtype ``dtype`` (training under
+    ``torch.autocast``), cast once where it is made rather than once per reader.
+
+    - The trained embedding and norms hold float32 weights, so their outputs are float32, and
+      autocast adds only the matrix products: left alone, a float32 embedding output keeps the
+      whole residual stream, and every activation gradient checkpointing stores, in float32
+      (twice the memory of a model trained in ``dtype``), and each norm's output is cast again
+      by every projection that reads it (q, k, v and their LoRA A, gate, up), in the forward,
+      its recomputation and the backward.
+    - peft casts a LoRA layer's input to its adapter's float32 dtype and autocast casts it
+      straight back: peft's own switch (``cast_input_dtype_enabled``) turns that round trip off.
+
+    The values the matrix products see are unchanged (one rounding to ``dtype`` either way); a
+    norm's output gradient is summed over its readers in ``dtype`` instead of float32. The casts
+    are differentiable, so the embedding and norms still get their gradients. Returns a handle
+    whose ``remove()`` undoes both.
     """
-    embedding = peft_model.get_base_model().get_input_embeddings()
-    return embedding.register_forward_hook(lambda module, inputs, output: output.to(dtype))
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = peft_model.get_base_model()
+    trained_float32 = [module for module in base.modules() if not isinstance(module, torch.nn.Linear)
+                       and any(p.requires_grad and p.dtype == torch.float32 for p in module.parameters(recurse=False))]
+
+    def to_dtype(module, inputs, output):
+        return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+
+    handles = [module.register_forward_hook(to_dtype) for module in trained_float32]
+    lora_layers = [module for module in base.modules() if isinstance(module, BaseTunerLayer)]
+    casting_before = [getattr(module, "cast_input_dtype_enabled", True) for module in lora_layers]
+    for module in lora_layers:
+        module.cast_input_dtype_enabled = False
+
+    def undo():
+        for module, before in zip(lora_layers, casting_before):
+            module.cast_input_dtype_enabled = before
+
+    return _Handles(handles, undo)
 
 
 def enable_gradient_checkpointing(peft_model) -> None:

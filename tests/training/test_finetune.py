@@ -127,17 +127,59 @@ def test_offloaded_activations_train_the_same_weights(tiny_model_dir, sample_dat
         torch.testing.assert_close(runs[True][name], kept, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_float32_embedding_feeds_the_layers_in_the_compute_dtype(tiny_model_dir):
+def _lora_bf16(tiny_model_dir):
     from scca_eval.models import load_model
-    from scca_eval.training.lora import attach_lora, keep_activations_in
+    from scca_eval.training.lora import attach_lora
     from scca_eval.training.recipe import Recipe
 
     lm, _ = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
-    model = attach_lora(lm, Recipe(ctx=CTX), str(tiny_model_dir))
-    embedding = model.get_base_model().get_input_embeddings()
-    assert embedding.weight.dtype == torch.float32
-    keep_activations_in(model, torch.bfloat16)
-    assert embedding(_ids(tiny_model_dir)).dtype == torch.bfloat16
+    return attach_lora(lm, Recipe(ctx=CTX), str(tiny_model_dir))
+
+
+def _loss_and_grads(model, ids):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_trained_float32_weights_feed_every_layer_in_the_compute_dtype(tiny_model_dir):
+    from scca_eval.training.lora import keep_activations_in
+
+    model = _lora_bf16(tiny_model_dir)
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == torch.float32  # trained: float32 master copy
+    assert base.model.norm.weight.dtype == torch.float32
+    ids = _ids(tiny_model_dir)
+    # The reference: autocast alone, with only the embedding's output cast (a bfloat16 residual
+    # stream), so every projection casts the float32 norm outputs it reads for itself.
+    embedding_only = base.get_input_embeddings().register_forward_hook(lambda m, i, out: out.to(torch.bfloat16))
+    reference_loss, reference_grads = _loss_and_grads(model, ids)
+    embedding_only.remove()
+
+    handle = keep_activations_in(model, torch.bfloat16)
+    seen = {}
+    probes = [module.register_forward_pre_hook(lambda m, inputs, name=name: seen.__setitem__(name, inputs[0].dtype))
+              for name, module in base.named_modules() if isinstance(module, torch.nn.Linear)]
+    loss, grads = _loss_and_grads(model, ids)
+    for probe in probes:
+        probe.remove()
+    # Every linear layer, base projection or LoRA A/B, gets its input already in bfloat16.
+    assert any("lora_A" in name for name in seen) and any("q_proj.base_layer" in name for name in seen)
+    assert {name: dtype for name, dtype in seen.items() if dtype != torch.bfloat16} == {}
+    # Each value the matrix products see is rounded once either way: the same loss, bit for bit.
+    assert torch.equal(loss, reference_loss)
+    # The norms' output gradients are summed in bfloat16 instead of float32: close, not equal.
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        assert (grad - reference_grads[name]).norm() <= 0.02 * reference_grads[name].norm(), name
+    assert all(grads[name].norm() > 0 for name in grads if "norm" in name or "embed" in name)
+
+    handle.remove()  # undone: peft casts LoRA inputs again, and no output is cast
+    assert all(module.cast_input_dtype_enabled for name, module in base.named_modules() if name.endswith("q_proj"))
+    assert base.model.norm(torch.ones(1, 64, dtype=torch.bfloat16)).dtype == torch.float32
 
 
 def test_window_order_is_seeded_and_covers_every_window():
