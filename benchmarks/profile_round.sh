@@ -16,7 +16,11 @@
 #   train7b  the default fine-tuning step of the LLaMA-2-7B shape at 8k, every preset,
 # and (the twelfth round):
 #   gputests every GPU test of the suite (tests -m gpu, the files that hold them),
-#   ctx7b    evaluation of the LLaMA-2-7B shape at 8k-128k, every preset (ctx_scaling.py).
+#   ctx7b    evaluation of the LLaMA-2-7B shape at 8k-128k, every preset (ctx_scaling.py),
+# and (the thirteenth round):
+#   casts    the step with each activation cast once against autocast's cast per reader
+#            (cast_once.py), SmolLM2-135M shape at 16k, and the default step's full attention
+#            against the plain peft loop.
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
 # short keeps what it finished), with OUT/backend_table.json beside it (to commit as
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
@@ -92,5 +96,12 @@ if want ctx7b; then
 step "(l) evaluation of the LLaMA-2-7B shape at 8k-128k"
 timeout 300 python3 benchmarks/ctx_scaling.py "$work/ctx7b" --ctx 8192,32768,65536,131072 --essential-ctx 32768 \
     --compiled-ctx 0 --budget-s 200 >> "$log" 2>&1
+fi
+if want casts; then
+step "(m) activations cast once, and the default step against the plain loop"
+timeout 150 python3 benchmarks/cast_once.py --shape smollm2-135m --ctx 16384 --steps 12 \
+    --json "$work/cast_once.json" >> "$log" 2>&1
+timeout 120 python3 -m scca_eval bench train "${shape[@]}" --pattern full --warmup 2 --steps 10 \
+    --json "$work/train_full_baseline.json" --markdown "$work/train_full_baseline.md" >> "$log" 2>&1
 fi
 step "done"
