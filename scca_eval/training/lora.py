@@ -63,15 +63,17 @@ def fully_trained_state(trained: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 class _Handles:
-    """Several hooks and settings, undone together (``remove()``, as one hook's handle)."""
+    """Hooks and the LoRA layers' input casting, undone together (``remove()``, as one hook's
+    handle): ``casting_before`` holds each layer with the setting it had."""
 
-    def __init__(self, handles, undo):
-        self._handles, self._undo = handles, undo
+    def __init__(self, hooks, casting_before):
+        self._hooks, self._casting_before = hooks, casting_before
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._undo()
+        for hook in self._hooks:
+            hook.remove()
+        for module, before in self._casting_before:
+            module.cast_input_dtype_enabled = before
 
 
 def keep_activations_in(peft_model, dtype: torch.dtype) -> _Handles:
@@ -101,17 +103,12 @@ def keep_activations_in(peft_model, dtype: torch.dtype) -> _Handles:
     def to_dtype(module, inputs, output):
         return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
 
-    handles = [module.register_forward_hook(to_dtype) for module in trained_float32]
-    lora_layers = [module for module in base.modules() if isinstance(module, BaseTunerLayer)]
-    casting_before = [getattr(module, "cast_input_dtype_enabled", True) for module in lora_layers]
-    for module in lora_layers:
+    hooks = [module.register_forward_hook(to_dtype) for module in trained_float32]
+    casting_before = [(module, getattr(module, "cast_input_dtype_enabled", True))
+                      for module in base.modules() if isinstance(module, BaseTunerLayer)]
+    for module, _ in casting_before:
         module.cast_input_dtype_enabled = False
-
-    def undo():
-        for module, before in zip(lora_layers, casting_before):
-            module.cast_input_dtype_enabled = before
-
-    return _Handles(handles, undo)
+    return _Handles(hooks, casting_before)
 
 
 def enable_gradient_checkpointing(peft_model) -> None:
