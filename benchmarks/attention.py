@@ -45,6 +45,12 @@ VARIANTS = {
                                            "bwd_BLOCK_N2": 32, "bwd_num_stages": 3, "bwd_num_warps": 4}},
     "flex-bwd-64x128w4": {"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
                                              "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4}},
+    # Key/value heads repeated per query head instead of the kernel's enable_gqa: more
+    # programs in the backward's key/value kernel where there are few key/value heads.
+    "flex-repeat-kv": {"repeat_kv": True},
+    "flex-repeat-kv-bwd-64x64": {"repeat_kv": True,
+                                 "kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                                                    "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4}},
 }
 
 

@@ -20,7 +20,9 @@
 # and (the thirteenth round):
 #   casts    the step with each activation cast once against autocast's cast per reader
 #            (cast_once.py), SmolLM2-135M shape at 16k, and the default step's full attention
-#            against the plain peft loop.
+#            against the plain peft loop,
+#   repeatkv FlexAttention with key/value heads repeated per query head against its grouped-query
+#            call, attention alone at 16k on the SmolLM2 head shape, forward and backward.
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
 # short keeps what it finished), with OUT/backend_table.json beside it (to commit as
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
@@ -103,5 +105,11 @@ timeout 150 python3 benchmarks/cast_once.py --shape smollm2-135m --ctx 16384 --s
     --json "$work/cast_once.json" >> "$log" 2>&1
 timeout 120 python3 -m scca_eval bench train "${shape[@]}" --pattern full --warmup 2 --steps 10 \
     --json "$work/train_full_baseline.json" --markdown "$work/train_full_baseline.md" >> "$log" 2>&1
+fi
+if want repeatkv; then
+step "(n) FlexAttention with key/value heads repeated per query head"
+timeout 240 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns s2,scca_fixed,scca_flow,sda,longmixed \
+    --backends flex --variants flex-repeat-kv,flex-repeat-kv-bwd-64x64 --modes fwd,fwd+bwd --repeats 10 \
+    --json "$work/repeat_kv.json" --markdown "$work/repeat_kv.md" >> "$log" 2>&1
 fi
 step "done"

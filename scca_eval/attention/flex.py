@@ -55,6 +55,11 @@ HOPPER_SMALL_HEAD_FORWARD_TILE: dict = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "
 # it was faster for mixes of both (benchmarks/README.md, FlexAttention tuning).
 DEFAULT_SPLIT_LAYOUTS = True
 DEFAULT_BLOCK_SIZE = 128
+# Grouped-query attention through the kernel's own enable_gqa (False), or with each key/value
+# head repeated per query head first (True): the backward's key/value kernel then runs one
+# program per query head rather than per key/value head, more programs at few key/value
+# heads, at the cost of the copy and of summing the repeated heads' gradients.
+DEFAULT_REPEAT_KV = False
 
 # Cached plans (block masks and reorderings); a 32k plan for 32 heads is ~20 MB.
 _PLAN_CACHE_SIZE = 32
@@ -334,7 +339,7 @@ def _as_pair(block_size) -> tuple[int, int]:
 def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: PatternSpec,
                            scaling: float, *, block_size: int | tuple[int, int] | None = None,
                            kernel_options: dict | None = None, split_layouts: bool | None = None,
-                           compile: bool | None = None) -> torch.Tensor:
+                           repeat_kv: bool | None = None, compile: bool | None = None) -> torch.Tensor:
     """Attention of ``spec`` for q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D].
 
     block_size:     sparse block size (int or (query, key)); default 128.
@@ -342,7 +347,9 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     split_layouts:  one call for the dilated heads (residue layout) and one for
                     the others (natural layout) instead of one call for all
                     (default DEFAULT_SPLIT_LAYOUTS; only where the split falls on a
-                    key/value head boundary).
+                    key/value head boundary, which every head is with repeat_kv).
+    repeat_kv:      repeat each key/value head per query head before the kernel
+                    instead of passing enable_gqa (default DEFAULT_REPEAT_KV).
     compile:        compile the kernel (default: on CUDA only).
     """
     batch, num_heads, n, _ = q.shape
@@ -363,6 +370,9 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     block = _as_pair(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
     if split_layouts is None:
         split_layouts = DEFAULT_SPLIT_LAYOUTS
+    if (DEFAULT_REPEAT_KV if repeat_kv is None else repeat_kv) and per_kv > 1:
+        k, v = (x.repeat_interleave(per_kv, dim=1) for x in (k, v))
+        per_kv = 1
 
     plan = _plan(spec, n, num_heads, per_kv, q.device, block, split_layouts)
     outputs = []

@@ -22,10 +22,11 @@ PRESETS = ["full", "s2", "scca_fixed", "scca_flow", "sda", "longmixed"]
 
 @pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
 @pytest.mark.parametrize("n,heads,kv_heads", [(200, 6, 3), (131, 9, 3)])
-def test_matches_dense_reference_fp32(name, n, heads, kv_heads):
+@pytest.mark.parametrize("repeat_kv", [False, True])
+def test_matches_dense_reference_fp32(name, n, heads, kv_heads, repeat_kv):
     spec = spec_named(name)
     q, k, v = random_qkv(2, heads, kv_heads, n, 16, seed=n + heads)
-    out = flex_pattern_attention(q, k, v, spec, 0.3, block_size=32)
+    out = flex_pattern_attention(q, k, v, spec, 0.3, block_size=32, repeat_kv=repeat_kv)
     ref = dense_attention(q, k, v, dense_mask(spec, n, heads), 0.3)
     assert out.shape == (2, heads, n, 16) and out.dtype == torch.float32
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
@@ -45,6 +46,21 @@ def test_split_and_single_layouts_give_the_same_output(name, split):
     assert len(parts) == (runs if split else 1)
     # split: only the dilated runs are reordered; one call: everything is
     assert all((part.order is not None) == (dilated[part.first] or not split) for part in parts)
+
+
+def test_repeated_key_value_heads_let_the_layouts_split_inside_a_group():
+    # longmixed at 9 query over 3 key/value heads: dilated and chunk heads share a group, so
+    # with enable_gqa the heads stay in one call; repeated per query head they split.
+    spec = preset("longmixed")
+    q, k, v = random_qkv(1, 9, 3, 160, 8, seed=4)
+    dilated = [rule.kind == "dilated" for rule in spec.head_rules(160, 9)]
+    runs = 1 + sum(a != b for a, b in zip(dilated, dilated[1:]))
+    assert runs > 1 and any(len(set(dilated[g:g + 3])) > 1 for g in range(0, 9, 3))  # a group mixes
+    ref = dense_attention(q, k, v, dense_mask(spec, 160, 9), 0.5)
+    for repeat_kv, calls in ((False, 1), (True, runs)):
+        out = flex_pattern_attention(q, k, v, spec, 0.5, block_size=32, split_layouts=True, repeat_kv=repeat_kv)
+        assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
+        assert len(flex._plans.newest().parts) == calls
 
 
 def test_transformers_memory_layout_is_accepted():
@@ -186,16 +202,18 @@ def test_gpu_bf16_matches_reference(name, n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", PRESETS + ["sda4", "custom"])
 @pytest.mark.parametrize("n", [2048, 1030])
-def test_gpu_bf16_small_heads_forward_and_backward_match_reference(name, n):
+@pytest.mark.parametrize("repeat_kv", [False, True])
+def test_gpu_bf16_small_heads_forward_and_backward_match_reference(name, n, repeat_kv):
     """The SmolLM2 head shape (9 query heads over 3 key/value heads, dim 64), where the
-    forward kernel runs its own tile on Hopper GPUs: outputs and gradients."""
+    forward kernel runs its own tile on Hopper GPUs: outputs and gradients, with the kernel's
+    grouped-query attention and with key/value heads repeated per query head."""
     spec = spec_named(name)
     heads, kv_heads, dim = 9, 3, 64
     q, k, v = random_qkv(1, heads, kv_heads, n, dim, dtype=torch.bfloat16, device="cuda", seed=n + 1)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     scaling = dim ** -0.5
     grad_out = torch.randn(1, heads, n, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(n))
-    out = flex_pattern_attention(q, k, v, spec, scaling)
+    out = flex_pattern_attention(q, k, v, spec, scaling, repeat_kv=repeat_kv)
     got = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
     exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref = dense_attention(*exact, dense_mask(spec, n, heads).cuda(), scaling)
