@@ -22,7 +22,9 @@
 #            (cast_once.py), SmolLM2-135M shape at 16k, and the default step's full attention
 #            against the plain peft loop,
 #   repeatkv FlexAttention with key/value heads repeated per query head against its grouped-query
-#            call, attention alone at 16k on the SmolLM2 head shape, forward and backward.
+#            call, attention alone at 16k on the SmolLM2 head shape, forward and backward
+#            (full too: FlexAttention's own causal kernel against SDPA's, the part of each miss that
+#            is the kernel's and not the pattern's).
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
 # short keeps what it finished), with OUT/backend_table.json beside it (to commit as
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
@@ -108,7 +110,7 @@ timeout 120 python3 -m scca_eval bench train "${shape[@]}" --pattern full --warm
 fi
 if want repeatkv; then
 step "(n) FlexAttention with key/value heads repeated per query head"
-timeout 240 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns s2,scca_fixed,scca_flow,sda,longmixed \
+timeout 240 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns full,s2,scca_fixed,scca_flow,sda,longmixed \
     --backends flex --variants flex-repeat-kv,flex-repeat-kv-bwd-64x64 --modes fwd,fwd+bwd --repeats 10 \
     --json "$work/repeat_kv.json" --markdown "$work/repeat_kv.md" >> "$log" 2>&1
 fi
