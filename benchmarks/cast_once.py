@@ -7,9 +7,10 @@ output cast, peft's LoRA input casts on): the same model, the same windows, one 
 
 For each variant it reports the losses of ``--steps`` AdamW steps (lr 2e-4) from the same
 start, the cast ops of one step (the profiler's count of ``aten::_to_copy``), and the median
-seconds per step (on a GPU; on a CPU bfloat16 matrix products dominate and the times say
-nothing about casts). Frozen weights bfloat16, trained ones float32, gradient checkpointing,
-full attention. ``--model default`` is the embedded SmolLM2-135M with ``--data`` text; a
+seconds per step but the first (on a GPU; on a CPU bfloat16 matrix products dominate and the
+times say nothing about casts). Frozen weights bfloat16, trained ones float32, gradient
+checkpointing, full attention. The step is a plain peft one (``model(ids, labels=ids).loss``),
+not the project's trainer with its chunked loss: ``scca-eval bench train`` times that. ``--model default`` is the embedded SmolLM2-135M with ``--data`` text; a
 ``--shape`` has random weights and trains on random tokens.
 """
 
@@ -37,8 +38,6 @@ def build(args, device):
         ids = torch.randint(0, model.config.vocab_size, (args.steps, 1, args.ctx), generator=torch.Generator().manual_seed(1))
         return model, ids
     model, tokenizer = load_model(args.model, dtype="bfloat16", device=str(device))
-    if args.data is None:
-        sys.exit("cast_once.py: --model needs --data FILE (text to train on)")
     with open(args.data, encoding="utf-8") as handle:
         tokens = tokenizer(handle.read(200_000))["input_ids"]
     if len(tokens) < args.ctx * args.steps:
@@ -92,6 +91,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if not args.shape and args.data is None:
+        sys.exit("cast_once.py: --model needs --data FILE (text to train on)")
     device = torch.device(args.device)
     result = {"model": args.shape or args.model, "ctx": args.ctx, "steps": args.steps, "device": str(device),
               "per_reader": run(args, device, once=False), "once": run(args, device, once=True)}

@@ -111,7 +111,7 @@ fi
 if want repeatkv; then
 step "(n) FlexAttention with key/value heads repeated per query head"
 timeout 240 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns full,s2,scca_fixed,scca_flow,sda,longmixed \
-    --backends flex --variants flex-repeat-kv,flex-repeat-kv-bwd-64x64 --modes fwd,fwd+bwd --repeats 10 \
+    --backends flex --variants flex-repeat-kv,flex-repeat-kv-bwd-64x64,flex-bwd-64x64 --modes fwd,fwd+bwd --repeats 10 \
     --json "$work/repeat_kv.json" --markdown "$work/repeat_kv.md" >> "$log" 2>&1
 fi
 step "done"

@@ -55,10 +55,11 @@ HOPPER_SMALL_HEAD_FORWARD_TILE: dict = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "
 # it was faster for mixes of both (benchmarks/README.md, FlexAttention tuning).
 DEFAULT_SPLIT_LAYOUTS = True
 DEFAULT_BLOCK_SIZE = 128
-# Grouped-query attention through the kernel's own enable_gqa (False), or with each key/value
-# head repeated per query head first (True): the backward's key/value kernel then runs one
-# program per query head rather than per key/value head, more programs at few key/value
-# heads, at the cost of the copy and of summing the repeated heads' gradients.
+# Grouped-query attention through the kernel's own enable_gqa (False), or, for calls whose
+# gradients will be taken, with each key/value head repeated per query head first (True): the
+# backward's key/value programs then run per query head rather than per key/value head, more
+# programs at few key/value heads, at the cost of the copy and of summing the repeated heads'
+# gradients. A forward alone gains nothing: its grid already has a program per query head.
 DEFAULT_REPEAT_KV = False
 
 # Cached plans (block masks and reorderings); a 32k plan for 32 heads is ~20 MB.
@@ -349,7 +350,8 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
                     (default DEFAULT_SPLIT_LAYOUTS; only where the split falls on a
                     key/value head boundary, which every head is with repeat_kv).
     repeat_kv:      repeat each key/value head per query head before the kernel
-                    instead of passing enable_gqa (default DEFAULT_REPEAT_KV).
+                    instead of passing enable_gqa (default: DEFAULT_REPEAT_KV where
+                    gradients will be taken, else off).
     compile:        compile the kernel (default: on CUDA only).
     """
     batch, num_heads, n, _ = q.shape
@@ -370,9 +372,11 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     block = _as_pair(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
     if split_layouts is None:
         split_layouts = DEFAULT_SPLIT_LAYOUTS
-    if (DEFAULT_REPEAT_KV if repeat_kv is None else repeat_kv) and per_kv > 1:
+    if repeat_kv is None:
+        repeat_kv = DEFAULT_REPEAT_KV and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if repeat_kv and per_kv > 1:
         k, v = (x.repeat_interleave(per_kv, dim=1) for x in (k, v))
-        per_kv = 1
+        per_kv = 1  # from here each query head has its own key/value head: a group of one
 
     plan = _plan(spec, n, num_heads, per_kv, q.device, block, split_layouts)
     outputs = []

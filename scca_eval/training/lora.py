@@ -62,9 +62,19 @@ def fully_trained_state(trained: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return state
 
 
-class _Handles:
-    """Hooks and the LoRA layers' input casting, undone together (``remove()``, as one hook's
-    handle): ``casting_before`` holds each layer with the setting it had."""
+# Model types whose decoder layers follow LLaMA's pre-norm layout: input_layernorm and
+# post_attention_layernorm feed only projections, the final norm only the head. Elsewhere a
+# norm may feed a residual sum or a rotary embedding (Gemma's post-norms, Qwen3's q_norm and
+# k_norm), where a float32 output is worth keeping, so only the embedding's output is cast.
+PRE_NORM_LAYOUTS = ("llama", "mistral", "qwen2", "qwen3")
+_PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+class CastOnceHandle:
+    """What ``keep_activations_in`` changed, undone by ``remove()`` (as a hook's handle): its
+    forward hooks, and each LoRA layer's input casting back to the setting it had. Handles of
+    repeated calls are removed in reverse order. Layers compiled while the hooks were on keep
+    them in their graphs (dynamo does not guard on module hooks)."""
 
     def __init__(self, hooks, casting_before):
         self._hooks, self._casting_before = hooks, casting_before
@@ -76,39 +86,53 @@ class _Handles:
             module.cast_input_dtype_enabled = before
 
 
-def keep_activations_in(peft_model, dtype: torch.dtype) -> _Handles:
-    """Hand every activation to the next layer in the compute dtype ``dtype`` (training under
-    ``torch.autocast``), cast once where it is made rather than once per reader.
+def _cast_once_modules(base) -> list:
+    """The modules whose outputs ``keep_activations_in`` casts: the input embedding and, in a
+    pre-norm layout, the norms that feed projections."""
+    modules = [base.get_input_embeddings()]
+    if getattr(base.config, "model_type", None) in PRE_NORM_LAYOUTS:
+        modules += [module for name, module in base.named_modules() if name.rsplit(".", 1)[-1] in _PRE_NORMS]
+        final_norm = getattr(base.get_decoder(), "norm", None)
+        if final_norm is not None:
+            modules.append(final_norm)
+    # Only trained float32 weights make float32 outputs; frozen ones are already in the dtype.
+    return [module for module in modules
+            if any(p.requires_grad and p.dtype == torch.float32 for p in module.parameters(recurse=False))]
+
+
+def keep_activations_in(peft_model, dtype: torch.dtype) -> CastOnceHandle:
+    """Hand the trained embedding's and norms' outputs to the next layer in the compute dtype
+    ``dtype`` (training under ``torch.autocast``), cast once where they are made rather than
+    once per reader. Call it after ``attach_lora``, which marks those weights trained.
 
     - The trained embedding and norms hold float32 weights, so their outputs are float32, and
-      autocast adds only the matrix products: left alone, a float32 embedding output keeps the
-      whole residual stream, and every activation gradient checkpointing stores, in float32
+      autocast covers only the matrix products: left alone, a float32 embedding output keeps
+      the whole residual stream, and every activation gradient checkpointing stores, in float32
       (twice the memory of a model trained in ``dtype``), and each norm's output is cast again
       by every projection that reads it (q, k, v and their LoRA A, gate, up), in the forward,
-      its recomputation and the backward.
+      its recomputation and the backward. The norms are cast only in LLaMA's pre-norm layout
+      (``PRE_NORM_LAYOUTS``), where projections are all that read them.
     - peft casts a LoRA layer's input to its adapter's float32 dtype and autocast casts it
-      straight back: peft's own switch (``cast_input_dtype_enabled``) turns that round trip off.
+      straight back: peft's own switch (``cast_input_dtype_enabled``, the flag
+      ``peft.helpers.disable_input_dtype_casting`` sets for a block) turns that round trip off.
 
     The values the matrix products see are unchanged (one rounding to ``dtype`` either way); a
     norm's output gradient is summed over its readers in ``dtype`` instead of float32. The casts
-    are differentiable, so the embedding and norms still get their gradients. Returns a handle
-    whose ``remove()`` undoes both.
+    are differentiable, so the embedding and norms still get their gradients.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = peft_model.get_base_model()
-    trained_float32 = [module for module in base.modules() if not isinstance(module, torch.nn.Linear)
-                       and any(p.requires_grad and p.dtype == torch.float32 for p in module.parameters(recurse=False))]
 
     def to_dtype(module, inputs, output):
         return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
 
-    hooks = [module.register_forward_hook(to_dtype) for module in trained_float32]
+    hooks = [module.register_forward_hook(to_dtype) for module in _cast_once_modules(base)]
     casting_before = [(module, getattr(module, "cast_input_dtype_enabled", True))
                       for module in base.modules() if isinstance(module, BaseTunerLayer)]
     for module, _ in casting_before:
         module.cast_input_dtype_enabled = False
-    return _Handles(hooks, casting_before)
+    return CastOnceHandle(hooks, casting_before)
 
 
 def enable_gradient_checkpointing(peft_model) -> None:

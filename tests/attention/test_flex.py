@@ -48,7 +48,7 @@ def test_split_and_single_layouts_give_the_same_output(name, split):
     assert all((part.order is not None) == (dilated[part.first] or not split) for part in parts)
 
 
-def test_repeated_key_value_heads_let_the_layouts_split_inside_a_group():
+def test_repeated_key_value_heads_let_the_layouts_split_inside_a_group(monkeypatch):
     # longmixed at 9 query over 3 key/value heads: dilated and chunk heads share a group, so
     # with enable_gqa the heads stay in one call; repeated per query head they split.
     spec = preset("longmixed")
@@ -61,6 +61,12 @@ def test_repeated_key_value_heads_let_the_layouts_split_inside_a_group():
         out = flex_pattern_attention(q, k, v, spec, 0.5, block_size=32, split_layouts=True, repeat_kv=repeat_kv)
         assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
         assert len(flex._plans.newest().parts) == calls
+    # By default only a call whose gradients will be taken repeats them (a forward alone gains
+    # nothing); FlexAttention has no backward here, so this forward keeps the group.
+    monkeypatch.setattr(flex, "DEFAULT_REPEAT_KV", True)
+    flex.clear_cache()
+    flex_pattern_attention(q, k, v, spec, 0.5, block_size=32, split_layouts=True)
+    assert len(flex._plans.newest().parts) == 1
 
 
 def test_transformers_memory_layout_is_accepted():

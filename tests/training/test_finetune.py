@@ -133,7 +133,14 @@ def _lora_bf16(tiny_model_dir):
     from scca_eval.training.recipe import Recipe
 
     lm, _ = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
-    return attach_lora(lm, Recipe(ctx=CTX), str(tiny_model_dir))
+    model = attach_lora(lm, Recipe(ctx=CTX), str(tiny_model_dir))
+    # peft starts LoRA B at zero, where the LoRA path would add nothing and get no gradient
+    # into A: move it off zero so that the path's input dtype shows in loss and gradients.
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return model
 
 
 def _loss_and_grads(model, ids):
@@ -175,11 +182,49 @@ def test_trained_float32_weights_feed_every_layer_in_the_compute_dtype(tiny_mode
     assert grads.keys() == reference_grads.keys()
     for name, grad in grads.items():
         assert (grad - reference_grads[name]).norm() <= 0.02 * reference_grads[name].norm(), name
-    assert all(grads[name].norm() > 0 for name in grads if "norm" in name or "embed" in name)
+    assert all(grads[name].norm() > 0 for name in grads if "norm" in name or "embed" in name or "lora_A" in name)
 
     handle.remove()  # undone: peft casts LoRA inputs again, and no output is cast
     assert all(module.cast_input_dtype_enabled for name, module in base.named_modules() if name.endswith("q_proj"))
     assert base.model.norm(torch.ones(1, 64, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def _tiny_lora(model_type: str, targets: tuple[str, ...]):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scca_eval.training.lora import attach_lora
+    from scca_eval.training.recipe import Recipe
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    return attach_lora(lm, Recipe(ctx=CTX, lora_targets=targets), model_type)
+
+
+@pytest.mark.parametrize("model_type,targets,cast,kept", [
+    # LLaMA's pre-norm layout: the norms feeding projections are cast; Qwen3's q_norm, which
+    # feeds the rotary embedding, keeps its float32 output.
+    ("qwen3", ("q_proj", "v_proj"), ["input_layernorm", "post_attention_layernorm"], ["q_norm"]),
+    # a layout not in the list: only the embedding's output is cast
+    ("phi3", ("qkv_proj",), [], ["input_layernorm", "post_attention_layernorm"]),
+])
+def test_norms_are_cast_once_only_in_the_pre_norm_layout(model_type, targets, cast, kept):
+    from scca_eval.training.lora import keep_activations_in
+
+    model = _tiny_lora(model_type, targets)
+    base = model.get_base_model()
+    layer = base.model.layers[0]
+    x = torch.randn(1, 4, 64, dtype=torch.bfloat16)
+    handle = keep_activations_in(model, torch.bfloat16)
+    assert base.get_input_embeddings()(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+    for name in cast:
+        assert getattr(layer, name).weight.requires_grad and getattr(layer, name)(x).dtype == torch.bfloat16, name
+    for name in kept:
+        module = getattr(layer.self_attn, name, None) or getattr(layer, name)
+        assert module.weight.requires_grad and module(x if name != "q_norm" else x[..., :16]).dtype == torch.float32, name
+    handle.remove()
 
 
 def test_window_order_is_seeded_and_covers_every_window():
