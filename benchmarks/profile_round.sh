@@ -24,7 +24,9 @@
 #   repeatkv FlexAttention with key/value heads repeated per query head against its grouped-query
 #            call, attention alone at 16k on the SmolLM2 head shape, forward and backward
 #            (full too: FlexAttention's own causal kernel against SDPA's, the part of each miss that
-#            is the kernel's and not the pattern's).
+#            is the kernel's and not the pattern's),
+#   repeatkvtrain  the compiled step (no checkpointing, as the v2 runs train) of full, s2, sda and
+#            longmixed on flex, with FlexAttention's default and with DEFAULT_REPEAT_KV on.
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
 # short keeps what it finished), with OUT/backend_table.json beside it (to commit as
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
@@ -113,5 +115,14 @@ step "(n) FlexAttention with key/value heads repeated per query head"
 timeout 240 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns full,s2,scca_fixed,scca_flow,sda,longmixed \
     --backends flex --variants flex-repeat-kv,flex-repeat-kv-bwd-64x64,flex-bwd-64x64 --modes fwd,fwd+bwd --repeats 10 \
     --json "$work/repeat_kv.json" --markdown "$work/repeat_kv.md" >> "$log" 2>&1
+fi
+if want repeatkvtrain; then
+step "(o) the compiled step with key/value heads repeated for FlexAttention, and without"
+train_args=(bench train "${shape[@]}" --pattern full,s2,sda,longmixed --backend flex --compile
+            --no-gradient-checkpointing --offload-activations off --no-baseline --warmup 2 --steps 5)
+timeout 270 python3 -m scca_eval "${train_args[@]}" --json "$work/train_flex_gqa.json" >> "$log" 2>&1
+timeout 270 python3 -c 'import sys; import scca_eval.attention.flex as flex; flex.DEFAULT_REPEAT_KV = True
+from scca_eval.cli import main; sys.argv[0] = "scca-eval"; main()' "${train_args[@]}" \
+    --json "$work/train_flex_repeat_kv.json" >> "$log" 2>&1
 fi
 step "done"
