@@ -45,6 +45,13 @@ VARIANTS = {
                                            "bwd_BLOCK_N2": 32, "bwd_num_stages": 3, "bwd_num_warps": 4}},
     "flex-bwd-64x128w4": {"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
                                              "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4}},
+    # The Hopper forward tile that flex.py picks (HOPPER_SMALL_HEAD_FORWARD_TILE) with the 64x64
+    # backward tile: a variant's kernel_options replace the defaults, so the flex-bwd-* variants
+    # above run Triton's forward tile.
+    "flex-fwd-64x128-bwd-64x64": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3,
+                                                     "fwd_num_warps": 4, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
+                                                     "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_stages": 3,
+                                                     "bwd_num_warps": 4}},
     # Key/value heads repeated per query head instead of the kernel's enable_gqa: more
     # programs in the backward's key/value kernel where there are few key/value heads.
     "flex-repeat-kv": {"repeat_kv": True},

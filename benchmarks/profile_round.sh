@@ -24,7 +24,8 @@
 #   repeatkv FlexAttention with key/value heads repeated per query head against its grouped-query
 #            call, attention alone at 16k on the SmolLM2 head shape, forward and backward
 #            (full too: FlexAttention's own causal kernel against SDPA's, the part of each miss that
-#            is the kernel's and not the pattern's),
+#            is the kernel's and not the pattern's), and the 64x64 backward tile with and without
+#            the Hopper forward tile,
 #   repeatkvtrain  the compiled step (no checkpointing, as the v2 runs train) of full, s2, sda and
 #            longmixed on flex, with FlexAttention's default and with DEFAULT_REPEAT_KV on.
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
@@ -113,7 +114,7 @@ fi
 if want repeatkv; then
 step "(n) FlexAttention with key/value heads repeated per query head"
 timeout 240 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns full,s2,scca_fixed,scca_flow,sda,longmixed \
-    --backends flex --variants flex-repeat-kv,flex-repeat-kv-bwd-64x64,flex-bwd-64x64 --modes fwd,fwd+bwd --repeats 10 \
+    --backends flex --variants flex-repeat-kv,flex-repeat-kv-bwd-64x64,flex-bwd-64x64,flex-fwd-64x128-bwd-64x64 --modes fwd,fwd+bwd --repeats 10 \
     --json "$work/repeat_kv.json" --markdown "$work/repeat_kv.md" >> "$log" 2>&1
 fi
 if want repeatkvtrain; then

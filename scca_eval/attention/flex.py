@@ -60,6 +60,8 @@ DEFAULT_BLOCK_SIZE = 128
 # backward's key/value programs then run per query head rather than per key/value head, more
 # programs at few key/value heads, at the cost of the copy and of summing the repeated heads'
 # gradients. A forward alone gains nothing: its grid already has a program per query head.
+# Off: timed at the SmolLM2 head shape it was slower for most presets (benchmarks/README.md,
+# thirteenth round).
 DEFAULT_REPEAT_KV = False
 
 # Cached plans (block masks and reorderings); a 32k plan for 32 heads is ~20 MB.
