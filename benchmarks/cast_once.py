@@ -10,8 +10,9 @@ start, the cast ops of one step (the profiler's count of ``aten::_to_copy``), an
 seconds per step but the first (on a GPU; on a CPU bfloat16 matrix products dominate and the
 times say nothing about casts). Frozen weights bfloat16, trained ones float32, gradient
 checkpointing, full attention. The step is a plain peft one (``model(ids, labels=ids).loss``),
-not the project's trainer with its chunked loss: ``scca-eval bench train`` times that. ``--model default`` is the embedded SmolLM2-135M with ``--data`` text; a
-``--shape`` has random weights and trains on random tokens.
+not the project's trainer with its chunked loss: ``scca-eval bench train`` times that.
+``--model default`` is the embedded SmolLM2-135M with ``--data`` text; a ``--shape`` has random
+weights and trains on random tokens.
 """
 
 from __future__ import annotations
