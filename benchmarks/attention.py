@@ -17,7 +17,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from scca_eval.attention.flex import HOPPER_SMALL_HEAD_FORWARD_TILE  # noqa: E402
 from scca_eval.bench import attention_bench, markdown_attention, write_outputs  # noqa: E402
+
+BACKWARD_64X64 = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                  "bwd_num_stages": 3, "bwd_num_warps": 4}
 
 VARIANTS = {
     # skips the empty-row guard: wrong (NaN) for dilated rules, timed to see what the guard costs
@@ -39,8 +43,7 @@ VARIANTS = {
                                               "fwd_num_warps": 8}},
     "flex-fwd-64x128": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3,
                                            "fwd_num_warps": 4}},
-    "flex-bwd-64x64": {"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
-                                          "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4}},
+    "flex-bwd-64x64": {"kernel_options": BACKWARD_64X64},
     "flex-bwd-32x128": {"kernel_options": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
                                            "bwd_BLOCK_N2": 32, "bwd_num_stages": 3, "bwd_num_warps": 4}},
     "flex-bwd-64x128w4": {"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
@@ -48,16 +51,11 @@ VARIANTS = {
     # The Hopper forward tile that flex.py picks (HOPPER_SMALL_HEAD_FORWARD_TILE) with the 64x64
     # backward tile: a variant's kernel_options replace the defaults, so the flex-bwd-* variants
     # above run Triton's forward tile.
-    "flex-fwd-64x128-bwd-64x64": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3,
-                                                     "fwd_num_warps": 4, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
-                                                     "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_stages": 3,
-                                                     "bwd_num_warps": 4}},
+    "flex-fwd-64x128-bwd-64x64": {"kernel_options": {**HOPPER_SMALL_HEAD_FORWARD_TILE, **BACKWARD_64X64}},
     # Key/value heads repeated per query head instead of the kernel's enable_gqa: more
     # programs in the backward's key/value kernel where there are few key/value heads.
     "flex-repeat-kv": {"repeat_kv": True},
-    "flex-repeat-kv-bwd-64x64": {"repeat_kv": True,
-                                 "kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
-                                                    "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4}},
+    "flex-repeat-kv-bwd-64x64": {"repeat_kv": True, "kernel_options": BACKWARD_64X64},
 }
 
 
