@@ -45,12 +45,15 @@ from .plan_cache import PlanCache
 # turns into NaN. USE_TMA stays off: it did not pay at every length
 # (benchmarks/README.md, FlexAttention tuning).
 DEFAULT_KERNEL_OPTIONS: dict = {}
-# The forward kernel's tile on Hopper GPUs (compute capability 9.0) at head dims up to 64,
-# where Triton's default (128 x 128 with 4 warps) ran the sparse presets' forward at about
-# half the speed of this one; the backward keeps Triton's default (benchmarks/README.md,
-# FlexAttention tiles).
+# Tiles on Hopper GPUs (compute capability 9.0) at head dims up to 64. Forward: Triton's
+# default (128 x 128 with 4 warps) ran the sparse presets' forward at about half the speed of
+# 64 x 128. Backward: 64 x 64 with 4 warps rather than Triton's 64 x 128 / 128 x 64 with 8
+# (benchmarks/README.md, FlexAttention tiles and the fourteenth round).
 HOPPER_SMALL_HEAD_FORWARD_TILE: dict = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3,
                                         "fwd_num_warps": 4}
+HOPPER_SMALL_HEAD_BACKWARD_TILE: dict = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                                         "bwd_BLOCK_N2": 64, "bwd_num_stages": 3, "bwd_num_warps": 4}
+HOPPER_SMALL_HEAD_TILES: dict = {**HOPPER_SMALL_HEAD_FORWARD_TILE, **HOPPER_SMALL_HEAD_BACKWARD_TILE}
 # Split heads into dilated and other runs (one kernel call each) by default:
 # it was faster for mixes of both (benchmarks/README.md, FlexAttention tuning).
 DEFAULT_SPLIT_LAYOUTS = True
@@ -329,7 +332,7 @@ def default_kernel_options(q: torch.Tensor) -> dict:
         known = _kernel_options[key] = dict(DEFAULT_KERNEL_OPTIONS)
         if (q.device.type == "cuda" and q.shape[-1] <= 64 and q.dtype in (torch.bfloat16, torch.float16)
                 and torch.cuda.get_device_capability(q.device) == (9, 0)):
-            known.update(HOPPER_SMALL_HEAD_FORWARD_TILE)
+            known.update(HOPPER_SMALL_HEAD_TILES)
     return dict(known)
 
 

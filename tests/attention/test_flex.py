@@ -230,7 +230,7 @@ def test_gpu_bf16_small_heads_forward_and_backward_match_reference(name, n, repe
         assert relative_error(g, e) < BF16_REL_TOL, name
 
 
-def test_forward_tile_only_on_hopper_gpus_at_small_head_dims(monkeypatch):
+def test_small_head_tiles_only_on_hopper_gpus_at_small_head_dims(monkeypatch):
     """And the device is asked for its compute capability once per device, dtype and head
     dimension: inside a compiled layer that question would break the graph at every call."""
     from types import SimpleNamespace
@@ -246,7 +246,7 @@ def test_forward_tile_only_on_hopper_gpus_at_small_head_dims(monkeypatch):
         return flex.default_kernel_options(SimpleNamespace(device=torch.device("cuda", index), dtype=dtype,
                                                            shape=(1, 9, 128, dim)))
 
-    assert options(0) == flex.HOPPER_SMALL_HEAD_FORWARD_TILE and options(0) == options(0)
+    assert options(0) == flex.HOPPER_SMALL_HEAD_TILES and options(0) == options(0)
     assert len(asked) == 1  # cached
     assert options(1) == {} and options(0, dim=128) == {} and options(0, dtype=torch.float32) == {}
     assert len(asked) == 2  # head dimension and dtype decide without asking the device
