@@ -12,7 +12,7 @@
 # and, asked for by name (the tenth round):
 #   compiled evaluation compiled (bench model --compile) and the compiled step without
 #            checkpointing, at that shape and 16k, profiled,
-#   attn32k  attention alone at that head shape and 32k, every backend,
+#   attn32k  attention alone at that head shape and 32k, every backend, merged into auto's table,
 #   train7b  the default fine-tuning step of the LLaMA-2-7B shape at 8k, every preset,
 # and (the twelfth round):
 #   gputests every GPU test of the suite (tests -m gpu, the files that hold them),
@@ -28,6 +28,11 @@
 #            the Hopper forward tile,
 #   repeatkvtrain  the compiled step (no checkpointing, as the v2 runs train) of full, s2, sda and
 #            longmixed on flex, with FlexAttention's default and with DEFAULT_REPEAT_KV on.
+# and (the fourteenth round):
+#   bwdtile  FlexAttention's Hopper tiles for small heads with the 64x64 backward tile (the default
+#            now) against the forward tile alone (the default before): attention alone at 16k on
+#            the SmolLM2 head shape, then the default step and the step replayed as CUDA graphs,
+#            each run with the forward tile alone first and both tiles second.
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
 # short keeps what it finished), with OUT/backend_table.json beside it (to commit as
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
@@ -81,8 +86,9 @@ timeout 200 python3 -m scca_eval bench train "${shape[@]}" --compile --no-gradie
 fi
 
 if want attn32k; then
-step "(h) attention alone at 32k, every backend"
+step "(h) attention alone at 32k, every backend, into auto's table"
 timeout 200 python3 -m scca_eval bench attention "${smollm[@]}" --n 32768 --mode fwd,fwd+bwd --repeats 10 --no-check \
+    --write-table "$table" \
     --json "$work/attention_32k.json" --markdown "$work/attention_32k.md" >> "$log" 2>&1
 fi
 
@@ -125,5 +131,20 @@ timeout 270 python3 -m scca_eval "${train_args[@]}" --json "$work/train_flex_gqa
 timeout 270 python3 -c 'import sys; import scca_eval.attention.flex as flex; flex.DEFAULT_REPEAT_KV = True
 from scca_eval.cli import main; sys.argv[0] = "scca-eval"; main()' "${train_args[@]}" \
     --json "$work/train_flex_repeat_kv.json" >> "$log" 2>&1
+fi
+if want bwdtile; then
+step "(p) the backward tile: attention alone, then the step, forward tile alone and both tiles"
+timeout 200 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns full,s2,scca_fixed,scca_flow,sda,longmixed \
+    --backends flex --variants flex-fwd-64x128,flex-fwd-64x128-bwd-64x64 --modes fwd,fwd+bwd --repeats 20 \
+    --json "$work/tiles_16k.json" --markdown "$work/tiles_16k.md" >> "$log" 2>&1
+forward_tile_only='import sys; import scca_eval.attention.flex as flex
+flex.HOPPER_SMALL_HEAD_TILES = dict(flex.HOPPER_SMALL_HEAD_FORWARD_TILE)
+from scca_eval.cli import main; sys.argv[0] = "scca-eval"; main()'
+for steps in default cuda_graphs; do
+  train_args=(bench train "${shape[@]}" --no-baseline --warmup 2 --steps 10)
+  [ $steps = cuda_graphs ] && train_args+=(--steps 8 --cuda-graphs --no-gradient-checkpointing --offload-activations off)
+  timeout 180 python3 -c "$forward_tile_only" "${train_args[@]}" --json "$work/train_${steps}_forward_tile.json" >> "$log" 2>&1
+  timeout 180 python3 -m scca_eval "${train_args[@]}" --json "$work/train_${steps}_tiles.json" >> "$log" 2>&1
+done
 fi
 step "done"
