@@ -51,6 +51,9 @@ VARIANTS = {
     # tile joined it. This one spells out that default (HOPPER_SMALL_HEAD_TILES): timed beside
     # `flex`, the difference between the two is the run's noise.
     "flex-fwd-64x128-bwd-64x64": {"kernel_options": HOPPER_SMALL_HEAD_TILES},
+    # FlexAttention's FlashAttention 4 kernels (CuTe DSL) instead of its Triton ones; needs the
+    # flash-attn-4 package and its CUTLASS DSL, which this project does not install.
+    "flex-flash": {"kernel_options": {"BACKEND": "FLASH"}},
     # Key/value heads repeated per query head instead of the kernel's enable_gqa: more
     # programs in the backward's key/value kernel where there are few key/value heads.
     "flex-repeat-kv": {"repeat_kv": True},
