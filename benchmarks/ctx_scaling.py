@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from scca_eval.bench import markdown_model, model_bench, pattern_from_label, random_model  # noqa: E402
 from scca_eval.bench.model import DEFAULT_PATTERNS, _apply, _documents, _peak_memory, _reset_peak  # noqa: E402
-from scca_eval.bench.model import _linear_params, attention_flops  # noqa: E402
+from scca_eval.bench.model import _linear_params, attention_flops, auto_kernel  # noqa: E402
 from scca_eval.bench.timing import wall_s  # noqa: E402
 from scca_eval.files import atomic_write_text  # noqa: E402
 
@@ -54,7 +54,8 @@ def _run_cell(model, label: str, spec, ctx: int, device, seed: int) -> dict:
     body, head = _linear_params(model)
     row = {"ctx": ctx, "pattern": label, "seconds": None, "us_per_token": None, "peak_memory_gib": None,
            "flops": 2.0 * body * ctx + 2.0 * head * (ctx - 1) + attention_flops(model, spec, ctx),
-           "mean_nll": None, "error": None}
+           "mean_nll": None, "error": None,
+           "kernel": auto_kernel(model.config, spec, "auto", ctx, device, model.dtype, backward=False)}
     _reset_peak(device)
     try:
         scores = []
@@ -108,7 +109,8 @@ def _scale(model, specs: dict, ctxs: list[int], rows: list[dict], device, deadli
                 say(f"  ctx {ctx:>6} {label:<11} {row['error']}")
             else:
                 memory = f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""
-                say(f"  ctx {ctx:>6} {label:<11} {row['seconds']:.2f} s, {row['us_per_token']:.2f} us/token{memory}")
+                say(f"  ctx {ctx:>6} {label:<11} {row['seconds']:.2f} s, {row['us_per_token']:.2f} us/token{memory}"
+                    f" ({row['kernel']})")
 
 
 def measure(args, say=print) -> dict:
@@ -180,6 +182,13 @@ def markdown(result: dict) -> str:
         for ctx in ctxs:
             cells = [f"{r['peak_memory_gib']:.1f}" if (r := rows.get((ctx, p))) and r.get("peak_memory_gib")
                      is not None else "–" for p in patterns]
+            lines.append(f"| {ctx} | " + " | ".join(cells) + " |")
+    sparse = [p for p in patterns if p != "full"]
+    if sparse and any(r.get("kernel") for r in result["rows"]):
+        lines += ["", "The kernel auto ran:", "", "| ctx | " + " | ".join(sparse) + " |",
+                  "| ---: |" + " --- |" * len(sparse)]
+        for ctx in ctxs:
+            cells = [(r.get("kernel") or "–") if (r := rows.get((ctx, p))) else "–" for p in sparse]
             lines.append(f"| {ctx} | " + " | ".join(cells) + " |")
     if result.get("compiled"):
         lines += ["", markdown_model(result["compiled"]).rstrip()]

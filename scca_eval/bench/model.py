@@ -147,6 +147,7 @@ class ModelRow:
     times_s: list[float] | None = None  # every timed run, in the order run
     attention_flops: float | None = None  # of one timed run
     profile: dict | None = None  # one more engine run under the profiler (profiling.profile_step)
+    kernel: str | None = None  # what the backend ran: for auto, its choice for this case (auto_kernel)
 
 
 def _documents(ctx: int, windows: int, vocab: int, seed: int) -> list[np.ndarray]:
@@ -265,8 +266,9 @@ def model_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 paths = {"engine": lambda: score_windows(model, documents, windows, batch_size=bs)}
                 if plain:
                     paths["plain"] = lambda: _eager(lambda: _plain_loop(model, documents, windows, bs, device))
+                kernel = auto_kernel(model.config, spec, backend, ctx, device, dtype, backward=False)
                 rows = {path: ModelRow(ctx, label, backend, path, bs, len(windows), forward_tokens, 0, None,
-                                       None, None, None, None, None, None, times_s=[])
+                                       None, None, None, None, None, None, times_s=[], kernel=kernel)
                         for path in paths}
                 outcomes = {}
                 for path, run in paths.items():  # warm-up (compiles kernels, builds block masks)
@@ -351,6 +353,33 @@ def _apply(model, spec, backend: str) -> None:
     apply_pattern(model, spec, backend="auto" if spec.is_full else backend)
 
 
+def auto_kernel(config, spec, backend: str, ctx: int, device: torch.device, dtype: torch.dtype, *,
+                backward: bool) -> str:
+    """The kernel a layer's attention runs on ``backend`` at ``ctx`` tokens: for auto, its
+    choice for this head shape, forward alone or with a backward to come. Asked with stand-ins
+    of the right shape that hold one element each."""
+    from ..attention import resolve_backend
+
+    if spec.is_full:
+        return "sdpa"
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+
+    def stand_in(num_heads: int) -> torch.Tensor:
+        one = torch.empty((), device=device, dtype=dtype, requires_grad=backward)
+        return one.expand(1, num_heads, ctx, head_dim)
+
+    q, k = stand_in(heads), stand_in(kv_heads)
+    with torch.set_grad_enabled(backward):
+        return resolve_backend(spec, device, backend, (q, k, k))
+
+
+def backend_label(backend: str, kernel: str | None) -> str:
+    """``auto (flex)``: the backend asked for and, where that was auto, what ran."""
+    return f"{backend} ({kernel})" if backend == "auto" and kernel and kernel != "sdpa" else backend
+
+
 def _transformers_version() -> str:
     import transformers
 
@@ -358,7 +387,7 @@ def _transformers_version() -> str:
 
 
 def _row_line(row: ModelRow) -> str:
-    head = f"  ctx {row.ctx:>6} {row.pattern:<11} {row.backend:<8} {row.path:<6}"
+    head = f"  ctx {row.ctx:>6} {row.pattern:<11} {backend_label(row.backend, row.kernel):<8} {row.path:<6}"
     if row.error:
         return f"{head} {row.error}"
     memory = f", peak {row.peak_memory_gib:.1f} GiB" if row.peak_memory_gib is not None else ""
@@ -391,8 +420,8 @@ def markdown_model(result: dict) -> str:
     full_engine = {r["ctx"]: r for r in rows if r["pattern"] == "full" and r["path"] == "engine" and r["seconds"]}
     for r in rows:
         if r["error"]:
-            lines.append(f"| {r['ctx']} | {r['pattern']} | {r['backend']} | {r['path']} | {r['batch_size']} | "
-                         f"{r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['ctx']} | {r['pattern']} | {backend_label(r['backend'], r.get('kernel'))} | "
+                         f"{r['path']} | {r['batch_size']} | {r['error']} | | | | | | | | | |")
             continue
         plain = index.get((r["ctx"], r["pattern"], r["backend"], "plain"))
         vs_plain = ""
@@ -411,8 +440,9 @@ def markdown_model(result: dict) -> str:
             goal = f"{1 + (allowed - 1) / 2:.2f}x"
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "–"
         of_sustained = f"{100 * r['tflops'] / sustained:.0f}%" if sustained else "–"
-        lines.append(f"| {r['ctx']} | {r['pattern']} | {r['backend']} | {r['path']} | {r['batch_size']} | "
-                     f"{r['forward_tokens_per_s']:,.0f} | {r['scored_tokens_per_s']:,.0f} | {_num(r['tflops'])} | "
+        lines.append(f"| {r['ctx']} | {r['pattern']} | {backend_label(r['backend'], r.get('kernel'))} | "
+                     f"{r['path']} | {r['batch_size']} | {r['forward_tokens_per_s']:,.0f} | "
+                     f"{r['scored_tokens_per_s']:,.0f} | {_num(r['tflops'])} | "
                      f"{100 * r['peak_share']:.0f}% | {of_sustained} | {memory} | {vs_plain} | {vs_full} | {goal} | "
                      f"{r['mean_nll']:.4f} |")
     cells = []

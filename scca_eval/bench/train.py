@@ -39,7 +39,7 @@ from ..errors import UserError
 from .attention import pattern_from_label
 from .profiling import make_profile_dir, markdown_breakdown, profile_step, speed_bounds
 from .model import (DEFAULT_PATTERNS, SHAPES, _linear_params, _peak_memory, _reset_peak, attention_flops,
-                    random_model)
+                    auto_kernel, backend_label, random_model)
 
 
 def _sync(device: torch.device) -> None:
@@ -227,7 +227,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
         for path, label, backend, run in cells:
             row = {"ctx": ctx, "path": path, "pattern": label, "backend": backend, "error": None}
             if path == "finetune":
-                row["kernel"] = _training_kernel(base, specs[label], backend, ctx, device, dtype)
+                row["kernel"] = auto_kernel(base.config, specs[label], backend, ctx, device, dtype, backward=True)
             try:
                 row.update(run())
                 row["tokens_per_s"] = ctx / row["seconds"]
@@ -243,25 +243,8 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     return result
 
 
-def _training_kernel(base, spec, backend: str, ctx: int, device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel the step's attention runs on ``backend``: for auto, its choice for this
-    head shape and length with a backward to come (no memory is written to ask it)."""
-    from ..attention import resolve_backend
-
-    if spec.is_full:
-        return "sdpa"
-    config = base.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    q = torch.empty(1, heads, ctx, head_dim, device=device, dtype=dtype, requires_grad=True)
-    k = torch.empty(1, kv_heads, ctx, head_dim, device=device, dtype=dtype, requires_grad=True)
-    return resolve_backend(spec, device, backend, (q, k, k))
-
-
 def _backend_label(row: dict) -> str:
-    """``auto (flex)``: what was asked for and, where that was auto, what ran."""
-    backend, kernel = row.get("backend", ""), row.get("kernel")
-    return f"{backend} ({kernel})" if backend == "auto" and kernel and kernel != "sdpa" else backend
+    return backend_label(row.get("backend", ""), row.get("kernel"))
 
 
 def _offloaded(row: dict, on_gpu: bool) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from scca_eval.bench import attention_bench, markdown_attention, markdown_model, model_bench
+from scca_eval.bench import attention_bench, markdown_attention, markdown_model, model_bench, pattern_from_label
 from scca_eval.cli.bench import bench
 from helpers import dense_mask, spec_named
 
@@ -89,6 +89,42 @@ def test_model_bench_engine_and_plain_do_the_same_work(tmp_path):
     expected = 2 * (body + vocab * h) * 3 * 48 + attention
     assert full["tflops"] * full["seconds"] * 1e12 == pytest.approx(expected, rel=1e-9)
     assert "| 48 | s2 | chunked | engine |" in markdown_model(result)
+    assert {row["kernel"] for row in result["rows"] if row["pattern"] == "s2"} == {"chunked", "strided"}  # as asked
+
+
+def test_auto_kernel_asks_auto_with_the_case_and_no_memory(monkeypatch):
+    """What bench model, bench train and ctx_scaling.py report as auto's kernel: auto's own
+    choice for the model's head shape at that length, forward alone or with a backward to come,
+    asked with stand-ins of one element."""
+    from types import SimpleNamespace
+
+    from scca_eval.attention import auto
+    from scca_eval.bench.model import auto_kernel, backend_label
+
+    asked = []
+
+    def fake_choose(spec, q, k, v):
+        asked.append((tuple(q.shape), tuple(k.shape), auto.mode_of(q, k, v),
+                      q.untyped_storage().nbytes() + k.untyped_storage().nbytes()))
+        return "flex"
+
+    monkeypatch.setattr(auto, "choose", fake_choose)
+    config = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    s2, full = pattern_from_label("s2"), pattern_from_label("full")
+    cpu = torch.device("cpu")
+    assert auto_kernel(config, s2, "auto", 16384, cpu, torch.bfloat16, backward=False) == "flex"
+    assert auto_kernel(config, s2, "auto", 32768, cpu, torch.bfloat16, backward=True) == "flex"
+    assert asked == [((1, 9, 16384, 64), (1, 3, 16384, 64), "fwd", 4),
+                     ((1, 9, 32768, 64), (1, 3, 32768, 64), "fwd+bwd", 4)]
+    with torch.no_grad():  # asked for a backward, it answers for one even where no grad is on
+        auto_kernel(config, s2, "auto", 8, cpu, torch.bfloat16, backward=True)
+    assert asked[-1][2] == "fwd+bwd"
+    # a backend asked for by name, or full attention, is not auto's to choose
+    assert auto_kernel(config, s2, "strided", 8, cpu, torch.bfloat16, backward=True) == "strided"
+    assert auto_kernel(config, full, "auto", 8, cpu, torch.bfloat16, backward=False) == "sdpa"
+    assert len(asked) == 3
+    assert backend_label("auto", "flex") == "auto (flex)" and backend_label("auto", "sdpa") == "auto"
+    assert backend_label("strided", "strided") == "strided"
 
 
 def test_cli_model_compiled_engine_against_eager_plain_loop(tmp_path):

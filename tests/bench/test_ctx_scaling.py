@@ -82,6 +82,10 @@ def test_measures_every_cell_and_keeps_to_the_budget(script, tmp_path, monkeypat
     # the sparse pattern computes something else than full attention on the same window
     assert cells[64, "s2"]["mean_nll"] != cells[64, "full"]["mean_nll"]
     assert cells[64, "s2"]["flops"] < cells[64, "full"]["flops"]
+    # which kernel auto ran, beside each cell: on a CPU, the chunked one
+    assert cells[64, "s2"]["kernel"] == "chunked" and cells[64, "full"]["kernel"] == "sdpa"
+    assert "The kernel auto ran:" in (out / "ctx_scaling.md").read_text()
+    assert "| 64 | chunked |" in (out / "ctx_scaling.md").read_text()
     assert asked["ctxs"] == [48] and asked["patterns"] == ["full"] and asked["compile"] is True
     assert asked["tokens_per_run"] == 48 and asked["repeats"] == 3
     assert "compiled table" in (out / "ctx_scaling.md").read_text()
