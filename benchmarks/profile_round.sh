@@ -32,7 +32,12 @@
 #   bwdtile  FlexAttention's Hopper tiles for small heads with the 64x64 backward tile (the default
 #            now) against the forward tile alone (the default before): attention alone at 16k on
 #            the SmolLM2 head shape, then the default step and the step replayed as CUDA graphs,
-#            each run with the forward tile alone first and both tiles second.
+#            each run with the forward tile alone first and both tiles second,
+#   issue    every row of the speed issue's table in one go (the default step with the plain peft
+#            loop beside full attention, the step replayed as CUDA graphs, evaluation, attention
+#            alone at 16k on the SmolLM2 shape; the default step of the LLaMA-2-7B shape at 8k),
+#   table7b  attention alone at the LLaMA-2-7B head shape at 32k and 64k, every backend, forward
+#            alone, merged into auto's table (which holds that head shape at 8k only).
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
 # short keeps what it finished), with OUT/backend_table.json beside it (to commit as
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
@@ -146,5 +151,25 @@ for steps in default cuda_graphs; do
   timeout 180 python3 -c "$forward_tile_only" "${train_args[@]}" --json "$work/train_${steps}_forward_tile.json" >> "$log" 2>&1
   timeout 180 python3 -m scca_eval "${train_args[@]}" --json "$work/train_${steps}_tiles.json" >> "$log" 2>&1
 done
+fi
+if want issue; then
+step "(q) the speed issue's table: SmolLM2-135M shape at 16k, LLaMA-2-7B shape at 8k"
+timeout 150 python3 -m scca_eval bench train "${shape[@]}" --warmup 2 --steps 10 \
+    --json "$work/issue_train_16k.json" --markdown "$work/issue_train_16k.md" >> "$log" 2>&1
+timeout 150 python3 -m scca_eval bench train "${shape[@]}" --cuda-graphs --no-gradient-checkpointing \
+    --offload-activations off --no-baseline --warmup 2 --steps 8 \
+    --json "$work/issue_train_16k_cuda_graphs.json" --markdown "$work/issue_train_16k_cuda_graphs.md" >> "$log" 2>&1
+timeout 120 python3 -m scca_eval bench model "${shape[@]}" \
+    --json "$work/issue_model_16k.json" --markdown "$work/issue_model_16k.md" >> "$log" 2>&1
+timeout 120 python3 -m scca_eval bench attention "${smollm[@]}" --n 16384 --mode fwd,fwd+bwd --repeats 10 --no-check \
+    --json "$work/issue_attention_16k.json" --markdown "$work/issue_attention_16k.md" >> "$log" 2>&1
+timeout 200 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --warmup 1 --steps 3 \
+    --json "$work/issue_train_llama2-7b_8k.json" --markdown "$work/issue_train_llama2-7b_8k.md" >> "$log" 2>&1
+fi
+if want table7b; then
+step "(r) attention alone at the LLaMA-2-7B head shape, 32k and 64k, into auto's table"
+timeout 300 python3 -m scca_eval bench attention --heads 32 --kv-heads 32 --head-dim 128 --n 32768,65536 \
+    --mode fwd --repeats 5 --no-check --write-table "$table" \
+    --json "$work/attention_7b_32k_64k.json" --markdown "$work/attention_7b_32k_64k.md" >> "$log" 2>&1
 fi
 step "done"
