@@ -46,6 +46,12 @@ set -uo pipefail
 . "$(dirname "$0")/round_lib.sh"
 round_setup profile_round "tests profile tiles table" "${1:-}"
 smollm=(--heads 9 --kv-heads 3 --head-dim 64)
+# scca-eval under a timeout, with one statement run first on scca_eval.attention.flex (imported as
+# flex), to time a setting that is not the default: with_flex SECONDS 'STATEMENT' ARGS...
+with_flex() {
+  timeout "$1" python3 -c "import sys; import scca_eval.attention.flex as flex; $2
+from scca_eval.cli import main; sys.argv[0] = 'scca-eval'; main()" "${@:3}"
+}
 shape=(--shape smollm2-135m --ctx 16384)
 step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
@@ -133,8 +139,7 @@ step "(o) the compiled step with key/value heads repeated for FlexAttention, and
 train_args=(bench train "${shape[@]}" --pattern full,s2,sda,longmixed --backend flex --compile
             --no-gradient-checkpointing --offload-activations off --no-baseline --warmup 2 --steps 5)
 timeout 270 python3 -m scca_eval "${train_args[@]}" --json "$work/train_flex_gqa.json" >> "$log" 2>&1
-timeout 270 python3 -c 'import sys; import scca_eval.attention.flex as flex; flex.DEFAULT_REPEAT_KV = True
-from scca_eval.cli import main; sys.argv[0] = "scca-eval"; main()' "${train_args[@]}" \
+with_flex 270 'flex.DEFAULT_REPEAT_KV = True' "${train_args[@]}" \
     --json "$work/train_flex_repeat_kv.json" >> "$log" 2>&1
 fi
 if want bwdtile; then
@@ -142,13 +147,11 @@ step "(p) the backward tile: attention alone, then the step, forward tile alone 
 timeout 200 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns full,s2,scca_fixed,scca_flow,sda,longmixed \
     --backends flex --variants flex-fwd-64x128,flex-fwd-64x128-bwd-64x64 --modes fwd,fwd+bwd --repeats 20 \
     --json "$work/tiles_16k.json" --markdown "$work/tiles_16k.md" >> "$log" 2>&1
-forward_tile_only='import sys; import scca_eval.attention.flex as flex
-flex.HOPPER_SMALL_HEAD_TILES = dict(flex.HOPPER_SMALL_HEAD_FORWARD_TILE)
-from scca_eval.cli import main; sys.argv[0] = "scca-eval"; main()'
+forward_tile_only='flex.HOPPER_SMALL_HEAD_TILES = dict(flex.HOPPER_SMALL_HEAD_FORWARD_TILE)'
 for steps in default cuda_graphs; do
   train_args=(bench train "${shape[@]}" --no-baseline --warmup 2 --steps 10)
   [ $steps = cuda_graphs ] && train_args+=(--steps 8 --cuda-graphs --no-gradient-checkpointing --offload-activations off)
-  timeout 180 python3 -c "$forward_tile_only" "${train_args[@]}" --json "$work/train_${steps}_forward_tile.json" >> "$log" 2>&1
+  with_flex 180 "$forward_tile_only" "${train_args[@]}" --json "$work/train_${steps}_forward_tile.json" >> "$log" 2>&1
   timeout 180 python3 -m scca_eval "${train_args[@]}" --json "$work/train_${steps}_tiles.json" >> "$log" 2>&1
 done
 fi

@@ -36,6 +36,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..errors import UserError
 from ..patterns.rules import Rule
 from ..patterns.spec import PatternSpec
+from .auto import mode_of
 from .plan_cache import PlanCache
 
 # Kernel options used unless the caller passes its own. Not ROWS_GUARANTEED_SAFE,
@@ -366,7 +367,8 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     if num_heads % kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads evenly")
     per_kv = num_heads // kv_heads
-    if q.device.type != "cuda" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    backward = mode_of(q, k, v) == "fwd+bwd"
+    if q.device.type != "cuda" and backward:
         # PyTorch's FlexAttention has no backward off CUDA; say so before the kernel fails deep inside
         raise UserError("the flex attention backend trains only on a CUDA GPU (FlexAttention has no CPU "
                         "backward); use the auto or chunked attention backend here")
@@ -378,7 +380,7 @@ def flex_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     if split_layouts is None:
         split_layouts = DEFAULT_SPLIT_LAYOUTS
     if repeat_kv is None:
-        repeat_kv = DEFAULT_REPEAT_KV and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        repeat_kv = DEFAULT_REPEAT_KV and backward
     if repeat_kv and per_kv > 1:
         k, v = (x.repeat_interleave(per_kv, dim=1) for x in (k, v))
         per_kv = 1  # from here each query head has its own key/value head: a group of one
