@@ -54,20 +54,20 @@ cp "$table" scca_eval/attention/backend_table.json
 
 if want train; then
 step "(c) fine-tuning step, SmolLM2-135M shape at 16k: baseline, full, every preset on auto"
-timeout 100 python3 -m scca_eval bench train --shape smollm2-135m --ctx 16384 --backend auto \
+timeout 100 python3 -m scca_eval bench train --shape smollm2-135m --ctx 16384 --backend auto --gradient-checkpointing \
     --warmup 2 --steps 5 --json "$work/train_smollm2_16k.json" --markdown "$work/train_smollm2_16k.md" 2>&1 | tee -a "$log"
 fi
 
 if want compiled; then
 step "(c) fine-tuning step with compiled layers, SmolLM2-135M shape at 16k: full, every preset on auto"
-timeout 240 python3 -m scca_eval bench train --shape smollm2-135m --ctx 16384 --backend auto --compile --no-baseline \
+timeout 240 python3 -m scca_eval bench train --shape smollm2-135m --ctx 16384 --backend auto --compile --gradient-checkpointing --no-baseline \
     --warmup 2 --steps 5 --json "$work/train_smollm2_16k_compiled.json" --markdown "$work/train_smollm2_16k_compiled.md" \
     2>&1 | tee -a "$log"
 fi
 
 if want train7b; then
 step "(c) fine-tuning step, LLaMA-2-7B shape at 8k: baseline, full, every preset on auto"
-timeout 90 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --backend auto --steps 3 \
+timeout 90 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --backend auto --gradient-checkpointing --steps 3 \
     --json "$work/train_llama2_8k.json" --markdown "$work/train_llama2_8k.md" 2>&1 | tee -a "$log"
 fi
 

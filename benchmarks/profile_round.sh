@@ -33,9 +33,9 @@
 #            now) against the forward tile alone (the default before): attention alone at 16k on
 #            the SmolLM2 head shape, then the default step and the step replayed as CUDA graphs,
 #            each run with the forward tile alone first and both tiles second,
-#   issue    every row of the speed issue's table in one go (the default step with the plain peft
-#            loop beside full attention, the step replayed as CUDA graphs, evaluation, attention
-#            alone at 16k on the SmolLM2 shape; the default step of the LLaMA-2-7B shape at 8k),
+#   issue    every row of the speed issue's table in one go (the default step, auto's, and LongLoRA's
+#            checkpointed step, each with the plain peft loop beside full attention; evaluation,
+#            attention alone at 16k on the SmolLM2 shape; the default step of the LLaMA-2-7B shape at 8k),
 #   table7b  attention alone at the LLaMA-2-7B head shape at 32k and 64k, every backend, forward
 #            alone, merged into auto's table (which holds that head shape at 8k only).
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
@@ -66,7 +66,7 @@ fi
 
 if want profile; then
 step "(b) the default fine-tuning step, profiled"
-timeout 200 python3 -m scca_eval bench train "${shape[@]}" --warmup 1 --steps 3 --profile "$work/profile_train" \
+timeout 200 python3 -m scca_eval bench train "${shape[@]}" --gradient-checkpointing --warmup 1 --steps 3 --profile "$work/profile_train" \
     --json "$work/train.json" --markdown "$work/train.md" >> "$log" 2>&1
 step "(c) evaluation, profiled"
 timeout 120 python3 -m scca_eval bench model "${shape[@]}" --profile "$work/profile_model" \
@@ -91,7 +91,7 @@ timeout 360 python3 -m scca_eval bench model "${shape[@]}" --compile --no-plain 
     --profile "$work/profile_model_compiled" --json "$work/model_compiled.json" \
     --markdown "$work/model_compiled.md" >> "$log" 2>&1
 step "(j) the compiled step without checkpointing, profiled"
-timeout 200 python3 -m scca_eval bench train "${shape[@]}" --compile --no-gradient-checkpointing \
+timeout 200 python3 -m scca_eval bench train "${shape[@]}" --compile --no-gradient-checkpointing --no-cuda-graphs \
     --offload-activations off --no-baseline --warmup 2 --steps 5 --profile "$work/profile_train_compiled" \
     --json "$work/train_compiled.json" --markdown "$work/train_compiled.md" >> "$log" 2>&1
 fi
@@ -105,7 +105,7 @@ fi
 
 if want train7b; then
 step "(i) the default fine-tuning step, LLaMA-2-7B shape at 8k"
-timeout 540 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --warmup 1 --steps 3 \
+timeout 540 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --gradient-checkpointing --warmup 1 --steps 3 \
     --json "$work/train7b.json" --markdown "$work/train7b.md" >> "$log" 2>&1
 fi
 if want gputests; then
@@ -125,7 +125,7 @@ if want casts; then
 step "(m) activations cast once, and the default step against the plain loop"
 timeout 150 python3 benchmarks/cast_once.py --shape smollm2-135m --ctx 16384 --steps 12 \
     --json "$work/cast_once.json" >> "$log" 2>&1
-timeout 120 python3 -m scca_eval bench train "${shape[@]}" --pattern full --warmup 2 --steps 10 \
+timeout 120 python3 -m scca_eval bench train "${shape[@]}" --pattern full --gradient-checkpointing --warmup 2 --steps 10 \
     --json "$work/train_full_baseline.json" --markdown "$work/train_full_baseline.md" >> "$log" 2>&1
 fi
 if want repeatkv; then
@@ -137,7 +137,7 @@ fi
 if want repeatkvtrain; then
 step "(o) the compiled step with key/value heads repeated for FlexAttention, and without"
 train_args=(bench train "${shape[@]}" --pattern full,s2,sda,longmixed --backend flex --compile
-            --no-gradient-checkpointing --offload-activations off --no-baseline --warmup 2 --steps 5)
+            --no-gradient-checkpointing --no-cuda-graphs --offload-activations off --no-baseline --warmup 2 --steps 5)
 timeout 270 python3 -m scca_eval "${train_args[@]}" --json "$work/train_flex_gqa.json" >> "$log" 2>&1
 with_flex 270 'flex.DEFAULT_REPEAT_KV = True' "${train_args[@]}" \
     --json "$work/train_flex_repeat_kv.json" >> "$log" 2>&1
@@ -149,19 +149,20 @@ timeout 200 python3 benchmarks/attention.py --n 16384 "${smollm[@]}" --patterns 
     --json "$work/tiles_16k.json" --markdown "$work/tiles_16k.md" >> "$log" 2>&1
 forward_tile_only='flex.HOPPER_SMALL_HEAD_TILES = dict(flex.HOPPER_SMALL_HEAD_FORWARD_TILE)'
 for steps in default cuda_graphs; do
-  train_args=(bench train "${shape[@]}" --no-baseline --warmup 2 --steps 10)
-  [ $steps = cuda_graphs ] && train_args+=(--steps 8 --cuda-graphs --no-gradient-checkpointing --offload-activations off)
+  train_args=(bench train "${shape[@]}" --gradient-checkpointing --no-baseline --warmup 2 --steps 10)
+  [ $steps = cuda_graphs ] && train_args=(bench train "${shape[@]}" --no-baseline --warmup 2 --steps 8 --cuda-graphs)
   with_flex 180 "$forward_tile_only" "${train_args[@]}" --json "$work/train_${steps}_forward_tile.json" >> "$log" 2>&1
   timeout 180 python3 -m scca_eval "${train_args[@]}" --json "$work/train_${steps}_tiles.json" >> "$log" 2>&1
 done
 fi
 if want issue; then
 step "(q) the speed issue's table: SmolLM2-135M shape at 16k, LLaMA-2-7B shape at 8k"
-timeout 150 python3 -m scca_eval bench train "${shape[@]}" --warmup 2 --steps 10 \
-    --json "$work/issue_train_16k.json" --markdown "$work/issue_train_16k.md" >> "$log" 2>&1
-timeout 150 python3 -m scca_eval bench train "${shape[@]}" --cuda-graphs --no-gradient-checkpointing \
-    --offload-activations off --no-baseline --warmup 2 --steps 8 \
-    --json "$work/issue_train_16k_cuda_graphs.json" --markdown "$work/issue_train_16k_cuda_graphs.md" >> "$log" 2>&1
+# the default step (auto: CUDA graphs where every activation fits), then LongLoRA's checkpointed step
+for steps in auto checkpointed; do
+  option=(); [ $steps = checkpointed ] && option=(--gradient-checkpointing)
+  timeout 150 python3 -m scca_eval bench train "${shape[@]}" "${option[@]}" --warmup 2 --steps 10 \
+      --json "$work/issue_train_16k_$steps.json" --markdown "$work/issue_train_16k_$steps.md" >> "$log" 2>&1
+done
 timeout 120 python3 -m scca_eval bench model "${shape[@]}" \
     --json "$work/issue_model_16k.json" --markdown "$work/issue_model_16k.md" >> "$log" 2>&1
 timeout 120 python3 -m scca_eval bench attention "${smollm[@]}" --n 16384 --mode fwd,fwd+bwd --repeats 10 --no-check \

@@ -118,7 +118,7 @@ def main() -> None:
     print(f"bench done after {time.perf_counter() - started:.0f} s", flush=True)
 
     result = train_bench("llama2-7b", (8192, 32768), ("full",), steps=1, warmup=1, baseline=False,
-                         offload_activations=False)
+                         offload_activations=False, gradient_checkpointing=True)
     write_outputs(result, markdown_train(result), str(out / "train_no_offload.json"), None)
     print(f"kept done after {time.perf_counter() - started:.0f} s", flush=True)
 

@@ -32,7 +32,8 @@ def phases(base, ctx: int, offload: bool) -> dict:
     from scca_eval.training.recipe import Recipe
 
     apply_pattern(base, pattern_from_label("full"))
-    recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0, offload_activations=offload)
+    recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0, offload_activations=offload,
+                    gradient_checkpointing=True, cuda_graphs=False)
     model = attach_lora(base, recipe, "random")
     hook = keep_activations_in(model, torch.bfloat16)
     enable_gradient_checkpointing(model)

@@ -71,7 +71,8 @@ def _build(parallel: str, shape: str, ctx: int, device, dtype, world: int):
     sharded = parallel == "shard"
     # Sharded: the model exists on the meta device only, until each rank allocates its shards.
     base = random_model(shape, device=torch.device("meta") if sharded else device, dtype=dtype, max_ctx=ctx)
-    recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=world, warmup_steps=0)
+    recipe = Recipe(ctx=ctx, batch_size=1, grad_accum=world, warmup_steps=0, gradient_checkpointing=True,
+                    cuda_graphs=False)
     model = attach_lora(base, recipe, shape)
     enable_gradient_checkpointing(model)
     if dtype != torch.float32:

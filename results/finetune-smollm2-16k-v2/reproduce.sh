@@ -80,8 +80,11 @@ COMPILE_OPTION=(); [ "${COMPILE:-0}" = 1 ] && COMPILE_OPTION=(--compile)
 CHECKPOINTING=${CHECKPOINTING:-1}
 case $CHECKPOINTING in 0|1) ;; *) echo "reproduce.sh: CHECKPOINTING must be 0 or 1 (got '$CHECKPOINTING')" >&2; exit 2 ;; esac
 # Without checkpointing every activation stays on the GPU (no first pass measured offloaded, as
-# --offload-activations auto would run): the same step in the timing and in the runs.
-CHECKPOINT_OPTION=(); [ "$CHECKPOINTING" = 0 ] && CHECKPOINT_OPTION=(--no-gradient-checkpointing --offload-activations off)
+# --offload-activations auto would run): the same step in the timing and in the runs. The step
+# is always named (finetune's auto could choose differently for runs sharing a GPU), and without
+# CUDA graphs, as the committed runs trained.
+CHECKPOINT_OPTION=(--gradient-checkpointing)
+[ "$CHECKPOINTING" = 0 ] && CHECKPOINT_OPTION=(--no-gradient-checkpointing --offload-activations off --no-cuda-graphs)
 FINETUNE=(--model default --ctx "$CTX" --rope-scaling linear:2 --grad-accum 1 --warmup-steps "$WARMUP"
           --save-every 50 --task "$TRAIN_TASK" --eval-task "$VALID_TASK" --eval-tokens "$EVAL_TOKENS"
           "${DEVICE_OPTION[@]}" "${COMPILE_OPTION[@]}" "${CHECKPOINT_OPTION[@]}" --quiet)

@@ -46,9 +46,12 @@ case ${CUDA_GRAPHS:-0} in
     *) echo "reproduce.sh: CUDA_GRAPHS must be 0 or 1 (got '$CUDA_GRAPHS')" >&2; exit 2 ;;
 esac
 [ "${COMPILE:-0}" = 1 ] && FINETUNE+=(--compile)
+# The step is always named: finetune's own default (auto) could choose differently for runs
+# sharing a GPU (PARALLEL), and the committed runs took the checkpointed eager step.
 case ${CHECKPOINTING:-1} in
-    0) FINETUNE+=(--no-gradient-checkpointing --offload-activations off) ;;  # every activation kept on the GPU
-    1) ;;
+    0) FINETUNE+=(--no-gradient-checkpointing --offload-activations off)  # every activation kept on the GPU
+       [ "${CUDA_GRAPHS:-0}" = 1 ] || FINETUNE+=(--no-cuda-graphs) ;;
+    1) FINETUNE+=(--gradient-checkpointing) ;;
     *) echo "reproduce.sh: CHECKPOINTING must be 0 or 1 (got '$CHECKPOINTING')" >&2; exit 2 ;;
 esac
 # Evaluation: the paper's lengths scaled 2x, the first 24,577 tokens of each document.

@@ -136,6 +136,31 @@ def _finetune_cell(base, ids, spec, steps: int, warmup: int, device, dtype, orig
         _restore(base, dtype, original)
 
 
+def _plan_step(base, asked, device, dtype, original):
+    """auto's step for the finetune cells (training/step_plan.py), decided at the largest ctx on the
+    full-attention model, as finetune decides for a run."""
+    from ..attention.register import apply_pattern
+    from ..training.lora import attach_lora, keep_activations_in, trainable_parameters
+    from ..training.loop import WindowLoss
+    from ..training.step_plan import plan_step, predict_activation_bytes
+
+    if "auto" not in (asked.gradient_checkpointing, asked.cuda_graphs):
+        return plan_step(asked, device, single_process=True, predict=None, trainable=[])
+    apply_pattern(base, pattern_from_label("full"))
+    model = attach_lora(base, asked, "random")
+    autocast = None if dtype == torch.float32 else dtype
+    hook = keep_activations_in(model, dtype) if autocast is not None else None
+    try:
+        return plan_step(asked, device, single_process=True, trainable=list(trainable_parameters(model).values()),
+                         predict=lambda: predict_activation_bytes(WindowLoss(model, asked.loss_chunk), asked.ctx,
+                                                                  1, device, autocast))
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.unload()
+        _restore(base, dtype, original)
+
+
 def _timed(step: Callable[[], float], steps: int, warmup: int, device, profile_to: Path | None = None) -> dict:
     _reset_peak(device)
     first_loss = None
@@ -161,7 +186,7 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
                 patterns: Sequence[str] = DEFAULT_PATTERNS, *, device: torch.device | None = None,
                 dtype: torch.dtype | None = None, steps: int = 1, warmup: int = 1, baseline: bool = True,
                 compile: bool = False, offload_activations: bool | str = "auto", backends: Sequence[str] = ("auto",),
-                gradient_checkpointing: bool = True, cuda_graphs: bool = False,
+                gradient_checkpointing: bool | str = "auto", cuda_graphs: bool | str = "auto",
                 layers: int | None = None, seed: int = 0, profile_dir: str | Path | None = None,
                 log: Callable[[str], None] | None = print) -> dict:
     """Baseline and finetune-step throughput and memory for each ctx and pattern (one window a step).
@@ -171,7 +196,8 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     cell (``CTX-PATH-PATTERN-BACKEND.txt``). gradient_checkpointing: False keeps every
     activation instead of recomputing each layer's forward in the backward pass (baseline and
     finetune cells alike). cuda_graphs: the finetune cells' compiled layers replay as CUDA
-    graphs (implies compile; needs a CUDA device, no checkpointing, no offloading).
+    graphs (implies compile and no checkpointing; needs a CUDA device, no offloading). "auto"
+    for either decides as finetune does (training/step_plan.py), once, at the largest ctx.
     """
     from ..training.recipe import Recipe
 
@@ -180,12 +206,12 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     say = log or (lambda _text: None)
     if shape not in SHAPES and not str(shape).endswith(".json"):
         raise UserError(f"bench train builds random weights: --shape takes a named shape or a config .json, not {shape!r}")
-    if cuda_graphs:
-        if device.type != "cuda":
-            raise UserError("--cuda-graphs needs a CUDA GPU; bench without it here")
-        Recipe(ctx=max(ctxs), compile=True, cuda_graphs=True, gradient_checkpointing=gradient_checkpointing,
-               offload_activations=offload_activations).check()  # the same refusals as finetune's
-        compile = True
+    if cuda_graphs is True and device.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA GPU; bench without it here")
+    # the same refusals as finetune's
+    asked = Recipe(ctx=max(ctxs), compile=compile or cuda_graphs is True, cuda_graphs=cuda_graphs,
+                   gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations)
+    asked.check()
     specs = {label: pattern_from_label(label) for label in patterns}
     profile_dir = make_profile_dir(profile_dir)
 
@@ -195,6 +221,10 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
     base = random_model(shape, device=device, dtype=dtype, max_ctx=max(ctxs), layers=layers, seed=seed)
     body, head = _linear_params(base)
     original = _trained_in_full(base)
+    plan = _plan_step(base, asked, device, dtype, original)
+    chosen = plan.recipe
+    gradient_checkpointing, cuda_graphs = chosen.gradient_checkpointing, chosen.cuda_graphs
+    compile, offload_activations = chosen.compile, chosen.offload_activations
     if compile:  # the decoder layers, once: every finetune cell runs them compiled, the baseline eagerly
         from ..training.lora import compile_layers
 
@@ -204,9 +234,10 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
               "torch": torch.__version__, "steps": steps, "warmup": warmup, "compiled": compile,
               "offload_activations": offload_activations, "backends": list(backends),
               "gradient_checkpointing": gradient_checkpointing, "cuda_graphs": cuda_graphs,
-              "window_per_step": 1, "rows": []}
+              "step": plan.describe(), "window_per_step": 1, "rows": []}
     say(f"bench train: {shape} ({base.config.num_hidden_layers} layers, random weights, {dtype}), one window "
-        f"per step, {warmup} warm-up + {steps} timed step(s) per cell")
+        f"per step, {warmup} warm-up + {steps} timed step(s) per cell; step: {result['step']['step']} "
+        f"({plan.reason})")
     rng = np.random.default_rng(seed)
     for ctx in ctxs:
         ids = torch.from_numpy(rng.integers(0, base.config.vocab_size, size=(1, ctx))).long().to(device)
@@ -305,6 +336,8 @@ def markdown_train(result: dict) -> str:
         settings += ", finetune's decoder layers compiled"
         if result.get("cuda_graphs"):
             settings += " and replayed as CUDA graphs"
+    if result.get("step") and result["step"]["reason"] != "as asked":
+        settings += f" (auto's step: {result['step']['reason']})"
     lines = [f"Fine-tuning step, {result['shape']} ({result['layers']} layers, random weights), {result['dtype']}, "
              f"{result['device']}, torch {result['torch']}; one window per step, LoRA q/k/v/o + embed + norm, "
              f"{settings}; {result['warmup']} warm-up + {result['steps']} timed step(s) (median).", "",

@@ -214,12 +214,14 @@ def model_command(shape, ctxs, patterns, backends, batch_size, tokens_per_run, r
                    "--offload-activations` (auto: in host memory only where keeping it on the GPU would not fit).")
 @click.option("--no-offload-activations", "no_offload", is_flag=True, hidden=True,
               help="The same as --offload-activations off.")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute each decoder layer's forward in the backward pass (baseline and finetune cells), "
-                   "or keep every activation, as `finetune --no-gradient-checkpointing`.")
-@click.option("--cuda-graphs", is_flag=True,
+                   "or keep every activation, as `finetune --no-gradient-checkpointing`. Default: auto, as "
+                   "finetune's (decided once, at the largest --ctx).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="Replay the finetune cells' compiled layers as CUDA graphs, as `finetune --cuda-graphs` (implies "
-                   "--compile; needs --no-gradient-checkpointing and --offload-activations off).")
+                   "--compile and --no-gradient-checkpointing). Default: auto, as finetune's (decided once, at "
+                   "the largest --ctx).")
 @click.option("--layers", type=int, default=None, help="Override the number of layers (quick checks).")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="Profile one more step of each cell: host and GPU busy time in the table, on a GPU that "
@@ -237,10 +239,11 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
     """Fine-tuning step throughput and peak memory, next to the loop a user writes today.
 
     For each ctx: the baseline (peft + transformers SDPA, model(ids, labels=ids).loss,
-    AdamW) and the `scca-eval finetune` step under each pattern, both with gradient
-    checkpointing unless --no-gradient-checkpointing, on one random window per step of a
-    model with random weights; tokens/s, peak memory, and their ratios to the baseline and
-    to full attention.
+    AdamW) and the `scca-eval finetune` step under each pattern (the step finetune's
+    auto would take, unless --gradient-checkpointing or --cuda-graphs says otherwise;
+    the baseline checkpoints where the finetune cells do), on one random window per step
+    of a model with random weights; tokens/s, peak memory, and their ratios to the
+    baseline and to full attention.
     """
     from ..attention.dispatch import BACKENDS
     from ..bench.train import markdown_train, train_bench
@@ -261,6 +264,8 @@ def train_command(shape, ctxs, patterns, steps, warmup, no_baseline, compile_lay
     result = train_bench(shape, ctxs, patterns, device=device, dtype=parse_dtype(dtype, device), steps=steps,
                          warmup=warmup, baseline=not no_baseline, compile=compile_layers,
                          offload_activations=offload_setting("off" if no_offload else offload_activations),
-                         backends=backends, gradient_checkpointing=gradient_checkpointing, cuda_graphs=cuda_graphs,
+                         backends=backends,
+                         gradient_checkpointing="auto" if gradient_checkpointing is None else gradient_checkpointing,
+                         cuda_graphs="auto" if cuda_graphs is None else cuda_graphs,
                          layers=layers, profile_dir=profile_dir, log=click.echo)
     _write_outputs(result, markdown_train(result), json_path, markdown_path)

@@ -79,14 +79,17 @@ def offload_setting(text: str) -> bool | str:
                    "'none' for LoRA only. Saved to trainable_params.bin.")
 @dtype_option("Dtype of the frozen weights; trained weights stay float32 under autocast.")
 @device_option(processes=True)
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
-              help=f"Recompute each decoder layer in the backward pass to save memory ({_LL}).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help=f"Recompute each decoder layer in the backward pass to save memory ({_LL}). Default: auto, "
+                   "checkpointed unless the step with CUDA graphs is taken (see --cuda-graphs).")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="Compile the decoder layers (torch.compile; fused elementwise kernels).")
-@click.option("--cuda-graphs", is_flag=True,
-              help="On a CUDA GPU, replay each compiled decoder layer as a CUDA graph (torch.compile's "
-                   "reduce-overhead mode): the host launches one graph instead of every kernel. Implies "
-                   "--compile; needs --no-gradient-checkpointing and --offload-activations off.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="On a CUDA GPU, keep every activation (no checkpointing) and replay each compiled decoder "
+                   "layer as a CUDA graph (torch.compile's reduce-overhead mode): the host launches one graph "
+                   "instead of every kernel. Implies --compile and --no-gradient-checkpointing. Default: auto, "
+                   "taken on one CUDA GPU where forward probes on short windows predict that every activation "
+                   "fits in half the GPU memory at hand (or of --max-memory); otherwise the checkpointed step.")
 @click.option("--offload-activations", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               is_flag=False, flag_value="on",
               help="On a GPU, keep what the backward pass needs (under --gradient-checkpointing: each decoder "
@@ -97,7 +100,8 @@ def offload_setting(text: str) -> bool | str:
 @click.option("--no-offload-activations", "no_offload", is_flag=True, hidden=True,
               help="The same as --offload-activations off.")
 @click.option("--max-memory", "max_memory_gib", type=float, default=None, metavar="GIB",
-              help="GPU memory in GiB that --offload-activations auto may plan with. Default: what the GPU has.")
+              help="GPU memory in GiB that --offload-activations auto and --cuda-graphs auto may plan with. "
+                   "Default: what the GPU has.")
 @click.option("--save-every", type=int, default=50, show_default=True, metavar="STEPS",
               help="Write checkpoint.pt (atomically) every this many steps, and at the end.")
 @click.option("--resume", is_flag=True,
@@ -148,7 +152,8 @@ def finetune(model, gpus, quiet, compile_layers, cuda_graphs, offload_activation
     # Every cheap check first: bad input fails before a model is loaded or processes start.
     try:
         settings = TrainSettings.from_options(
-            {**options, "compile": compile_layers or cuda_graphs, "cuda_graphs": cuda_graphs,
+            {**options, "compile": compile_layers or cuda_graphs is True,
+             "cuda_graphs": "auto" if cuda_graphs is None else cuda_graphs,
              "offload_activations": offload_setting("off" if no_offload else offload_activations)})
         settings.check()
     except UserError:

@@ -218,7 +218,7 @@ def training_record(*, model: dict, pattern_name: str, pattern: dict, rope_scali
                     recipe: dict, history, convergence: dict | None, dtype: str, device,
                     resumed_from: int | None, attention_backend: str, finished: bool,
                     activations: dict | None = None, stopped_by: str = "steps", validation: dict | None = None,
-                    eval_every: int | None = None) -> dict:
+                    eval_every: int | None = None, step: dict | None = None) -> dict:
     """``training.json`` of a fine-tuning run (docs/finetune.md): ``history`` is the run's
     ``training.loop.History``, ``convergence`` what ``training.convergence`` says of it."""
     seconds = history.seconds
@@ -261,6 +261,8 @@ def training_record(*, model: dict, pattern_name: str, pattern: dict, rope_scali
             "resumed_from_step": resumed_from,
             # where the activations waited for the backward pass (training/offload.py)
             "activations": activations,
+            # which step ran and why (training/step_plan.py)
+            "step": step,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "versions": package_versions(),

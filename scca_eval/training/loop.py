@@ -178,7 +178,7 @@ class Trainer:
     def mark_step_begin(self) -> None:
         """Under CUDA graphs, tell torch that a new step (or validation window) begins: the
         graphs' outputs of the last one may be overwritten from here on."""
-        if self.recipe.cuda_graphs:
+        if self.recipe.cuda_graphs is True:  # "auto" is decided before a Trainer is made (step_plan.py)
             torch.compiler.cudagraph_mark_step_begin()
 
     def autocast(self):

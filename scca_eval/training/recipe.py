@@ -33,7 +33,6 @@ SOURCES = {
     "steps": LONGLORA_README,
     "batch_size": LONGLORA_README,
     "grad_accum": LONGLORA_README,
-    "gradient_checkpointing": LONGLORA,
     "adam_betas": HF_TRAINER,
     "adam_eps": HF_TRAINER,
     "max_grad_norm": HF_TRAINER,
@@ -72,10 +71,12 @@ class Recipe:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE
-    gradient_checkpointing: bool = True
+    # True, False, or "auto": checkpointed unless auto takes the fast step (training/step_plan.py)
+    gradient_checkpointing: bool | str = "auto"
     compile: bool = False
-    # replay the compiled layers as CUDA graphs (less host work a step; training/lora.py)
-    cuda_graphs: bool = False
+    # replay the compiled layers as CUDA graphs (less host work a step; training/lora.py): True,
+    # False, or "auto" (on one CUDA GPU where every activation fits; training/step_plan.py)
+    cuda_graphs: bool | str = "auto"
     # on a GPU, whether what autograd keeps for the backward pass waits in host memory:
     # True, False, or "auto" (only where keeping it would not fit; training/offload.py)
     offload_activations: bool | str = "auto"
@@ -129,7 +130,11 @@ class Recipe:
         if self.max_memory_gib is not None and not (isinstance(self.max_memory_gib, (int, float))
                                                     and math.isfinite(self.max_memory_gib) and self.max_memory_gib > 0):
             raise UserError(f"--max-memory must be a number of GiB above 0 (got {self.max_memory_gib!r})")
-        if self.cuda_graphs:
+        for option, value in (("--gradient-checkpointing", self.gradient_checkpointing),
+                              ("--cuda-graphs", self.cuda_graphs)):
+            if value not in (True, False, "auto"):
+                raise UserError(f"{option} must be auto, on or off (got {value!r})")
+        if self.cuda_graphs is True:
             self._check_cuda_graphs()
         check_module_names(self.lora_targets, "--lora-targets")
         check_module_names(self.trainable, "--trainable")
@@ -139,14 +144,14 @@ class Recipe:
     def _check_cuda_graphs(self) -> None:
         if not self.compile:
             raise UserError("--cuda-graphs replays the compiled decoder layers: give --compile too")
-        if self.gradient_checkpointing:
+        if self.gradient_checkpointing is True:
             # torch cannot replay a compiled layer as a CUDA graph when non-reentrant checkpointing
             # runs its forward again inside the backward pass (pytorch/pytorch#154306)
             raise UserError("--cuda-graphs needs --no-gradient-checkpointing: a checkpointed layer runs again "
                             "inside the backward pass, which its CUDA graph cannot replay")
-        if self.offload_activations is not False:
-            raise UserError("--cuda-graphs keeps what the backward pass needs on the GPU: give "
-                            "--offload-activations off too")
+        if self.offload_activations is True:
+            raise UserError("--cuda-graphs keeps what the backward pass needs on the GPU: leave "
+                            "--offload-activations at auto or off")
 
     @property
     def accumulation(self) -> int:

@@ -29,9 +29,10 @@ from . import checkpoint as ckpt
 from .convergence import convergence
 from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, keep_activations_in,
                    trainable_parameters)
-from .loop import StepAbandoned, Trainer
+from .loop import StepAbandoned, Trainer, WindowLoss
 from .settings import TrainSettings
 from .sharding import shard_for_training
+from .step_plan import plan_step, predict_activation_bytes
 from .tensorboard_log import TensorBoardLog
 from .validation_loss import build_validation_set, evaluate
 from .windows import build_stream
@@ -112,7 +113,7 @@ def finetune(
     if recipe.accumulation % ranks.world_size:
         raise UserError(f"{ranks.world_size} processes share each step's {recipe.accumulation} passes: give "
                         f"--grad-accum (or --tokens-per-step) as a multiple of {ranks.world_size}")
-    if recipe.cuda_graphs and parse_device(settings.device).type != "cuda":
+    if recipe.cuda_graphs is True and parse_device(settings.device).type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA GPU; train without it here")
     spec, attention_backend, eval_every = settings.pattern_spec, settings.attention_backend, settings.eval_every
     out, resume_from = settings.out_folder, settings.checkpoint_to_resume
@@ -150,14 +151,22 @@ def finetune(
             say(f"note: the validation data {', '.join(sorted(shared))} is also training data; its loss is not "
                 "a held-out loss")
     peft_model = attach_lora(lm, recipe, model)
-    if recipe.gradient_checkpointing:
-        enable_gradient_checkpointing(peft_model)
-    if recipe.compile:
-        compile_layers(peft_model, cuda_graphs=recipe.cuda_graphs)
     _check_disk_space(out, peft_model)
     autocast = None if weights_dtype == torch.float32 else weights_dtype
     if autocast is not None:
         keep_activations_in(peft_model, autocast)
+    # auto's step (training/step_plan.py): from here on the recipe holds what runs
+    plan = plan_step(recipe, device_, single_process=not ranks.is_distributed,
+                     predict=lambda: predict_activation_bytes(WindowLoss(peft_model, recipe.loss_chunk), ctx,
+                                                              recipe.batch_size, device_, autocast),
+                     trainable=list(trainable_parameters(peft_model).values()))
+    recipe = plan.recipe
+    if device_.type == "cuda" and "auto" in (settings.recipe.gradient_checkpointing, settings.recipe.cuda_graphs):
+        say(f"step: {plan.describe()['step']} ({plan.reason})")
+    if recipe.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
+    if recipe.compile:
+        compile_layers(peft_model, cuda_graphs=recipe.cuda_graphs)
     loss = None
     if shard:
         loss = shard_for_training(peft_model, device_, ranks.world_size, ranks.is_main, recipe.loss_chunk)
@@ -188,7 +197,7 @@ def finetune(
             dtype=str(weights_dtype).removeprefix("torch."), device=device_,
             resumed_from=resumed_at, attention_backend=attention_backend, finished=True, stopped_by=stopped_by,
             validation=validation.describe() if validation is not None else None, eval_every=eval_every,
-            activations=trainer.activations.describe())
+            activations=trainer.activations.describe(), step=plan.describe())
 
     history = trainer.history
     tensorboard = None

@@ -59,10 +59,24 @@ def test_cuda_graphs_trains_compiled_without_checkpointing_every_pattern(tmp_pat
 
 
 def test_the_default_keeps_the_committed_recipe(tmp_path):
+    """The committed runs' step (checkpointed, eager), named, since finetune's own default is auto."""
     done, results = run_script(tmp_path)
     assert done.returncode == 0, done.stderr
     args = finetune_args(results, "sda")
+    assert "--gradient-checkpointing" in args
     assert not {"--cuda-graphs", "--compile", "--no-gradient-checkpointing", "--offload-activations"} & set(args)
+    with cli.get_command(None, "finetune").make_context("finetune", list(args)) as context:
+        assert context.params["gradient_checkpointing"] is True
+
+
+def test_without_checkpointing_and_without_cuda_graphs_says_so(tmp_path):
+    """CHECKPOINTING=0 alone keeps the step it names: finetune's auto must not add CUDA graphs."""
+    done, results = run_script(tmp_path, CHECKPOINTING="0", COMPILE="1")
+    assert done.returncode == 0, done.stderr
+    args = finetune_args(results, "s2")
+    assert {"--no-gradient-checkpointing", "--no-cuda-graphs", "--compile"} <= set(args)
+    with cli.get_command(None, "finetune").make_context("finetune", list(args)) as context:
+        assert context.params["cuda_graphs"] is False
 
 
 def test_contradictory_or_unknown_switches_stop_before_anything_runs(tmp_path):

@@ -255,7 +255,8 @@ def test_compiled_layers_without_checkpointing_train_the_same_with_activations_o
         out = tmp_path / f"offload-{offload}"
         finetune(str(tiny_model_dir), ctx=64, out=out, data=[str(sample_data_dir)], pattern="full", steps=3,
                  grad_accum=2, warmup_steps=0, lr=1e-3, device="cuda", dtype="float32", compile=True,
-                 gradient_checkpointing=False, offload_activations=offload, notify=lambda message: None)
+                 gradient_checkpointing=False, cuda_graphs=False, offload_activations=offload,
+                 notify=lambda message: None)
         record = json.loads((out / "training.json").read_text())
         assert record["runtime"]["activations"]["offloaded"] is offload
         curves[offload] = record["loss_curve"]

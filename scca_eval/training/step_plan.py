@@ -1,0 +1,176 @@
+"""Which fine-tuning step runs when the recipe leaves it to ``"auto"``: the fastest that fits.
+
+On one CUDA GPU the fastest step keeps every activation for the backward pass (no gradient
+checkpointing) and replays each compiled decoder layer as a CUDA graph: the host launches one
+graph a layer instead of every kernel, where the eager step leaves the GPU waiting on the host
+(benchmarks/README.md). That step holds the activations of every layer at once, so auto takes
+it only where they fit, and otherwise the checkpointed step (LongLoRA's).
+
+The memory is predicted before training, from the model itself: forward passes over three
+short windows (ctx/64, ctx/32, ctx/16 tokens) under autograd count the bytes autograd keeps
+for the backward pass (distinct storages; parameters excluded, they are resident anyway),
+and a quadratic through the three counts, or the line through the last two where that is
+higher, gives the bytes at ctx. Nothing is trained by the probes: no backward pass runs and
+the random state is restored. The fast step is taken when
+
+    allocated now + activations at ctx + gradients + AdamW's two moments
+        <= FAST_STEP_SHARE x the memory at hand
+
+(at hand: what this process has reserved plus what the GPU has free, or ``max_memory_gib``
+where that is smaller). Off a CUDA GPU, or with several processes, auto takes the
+checkpointed step without probing: CUDA graphs need a CUDA GPU, and the fast step was never
+measured across processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .offload import GIB, adam_state_bytes
+from .recipe import Recipe
+
+# The first pass of a compiled run runs eagerly, in the caching allocator's pool; the CUDA graphs
+# that follow allocate from a pool of their own, and both may hold memory at once. Half of what
+# is at hand leaves room for that and for the allocator's slack.
+FAST_STEP_SHARE = 0.5
+
+PROBE_FRACTIONS = (64, 32, 16)  # probe windows: ctx / each
+
+
+def saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of ``forward()``: each storage
+    once, parameters left out. The graph is dropped afterwards; no backward pass runs."""
+    storages: dict[tuple, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        if not isinstance(tensor, torch.nn.Parameter):
+            storage = tensor.untyped_storage()
+            storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = forward()
+    del output
+    return sum(storages.values())
+
+
+def probe_lengths(ctx: int) -> list[int]:
+    """The short windows the probes run: ctx/64, ctx/32, ctx/16 (ctx itself where that is too short
+    to give three lengths)."""
+    lengths = sorted({ctx // fraction for fraction in PROBE_FRACTIONS})
+    return lengths if len(lengths) == 3 and lengths[0] >= 2 else [ctx]
+
+
+def extrapolate(lengths: list[int], counts: list[int], ctx: int) -> int:
+    """Bytes at ``ctx`` from counts at shorter lengths: the quadratic through three points or the
+    line through the last two, whichever is higher (one point: that count)."""
+    if len(lengths) == 1:
+        return counts[0]
+    (x1, x2, x3), (y1, y2, y3) = lengths, counts
+    line = y3 + (y3 - y2) * (ctx - x3) / (x3 - x2)
+    # Lagrange form of the quadratic through the three points
+    quadratic = (y1 * (ctx - x2) * (ctx - x3) / ((x1 - x2) * (x1 - x3))
+                 + y2 * (ctx - x1) * (ctx - x3) / ((x2 - x1) * (x2 - x3))
+                 + y3 * (ctx - x1) * (ctx - x2) / ((x3 - x1) * (x3 - x2)))
+    return int(max(line, quadratic, y3))
+
+
+def predict_activation_bytes(window_loss: Callable[[torch.Tensor], torch.Tensor], ctx: int, batch_size: int,
+                             device: torch.device, autocast_dtype: torch.dtype | None) -> dict:
+    """What a pass of ``batch_size`` windows of ``ctx`` tokens keeps for its backward without
+    checkpointing, from probes on shorter windows (``window_loss``: token ids in, a loss out)."""
+    lengths = probe_lengths(ctx)
+    counts = []
+    if isinstance(window_loss, torch.nn.Module):
+        window_loss.train()  # as the trainer runs it
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # LoRA dropout draws from it; training must not notice
+        for length in lengths:
+            ids = torch.zeros((batch_size, length), dtype=torch.long, device=device)
+            autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                        else torch.autocast(device.type, enabled=False))
+            with autocast:
+                counts.append(saved_bytes(lambda: window_loss(ids)))
+    return {"probe_lengths": lengths, "probe_bytes": counts, "bytes": extrapolate(lengths, counts, ctx)}
+
+
+@dataclass
+class StepPlan:
+    """The step a run takes: the recipe with auto's choices made, and why."""
+
+    recipe: Recipe
+    reason: str
+    prediction: dict | None = None  # bytes, as predicted (None where auto did not probe)
+
+    def describe(self) -> dict:
+        """What training.json records about it (runtime.step)."""
+        chosen = self.recipe
+        step = ("CUDA graphs, no checkpointing" if chosen.cuda_graphs else
+                ("compiled, " if chosen.compile else "eager, ") +
+                ("checkpointed" if chosen.gradient_checkpointing else "no checkpointing"))
+        described = {"step": step, "reason": self.reason}
+        for key, value in (self.prediction or {}).items():
+            if key.endswith("_bytes"):
+                described[key.removesuffix("_bytes") + "_gib"] = round(value / GIB, 3)
+            elif key != "fits":
+                described[key] = value
+        return described
+
+
+def plan_step(recipe: Recipe, device: torch.device, *, single_process: bool,
+              predict: Callable[[], dict] | None, trainable: list[torch.nn.Parameter]) -> StepPlan:
+    """The recipe with every ``"auto"`` of gradient_checkpointing and cuda_graphs decided.
+
+    predict: runs the probes (``predict_activation_bytes`` bound to the model), called only where
+    auto has to decide on a CUDA GPU."""
+    checkpointing, graphs = recipe.gradient_checkpointing, recipe.cuda_graphs
+    if graphs is True:  # asked for: they need every activation kept on the GPU
+        return StepPlan(_resolved(recipe, checkpointing=False, graphs=True), "CUDA graphs asked for")
+    if checkpointing != "auto" and graphs != "auto":
+        return StepPlan(recipe, "as asked")
+    fast_possible = (device.type == "cuda" and single_process and checkpointing != True  # noqa: E712
+                     and graphs != False and recipe.offload_activations is not True)  # noqa: E712
+    if not fast_possible:
+        why = ("not on a CUDA GPU" if device.type != "cuda" else
+               "several processes" if not single_process else "as asked")
+        return StepPlan(_resolved(recipe, checkpointing=True if checkpointing == "auto" else checkpointing,
+                                  graphs=False), why)
+    prediction = predict()
+    free, _total = torch.cuda.mem_get_info(device)
+    verdict = fast_step_verdict(prediction, allocated=torch.cuda.memory_allocated(device), trainable=trainable,
+                                at_hand=torch.cuda.memory_reserved(device) + free,
+                                max_memory_gib=recipe.max_memory_gib)
+    if verdict["fits"]:
+        return StepPlan(_resolved(recipe, checkpointing=False, graphs=True), verdict.pop("reason"), verdict)
+    return StepPlan(_resolved(recipe, checkpointing=True if checkpointing == "auto" else checkpointing,
+                              graphs=False), verdict.pop("reason"), verdict)
+
+
+def fast_step_verdict(prediction: dict, *, allocated: int, trainable: list[torch.nn.Parameter], at_hand: int,
+                      max_memory_gib: float | None) -> dict:
+    """Whether the step that keeps every activation fits (bytes in, bytes out): what is allocated
+    now, the predicted activations, the trainable weights' gradients and AdamW's two moments,
+    against FAST_STEP_SHARE of the memory at hand (or of max_memory_gib where that is smaller)."""
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    need = allocated + prediction["bytes"] + gradients + adam_state_bytes(trainable)
+    if max_memory_gib is not None:
+        at_hand = min(at_hand, int(max_memory_gib * GIB))
+    fits = need <= FAST_STEP_SHARE * at_hand
+    reason = (f"every activation fits: about {need / GIB:.1f} GiB needed, at most {FAST_STEP_SHARE:.0%} of "
+              f"{at_hand / GIB:.1f} GiB at hand" if fits else
+              f"keeping every activation needs about {need / GIB:.1f} GiB, more than {FAST_STEP_SHARE:.0%} of "
+              f"{at_hand / GIB:.1f} GiB at hand")
+    return {"fits": fits, "reason": reason, "activations_bytes": prediction["bytes"], "need_bytes": need,
+            "at_hand_bytes": at_hand, "probe_lengths": prediction["probe_lengths"],
+            "probe_gib": [round(count / GIB, 4) for count in prediction["probe_bytes"]]}
+
+
+def _resolved(recipe: Recipe, *, checkpointing: bool, graphs: bool) -> Recipe:
+    changes = {"gradient_checkpointing": checkpointing, "cuda_graphs": graphs}
+    if graphs:
+        changes.update(compile=True, offload_activations=False)
+    return dataclasses.replace(recipe, **changes)
