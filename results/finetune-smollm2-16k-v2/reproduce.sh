@@ -13,8 +13,9 @@
 #             decoder layers, faster steps, the same results up to rounding; the compute-matched
 #             stage times the patterns' steps compiled too
 #   CHECKPOINTING=0 ...                                            # finetune --no-gradient-checkpointing
-#             --offload-activations off (a GPU with room for every activation): faster steps,
-#             the same results up to rounding; the compute-matched stage times the steps that way too
+#             --offload-activations off --no-cuda-graphs (a GPU with room for every activation):
+#             faster steps, the same results up to rounding; the compute-matched stage times the
+#             steps that way too (unset: --gradient-checkpointing)
 #
 # Stages:
 #   sweep     short runs of SWEEP_PATTERNS at every rate of LRS (seed 0); lr_sweep.py picks, per

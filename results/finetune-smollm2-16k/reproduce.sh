@@ -11,8 +11,8 @@
 #   COMPILE=1 ...                                           # finetune --compile (GPU): compiled decoder
 #             layers, faster steps, the same results up to rounding
 #   CHECKPOINTING=0 ...                                     # finetune --no-gradient-checkpointing
-#             --offload-activations off (a GPU with room for every activation): faster steps,
-#             the same results up to rounding
+#             --offload-activations off --no-cuda-graphs (a GPU with room for every activation):
+#             faster steps, the same results up to rounding
 #   CUDA_GRAPHS=1 ...                                       # finetune --cuda-graphs (GPU; implies
 #             COMPILE=1 CHECKPOINTING=0): each compiled layer replayed as a CUDA graph, so the
 #             host's kernel launches no longer set the step's pace
@@ -46,8 +46,8 @@ case ${CUDA_GRAPHS:-0} in
     *) echo "reproduce.sh: CUDA_GRAPHS must be 0 or 1 (got '$CUDA_GRAPHS')" >&2; exit 2 ;;
 esac
 [ "${COMPILE:-0}" = 1 ] && FINETUNE+=(--compile)
-# The step is always named: finetune's own default (auto) could choose differently for runs
-# sharing a GPU (PARALLEL), and the committed runs took the checkpointed eager step.
+# The step is always named (by default --gradient-checkpointing, the committed runs' step):
+# finetune's own default, auto, could choose differently for runs sharing a GPU (PARALLEL).
 case ${CHECKPOINTING:-1} in
     0) FINETUNE+=(--no-gradient-checkpointing --offload-activations off)  # every activation kept on the GPU
        [ "${CUDA_GRAPHS:-0}" = 1 ] || FINETUNE+=(--no-cuda-graphs) ;;

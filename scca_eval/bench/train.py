@@ -2,8 +2,9 @@
 
 ``train_bench`` builds a model of a named shape with random weights once, and for each
 ctx times, in the same process, on the same random window (one window per step, LoRA on
-q/k/v/o plus trainable embeddings and norms, gradient checkpointing unless
-``gradient_checkpointing=False``):
+q/k/v/o plus trainable embeddings and norms; the step finetune's auto would take at the
+largest ctx, decided once on the full-attention model, unless ``gradient_checkpointing`` or
+``cuda_graphs`` says otherwise; the baseline checkpoints where the finetune cells do):
 
 - ``baseline``: peft + transformers with SDPA attention, ``model(ids, labels=ids).loss``,
   backward, AdamW — the weights as loaded (bf16 on a GPU), LoRA in peft's float32;

@@ -6,7 +6,9 @@ LLaMA-2-7B (``--learning_rate 2e-5 --weight_decay 0.0 --warmup_steps 20
 --gradient_accumulation_steps 8 --max_steps 1000 --gradient_checkpointing True``); what
 that command leaves to transformers' ``TrainingArguments`` (AdamW's betas and epsilon,
 gradient clipping, the seed) takes the ``TrainingArguments`` default, as LongLoRA's run
-did. ``SOURCES`` says so per option; ``--help`` and docs/finetune.md quote it.
+did. ``SOURCES`` says so per option; ``--help`` and docs/finetune.md quote it. Two defaults
+are this project's: gradient checkpointing and CUDA graphs are "auto", which checkpoints as
+LongLoRA does unless every activation fits on the GPU (training/step_plan.py).
 """
 
 from __future__ import annotations
@@ -132,8 +134,8 @@ class Recipe:
             raise UserError(f"--max-memory must be a number of GiB above 0 (got {self.max_memory_gib!r})")
         for option, value in (("--gradient-checkpointing", self.gradient_checkpointing),
                               ("--cuda-graphs", self.cuda_graphs)):
-            if value not in (True, False, "auto"):
-                raise UserError(f"{option} must be auto, on or off (got {value!r})")
+            if not (value is True or value is False or value == "auto"):
+                raise UserError(f"{option} must be True, False or \"auto\" (got {value!r})")
         if self.cuda_graphs is True:
             self._check_cuda_graphs()
         check_module_names(self.lora_targets, "--lora-targets")

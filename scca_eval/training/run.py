@@ -242,6 +242,9 @@ def finetune(
                     saved_step = history.step
     except torch.OutOfMemoryError:
         kept = f"; the checkpoint of step {saved_step} in {out} is kept" if saved_step else ""
+        if not recipe.gradient_checkpointing and settings.recipe.gradient_checkpointing == "auto":
+            raise UserError(f"out of memory at ctx {ctx} in the step without checkpointing that auto predicted "
+                            f"would fit: give --gradient-checkpointing{kept}") from None
         raise UserError(f"out of memory at ctx {ctx} with {recipe.batch_size} window(s) per pass: give a smaller "
                         "--batch-size (and a larger --grad-accum), keep --gradient-checkpointing on, or train in "
                         f"--dtype bfloat16{kept}") from None

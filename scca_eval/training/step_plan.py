@@ -41,20 +41,31 @@ FAST_STEP_SHARE = 0.5
 PROBE_FRACTIONS = (64, 32, 16)  # probe windows: ctx / each
 
 
-def saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
+def saved_bytes(forward: Callable[[], torch.Tensor], parameters=()) -> int:
     """Bytes of the tensors autograd keeps for the backward pass of ``forward()``: each storage
-    once, parameters left out. The graph is dropped afterwards; no backward pass runs."""
+    once, leaving out parameters and views of them (``parameters``: the model's, e.g. the frozen
+    weight a linear layer saves as a transposed view). No backward pass runs; afterwards nothing
+    the forward saved is kept alive."""
+    resident = {p.untyped_storage().data_ptr() for p in parameters}
+    kept: list[torch.Tensor] = []  # alive until the forward is done, so no storage is reused meanwhile
     storages: dict[tuple, int] = {}
 
-    def pack(tensor: torch.Tensor):
-        if not isinstance(tensor, torch.nn.Parameter):
-            storage = tensor.untyped_storage()
+    def pack(tensor: torch.Tensor) -> int:
+        storage = tensor.untyped_storage()
+        if not isinstance(tensor, torch.nn.Parameter) and storage.data_ptr() not in resident:
             storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
-        return tensor
+        kept.append(tensor)
+        # an index, not the tensor: a saved output that held itself would be a reference cycle
+        # through its own graph, which no backward pass would ever break
+        return len(kept) - 1
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    def unpack(_index: int):
+        raise RuntimeError("the memory probe runs no backward pass")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         output = forward()
     del output
+    kept.clear()
     return sum(storages.values())
 
 
@@ -85,8 +96,10 @@ def predict_activation_bytes(window_loss: Callable[[torch.Tensor], torch.Tensor]
     checkpointing, from probes on shorter windows (``window_loss``: token ids in, a loss out)."""
     lengths = probe_lengths(ctx)
     counts = []
+    parameters = []
     if isinstance(window_loss, torch.nn.Module):
         window_loss.train()  # as the trainer runs it
+        parameters = list(window_loss.parameters())
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # LoRA dropout draws from it; training must not notice
         for length in lengths:
@@ -94,7 +107,7 @@ def predict_activation_bytes(window_loss: Callable[[torch.Tensor], torch.Tensor]
             autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                         else torch.autocast(device.type, enabled=False))
             with autocast:
-                counts.append(saved_bytes(lambda: window_loss(ids)))
+                counts.append(saved_bytes(lambda: window_loss(ids), parameters))
     return {"probe_lengths": lengths, "probe_bytes": counts, "bytes": extrapolate(lengths, counts, ctx)}
 
 
@@ -129,17 +142,19 @@ def plan_step(recipe: Recipe, device: torch.device, *, single_process: bool,
     auto has to decide on a CUDA GPU."""
     checkpointing, graphs = recipe.gradient_checkpointing, recipe.cuda_graphs
     if graphs is True:  # asked for: they need every activation kept on the GPU
-        return StepPlan(_resolved(recipe, checkpointing=False, graphs=True), "CUDA graphs asked for")
+        return StepPlan(_resolved(recipe, checkpointing=False, graphs=True), "--cuda-graphs")
     if checkpointing != "auto" and graphs != "auto":
         return StepPlan(recipe, "as asked")
-    fast_possible = (device.type == "cuda" and single_process and checkpointing != True  # noqa: E712
-                     and graphs != False and recipe.offload_activations is not True)  # noqa: E712
-    if not fast_possible:
-        why = ("not on a CUDA GPU" if device.type != "cuda" else
-               "several processes" if not single_process else "as asked")
+    why_not = _why_no_fast_step(recipe, device, single_process)
+    if why_not is None:
+        try:
+            prediction = predict()
+        except torch.OutOfMemoryError:  # even a short window's activations do not fit
+            torch.cuda.empty_cache()
+            why_not = "a probe window ran out of GPU memory"
+    if why_not is not None:
         return StepPlan(_resolved(recipe, checkpointing=True if checkpointing == "auto" else checkpointing,
-                                  graphs=False), why)
-    prediction = predict()
+                                  graphs=False), why_not)
     free, _total = torch.cuda.mem_get_info(device)
     verdict = fast_step_verdict(prediction, allocated=torch.cuda.memory_allocated(device), trainable=trainable,
                                 at_hand=torch.cuda.memory_reserved(device) + free,
@@ -148,6 +163,31 @@ def plan_step(recipe: Recipe, device: torch.device, *, single_process: bool,
         return StepPlan(_resolved(recipe, checkpointing=False, graphs=True), verdict.pop("reason"), verdict)
     return StepPlan(_resolved(recipe, checkpointing=True if checkpointing == "auto" else checkpointing,
                               graphs=False), verdict.pop("reason"), verdict)
+
+
+def _why_no_fast_step(recipe: Recipe, device: torch.device, single_process: bool) -> str | None:
+    """Why the step with CUDA graphs is out of the question without probing (None: it may fit)."""
+    if device.type != "cuda":
+        return "not on a CUDA GPU"
+    if not single_process:
+        return "several processes"
+    if recipe.gradient_checkpointing is True:
+        return "--gradient-checkpointing"
+    if recipe.cuda_graphs is False:
+        return "--no-cuda-graphs"
+    if recipe.offload_activations is True:
+        return "--offload-activations on"
+    if not compiler_available(device):
+        return "torch.compile cannot build GPU kernels here (it needs Triton and compute capability 7.0 or higher)"
+    return None
+
+
+def compiler_available(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels for this CUDA device (its GPU code generator,
+    Triton, supports compute capability 7.0 and higher)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def fast_step_verdict(prediction: dict, *, allocated: int, trainable: list[torch.nn.Parameter], at_hand: int,

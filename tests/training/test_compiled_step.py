@@ -103,7 +103,7 @@ def test_compiled_layers_train_in_whole_graphs(monkeypatch):
 
 
 def test_checkpointed_layers_compile_too(monkeypatch):
-    """Under gradient checkpointing (finetune's default) the compiled layers compile into
+    """Under gradient checkpointing (finetune's step where activations would not fit) the compiled layers compile into
     graphs without a graph break (a side effect inside the checkpointed forward would make
     them run eagerly without a word) and train the same losses as the eager layers."""
     from torch._dynamo.utils import counters
