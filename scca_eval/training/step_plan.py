@@ -17,9 +17,11 @@ the random state is restored. The fast step is taken when
         <= FAST_STEP_SHARE x the memory at hand
 
 (at hand: what this process has reserved plus what the GPU has free, or ``max_memory_gib``
-where that is smaller). Off a CUDA GPU, or with several processes, auto takes the
-checkpointed step without probing: CUDA graphs need a CUDA GPU, and the fast step was never
-measured across processes.
+where that is smaller). Without probing, auto takes the checkpointed step off a CUDA GPU
+(CUDA graphs need one), with several processes (the fast step was never measured across
+processes), where torch.compile has no GPU code generator (Triton), and where an option rules
+the fast step out (``--gradient-checkpointing``, ``--no-cuda-graphs``, ``--offload-activations
+on``); a probe that runs out of memory means the checkpointed step too.
 """
 
 from __future__ import annotations
