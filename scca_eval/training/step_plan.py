@@ -147,6 +147,8 @@ def plan_step(recipe: Recipe, device: torch.device, *, single_process: bool,
         return StepPlan(_resolved(recipe, checkpointing=False, graphs=True), "--cuda-graphs")
     if checkpointing != "auto" and graphs != "auto":
         return StepPlan(recipe, "as asked")
+    # the step otherwise: checkpointed, unless --no-gradient-checkpointing said not
+    fallback = _resolved(recipe, checkpointing=True if checkpointing == "auto" else checkpointing, graphs=False)
     why_not = _why_no_fast_step(recipe, device, single_process)
     if why_not is None:
         try:
@@ -155,16 +157,14 @@ def plan_step(recipe: Recipe, device: torch.device, *, single_process: bool,
             torch.cuda.empty_cache()
             why_not = "a probe window ran out of GPU memory"
     if why_not is not None:
-        return StepPlan(_resolved(recipe, checkpointing=True if checkpointing == "auto" else checkpointing,
-                                  graphs=False), why_not)
+        return StepPlan(fallback, why_not)
     free, _total = torch.cuda.mem_get_info(device)
     verdict = fast_step_verdict(prediction, allocated=torch.cuda.memory_allocated(device), trainable=trainable,
                                 at_hand=torch.cuda.memory_reserved(device) + free,
                                 max_memory_gib=recipe.max_memory_gib)
     if verdict["fits"]:
         return StepPlan(_resolved(recipe, checkpointing=False, graphs=True), verdict.pop("reason"), verdict)
-    return StepPlan(_resolved(recipe, checkpointing=True if checkpointing == "auto" else checkpointing,
-                              graphs=False), verdict.pop("reason"), verdict)
+    return StepPlan(fallback, verdict.pop("reason"), verdict)
 
 
 def _why_no_fast_step(recipe: Recipe, device: torch.device, single_process: bool) -> str | None:
