@@ -38,6 +38,9 @@
 #            attention alone at 16k on the SmolLM2 shape; the default step of the LLaMA-2-7B shape at 8k),
 #   table7b  attention alone at the LLaMA-2-7B head shape at 32k and 64k, every backend, forward
 #            alone, merged into auto's table (which holds that head shape at 8k only).
+# and (the fifteenth round):
+#   stepplan the GPU tests of the step auto takes (its prediction against the memory a whole
+#            window holds), then the default step of the LLaMA-2-7B shape at 8k (its peaks).
 # Everything lands in OUT/profile_round.tar.gz (rewritten after every step, so a run cut
 # short keeps what it finished), with OUT/backend_table.json beside it (to commit as
 # scca_eval/attention/backend_table.json). Every step runs under a timeout.
@@ -175,5 +178,14 @@ step "(r) attention alone at the LLaMA-2-7B head shape, 32k and 64k, into auto's
 timeout 300 python3 -m scca_eval bench attention --heads 32 --kv-heads 32 --head-dim 128 --n 32768,65536 \
     --mode fwd --repeats 5 --no-check --write-table "$table" \
     --json "$work/attention_7b_32k_64k.json" --markdown "$work/attention_7b_32k_64k.md" >> "$log" 2>&1
+fi
+if want stepplan; then
+step "(s) the step auto takes: its GPU tests, the LLaMA-2-7B default step at 8k"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/training/test_step_plan.py \
+    > "$work/pytest_step_plan.log" 2>&1
+tail -3 "$work/pytest_step_plan.log" | tee -a "$log"
+timeout 240 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --pattern full,s2,sda,longmixed \
+    --warmup 1 --steps 3 --json "$work/train_llama2-7b_8k_auto.json" --markdown "$work/train_llama2-7b_8k_auto.md" \
+    >> "$log" 2>&1
 fi
 step "done"
