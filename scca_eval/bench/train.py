@@ -141,9 +141,8 @@ def _plan_step(base, asked, device, dtype, original):
     """auto's step for the finetune cells (training/step_plan.py), decided at the largest ctx on the
     full-attention model, as finetune decides for a run."""
     from ..attention.register import apply_pattern
-    from ..training.lora import attach_lora, keep_activations_in, trainable_parameters
-    from ..training.loop import WindowLoss
-    from ..training.step_plan import plan_step, predict_activation_bytes
+    from ..training.lora import attach_lora, keep_activations_in
+    from ..training.step_plan import plan_for_model, plan_step
 
     if "auto" not in (asked.gradient_checkpointing, asked.cuda_graphs):
         return plan_step(asked, device, single_process=True, predict=None, trainable=[])
@@ -152,9 +151,7 @@ def _plan_step(base, asked, device, dtype, original):
     autocast = None if dtype == torch.float32 else dtype
     hook = keep_activations_in(model, dtype) if autocast is not None else None
     try:
-        return plan_step(asked, device, single_process=True, trainable=list(trainable_parameters(model).values()),
-                         predict=lambda: predict_activation_bytes(WindowLoss(model, asked.loss_chunk), asked.ctx,
-                                                                  1, device, autocast))
+        return plan_for_model(asked, model, device, autocast)
     finally:
         if hook is not None:
             hook.remove()

@@ -29,10 +29,10 @@ from . import checkpoint as ckpt
 from .convergence import convergence
 from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, keep_activations_in,
                    trainable_parameters)
-from .loop import StepAbandoned, Trainer, WindowLoss
+from .loop import StepAbandoned, Trainer
 from .settings import TrainSettings
 from .sharding import shard_for_training
-from .step_plan import plan_step, predict_activation_bytes
+from .step_plan import plan_for_model
 from .tensorboard_log import TensorBoardLog
 from .validation_loss import build_validation_set, evaluate
 from .windows import build_stream
@@ -156,10 +156,7 @@ def finetune(
     if autocast is not None:
         keep_activations_in(peft_model, autocast)
     # auto's step (training/step_plan.py): from here on the recipe holds what runs
-    plan = plan_step(recipe, device_, single_process=not ranks.is_distributed,
-                     predict=lambda: predict_activation_bytes(WindowLoss(peft_model, recipe.loss_chunk), ctx,
-                                                              recipe.batch_size, device_, autocast),
-                     trainable=list(trainable_parameters(peft_model).values()))
+    plan = plan_for_model(recipe, peft_model, device_, autocast, single_process=not ranks.is_distributed)
     recipe = plan.recipe
     if device_.type == "cuda" and "auto" in (settings.recipe.gradient_checkpointing, settings.recipe.cuda_graphs):
         say(f"step: {plan.describe()['step']} ({plan.reason})")

@@ -167,6 +167,19 @@ def plan_step(recipe: Recipe, device: torch.device, *, single_process: bool,
     return StepPlan(fallback, verdict.pop("reason"), verdict)
 
 
+def plan_for_model(recipe: Recipe, peft_model, device: torch.device, autocast_dtype: torch.dtype | None, *,
+                   single_process: bool = True) -> StepPlan:
+    """``plan_step`` for a LoRA model as the trainer will run it: its training forward pass
+    (``loop.WindowLoss``) probed at the recipe's ctx and batch size, its trained weights."""
+    from .lora import trainable_parameters
+    from .loop import WindowLoss
+
+    return plan_step(recipe, device, single_process=single_process,
+                     predict=lambda: predict_activation_bytes(WindowLoss(peft_model, recipe.loss_chunk), recipe.ctx,
+                                                              recipe.batch_size, device, autocast_dtype),
+                     trainable=list(trainable_parameters(peft_model).values()))
+
+
 def _why_no_fast_step(recipe: Recipe, device: torch.device, single_process: bool) -> str | None:
     """Why the step with CUDA graphs is out of the question without probing (None: it may fit)."""
     if device.type != "cuda":
