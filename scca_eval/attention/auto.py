@@ -21,6 +21,7 @@ The full pattern always runs on SDPA (dispatch.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -120,29 +121,44 @@ def fallback_choice(device: torch.device, varlen_ok: bool, mode: str) -> str:
 
 
 _choices: dict = {}
+_length_to_choose_for: int | None = None  # set by choosing_for_length
+
+
+@contextlib.contextmanager
+def choosing_for_length(n: int):
+    """Within this block auto chooses as if every window had ``n`` tokens, whatever the inputs'
+    length: the training step's memory probes run short windows and must run the kernel that
+    the whole window will, since kernels keep different tensors for the backward pass."""
+    global _length_to_choose_for
+    previous, _length_to_choose_for = _length_to_choose_for, n
+    try:
+        yield
+    finally:
+        _length_to_choose_for = previous
 
 
 def choose(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     """auto's backend for a sparse ``spec`` on these inputs (cached per case)."""
     mode = mode_of(q, k, v)
+    n = _length_to_choose_for or q.shape[2]
     # keyed by the spec object (id, held in the entry): a plain read that torch.compile
     # traces without a break, where it cannot compare two specs by value
-    key = (id(spec), q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1], q.shape[2], mode)
+    key = (id(spec), q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1], n, mode)
     hit = _choices.get(key)
     if hit is not None and hit[0] is spec:
         return hit[1]
-    chosen = _decide(spec, q, k, mode, _TABLE["entries"])
+    chosen = _decide(spec, q, k, n, mode, _TABLE["entries"])
     if len(_choices) > 1024:  # many patterns in one process: start over rather than grow
         _choices.clear()
     _choices[key] = (spec, chosen)
     return chosen
 
 
-def _decide(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, mode: str, entries: list[dict]) -> str:
+def _decide(spec: PatternSpec, q: torch.Tensor, k: torch.Tensor, n: int, mode: str, entries: list[dict]) -> str:
     if q.device.type != "cuda":
         return "chunked"
     varlen_ok = varlen_supported(q)
-    case = Case(device_kind(q.device), q.shape[1], k.shape[1], q.shape[-1], q.shape[2], pattern_key(spec), mode)
+    case = Case(device_kind(q.device), q.shape[1], k.shape[1], q.shape[-1], n, pattern_key(spec), mode)
     measured = table_choice(case, entries)
     if measured == "packed" and not varlen_ok:  # measured in bf16; these inputs take no FlashAttention
         measured = None

@@ -10,7 +10,8 @@ The memory is predicted before training, from the model itself: forward passes o
 short windows (ctx/64, ctx/32, ctx/16 tokens) under autograd count the bytes autograd keeps
 for the backward pass (distinct storages; parameters excluded, they are resident anyway),
 and a quadratic through the three counts, or the line through the last two where that is
-higher, gives the bytes at ctx. Nothing is trained by the probes: no backward pass runs and
+higher, gives the bytes at ctx. The probes run the attention kernel that auto would choose at
+ctx, not at their own length. Nothing is trained by the probes: no backward pass runs and
 the random state is restored. The fast step is taken when
 
     allocated now + activations at ctx + gradients + AdamW's two moments
@@ -32,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from ..attention.auto import choosing_for_length
 from .offload import GIB, adam_state_bytes
 from .recipe import Recipe
 
@@ -103,7 +105,9 @@ def predict_activation_bytes(window_loss: Callable[[torch.Tensor], torch.Tensor]
         window_loss.train()  # as the trainer runs it
         parameters = list(window_loss.parameters())
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # LoRA dropout draws from it; training must not notice
+    # LoRA dropout draws from the random state; training must not notice. Attention's auto runs
+    # the kernel it would at ctx: kernels differ in what they keep for the backward pass.
+    with torch.random.fork_rng(devices=devices), choosing_for_length(ctx):
         for length in lengths:
             ids = torch.zeros((batch_size, length), dtype=torch.long, device=device)
             autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None

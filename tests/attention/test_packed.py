@@ -368,14 +368,36 @@ def test_auto_on_cuda_reads_the_table_and_falls_back(monkeypatch):
     for varlen_ok in (True, False):
         monkeypatch.setattr(auto, "varlen_supported", lambda q, ok=varlen_ok: ok)
         training_rule = "packed" if varlen_ok else "strided"
-        assert auto._decide(resolve_pattern("s2"), q, k, "fwd", entries) == "flex"
+        assert auto._decide(resolve_pattern("s2"), q, k, 16384, "fwd", entries) == "flex"
         # packed was measured fastest, but inputs that FlashAttention does not take get the rule
-        assert auto._decide(resolve_pattern("s2"), q, k, "fwd+bwd", entries) == training_rule
+        assert auto._decide(resolve_pattern("s2"), q, k, 16384, "fwd+bwd", entries) == training_rule
         # not measured: the rule, by mode
-        assert auto._decide(resolve_pattern("sda"), q, k, "fwd", entries) == "strided"
-        assert auto._decide(resolve_pattern("sda"), q, k, "fwd+bwd", entries) == training_rule
-        assert auto._decide(resolve_pattern("s2"), OnCuda(1, 9, 65537, 64), k, "fwd", entries) == "strided"
-        assert auto._decide(resolve_pattern("s2"), OnCuda(1, 9, 65537, 64), k, "fwd+bwd", entries) == training_rule
+        assert auto._decide(resolve_pattern("sda"), q, k, 16384, "fwd", entries) == "strided"
+        assert auto._decide(resolve_pattern("sda"), q, k, 16384, "fwd+bwd", entries) == training_rule
+        assert auto._decide(resolve_pattern("s2"), q, k, 65537, "fwd", entries) == "strided"
+        assert auto._decide(resolve_pattern("s2"), q, k, 65537, "fwd+bwd", entries) == training_rule
+
+
+def test_auto_chooses_for_the_pinned_length_within_choosing_for_length(monkeypatch):
+    """Inside ``choosing_for_length(n)`` auto looks the case up at n whatever the inputs' length
+    (the step plan's short probes then run the long window's kernel); outside, at their own."""
+    looked_up = []
+
+    def decide(spec, q, k, n, mode, entries):
+        looked_up.append(n)
+        return f"backend for {n}"
+
+    monkeypatch.setattr(auto, "_decide", decide)
+    monkeypatch.setattr(auto, "_choices", {})
+    spec = resolve_pattern("s2")
+    q, k, v = qkv(1, 4, 2, 64)
+    with auto.choosing_for_length(16384):
+        assert auto.choose(spec, q, k, v) == "backend for 16384"
+        with auto.choosing_for_length(4096):
+            assert auto.choose(spec, q, k, v) == "backend for 4096"
+        assert auto.choose(spec, q, k, v) == "backend for 16384"
+    assert auto.choose(spec, q, k, v) == "backend for 64"  # the pinned choice is not cached for n=64
+    assert looked_up == [16384, 4096, 64]
 
 
 def test_mode_follows_autograd():

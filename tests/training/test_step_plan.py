@@ -83,6 +83,25 @@ def test_the_probes_predict_what_a_whole_window_saves(pattern):
     assert 0.9 * actual <= predicted["bytes"] <= 1.25 * actual, (predicted, actual)
 
 
+def test_the_probes_run_the_kernel_auto_chooses_at_ctx(monkeypatch):
+    """Auto's backend is looked up at ctx during the probes, though their windows are shorter."""
+    from scca_eval.attention import auto
+    from scca_eval.training.step_plan import predict_activation_bytes
+
+    looked_up = []
+    decide = auto._decide
+
+    def recording(spec, q, k, n, mode, entries):
+        looked_up.append((q.shape[2], n, mode))
+        return decide(spec, q, k, n, mode, entries)
+
+    monkeypatch.setattr(auto, "_decide", recording)
+    monkeypatch.setattr(auto, "_choices", {})
+    predict_activation_bytes(_model(4096, "s2"), 4096, 1, torch.device("cpu"), None)
+    # one lookup, by the first probe (64 tokens), for ctx; the longer probes reuse its answer
+    assert looked_up == [(64, 4096, "fwd+bwd")]
+
+
 def _never():
     raise AssertionError("auto probed where it had nothing to decide")
 
