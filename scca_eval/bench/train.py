@@ -76,6 +76,7 @@ def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original, 
     from peft import LoraConfig, get_peft_model
 
     from ..attention.register import apply_pattern
+    from ..training.lora import enable_gradient_checkpointing
 
     apply_pattern(base, pattern_from_label("full"))
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -86,7 +87,7 @@ def _baseline_cell(base, ids, steps: int, warmup: int, device, dtype, original, 
             parameter.requires_grad_(True)
     base.config.use_cache = False
     if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)  # transformers' own, under whichever name this version gives it
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0)
 
