@@ -93,6 +93,13 @@ def scca_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                         "train under a pattern (model.eval() for evaluation)")
     if scaling is None:
         scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # autocast casts SDPA's inputs to its dtype, but not those of the kernels here: a float32
+        # q_norm (Qwen3) would hand over float32 queries beside bfloat16 values, which the packed
+        # kernel cannot take and FlexAttention's backward refuses
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     out = pattern_attention(query, key, value, spec, scaling, backend=backend)
     # transformers wants [B, N, H, D] back. The strided and packed backends' results
     # already lie that way in memory, so .contiguous() returns them as they are (no

@@ -188,3 +188,32 @@ def test_training_steps_lower_the_loss_under_a_pattern(models):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_under_autocast_the_kernels_get_one_dtype(monkeypatch):
+    """Qwen3's float32 q_norm hands over float32 queries and keys beside autocast's bfloat16
+    values; the pattern's kernels get all three in autocast's dtype, as SDPA gets them from
+    autocast itself (the packed kernel takes no mixed dtypes, FlexAttention's backward neither)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scca_eval.attention import register
+
+    seen = []
+    run = register.pattern_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return run(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(register, "pattern_attention", spy)
+    config = AutoConfig.for_model("qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = AutoModelForCausalLM.from_config(config)  # float32 weights: q_norm's output is float32
+    apply_pattern(model, resolve_pattern("s2"))
+    ids = token_batch(batch=1, n=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert seen == [(torch.bfloat16,) * 3]
+    seen.clear()
+    model(input_ids=ids, use_cache=False)  # without autocast: the model's own dtype, untouched
+    assert seen == [(torch.float32,) * 3]
