@@ -239,7 +239,7 @@ def finetune(
                     saved_step = history.step
     except torch.OutOfMemoryError:
         kept = f"; the checkpoint of step {saved_step} in {out} is kept" if saved_step else ""
-        if not recipe.gradient_checkpointing and settings.recipe.gradient_checkpointing == "auto":
+        if (plan.prediction or {}).get("fits"):  # auto took the step without checkpointing
             raise UserError(f"out of memory at ctx {ctx} in the step without checkpointing that auto predicted "
                             f"would fit: give --gradient-checkpointing{kept}") from None
         raise UserError(f"out of memory at ctx {ctx} with {recipe.batch_size} window(s) per pass: give a smaller "

@@ -66,10 +66,13 @@ def saved_bytes(forward: Callable[[], torch.Tensor], parameters=()) -> int:
     def unpack(_index: int):
         raise RuntimeError("the memory probe runs no backward pass")
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        output = forward()
-    del output
-    kept.clear()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            forward()
+    finally:
+        # every saved tensor holds this hook and so ``kept``: a cycle the collector may never free,
+        # unless broken here (also where the forward raised, out of memory say)
+        kept.clear()
     return sum(storages.values())
 
 
@@ -157,9 +160,12 @@ def plan_step(recipe: Recipe, device: torch.device, *, single_process: bool,
     if why_not is None:
         try:
             prediction = predict()
-        except torch.OutOfMemoryError:  # even a short window's activations do not fit
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not _out_of_memory(error):
+                raise
+            why_not = "a probe window ran out of GPU memory"  # even a short window's activations do not fit
+        if why_not is not None:  # the probe's tensors were freed with its traceback, out here
             torch.cuda.empty_cache()
-            why_not = "a probe window ran out of GPU memory"
     if why_not is not None:
         return StepPlan(fallback, why_not)
     free, _total = torch.cuda.mem_get_info(device)
@@ -182,6 +188,14 @@ def plan_for_model(recipe: Recipe, peft_model, device: torch.device, autocast_dt
                      predict=lambda: predict_activation_bytes(WindowLoss(peft_model, recipe.loss_chunk), recipe.ctx,
                                                               recipe.batch_size, device, autocast_dtype),
                      trainable=list(trainable_parameters(peft_model).values()))
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether ``error`` is the GPU running out of memory: torch's own error, or a library's
+    failed allocation that reaches Python as a plain RuntimeError (cuBLAS, cuDNN)."""
+    message = str(error)
+    return (isinstance(error, torch.OutOfMemoryError) or "out of memory" in message
+            or "CUBLAS_STATUS_ALLOC_FAILED" in message or "CUDNN_STATUS_ALLOC_FAILED" in message)
 
 
 def _why_no_fast_step(recipe: Recipe, device: torch.device, single_process: bool) -> str | None:

@@ -170,16 +170,45 @@ def test_auto_keeps_to_the_asked_or_checkpointed_step_where_it_does_not_fit(gpu_
     assert "more than 50% of 20.0 GiB at hand" in plan.reason
 
 
-def test_a_probe_out_of_memory_means_the_checkpointed_step(gpu_memory, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")])
+def test_a_probe_out_of_memory_means_the_checkpointed_step(gpu_memory, monkeypatch, error):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
 
     def out_of_memory():
-        raise torch.OutOfMemoryError("probe")
+        raise error
 
     plan = plan_step(Recipe(ctx=16384), torch.device("cuda"), single_process=True, predict=out_of_memory,
                      trainable=[])
     assert plan.recipe.gradient_checkpointing is True and plan.recipe.cuda_graphs is False
-    assert plan.reason == "a probe window ran out of GPU memory"
+    assert plan.reason == "a probe window ran out of GPU memory" and emptied == [True]
+
+
+def test_a_probe_error_that_is_not_out_of_memory_is_raised(gpu_memory):
+    def broken():
+        raise RuntimeError("shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        plan_step(Recipe(ctx=16384), torch.device("cuda"), single_process=True, predict=broken, trainable=[])
+
+
+def test_a_forward_that_runs_out_of_memory_leaves_nothing_it_saved_alive():
+    """The saved tensors hold the counting hook, which holds them: saved_bytes breaks that cycle
+    even where the forward raised (else a failed probe's activations would stay on the GPU)."""
+    import weakref
+
+    x = torch.randn(4, 8, requires_grad=True)
+    outputs = []
+
+    def forward():
+        y = x.exp()  # saves its output
+        outputs.append(weakref.ref(y))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        saved_bytes(forward)
+    assert outputs and outputs[0]() is None
 
 
 def test_without_a_gpu_compiler_auto_does_not_probe(gpu_memory, monkeypatch):
@@ -221,6 +250,35 @@ def test_finetune_records_the_step_it_took(tiny_model_dir, sample_data_dir, tmp_
     assert written["runtime"]["step"] == record["runtime"]["step"]
 
 
+@pytest.mark.parametrize("predicted, advice", [(True, "that auto predicted would fit: give --gradient-checkpointing"),
+                                               (False, "give a smaller --batch-size")])
+def test_an_out_of_memory_step_names_auto_only_where_auto_chose_it(tiny_model_dir, sample_data_dir, tmp_path,
+                                                                    monkeypatch, predicted, advice):
+    """Out of memory in the step without checkpointing: the error blames auto's prediction only
+    where there was one (not where --cuda-graphs was asked for), as one line."""
+    from scca_eval import finetune
+    from scca_eval.errors import UserError
+    from scca_eval.training import run, step_plan
+    from scca_eval.training.loop import Trainer
+
+    def plan(recipe, *args, **kwargs):
+        import dataclasses
+
+        chosen = dataclasses.replace(recipe, gradient_checkpointing=False, cuda_graphs=False)
+        return step_plan.StepPlan(chosen, "every activation fits" if predicted else "--cuda-graphs",
+                                  {"bytes": 1, "fits": True} if predicted else None)
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run, "plan_for_model", plan)
+    monkeypatch.setattr(Trainer, "step", out_of_memory)
+    with pytest.raises(UserError) as error:
+        finetune(str(tiny_model_dir), ctx=64, out=tmp_path / "run", data=[str(sample_data_dir)], steps=1,
+                 grad_accum=1, warmup_steps=0, device="cpu", notify=lambda message: None)
+    assert advice in str(error.value) and "\n" not in str(error.value)
+
+
 def test_bench_train_records_the_step_it_timed():
     from scca_eval.bench.train import markdown_train, train_bench
 
@@ -235,11 +293,12 @@ def test_bench_train_records_the_step_it_timed():
 def test_gpu_auto_takes_cuda_graphs_where_activations_fit_and_checkpoints_where_they_do_not(
         tiny_model_dir, sample_data_dir, tmp_path):
     """On a GPU with room, auto trains compiled layers as CUDA graphs without checkpointing, the
-    losses those settings give when asked for; under a tiny --max-memory it checkpoints."""
+    losses those settings give when asked for (with LoRA dropout on, so that probes which drew
+    from the GPU's random state would change them); under a tiny --max-memory it checkpoints."""
     from scca_eval import finetune
 
     common = dict(ctx=256, data=[str(sample_data_dir)], pattern="s2", steps=3, grad_accum=2, warmup_steps=0,
-                  lr=1e-3, device="cuda", dtype="float32", notify=lambda message: None)
+                  lr=1e-3, lora_dropout=0.1, device="cuda", dtype="float32", notify=lambda message: None)
     auto = finetune(str(tiny_model_dir), out=tmp_path / "auto", **common)
     assert auto["runtime"]["step"]["step"] == "CUDA graphs, no checkpointing", auto["runtime"]["step"]
     assert auto["recipe"]["cuda_graphs"] is True and auto["recipe"]["gradient_checkpointing"] is False
@@ -254,28 +313,35 @@ def test_gpu_auto_takes_cuda_graphs_where_activations_fit_and_checkpoints_where_
 
 @pytest.mark.gpu
 def test_gpu_prediction_matches_the_memory_a_whole_window_holds():
-    """On a GPU (bf16 autocast; full attention, the packed and flex kernels), the probes'
-    prediction at ctx is within a tenth below and a quarter above the memory a forward over the
-    whole window holds for its backward pass (allocated after it, less allocated before)."""
-    from scca_eval.attention import apply_pattern
+    """On a GPU, set up as finetune trains (bf16 frozen weights, float32 trained ones, bf16
+    autocast, activations kept in bf16; full attention, the packed and flex kernels, each checked
+    to have run), the probes' prediction at ctx is within a tenth below and a quarter above the
+    memory a forward over the whole window holds for its backward pass (allocated after it, less
+    allocated before)."""
+    from scca_eval.attention import apply_pattern, call_counts, reset_call_counts
     from scca_eval.patterns import resolve_pattern
-    from scca_eval.training.lora import attach_lora
+    from scca_eval.training.lora import attach_lora, keep_activations_in
     from scca_eval.training.loop import WindowLoss
     from scca_eval.training.step_plan import predict_activation_bytes
 
     ctx = 8192
-    for pattern, backend in (("full", "auto"), ("s2", "packed"), ("longmixed", "flex")):
-        model = tiny_llama().cuda()
+    # (full attention keeps transformers' own SDPA: no call of this project's kernels to count)
+    for pattern, backend, kernel in (("full", "auto", None), ("s2", "packed", "packed"),
+                                     ("longmixed", "flex", "flex")):
+        model = tiny_llama().to("cuda", torch.bfloat16)
         apply_pattern(model, resolve_pattern(pattern), backend=backend)
         peft_model = attach_lora(model, Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0), "tiny")
+        keep_activations_in(peft_model, torch.bfloat16)
         loss = WindowLoss(peft_model, 1024)
         predicted = predict_activation_bytes(loss, ctx, 1, torch.device("cuda"), torch.bfloat16)
         ids = torch.zeros((1, ctx), dtype=torch.long, device="cuda")
         torch.cuda.synchronize()
+        reset_call_counts()
         before = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             nll = loss(ids)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - before
+        assert set(call_counts()) == ({kernel} if kernel else set()), (pattern, call_counts())
         del nll
         assert 0.9 * held <= predicted["bytes"] <= 1.25 * held, (pattern, predicted, held)
