@@ -7,10 +7,10 @@ graph a layer instead of every kernel, where the eager step leaves the GPU waiti
 it only where they fit, and otherwise the checkpointed step (LongLoRA's).
 
 The memory is predicted before training, from the model itself: forward passes over three
-short windows (ctx/64, ctx/32, ctx/16 tokens) under autograd count the bytes autograd keeps
-for the backward pass (distinct storages; parameters excluded, they are resident anyway),
-and a quadratic through the three counts, or the line through the last two where that is
-higher, gives the bytes at ctx. The probes run the attention kernel that auto would choose at
+short windows (ctx/64, ctx/32, ctx/16 tokens; whole multiples of a fixed chunk size) under
+autograd count the bytes autograd keeps for the backward pass (distinct storages; parameters
+excluded, they are resident anyway), and a quadratic through the three counts, or the line
+through the last two where that is higher, gives the bytes at ctx. The probes run the attention kernel that auto would choose at
 ctx, not at their own length. Nothing is trained by the probes: no backward pass runs and
 the random state is restored. The fast step is taken when
 
@@ -76,10 +76,17 @@ def saved_bytes(forward: Callable[[], torch.Tensor], parameters=()) -> int:
     return sum(storages.values())
 
 
-def probe_lengths(ctx: int) -> list[int]:
+def probe_lengths(ctx: int, chunk_size: int | None = None) -> list[int]:
     """The short windows the probes run: ctx/64, ctx/32, ctx/16 (ctx itself where that is too short
-    to give three lengths)."""
+    to give three lengths). A pattern with a fixed chunk size G gets whole multiples of G, so that
+    a probe holds chunks as the window does, not one partial chunk: each length rounded up to a
+    multiple of G, or G, 2G, 3G where that rounding leaves fewer than three (ctx itself where 3G
+    is not shorter than ctx)."""
     lengths = sorted({ctx // fraction for fraction in PROBE_FRACTIONS})
+    if chunk_size is not None and chunk_size > 1:
+        lengths = sorted({-(-length // chunk_size) * chunk_size for length in lengths})
+        if len(lengths) < 3 or lengths[-1] >= ctx:
+            lengths = [chunk_size, 2 * chunk_size, 3 * chunk_size] if 3 * chunk_size < ctx else [ctx]
     return lengths if len(lengths) == 3 and lengths[0] >= 2 else [ctx]
 
 
@@ -98,10 +105,12 @@ def extrapolate(lengths: list[int], counts: list[int], ctx: int) -> int:
 
 
 def predict_activation_bytes(window_loss: Callable[[torch.Tensor], torch.Tensor], ctx: int, batch_size: int,
-                             device: torch.device, autocast_dtype: torch.dtype | None) -> dict:
+                             device: torch.device, autocast_dtype: torch.dtype | None,
+                             chunk_size: int | None = None) -> dict:
     """What a pass of ``batch_size`` windows of ``ctx`` tokens keeps for its backward without
-    checkpointing, from probes on shorter windows (``window_loss``: token ids in, a loss out)."""
-    lengths = probe_lengths(ctx)
+    checkpointing, from probes on shorter windows (``window_loss``: token ids in, a loss out;
+    ``chunk_size``: the pattern's fixed chunk size G, if it has one)."""
+    lengths = probe_lengths(ctx, chunk_size)
     counts = []
     parameters = []
     if isinstance(window_loss, torch.nn.Module):
@@ -181,12 +190,15 @@ def plan_for_model(recipe: Recipe, peft_model, device: torch.device, autocast_dt
                    single_process: bool = True) -> StepPlan:
     """``plan_step`` for a LoRA model as the trainer will run it: its training forward pass
     (``loop.WindowLoss``) probed at the recipe's ctx and batch size, its trained weights."""
+    from ..attention.register import pattern_of
     from .lora import trainable_parameters
     from .loop import WindowLoss
 
+    pattern = pattern_of(peft_model)
     return plan_step(recipe, device, single_process=single_process,
                      predict=lambda: predict_activation_bytes(WindowLoss(peft_model, recipe.loss_chunk), recipe.ctx,
-                                                              recipe.batch_size, device, autocast_dtype),
+                                                              recipe.batch_size, device, autocast_dtype,
+                                                              pattern.chunk_size if pattern is not None else None),
                      trainable=list(trainable_parameters(peft_model).values()))
 
 

@@ -29,6 +29,11 @@ def test_extrapolation_is_exact_for_a_quadratic_and_never_below_the_line():
 def test_probe_lengths_are_fractions_of_ctx_or_ctx_itself():
     assert probe_lengths(16384) == [256, 512, 1024]
     assert probe_lengths(64) == [64]  # too short for three probes of at least two tokens
+    # a fixed chunk size: whole multiples of it
+    assert probe_lengths(16384, chunk_size=128) == [256, 512, 1024]
+    assert probe_lengths(16384, chunk_size=384) == [384, 768, 1152]
+    assert probe_lengths(16384, chunk_size=1024) == [1024, 2048, 3072]
+    assert probe_lengths(4096, chunk_size=2048) == [4096]
 
 
 def test_saved_bytes_counts_each_storage_once_and_no_parameters_or_views_of_them():
@@ -49,7 +54,7 @@ def test_saved_bytes_counts_each_storage_once_and_no_parameters_or_views_of_them
     assert all(output() is None for output in outputs)  # nothing the forward saved outlives the count
 
 
-def _model(ctx, pattern=None):
+def _model(ctx, pattern=None, chunk_size=32):
     from scca_eval.attention import apply_pattern
     from scca_eval.patterns import resolve_pattern
     from scca_eval.training.lora import attach_lora
@@ -57,7 +62,7 @@ def _model(ctx, pattern=None):
 
     model = tiny_llama()
     if pattern is not None:
-        apply_pattern(model, resolve_pattern(pattern, chunk_size=32))
+        apply_pattern(model, resolve_pattern(pattern, chunk_size=chunk_size))
     peft_model = attach_lora(model, Recipe(ctx=ctx, batch_size=1, grad_accum=1, warmup_steps=0), "tiny")
     peft_model.train()
     return WindowLoss(peft_model, 256)
@@ -81,6 +86,18 @@ def test_the_probes_predict_what_a_whole_window_saves(pattern):
     ids = torch.zeros((1, ctx), dtype=torch.long)
     actual = saved_bytes(lambda: loss(ids))
     assert 0.9 * actual <= predicted["bytes"] <= 1.25 * actual, (predicted, actual)
+
+
+def test_with_a_chunk_longer_than_ctx_over_16_the_probes_hold_whole_chunks():
+    """s2 with G = 1024 at ctx 4096: probes of 64-256 tokens would each hold one partial chunk
+    (and predicted 0.89 of the count); whole chunks predict the whole window's count."""
+    from scca_eval.training.step_plan import predict_activation_bytes
+
+    loss = _model(4096, "s2", chunk_size=1024)
+    predicted = predict_activation_bytes(loss, 4096, 1, torch.device("cpu"), None, chunk_size=1024)
+    assert predicted["probe_lengths"] == [1024, 2048, 3072]
+    actual = saved_bytes(lambda: loss(torch.zeros((1, 4096), dtype=torch.long)))
+    assert 0.98 * actual <= predicted["bytes"] <= 1.05 * actual, (predicted, actual)
 
 
 def test_the_probes_run_the_kernel_auto_chooses_at_ctx(monkeypatch):
@@ -183,6 +200,22 @@ def test_a_probe_out_of_memory_means_the_checkpointed_step(gpu_memory, monkeypat
                      trainable=[])
     assert plan.recipe.gradient_checkpointing is True and plan.recipe.cuda_graphs is False
     assert plan.reason == "a probe window ran out of GPU memory" and emptied == [True]
+
+
+def test_plan_for_model_probes_with_the_pattern_s_fixed_chunk_size(gpu_memory, monkeypatch):
+    from scca_eval.training import step_plan
+
+    asked = []
+
+    def predict(window_loss, ctx, batch_size, device, autocast_dtype, chunk_size=None):
+        asked.append((ctx, batch_size, chunk_size))
+        return _predicting(1)()
+
+    monkeypatch.setattr(step_plan, "predict_activation_bytes", predict)
+    for chunk_size, pattern in ((1024, "s2"), (None, "s2"), (None, None)):
+        peft_model = _model(4096, pattern, chunk_size=chunk_size).model
+        step_plan.plan_for_model(Recipe(ctx=4096, batch_size=2), peft_model, torch.device("cuda"), None)
+    assert asked == [(4096, 2, 1024), (4096, 2, None), (4096, 2, None)]
 
 
 def test_a_probe_error_that_is_not_out_of_memory_is_raised(gpu_memory):
