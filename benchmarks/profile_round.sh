@@ -181,7 +181,7 @@ timeout 300 python3 -m scca_eval bench attention --heads 32 --kv-heads 32 --head
 fi
 if want stepplan; then
 step "(s) the step auto takes: its GPU tests, the LLaMA-2-7B default step at 8k"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/training/test_step_plan.py \
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/training/test_step_plan.py \
     > "$work/pytest_step_plan.log" 2>&1
 tail -3 "$work/pytest_step_plan.log" | tee -a "$log"
 timeout 240 python3 -m scca_eval bench train --shape llama2-7b --ctx 8192 --pattern full,s2,sda,longmixed \
