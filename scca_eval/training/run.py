@@ -32,7 +32,7 @@ from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, k
 from .loop import StepAbandoned, Trainer
 from .settings import TrainSettings
 from .sharding import shard_for_training
-from .step_plan import plan_for_model
+from .step_plan import is_out_of_memory, plan_for_model
 from .tensorboard_log import TensorBoardLog
 from .validation_loss import build_validation_set, evaluate
 from .windows import build_stream
@@ -237,13 +237,19 @@ def finetune(
                 if history.step % recipe.save_every == 0 or last:
                     ckpt.save(checkpoint_path, key, trainer, write=ranks.is_main)
                     saved_step = history.step
-    except torch.OutOfMemoryError:
+    except RuntimeError as error:  # torch.OutOfMemoryError, or a library's failed allocation
+        if not is_out_of_memory(error):
+            raise
         kept = f"; the checkpoint of step {saved_step} in {out} is kept" if saved_step else ""
         if (plan.prediction or {}).get("fits"):  # auto took the step without checkpointing
             raise UserError(f"out of memory at ctx {ctx} in the step without checkpointing that auto predicted "
                             f"would fit: give --gradient-checkpointing{kept}") from None
+        if not recipe.gradient_checkpointing:  # asked for: --no-gradient-checkpointing or --cuda-graphs
+            raise UserError(f"out of memory at ctx {ctx} in the step without checkpointing: give "
+                            "--gradient-checkpointing (instead of --no-gradient-checkpointing or --cuda-graphs), or "
+                            f"leave the step to auto{kept}") from None
         raise UserError(f"out of memory at ctx {ctx} with {recipe.batch_size} window(s) per pass: give a smaller "
-                        "--batch-size (and a larger --grad-accum), keep --gradient-checkpointing on, or train in "
+                        "--batch-size (and a larger --grad-accum), or train in "
                         f"--dtype bfloat16{kept}") from None
     except StepAbandoned:  # the first Ctrl-C: the model is as the last finished step left it
         if trainer.history.step == 0:

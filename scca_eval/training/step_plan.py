@@ -10,9 +10,10 @@ The memory is predicted before training, from the model itself: forward passes o
 short windows (ctx/64, ctx/32, ctx/16 tokens; whole multiples of a fixed chunk size) under
 autograd count the bytes autograd keeps for the backward pass (distinct storages; parameters
 excluded, they are resident anyway), and a quadratic through the three counts, or the line
-through the last two where that is higher, gives the bytes at ctx. The probes run the attention kernel that auto would choose at
-ctx, not at their own length. Nothing is trained by the probes: no backward pass runs and
-the random state is restored. The fast step is taken when
+through the last two where that is higher, gives the bytes at ctx. The probes run the
+attention kernel that auto would choose at ctx, not at their own length. Nothing is trained
+by the probes: no backward pass runs and the random state is restored. The fast step is
+taken when
 
     allocated now + activations at ctx + gradients + AdamW's two moments
         <= FAST_STEP_SHARE x the memory at hand
@@ -85,7 +86,7 @@ def probe_lengths(ctx: int, chunk_size: int | None = None) -> list[int]:
     lengths = sorted({ctx // fraction for fraction in PROBE_FRACTIONS})
     if chunk_size is not None and chunk_size > 1:
         lengths = sorted({-(-length // chunk_size) * chunk_size for length in lengths})
-        if len(lengths) < 3 or lengths[-1] >= ctx:
+        if len(lengths) < 3:
             lengths = [chunk_size, 2 * chunk_size, 3 * chunk_size] if 3 * chunk_size < ctx else [ctx]
     return lengths if len(lengths) == 3 and lengths[0] >= 2 else [ctx]
 
@@ -169,11 +170,13 @@ def plan_step(recipe: Recipe, device: torch.device, *, single_process: bool,
     if why_not is None:
         try:
             prediction = predict()
-        except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not _out_of_memory(error):
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(error):
                 raise
             why_not = "a probe window ran out of GPU memory"  # even a short window's activations do not fit
-        if why_not is not None:  # the probe's tensors were freed with its traceback, out here
+        if why_not is not None:
+            # out here: until the except block ends, its traceback holds the failed probe's
+            # tensors, which empty_cache could not hand back
             torch.cuda.empty_cache()
     if why_not is not None:
         return StepPlan(fallback, why_not)
@@ -202,7 +205,7 @@ def plan_for_model(recipe: Recipe, peft_model, device: torch.device, autocast_dt
                      trainable=list(trainable_parameters(peft_model).values()))
 
 
-def _out_of_memory(error: Exception) -> bool:
+def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is the GPU running out of memory: torch's own error, or a library's
     failed allocation that reaches Python as a plain RuntimeError (cuBLAS, cuDNN)."""
     message = str(error)
