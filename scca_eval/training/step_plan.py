@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from ..attention.auto import choosing_for_length
+from ..attention.register import pattern_of
 from .offload import GIB, adam_state_bytes
 from .recipe import Recipe
 
@@ -193,7 +194,6 @@ def plan_for_model(recipe: Recipe, peft_model, device: torch.device, autocast_dt
                    single_process: bool = True) -> StepPlan:
     """``plan_step`` for a LoRA model as the trainer will run it: its training forward pass
     (``loop.WindowLoss``) probed at the recipe's ctx and batch size, its trained weights."""
-    from ..attention.register import pattern_of
     from .lora import trainable_parameters
     from .loop import WindowLoss
 
