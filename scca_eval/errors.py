@@ -20,3 +20,13 @@ class MissingDependency(UserError):
         else:
             how = f"pip install 'scca-eval[{extra}]' (or pip install {package})"
         super().__init__(f"{purpose} needs the package '{package}': install it with {how}")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device running out of memory: torch's own error, or a library's
+    failed allocation that reaches Python as a plain RuntimeError (cuBLAS, cuDNN)."""
+    import torch  # here, so that importing this module does not import torch
+
+    message = str(error)
+    return (isinstance(error, torch.OutOfMemoryError) or "out of memory" in message
+            or "CUBLAS_STATUS_ALLOC_FAILED" in message or "CUDNN_STATUS_ALLOC_FAILED" in message)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..choices import PRESETS
-from ..errors import UserError
+from ..errors import UserError, is_out_of_memory
 from ..patterns.masks import density
 from .attention import pattern_from_label
 from .profiling import make_profile_dir, markdown_breakdown, profile_step, speed_bounds
@@ -325,10 +325,9 @@ def _guarded(row: ModelRow, run: Callable[[], object]):
     stopping the other rows."""
     try:
         return run()
-    except torch.cuda.OutOfMemoryError:
-        row.error = "out of memory"
     except Exception as error:
-        row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        row.error = ("out of memory" if is_out_of_memory(error) else
+                     f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
     return None
 
 

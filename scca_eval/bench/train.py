@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..evaluation.engine import run_eagerly
-from ..errors import UserError
+from ..errors import UserError, is_out_of_memory
 from .attention import pattern_from_label
 from .profiling import make_profile_dir, markdown_breakdown, profile_step, speed_bounds
 from .model import (DEFAULT_PATTERNS, SHAPES, _linear_params, _peak_memory, _reset_peak, attention_flops,
@@ -261,7 +261,9 @@ def train_bench(shape: str = "llama2-7b", ctxs: Sequence[int] = (8192, 32768),
             try:
                 row.update(run())
                 row["tokens_per_s"] = ctx / row["seconds"]
-            except torch.cuda.OutOfMemoryError:
+            except RuntimeError as error:  # torch.OutOfMemoryError, or a library's failed allocation
+                if not is_out_of_memory(error):
+                    raise
                 row["error"] = "out of memory"
                 _restore(base, dtype, original)
             row["linear_flops"] = 2.0 * (body + head) * ctx

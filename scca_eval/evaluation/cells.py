@@ -26,7 +26,7 @@ import torch
 
 from .. import distributed
 from ..data import TokenizedTask
-from ..errors import UserError
+from ..errors import UserError, is_out_of_memory
 from ..records import (cell_config, cell_identity, device_name, longlora_record, new_record, progress_key,
                        record_pattern_name, runtime, sweep_key)
 from ..records import record_filename
@@ -169,7 +169,9 @@ def _score_group(lm, documents, windows: Sequence[Window], batch: int, ranks, ad
                                window_length=ctx)
         nll[mine] = scores.nll_sum
         tokens[mine] = scores.tokens
-    except torch.OutOfMemoryError:
+    except RuntimeError as error:  # torch.OutOfMemoryError, or a library's failed allocation
+        if not is_out_of_memory(error):
+            raise
         out_of_memory = True
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..distributed import all_agree
-from ..errors import UserError
+from ..errors import UserError, is_out_of_memory
 from ..evaluation.resume import Interrupted
 from ..records import record_pattern_name, training_record
 from . import checkpoint as ckpt
@@ -32,7 +32,7 @@ from .lora import (attach_lora, compile_layers, enable_gradient_checkpointing, k
 from .loop import StepAbandoned, Trainer
 from .settings import TrainSettings
 from .sharding import shard_for_training
-from .step_plan import is_out_of_memory, plan_for_model
+from .step_plan import plan_for_model
 from .tensorboard_log import TensorBoardLog
 from .validation_loss import build_validation_set, evaluate
 from .windows import build_stream

@@ -36,6 +36,7 @@ import torch
 
 from ..attention.auto import choosing_for_length
 from ..attention.register import pattern_of
+from ..errors import is_out_of_memory
 from .offload import GIB, adam_state_bytes
 from .recipe import Recipe
 
@@ -203,14 +204,6 @@ def plan_for_model(recipe: Recipe, peft_model, device: torch.device, autocast_dt
                                                               recipe.batch_size, device, autocast_dtype,
                                                               pattern.chunk_size if pattern is not None else None),
                      trainable=list(trainable_parameters(peft_model).values()))
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is the GPU running out of memory: torch's own error, or a library's
-    failed allocation that reaches Python as a plain RuntimeError (cuBLAS, cuDNN)."""
-    message = str(error)
-    return (isinstance(error, torch.OutOfMemoryError) or "out of memory" in message
-            or "CUBLAS_STATUS_ALLOC_FAILED" in message or "CUDNN_STATUS_ALLOC_FAILED" in message)
 
 
 def _why_no_fast_step(recipe: Recipe, device: torch.device, single_process: bool) -> str | None:

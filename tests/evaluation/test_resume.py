@@ -293,9 +293,11 @@ def test_finished_cells_of_a_stopped_command_are_not_scored_again(model_dir, doc
     assert not list(out.glob("*.progress"))
 
 
-def test_out_of_memory_names_ctx_and_batch_size_and_keeps_progress(model_dir, docs_dir, reference, tmp_path):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")],
+                         ids=["torch", "cublas"])
+def test_out_of_memory_names_ctx_and_batch_size_and_keeps_progress(model_dir, docs_dir, reference, tmp_path, error):
     out = tmp_path / "out"
-    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     with pytest.raises(UserError) as info:
         evaluate(**api_options(model_dir, docs_dir, out), progress=StopAfter(half(reference), error))
     message = str(info.value)
@@ -303,6 +305,13 @@ def test_out_of_memory_names_ctx_and_batch_size_and_keeps_progress(model_dir, do
     assert "ctx 16" in message and "batch size 2" in message and "--batch-size 1" in message
     assert "already done are saved" in message
     assert saved_documents(out / PROGRESS) >= 1 and not (out / RECORD).exists()
+
+
+def test_an_error_other_than_memory_is_raised_as_it_is(model_dir, docs_dir, reference, tmp_path):
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError) as info:
+        evaluate(**api_options(model_dir, docs_dir, tmp_path / "out"), progress=StopAfter(half(reference), error))
+    assert info.value is error
 
 
 def test_same_run_twice_gives_the_same_numbers_bit_for_bit(model_dir, docs_dir, reference, tmp_path):
