@@ -49,6 +49,10 @@ SHAPES: dict[str, dict] = {
 DEFAULT_PATTERNS = PRESETS
 
 
+# What a config file must give for the benchmark to build the model it describes.
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 def random_model(shape: str | dict, *, device: torch.device, dtype: torch.dtype, max_ctx: int,
                  layers: int | None = None, seed: int = 0, rope_scaling: str | None = None,
                  original_ctx: int | None = None):
@@ -74,6 +78,11 @@ def random_model(shape: str | dict, *, device: torch.device, dtype: torch.dtype,
             config = AutoConfig.for_model(**values) if "model_type" in values else LlamaConfig(**values)
         except (ValueError, TypeError, KeyError) as error:
             raise UserError(f"{shape} is not a usable model config: {str(error).splitlines()[0]}") from None
+        given = set(values) | {config.attribute_map.get(key, key) for key in values}  # "n_embd" gives hidden_size
+        missing = [key for key in SHAPE_KEYS if key not in given]
+        if missing:  # the defaults would build some other model, at full size
+            raise UserError(f"{shape} lacks {', '.join(missing)}: give the config.json of a model, or a shape "
+                            f"name ({', '.join(SHAPES)})")
     else:
         raise UserError(f"unknown model shape {shape!r}: use {', '.join(SHAPES)} or a config .json file")
     if layers is not None:

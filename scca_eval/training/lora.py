@@ -35,6 +35,11 @@ def attach_lora(model, recipe: Recipe, base_model_name: str):
                         "q_proj,k_proj,v_proj,o_proj") from None
     # Named after the model as the user gave it (not a cache folder on this machine).
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+    names = [name for name, _ in peft_model.named_parameters()]
+    unmatched = [part for part in recipe.trainable if not any(part in name for name in names)]
+    if unmatched:  # a name that matches nothing would train less than asked, without a word
+        raise UserError(f"--trainable {','.join(unmatched)} matches no weight of {type(model).__name__}: give parts "
+                        "of its weight names (e.g. embed,norm), or --trainable none")
     for name, parameter in peft_model.named_parameters():
         if any(part in name for part in recipe.trainable):
             parameter.requires_grad_(True)

@@ -205,6 +205,26 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, capfd):
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
 
 
+def _without(key: str, **more) -> dict:
+    return {**{k: v for k, v in TINY.items() if k != key}, **more}
+
+
+@pytest.mark.parametrize("values,missing", [({}, "lacks hidden_size, intermediate_size, num_hidden_layers"),
+                                            (_without("vocab_size"), "lacks vocab_size:"),
+                                            (_without("num_hidden_layers", model_type="llama"),
+                                             "lacks num_hidden_layers:")])
+def test_a_config_without_the_shape_is_refused(values, missing, tmp_path, capfd):
+    """Transformers' defaults would build some other model (a 7B one for LLaMA): refused up front."""
+    from scca_eval.cli import main
+
+    config = tmp_path / "shape.json"
+    config.write_text(json.dumps(values))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "model", "--shape", str(config), "--ctx", "48", "--device", "cpu"])
+    err = capfd.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and missing in err, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
 def test_cli_write_table_needs_a_gpu(tmp_path, capfd):
     from scca_eval.cli import main

@@ -411,6 +411,8 @@ def test_bad_options_are_refused_before_anything_is_written(tiny_model_dir, samp
     _refused(capsys, [*common, "--ctx", "64", "--lr", "-1"], "--lr must be")
     _refused(capsys, [*common, "--ctx", "64", "--tokens-per-step", "100"], "multiple of")
     _refused(capsys, [*common, "--ctx", "64", "--lora-targets", "nonexistent_proj"], "--lora-targets")
+    _refused(capsys, [*common, "--ctx", "64", "--trainable", "embed,nothing_matches"],
+             "--trainable nothing_matches matches no weight")
     _refused(capsys, [*common, "--ctx", "64", "--rope-scaling", "cubic:2"], "--rope-scaling")
     _refused(capsys, [*common, "--ctx", "4096"], "beyond the 2048 tokens the model's RoPE settings cover")
     _refused(capsys, [*common, "--ctx", "64", "--resume"], "holds no checkpoint.pt")
