@@ -157,8 +157,61 @@ def read_record(path: str | Path) -> dict:
     if not isinstance(record, dict) or any(key not in record for key in REQUIRED_KEYS):
         missing = [key for key in REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
         raise UserError(f"{path}: not a scca-eval result record (missing {', '.join(missing)})")
+    wrong = _wrongly_typed_field(record)
+    if wrong:
+        raise UserError(f"{path}: not a valid result record ({wrong}); re-run the evaluation that wrote it")
     record["path"] = str(path)  # where it was read from, for messages (not part of the stored record)
     return record
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The type of each field that tables, compare and plot read, checked once where a record is
+# read, so that a damaged or hand-edited file is refused in one line instead of failing at its use.
+_FIELD_TYPES = (
+    ("model", lambda v: isinstance(v, str), "text"),
+    ("task", lambda v: isinstance(v, str), "text"),
+    ("pattern", lambda v: isinstance(v, str), "text"),
+    ("ctx", lambda v: _is_whole(v) and v > 0, "a whole number above 0"),
+    ("stride", lambda v: _is_whole(v) and v > 0, "a whole number above 0"),
+    ("metrics", lambda v: isinstance(v, dict), "an object"),
+    ("documents", lambda v: isinstance(v, list) and all(isinstance(d, dict) for d in v), "a list of objects"),
+    ("config", lambda v: isinstance(v, dict), "an object"),
+    ("runtime", lambda v: v is None or isinstance(v, dict), "an object"),
+)
+_CONFIG_OBJECTS = ("model", "versions", "pattern")  # nested objects of config the readers look into
+_DOCUMENT_TYPES = (  # a perplexity record's documents (a passkey record's are its trials)
+    ("id", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "text or a whole number"),
+    ("nll_sum", _is_number, "a number"),
+    ("tokens", lambda v: _is_whole(v) and v >= 0, "a whole number"),
+)
+
+
+def _wrongly_typed_field(record: dict) -> str | None:
+    """The first field of ``record`` whose value has the wrong type, described, or None."""
+    for key, valid, wanted in _FIELD_TYPES:
+        if not valid(record[key]):
+            return f"field {key!r} is {json.dumps(record[key])[:40]}, not {wanted}"
+    config = record["config"]
+    for key in _CONFIG_OBJECTS:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            return f"field 'config.{key}' is {json.dumps(config[key])[:40]}, not an object"
+    ci95 = record["metrics"].get("ci95")
+    if ci95 is not None and not (isinstance(ci95, list) and len(ci95) == 2):
+        return f"field 'metrics.ci95' is {json.dumps(ci95)[:40]}, not a pair of numbers"
+    if not is_passkey_record(record):
+        for index, document in enumerate(record["documents"]):
+            for key, valid, wanted in _DOCUMENT_TYPES:
+                if not valid(document.get(key)):
+                    return (f"field 'documents[{index}].{key}' is {json.dumps(document.get(key))[:40]}, "
+                            f"not {wanted}")
+    return None
 
 
 def load_records(paths: Iterable[str | Path]) -> list[dict]:
