@@ -10,6 +10,7 @@ are written here (``records/store.py``).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from . import distributed
@@ -99,6 +100,7 @@ def evaluate(
                 record, progress_file = run_cell(lm, tokenizer, model, spec, tokenized, ctx, settings,
                                                  progress=progress if ranks.is_main else None, ranks=ranks,
                                                  notify=say)
+                warn_if_not_finite(record, say)
                 if settings.out is not None and ranks.is_main:
                     record["path"] = str(write_record(record, settings.out, say))
                 if progress_file is not None and ranks.is_main:
@@ -111,6 +113,15 @@ def evaluate(
         for progress_file in finished_progress:
             progress_file.remove()
     return records
+
+
+def warn_if_not_finite(record: dict, say) -> None:
+    """A perplexity of NaN or infinity is a true result of the model (NaN or huge weights, an
+    overflow in its dtype), so it is recorded; but it is said, since a table shows it in one small cell."""
+    perplexity = (record.get("metrics") or {}).get("perplexity")
+    if perplexity is not None and not math.isfinite(perplexity):
+        say(f"warning: perplexity is {perplexity} at ctx {record['ctx']} · {record['pattern']} · {record['task']}: "
+            "the model's losses are not finite (NaN or infinite weights, or an overflow in its dtype)")
 
 
 def run_cost_line(model_id: str, loaded, settings: EvalSettings) -> str | None:

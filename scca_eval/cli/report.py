@@ -99,8 +99,8 @@ def _split_passkey(records):
 @click.argument("new", type=click.Path())
 @click.option("--max-regression", type=float, default=None, metavar="PCT",
               help="Gate: exit 1 when any cell's perplexity rose by more than PCT percent and significantly "
-                   "(p < --alpha), or when a cell has too little data for a test (it fails closed). "
-                   "Without it, only report.")
+                   "(p < --alpha), when a cell has too little data for a test (it fails closed), or when a "
+                   "cell's perplexity is not finite (NaN or infinite) on either side. Without it, only report.")
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="Significance level of the paired bootstrap.")
 @click.option("--bootstrap-samples", type=int, default=2000, show_default=True,
@@ -154,7 +154,7 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
     if output is not None:
         _write(report, output)
     if json_path is not None:
-        _write(json.dumps(comparison.to_dict(), indent=1), json_path)
+        _write(json.dumps(comparison.to_dict(), indent=1, allow_nan=False), json_path)  # strict JSON
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with open(summary, "a", encoding="utf-8") as handle:

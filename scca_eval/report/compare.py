@@ -13,11 +13,13 @@ The gate: with ``max_regression`` (percent), a cell fails when perplexity rose b
 than that share *and* the rise is significant (p < alpha). Changes inside the noise never
 fail the gate; improvements never do. A cell with too little data for either test (or
 records without per-window sums) cannot show that it did not regress: it fails the gate
-("fails closed"), and the report says why.
+("fails closed"), and the report says why. So does a cell whose perplexity is NaN or infinite
+on either side: it is never better, and never passes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -43,6 +45,7 @@ class CellComparison:
     regression: bool = False               # fails the gate
     unit: str = "documents"                # what the bootstrap resampled
     untested_reason: str | None = None     # why there was no test
+    not_finite: bool = False               # a side's perplexity is NaN or infinite: never passes
 
     @property
     def label(self) -> str:
@@ -50,6 +53,8 @@ class CellComparison:
 
     @property
     def verdict(self) -> str:
+        if self.not_finite:
+            return "**not finite: fails the gate**" if self.regression else "not finite"
         if self.significant is None:
             return "**not testable: fails the gate**" if self.regression else "not testable"
         if self.regression:
@@ -81,11 +86,15 @@ class Comparison:
     def to_dict(self) -> dict:
         """The comparison as plain data (``compare --json``): every cell with its numbers and
         verdict, the cells of one side only, the settings that differ and the gate."""
-        cells = [{"task": c.task, "pattern": c.pattern, "ctx": c.ctx, "base_perplexity": c.base_perplexity,
-                  "new_perplexity": c.new_perplexity, "relative_change": c.relative_change,
+        cells = [{"task": c.task, "pattern": c.pattern, "ctx": c.ctx,
+                  # JSON has no NaN or infinity: a value that is not finite is null, and "not_finite" says so
+                  "base_perplexity": _finite_or_none(c.base_perplexity),
+                  "new_perplexity": _finite_or_none(c.new_perplexity),
+                  "relative_change": _finite_or_none(c.relative_change),
                   "ci95": list(c.ci95) if c.ci95 else None, "p_value": c.p_value, "documents": c.documents,
                   "unit": c.unit, "significant": c.significant, "regression": c.regression,
-                  "verdict": c.verdict.strip("*"), "untested_reason": c.untested_reason} for c in self.cells]
+                  "not_finite": c.not_finite, "verdict": c.verdict.strip("*"),
+                  "untested_reason": c.untested_reason} for c in self.cells]
         return {"base": self.base_name.strip("`"), "new": self.new_name.strip("`"), "alpha": self.alpha,
                 "max_regression": self.max_regression, "passed": self.passed if self.max_regression is not None
                 else None, "cells": cells, "only_base": self.only_base, "only_new": self.only_new,
@@ -98,8 +107,9 @@ class Comparison:
         for cell in self.cells:
             interval = (f"{cell.ci95[0]:+.2%} … {cell.ci95[1]:+.2%}" if cell.ci95 else "–")
             p_value = "–" if cell.p_value is None else f"{cell.p_value:.3f}"
+            change = f"{cell.relative_change:+.2%}" if math.isfinite(cell.relative_change) else "–"
             lines.append(f"| {cell.task} | {cell.pattern} | {cell.ctx} | {cell.base_perplexity:.3f} | "
-                         f"{cell.new_perplexity:.3f} | {cell.relative_change:+.2%} | {interval} | "
+                         f"{cell.new_perplexity:.3f} | {change} | {interval} | "
                          f"{p_value} | {cell.verdict} |")
         lines.append("")
         lines.append(f"Token perplexity; change = new / base − 1; paired bootstrap over documents (over "
@@ -117,7 +127,8 @@ class Comparison:
         for cell in untested:
             consequence = "; so it fails the gate (it cannot show that it did not regress)" \
                 if self.max_regression is not None else ""
-            lines.append(f"{cell.label}: not testable: {cell.untested_reason}{consequence}.")
+            what = "not finite" if cell.not_finite else "not testable"
+            lines.append(f"{cell.label}: {what}: {cell.untested_reason}{consequence}.")
         if self.max_regression is not None:
             lines.append("")
             if self.passed:
@@ -125,7 +136,8 @@ class Comparison:
                              f"with p < {self.alpha:g}.")
             else:
                 regressed = [c for c in self.regressions if c.significant is not None]
-                untestable = [c for c in self.regressions if c.significant is None]
+                untestable = [c for c in self.regressions if c.significant is None and not c.not_finite]
+                not_finite = [c for c in self.regressions if c.not_finite]
                 parts = []
                 if regressed:
                     worst = ", ".join(f"{c.label} ({c.relative_change:+.2%})" for c in regressed)
@@ -134,8 +146,42 @@ class Comparison:
                 if untestable:
                     parts.append(f"{len(untestable)} cell(s) had too little data for a test and fail closed: "
                                  + ", ".join(c.label for c in untestable))
+                if not_finite:
+                    parts.append(f"{len(not_finite)} cell(s) have a perplexity that is not finite (NaN or "
+                                 "infinite): " + ", ".join(c.label for c in not_finite))
                 lines.append("**Gate failed**: " + "; ".join(parts) + ".")
         return "\n".join(lines)
+
+
+def _finite_or_none(value):
+    return value if value is None or math.isfinite(value) else None
+
+
+def _not_finite_perplexity(record: dict) -> float | None:
+    """The record's perplexity when it is NaN or infinite (also when a document's NLL sum is),
+    else None: such a cell has nothing to test, and it never passes."""
+    perplexity = record["metrics"].get("perplexity")
+    if isinstance(perplexity, (int, float)) and not math.isfinite(perplexity):
+        return float(perplexity)
+    if not all(math.isfinite(document["nll_sum"]) for document in record["documents"]):
+        return math.nan
+    return None
+
+
+def _not_finite_cell(key: tuple, pattern: str, base: dict, new: dict, gate: bool) -> CellComparison | None:
+    """The comparison of a cell where either side's perplexity is not finite, or None."""
+    values = {"base": _not_finite_perplexity(base), "new": _not_finite_perplexity(new)}
+    sides = [side for side, value in values.items() if value is not None]
+    if not sides:
+        return None
+    base_value = values["base"] if values["base"] is not None else base["metrics"].get("perplexity", math.nan)
+    new_value = values["new"] if values["new"] is not None else new["metrics"].get("perplexity", math.nan)
+    said = " and ".join(f"the {side} perplexity is {values[side]}" for side in sides)
+    return CellComparison(
+        task=key[0], pattern=pattern, ctx=key[2], base_perplexity=float(base_value),
+        new_perplexity=float(new_value), relative_change=math.nan, ci95=None, p_value=None,
+        documents=len(base["documents"]), significant=None, regression=gate, not_finite=True,
+        untested_reason=f"{said} (the model's losses were NaN or infinite)")
 
 
 def _index(records: Sequence[dict], side: str, labels: dict[str, str]) -> dict[tuple, dict]:
@@ -295,8 +341,8 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *, alpha: float =
     """
     if not 0 < alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
-    if max_regression is not None and max_regression < 0:
-        raise UserError(f"--max-regression must be 0 or more percent (got {max_regression})")
+    if max_regression is not None and not (math.isfinite(max_regression) and max_regression >= 0):
+        raise UserError(f"--max-regression must be a finite number of percent, 0 or more (got {max_regression})")
     if not base or not new:
         raise UserError(f"no records on the {'base' if not base else 'new'} side; give result files or folders")
     labels = pattern_labels(list(base) + list(new))
@@ -320,6 +366,10 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *, alpha: float =
         b_record, n_record = base_cells[key], new_cells[key]
         where = name(key)
         _check_comparable(b_record, n_record, where)
+        not_finite = _not_finite_cell(key, labels[key[1]], b_record, n_record, gate=max_regression is not None)
+        if not_finite is not None:
+            cells.append(not_finite)
+            continue
         try:
             documents_test = paired_bootstrap(_documents(b_record), _documents(n_record), n_boot=0, seed=seed)
             unit, windows, reason = resampling_unit(b_record, n_record, where)

@@ -54,3 +54,23 @@ def test_default_model_matches_plain_loop(sample_data_dir):
                              batch_size=batch, loaded=(model, tokenizer))
         assert record["metrics"]["tokens"] == tokens
         assert record["metrics"]["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_perplexity_that_is_not_finite_is_recorded_and_said(tiny_model_dir, sample_data_dir, tmp_path):
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scca_eval import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # one NaN weight: every loss is NaN
+    said = []
+    (record,) = evaluate(str(tiny_model_dir), loaded=(model, tokenizer), data=[str(sample_data_dir)], ctx=64,
+                         max_tokens=256, device="cpu", out=str(tmp_path), notify=said.append)
+    assert math.isnan(record["metrics"]["perplexity"])  # a true result of this model: kept
+    assert list(tmp_path.glob("*.json"))
+    warnings = [line for line in said if "not finite" in line]
+    assert len(warnings) == 1 and "perplexity is nan at ctx 64" in warnings[0]

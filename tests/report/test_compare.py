@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -452,3 +453,44 @@ def test_json_and_output_may_not_name_one_file(sides, tmp_path, capsys):
     assert not same.exists()
     code, out, err = run_cli(["compare", base, new, "--json", str(tmp_path)], capsys)  # a folder
     assert code == 2 and len(err.strip().splitlines()) == 1 and not out
+
+
+@pytest.mark.parametrize("side", ["base", "new"])
+def test_a_perplexity_that_is_not_finite_fails_the_gate(tmp_path, capsys, side):
+    # A model with a NaN weight gives NaN losses: its record is true, but the cell can never pass.
+    docs = base_docs()
+    broken = [(i, math.nan if index == 3 else n, t) for index, (i, n, t) in enumerate(docs)]
+    record = make_record(broken, model="new-model")
+    record["metrics"]["perplexity"] = math.nan
+    write_record(make_record(docs) if side == "new" else record, tmp_path / "base")
+    write_record(record if side == "new" else make_record(docs, model="new-model"), tmp_path / "new")
+    json_path = tmp_path / "cmp.json"
+    code, out, err = run_cli(["compare", str(tmp_path / "base"), str(tmp_path / "new"), "--max-regression", "1",
+                              "--json", str(json_path)], capsys)
+    assert code == 1, out
+    assert "**not finite: fails the gate**" in out and "better" not in out and "Gate passed" not in out
+    assert f"the {side} perplexity is nan" in out
+    assert "**Gate failed**: 1 cell(s) have a perplexity that is not finite" in out
+    # strict JSON: no bare NaN
+    report = json.loads(json_path.read_text(), parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    assert report["passed"] is False and report["cells"][0]["not_finite"] is True
+    assert report["cells"][0][f"{side}_perplexity"] is None
+
+
+def test_a_perplexity_that_is_not_finite_is_said_without_a_gate(tmp_path, capsys):
+    docs = base_docs()
+    record = make_record(docs, model="new-model")
+    record["metrics"]["perplexity"] = math.inf
+    write_record(make_record(docs), tmp_path / "base")
+    write_record(record, tmp_path / "new")
+    code, out, err = run_cli(["compare", str(tmp_path / "base"), str(tmp_path / "new")], capsys)
+    assert code == 0
+    assert "| not finite |" in out and "the new perplexity is inf" in out
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_threshold_that_is_not_a_finite_percentage_is_refused(sides, capsys, value):
+    base, new = sides([1.0] * N_DOCS)
+    code, out, err = run_cli(["compare", base, new, "--max-regression", value], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "--max-regression must be a finite number" in err
