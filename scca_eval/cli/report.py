@@ -32,6 +32,27 @@ def _load_references(names):
     return [load_reference(name) for name in names]
 
 
+def _refuse_overwriting_results(output: str | None, option: str, inputs, records) -> None:
+    """A report never replaces a result record, a progress file, or a file it was made from."""
+    if output is None:
+        return
+    from ..errors import UserError
+    from ..evaluation.resume import SUFFIX as PROGRESS_SUFFIX
+    from ..records import read_record
+
+    target = Path(output).resolve()
+    if target in {Path(p).resolve() for p in inputs} | {Path(r["path"]).resolve() for r in records}:
+        raise UserError(f"{option} {output} is one of the files this report reads; write the report to another file")
+    if target.name.endswith(PROGRESS_SUFFIX) and target.exists():
+        raise UserError(f"{option} {output} is the progress file of an unfinished cell; write the report to "
+                        "another file")
+    try:
+        read_record(target)
+    except UserError:
+        return  # not a readable record (or no file yet): nothing of value is replaced
+    raise UserError(f"{option} {output} holds a scca-eval result record; write the report to another file")
+
+
 def _write(text: str, output: str | None) -> None:
     if output is None:
         click.echo(text)
@@ -75,6 +96,7 @@ def table(paths, fmt, metric, rows, ci, references, digits, output):
     if output is not None:
         check_output_path(output)
     records = load_records(paths) if paths else []
+    _refuse_overwriting_results(output, "--output", paths, records)
     passkey, records = _split_passkey(records)
     parts = []
     if records or references or not passkey:
@@ -109,7 +131,8 @@ def _split_passkey(records):
 @click.option("--output", "-o", type=click.Path(), default=None, callback=output_file_callback,
               help="Also write the markdown report to this file (e.g. for a pull-request comment).")
 @click.option("--json", "json_path", type=click.Path(), default=None, callback=output_file_callback,
-              help="Also write every cell's numbers and verdict as JSON to this file.")
+              help="Also write every cell's numbers and verdict as JSON to this file (table, compare and plot "
+                   "pass over it in a results folder).")
 @click.pass_context
 def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, output, json_path):
     """Compare NEW result records with BASE ones, cell by cell (task, pattern, ctx).
@@ -143,6 +166,8 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
     if output is not None and json_path is not None and Path(output).resolve() == Path(json_path).resolve():
         raise UserError(f"--output and --json both name {output}; give each its own file")
     base_records, new_records = load_records([base]), load_records([new])
+    for path, option in ((output, "--output"), (json_path, "--json")):
+        _refuse_overwriting_results(path, option, [base, new], base_records + new_records)
     if _split_passkey(base_records)[0] or _split_passkey(new_records)[0]:
         raise UserError("compare works on perplexity records; passkey records have no per-document losses to "
                         "compare (show them side by side with scca-eval table)")

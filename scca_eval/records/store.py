@@ -20,6 +20,9 @@ from ..files import atomic_write_text
 from .identity import config_key, identity_difference, identity_of, is_passkey_record
 
 REQUIRED_KEYS = ("model", "task", "pattern", "ctx", "stride", "metrics", "documents", "config", "runtime")
+# The "format" of the JSON report of `scca-eval compare --json`: a folder being read skips it
+# (it may be written next to the records it compares), so it is never mistaken for a record.
+COMPARE_REPORT_FORMAT = "scca-eval compare"
 
 
 def slug(text: str) -> str:
@@ -147,13 +150,27 @@ def _identity_digest(record: dict) -> str:
 
 
 def read_record(path: str | Path) -> dict:
-    path = Path(path)
+    return _as_record(_parsed(Path(path)), Path(path))
+
+
+def _parsed(path: Path):
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such result file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: not a valid result file ({error}); re-run the evaluation that wrote it") from None
+
+
+def _is_compare_report(parsed) -> bool:
+    return isinstance(parsed, dict) and parsed.get("format") == COMPARE_REPORT_FORMAT \
+        and any(key not in parsed for key in REQUIRED_KEYS)
+
+
+def _as_record(record, path: Path) -> dict:
+    if _is_compare_report(record):
+        raise UserError(f"{path}: a report of scca-eval compare --json, not a result record; "
+                        "give the records it compared")
     if not isinstance(record, dict) or any(key not in record for key in REQUIRED_KEYS):
         missing = [key for key in REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
         raise UserError(f"{path}: not a scca-eval result record (missing {', '.join(missing)})")
@@ -215,11 +232,13 @@ def _wrongly_typed_field(record: dict) -> str | None:
 
 
 def load_records(paths: Iterable[str | Path]) -> list[dict]:
-    """Records from files and folders (folders are searched for *.json, recursively).
+    """Records from files and folders (folders are searched for *.json, recursively; a report
+    of ``compare --json`` found in a folder is passed over, the only JSON file that is).
 
     A file named twice (directly and through its folder) is read once.
     """
     files: list[Path] = []
+    named: set[Path] = set()  # files named directly, not found in a folder
     for entry in paths:
         entry = Path(entry)
         if entry.is_dir():
@@ -230,13 +249,17 @@ def load_records(paths: Iterable[str | Path]) -> list[dict]:
             files.extend(found)
         elif entry.exists():
             files.append(entry)
+            named.add(entry)
         else:
             raise UserError(f"{entry}: no such result file or folder")
     records, seen = [], set()
     for path in files:
         if path.resolve() not in seen:
             seen.add(path.resolve())
-            records.append(read_record(path))
+            parsed = _parsed(path)
+            if path not in named and _is_compare_report(parsed):
+                continue  # a compare report written into a results folder; named directly, it is refused
+            records.append(_as_record(parsed, path))
     return records
 
 
@@ -252,7 +275,10 @@ def existing_records(folder: str | Path, say, *, passkey: bool = False) -> dict[
         if path.name.startswith("."):
             continue
         try:
-            record = read_record(path)
+            parsed = _parsed(path)
+            if _is_compare_report(parsed):
+                continue  # a report, no cell's record
+            record = _as_record(parsed, path)
             if is_passkey_record(record) == passkey:
                 found[config_key(record)] = record
         except (UserError, KeyError, TypeError, AttributeError) as error:

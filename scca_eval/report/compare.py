@@ -26,6 +26,7 @@ from typing import Sequence
 from ..errors import UserError
 from ..evaluation.metrics import paired_bootstrap, paired_block_bootstrap
 from ..records import comparable_tokenizers, comparison_key, last_window_of
+from ..records.store import COMPARE_REPORT_FORMAT
 from ..evaluation.window_sums import decode_windows
 from .grid import PRESET_ORDER, pattern_labels
 
@@ -95,7 +96,7 @@ class Comparison:
                   "unit": c.unit, "significant": c.significant, "regression": c.regression,
                   "not_finite": c.not_finite, "verdict": c.verdict.strip("*"),
                   "untested_reason": c.untested_reason} for c in self.cells]
-        return {"base": self.base_name.strip("`"), "new": self.new_name.strip("`"), "alpha": self.alpha,
+        return {"format": COMPARE_REPORT_FORMAT, "base": self.base_name.strip("`"), "new": self.new_name.strip("`"), "alpha": self.alpha,
                 "max_regression": self.max_regression, "passed": self.passed if self.max_regression is not None
                 else None, "cells": cells, "only_base": self.only_base, "only_new": self.only_new,
                 "differences": self.differences}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -494,3 +495,47 @@ def test_a_threshold_that_is_not_a_finite_percentage_is_refused(sides, capsys, v
     code, out, err = run_cli(["compare", base, new, "--max-regression", value], capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "--max-regression must be a finite number" in err
+
+
+@pytest.mark.parametrize("option", ["--output", "--json"])
+def test_a_report_never_replaces_a_record_it_reads(sides, capsys, option):
+    base, new = sides([1.0] * N_DOCS)
+    (record_path,) = sorted(Path(base).glob("*full__ctx1024.json"))
+    before = record_path.read_bytes()
+    code, out, err = run_cli(["compare", base, new, option, str(record_path)], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "is one of the files this report reads" in err
+    assert record_path.read_bytes() == before
+
+
+def test_a_report_never_replaces_a_record_or_progress_file_elsewhere(sides, tmp_path, capsys):
+    base, new = sides([1.0] * N_DOCS)
+    other = write_record(make_record(base_docs(), model="other-model"), tmp_path / "other")
+    before = other.read_bytes()
+    progress = tmp_path / "other" / (other.name + ".progress")
+    progress.write_text("{}")
+    for args in (["compare", base, new, "--json", str(other)], ["table", base, "-o", str(other)]):
+        code, out, err = run_cli(args, capsys)
+        assert code == 2 and "holds a scca-eval result record" in err and err.count("\n") == 1
+    code, out, err = run_cli(["table", base, "-o", str(progress)], capsys)
+    assert code == 2 and "progress file" in err
+    assert other.read_bytes() == before and progress.read_text() == "{}"
+
+
+def test_a_compare_report_inside_a_results_folder_is_passed_over(sides, capsys):
+    from scca_eval.records import existing_records
+
+    base, new = sides([1.0] * N_DOCS)
+    report = Path(new) / "cmp.json"
+    assert run_cli(["compare", base, new, "--json", str(report)], capsys)[0] == 0
+    assert json.loads(report.read_text())["format"] == "scca-eval compare"
+    # the folder still reads as its four records: table, compare (again, over the report) and a sweep's reuse
+    code, out, err = run_cli(["table", new], capsys)
+    assert code == 0 and out.count("| **10.92** |") == 2
+    code, out, err = run_cli(["compare", base, new, "--json", str(report)], capsys)
+    assert code == 0 and out.count("no significant change") == 4
+    said = []
+    assert len(existing_records(new, said.append)) == 4 and said == []
+    # named on its own, it is not taken for a record
+    code, out, err = run_cli(["table", str(report)], capsys)
+    assert code == 2 and "a report of scca-eval compare --json, not a result record" in err
