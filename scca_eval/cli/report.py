@@ -144,7 +144,7 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
     comparable (other tokenizer, task data, protocol, stride, last window, --max-tokens
     or documents) are refused.
     Cells found on one side only are listed. When GITHUB_STEP_SUMMARY is set, the report is
-    appended to that file.
+    appended to that file (exit 2 when it cannot be).
 
     \b
     Exit status: 0 = no significant regression beyond --max-regression (or no gate),
@@ -182,10 +182,25 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
         _write(json.dumps(comparison.to_dict(), indent=1, allow_nan=False), json_path)  # strict JSON
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
-        with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(report + "\n\n")
+        _append_to_summary(summary, report, comparison)
     if not comparison.passed:
         ctx.exit(1)
+
+
+def _append_to_summary(summary: str, report: str, comparison) -> None:
+    """Append the report to GitHub's job summary. A path that cannot be written is bad input
+    (exit 2), never exit 1, which would read as a failed gate; the line says the gate's verdict."""
+    from ..errors import UserError
+
+    try:
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(report + "\n\n")
+    except OSError as error:
+        verdict = "" if comparison.max_regression is None else \
+            f" (the gate {'passed' if comparison.passed else 'failed'})"
+        raise UserError(f"GITHUB_STEP_SUMMARY={summary}: cannot append the report "
+                        f"({error.strerror or type(error).__name__}){verdict}; point it at a file in an existing "
+                        "folder, or unset it") from None
 
 
 @click.command()

@@ -539,3 +539,15 @@ def test_a_compare_report_inside_a_results_folder_is_passed_over(sides, capsys):
     # named on its own, it is not taken for a record
     code, out, err = run_cli(["table", str(report)], capsys)
     assert code == 2 and "a report of scca-eval compare --json, not a result record" in err
+
+
+@pytest.mark.parametrize("where", ["missing folder", "folder"])
+def test_a_job_summary_that_cannot_be_written_is_bad_input_not_a_failed_gate(sides, tmp_path, capsys,
+                                                                              monkeypatch, where):
+    base, new = sides([1.0] * N_DOCS)
+    summary = tmp_path / "no-such-folder" / "summary.md" if where == "missing folder" else tmp_path
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1"], capsys)
+    assert code == 2
+    assert "**Gate passed**" in out  # the report is printed first
+    assert err.count("\n") == 1 and f"GITHUB_STEP_SUMMARY={summary}" in err and "(the gate passed)" in err
