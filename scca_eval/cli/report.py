@@ -121,8 +121,12 @@ def _split_passkey(records):
 @click.argument("new", type=click.Path())
 @click.option("--max-regression", type=float, default=None, metavar="PCT",
               help="Gate: exit 1 when any cell's perplexity rose by more than PCT percent and significantly "
-                   "(p < --alpha), when a cell has too little data for a test (it fails closed), or when a "
-                   "cell's perplexity is not finite (NaN or infinite) on either side. Without it, only report.")
+                   "(p < --alpha), when a cell has too little data for a test (it fails closed), when a "
+                   "cell's perplexity is not finite (NaN or infinite) on either side, or when a cell of BASE is "
+                   "missing in NEW (see --allow-missing). Without it, only report.")
+@click.option("--allow-missing", is_flag=True,
+              help="Cells of BASE that NEW lacks do not fail the gate: for comparing a subset on purpose. "
+                   "Without it they fail it, since a run that stopped part-way leaves cells out.")
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="Significance level of the paired bootstrap.")
 @click.option("--bootstrap-samples", type=int, default=2000, show_default=True,
@@ -134,7 +138,7 @@ def _split_passkey(records):
               help="Also write every cell's numbers and verdict as JSON to this file (table, compare and plot "
                    "pass over it in a results folder).")
 @click.pass_context
-def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, output, json_path):
+def compare(ctx, base, new, max_regression, allow_missing, alpha, bootstrap_samples, seed, output, json_path):
     """Compare NEW result records with BASE ones, cell by cell (task, pattern, ctx).
 
     For each cell: both perplexities, the relative change, and a paired bootstrap that
@@ -143,7 +147,8 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
     a cell with too little for either cannot pass the gate. Records that are not
     comparable (other tokenizer, task data, protocol, stride, last window, --max-tokens
     or documents) are refused.
-    Cells found on one side only are listed. When GITHUB_STEP_SUMMARY is set, the report is
+    Cells found on one side only are listed; with the gate, cells of BASE missing in NEW
+    fail it (unless --allow-missing). When GITHUB_STEP_SUMMARY is set, the report is
     appended to that file (exit 2 when it cannot be).
 
     \b
@@ -173,7 +178,7 @@ def compare(ctx, base, new, max_regression, alpha, bootstrap_samples, seed, outp
                         "compare (show them side by side with scca-eval table)")
     comparison = compare_records(base_records, new_records, alpha=alpha,
                                  max_regression=max_regression, n_boot=bootstrap_samples, seed=seed,
-                                 base_name=f"`{base}`", new_name=f"`{new}`")
+                                 base_name=f"`{base}`", new_name=f"`{new}`", allow_missing=allow_missing)
     report = comparison.to_markdown()
     click.echo(report)
     if output is not None:

@@ -13,8 +13,9 @@ The gate: with ``max_regression`` (percent), a cell fails when perplexity rose b
 than that share *and* the rise is significant (p < alpha). Changes inside the noise never
 fail the gate; improvements never do. A cell with too little data for either test (or
 records without per-window sums) cannot show that it did not regress: it fails the gate
-("fails closed"), and the report says why. So does a cell whose perplexity is NaN or infinite
-on either side: it is never better, and never passes.
+("fails closed"), and the report says why. So does a cell of the base that the new side lacks
+(unless ``allow_missing``: a subset compared on purpose), and so does a cell whose perplexity
+is NaN or infinite on either side: it is never better, and never passes.
 """
 
 from __future__ import annotations
@@ -75,14 +76,21 @@ class Comparison:
     differences: list[str] = field(default_factory=list)
     base_name: str = "base"
     new_name: str = "new"
+    allow_missing: bool = False            # cells only in base pass the gate (a subset on purpose)
 
     @property
     def regressions(self) -> list[CellComparison]:
         return [cell for cell in self.cells if cell.regression]
 
     @property
+    def missing(self) -> list[str]:
+        """The base's cells that the new side lacks and that fail the gate: a run that stopped
+        part-way leaves cells out, and a gate that could not test them does not pass."""
+        return self.only_base if self.max_regression is not None and not self.allow_missing else []
+
+    @property
     def passed(self) -> bool:
-        return not self.regressions
+        return not self.regressions and not self.missing
 
     def to_dict(self) -> dict:
         """The comparison as plain data (``compare --json``): every cell with its numbers and
@@ -97,7 +105,7 @@ class Comparison:
                   "not_finite": c.not_finite, "verdict": c.verdict.strip("*"),
                   "untested_reason": c.untested_reason} for c in self.cells]
         return {"format": COMPARE_REPORT_FORMAT, "base": self.base_name.strip("`"), "new": self.new_name.strip("`"), "alpha": self.alpha,
-                "max_regression": self.max_regression, "passed": self.passed if self.max_regression is not None
+                "max_regression": self.max_regression, "allow_missing": self.allow_missing, "passed": self.passed if self.max_regression is not None
                 else None, "cells": cells, "only_base": self.only_base, "only_new": self.only_new,
                 "differences": self.differences}
 
@@ -123,7 +131,9 @@ class Comparison:
             lines.append("Settings that differ: " + "; ".join(self.differences) + ".")
         for side, cells in (("base", self.only_base), ("new", self.only_new)):
             if cells:
-                lines.append(f"Only in {side} ({len(cells)}, not compared): " + ", ".join(cells) + ".")
+                consequence = "; they fail the gate (--allow-missing lets them pass)" \
+                    if side == "base" and self.missing else ""
+                lines.append(f"Only in {side} ({len(cells)}, not compared{consequence}): " + ", ".join(cells) + ".")
         untested = [c for c in self.cells if c.significant is None]
         for cell in untested:
             consequence = "; so it fails the gate (it cannot show that it did not regress)" \
@@ -147,6 +157,9 @@ class Comparison:
                 if untestable:
                     parts.append(f"{len(untestable)} cell(s) had too little data for a test and fail closed: "
                                  + ", ".join(c.label for c in untestable))
+                if self.missing:
+                    parts.append(f"{len(self.missing)} cell(s) of the base are missing on the new side: "
+                                 + ", ".join(self.missing))
                 if not_finite:
                     parts.append(f"{len(not_finite)} cell(s) have a perplexity that is not finite (NaN or "
                                  "infinite): " + ", ".join(c.label for c in not_finite))
@@ -335,10 +348,11 @@ def block_length(n_windows: int) -> int:
 
 def compare_records(base: Sequence[dict], new: Sequence[dict], *, alpha: float = 0.05,
                     max_regression: float | None = None, n_boot: int = 2000, seed: int = 0,
-                    base_name: str = "base", new_name: str = "new") -> Comparison:
+                    base_name: str = "base", new_name: str = "new", allow_missing: bool = False) -> Comparison:
     """Compare ``new`` records with ``base`` records cell by cell (see the module docstring).
 
     max_regression: percent; with it, ``Comparison.passed`` is the gate's verdict.
+    allow_missing: cells of the base that the new side lacks do not fail the gate.
     """
     if not 0 < alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
@@ -410,5 +424,5 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *, alpha: float =
         only_new=[name(k) for k in sorted(new_cells, key=order) if k not in base_cells],
         alpha=alpha, max_regression=max_regression,
         differences=_setting_differences([(base_cells[k], new_cells[k]) for k in common]),
-        base_name=base_name, new_name=new_name,
+        base_name=base_name, new_name=new_name, allow_missing=allow_missing,
     )

@@ -170,6 +170,24 @@ def test_cells_on_one_side_are_listed(sides, tmp_path, capsys):
     assert "Only in new (1, not compared): proof_pile_sample · full · ctx 1024." in out
 
 
+def test_a_cell_missing_on_the_new_side_fails_the_gate_unless_allowed(sides, tmp_path, capsys):
+    # a CI run that died part-way leaves cells out: the gate could not test them
+    base, new = sides([1.0] * N_DOCS)
+    write_record(make_record(base_docs(), pattern="longmixed", ctx=4096), tmp_path / "base")
+    write_record(make_record(base_docs(), task="proof_pile_sample"), tmp_path / "new")  # only in new: harmless
+    json_path = tmp_path / "cmp.json"
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1", "--json", str(json_path)], capsys)
+    assert code == 1
+    assert ("Only in base (1, not compared; they fail the gate (--allow-missing lets them pass)): "
+            "pg19_sample · longmixed · ctx 4096.") in out
+    assert "**Gate failed**: 1 cell(s) of the base are missing on the new side: pg19_sample · longmixed · ctx 4096." \
+        in out
+    assert json.loads(json_path.read_text())["passed"] is False
+    code, out, err = run_cli(["compare", base, new, "--max-regression", "1", "--allow-missing"], capsys)
+    assert code == 0 and "**Gate passed**" in out
+    assert "Only in base (1, not compared): pg19_sample · longmixed · ctx 4096." in out
+
+
 def test_step_summary_is_appended(sides, tmp_path, capsys, monkeypatch):
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
