@@ -163,8 +163,10 @@ def _parsed(path: Path):
 
 
 def _is_compare_report(parsed) -> bool:
-    return isinstance(parsed, dict) and parsed.get("format") == COMPARE_REPORT_FORMAT \
-        and any(key not in parsed for key in REQUIRED_KEYS)
+    """A report of ``compare --json`` (also one written before it carried its format), never a record."""
+    if not isinstance(parsed, dict) or all(key in parsed for key in REQUIRED_KEYS):
+        return False
+    return parsed.get("format") == COMPARE_REPORT_FORMAT or {"cells", "only_base", "only_new"} <= set(parsed)
 
 
 def _as_record(record, path: Path) -> dict:

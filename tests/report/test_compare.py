@@ -554,6 +554,12 @@ def test_a_compare_report_inside_a_results_folder_is_passed_over(sides, capsys):
     assert code == 0 and out.count("no significant change") == 4
     said = []
     assert len(existing_records(new, said.append)) == 4 and said == []
+    # a report written before it carried its format is passed over too
+    older = json.loads(report.read_text())
+    del older["format"]
+    report.write_text(json.dumps(older))
+    code, out, err = run_cli(["table", new], capsys)
+    assert code == 0 and out.count("| **10.92** |") == 2
     # named on its own, it is not taken for a record
     code, out, err = run_cli(["table", str(report)], capsys)
     assert code == 2 and "a report of scca-eval compare --json, not a result record" in err
