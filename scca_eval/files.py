@@ -13,7 +13,7 @@ import importlib.resources
 import json
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -96,19 +96,27 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, os_erro
         raise unwritable(error) from None
     try:
         _plain_permissions(tmp)
-        with os.fdopen(fd, "wb") as handle:
+        handle = os.fdopen(fd, "wb")
+        try:
             try:
                 write(handle)
             except OSError as error:
                 # A full disk shows up inside write(); other OSErrors there are not about the path.
-                if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                if _is_disk_full(error):
                     raise unwritable(error) from None
                 raise
             try:
                 handle.flush()
                 os.fsync(handle.fileno())
+                handle.close()
             except OSError as error:
                 raise unwritable(error) from None
+        except BaseException:
+            # After a failed write the buffer still holds bytes, and close() would try to flush
+            # them again and raise a second OSError over the first; the file is discarded anyway.
+            with suppress(OSError):
+                handle.close()
+            raise
         try:
             os.replace(tmp, path)
         except OSError as error:
@@ -144,7 +152,13 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         raise _unwritable(path, error) from None
     try:
         _plain_permissions(tmp)
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except OSError as error:
+            # A full disk shows up inside the writer; other OSErrors there are not about the path.
+            if _is_disk_full(error):
+                raise _unwritable(path, error) from None
+            raise
         try:
             os.replace(tmp, path)
         except OSError as error:
@@ -152,6 +166,10 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _is_disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _plain_permissions(tmp: str) -> None:
