@@ -80,3 +80,12 @@ def test_table_output_on_a_full_disk_is_one_line(full_disk, tmp_path, capsys):
     assert err.count("\n") == 1 and "disk is full" in err and "Traceback" not in err
     assert target.read_text() == "old" and _leftovers(tmp_path) == []
 
+
+def test_passkey_on_a_full_disk_says_what_the_unsaved_cell_scored(full_disk, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, _, err = run_cli(["passkey", "--model", str(tiny_model_dir), "--ctx", "192", "--trials", "1",
+                            "--depths", "2", "--device", "cpu", "-q", "--out", str(out)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "disk is full" in err
+    assert "not saved: full · ctx 192 scored accuracy" in err
+    assert list(out.iterdir()) == []

@@ -298,7 +298,13 @@ def run_passkey(loaded, model_id: str, specs: Sequence, ctxs: Sequence[int], *, 
                 record = evaluate_passkey(lm, tokenizer, model_id, spec, ctx, trials=trials, depths=depths,
                                           seed=seed, batch_size=batch_size, progress=progress)
                 if out is not None:
-                    path = records.write_record(record, out, say)
+                    try:
+                        path = records.write_record(record, out, say)
+                    except UserError as error:
+                        # The cell's trials are lost with its record: at least say what they scored.
+                        raise UserError(f"{error} (not saved: {record['pattern']} · ctx {ctx} scored accuracy "
+                                        f"{record['metrics']['accuracy']:.0%}; the records written before are "
+                                        "kept, and a rerun skips them)") from None
                     record["path"] = str(path)
                     say(f"wrote {record['pattern']} · ctx {ctx}: accuracy {record['metrics']['accuracy']:.0%} "
                         f"({path})")
