@@ -12,6 +12,7 @@ import errno
 import importlib.resources
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -71,6 +72,36 @@ def check_writable_folder(folder: str | Path, option: str = "--out", label: str 
         reason = error.strerror or type(error).__name__
         raise UserError(f"{label}: cannot write in {existing} ({reason}); choose a folder you can "
                         "write to") from None
+
+
+def free_space(path: str | Path) -> int:
+    """Bytes free on the disk where ``path`` is, or would be made (its nearest existing folder)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def size_text(size: float) -> str:
+    """A number of bytes for a message: ``512 B``, ``1.5 MiB``, ``298.0 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def allocate(path: str | Path, size: int) -> None:
+    """Reserve ``size`` bytes of disk for the file ``path`` now. A memory map over a file whose
+    blocks are not yet allocated dies of SIGBUS when the disk fills up while it is written;
+    allocated first, a full disk is an OSError here instead, which atomic_path reports."""
+    if not hasattr(os, "posix_fallocate"):  # e.g. macOS: nothing to reserve with
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot
+                raise
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, os_errors: bool = False) -> None:

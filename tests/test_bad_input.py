@@ -249,6 +249,8 @@ CASES = [
      "--chunk-size"),
     ("patterns-export-folder", lambda f: ["patterns", "export", "s2", "--ctx", "64", "--heads", "2", "--out",
                                           str(f / "nowhere" / "m.npy")], "does not exist"),
+    ("patterns-export-under-a-file", lambda f: ["patterns", "export", "s2", "--ctx", "64", "--heads", "2", "--out",
+                                                str(f / "a_file" / "m.npy")], "a_file is a file, not a folder"),
     ("patterns-export-no-out", lambda f: ["patterns", "export", "s2"], "--out"),
     ("patterns-export-to-a-folder", lambda f: ["patterns", "export", "s2", "--ctx", "64", "--heads", "2", "--out",
                                                str(f / "empty_dir")], "directory"),

@@ -123,22 +123,31 @@ def export(name, ctx, heads, chunk_size, dilation, out_path):
 
     The array is [H, N, N] (heads x queries x keys), True where the query
     attends the key. NAME is a preset or a custom mix. The file is written atomically (a temporary file, then a rename). It holds
-    heads x ctx x ctx bytes, e.g. 2 GiB for 32 heads at ctx 8192.
+    heads x ctx x ctx bytes, e.g. 2 GiB for 32 heads at ctx 8192; an export larger
+    than the free space of the folder is refused before anything is written.
     """
     import numpy as np
 
-    from ..files import atomic_path
+    from ..files import allocate, atomic_path, check_output_path, free_space, size_text
     from ..patterns.masks import rule_mask
 
     spec = _spec_for(name, ctx, heads, chunk_size, dilation)
+    check_output_path(out_path)  # a file in the way of the folder is named as such
     folder = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {out_path}: the folder {folder} does not exist")
+    size = heads * ctx * ctx  # one byte per (head, query, key), plus a header of a few hundred bytes
+    free = free_space(folder)
+    if size > free:
+        raise UserError(f"cannot write {out_path}: the mask takes {size_text(size)} ({heads} x {ctx} x {ctx} bytes) "
+                        f"and {folder} has {size_text(free)} free; give fewer --heads or a smaller "
+                        "--ctx, or write to another folder")
     chunk = spec.chunk_for(ctx)
     with atomic_path(out_path, suffix=".npy") as temp:
         # Written head group by head group into a memory-mapped file, so the
         # whole [H, N, N] array never has to sit in memory.
         array = np.lib.format.open_memmap(temp, mode="w+", dtype=np.bool_, shape=(heads, ctx, ctx))
+        allocate(temp, os.path.getsize(temp))  # a disk that fills up meanwhile: an error, not a SIGBUS
         for first, end, rule in spec.head_groups(ctx, heads):
             array[first:end] = rule_mask(rule, ctx, chunk).numpy()[None]
         array.flush()

@@ -13,7 +13,6 @@ after that much training time.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
 import threading
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from ..distributed import all_agree
 from ..errors import UserError, is_out_of_memory
 from ..evaluation.resume import Interrupted
+from ..files import free_space
 from ..records import record_pattern_name, training_record
 from . import checkpoint as ckpt
 from .convergence import convergence
@@ -299,10 +299,7 @@ def _stop_on_sigint(trainer: Trainer):
 def _check_disk_space(out: Path, peft_model) -> None:
     """Refuse to start when the checkpoint (weights and two AdamW moments) cannot fit."""
     need = sum(p.numel() * 4 * 3 for p in trainable_parameters(peft_model).values())
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
+    free = free_space(out)
     if free < need * 2:  # the new checkpoint is written next to the old one before replacing it
         raise UserError(f"not enough disk space for the checkpoints in {out}: about {need * 2 / 2**30:.1f} GiB "
                         f"needed, {free / 2**30:.1f} GiB free; free some space or choose another --out")

@@ -347,6 +347,34 @@ def test_cli_export_writes_the_mask(patterns_group, tmp_path, name, args, groups
     assert [p.name for p in tmp_path.iterdir()] == ["mask.npy"]  # written atomically, no leftovers
 
 
+def test_cli_export_refuses_a_mask_larger_than_the_free_space(patterns_group, tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    result = _invoke(patterns_group, ["export", "s2", "--ctx", "64", "--heads", "4", "--out", str(tmp_path / "m.npy")])
+    assert isinstance(result.exception, UserError), result.output
+    message = str(result.exception)
+    assert "16.0 KiB (4 x 64 x 64 bytes)" in message and "9.8 KiB free" in message
+    assert "fewer --heads or a smaller --ctx, or write to another folder" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_on_a_disk_that_fills_up_leaves_no_temporary_file(patterns_group, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The space check passed, then the disk filled up: the mask's file cannot be allocated.
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    result = _invoke(patterns_group, ["export", "s2", "--ctx", "64", "--heads", "4", "--out", str(tmp_path / "m.npy")])
+    assert isinstance(result.exception, UserError), result.output
+    assert "the disk is full" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["show", "bogus", "--ctx", "64"], "unknown pattern"),
     (["export", "s2", "--ctx", "64", "--chunk-size", "128", "--out", "x.npy"], "above ctx 64"),

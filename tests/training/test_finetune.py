@@ -426,10 +426,8 @@ def test_bad_options_are_refused_before_anything_is_written(tiny_model_dir, samp
 def test_no_disk_space_is_refused_before_training(tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from scca_eval.training import run
-
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(run.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
     out = tmp_path / "full"
     _refused(capsys, ["--model", str(tiny_model_dir), "--data", str(sample_data_dir), "--out", str(out),
                       "--ctx", "64", "--device", "cpu"], "not enough disk space")
