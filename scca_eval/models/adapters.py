@@ -25,6 +25,7 @@ import torch
 
 from ..errors import MissingDependency, UserError
 from .fingerprint import files_fingerprint
+from .sources import is_damaged_safetensors, one_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -70,6 +71,9 @@ def locate_adapter(adapter: str | Path, trainable_params: str | Path | None = No
         raise UserError(f"cannot read {folder / ADAPTER_CONFIG}: {error}") from None
     if not isinstance(config, dict):
         raise UserError(f"{folder / ADAPTER_CONFIG} is not a JSON object: the adapter folder is damaged")
+    if not isinstance(config.get("peft_type"), str):
+        raise UserError(f"{folder / ADAPTER_CONFIG} names no peft_type: the adapter folder is damaged; "
+                        "save the adapter again (adapter.save_pretrained())")
     weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()), None)
     if weights is None:
         raise UserError(f"adapter {adapter} has no {' or '.join(ADAPTER_WEIGHTS)}: the adapter folder is incomplete")
@@ -128,9 +132,18 @@ def _adapter_weight_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return list(handle.keys())
+        except Exception as error:
+            if is_damaged_safetensors(error):
+                raise _damaged_weights(path, error) from None
+            raise
     return list(_torch_load(path).keys())
+
+
+def _damaged_weights(path: Path, error: BaseException) -> UserError:
+    return UserError(f"the adapter weights {path} are damaged ({one_line(error, 120)}): save or copy the adapter again")
 
 
 def _torch_load(path: Path) -> dict:
@@ -243,6 +256,10 @@ def attach_adapter(model, files: AdapterFiles, model_id: str, merge: bool):
     except RuntimeError as error:  # size mismatch in load_state_dict
         detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
         raise mismatch(detail[:200] if detail else "the weight shapes differ") from None
+    except Exception as error:
+        if is_damaged_safetensors(error):
+            raise _damaged_weights(files.weights, error) from None
+        raise
     if result.unexpected_keys:
         raise mismatch(f"{len(result.unexpected_keys)} adapter weights have no place in the model, "
                        f"first {result.unexpected_keys[0]}")

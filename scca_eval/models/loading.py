@@ -46,7 +46,7 @@ from .adapters import (
     training_rope_scaling,
 )
 from .fingerprint import folder_fingerprint
-from .sources import ModelSource, is_hub_id, looks_like_path, one_line, resolve_source
+from .sources import ModelSource, is_damaged_safetensors, is_hub_id, looks_like_path, one_line, resolve_source
 from .vocabulary import grow_embeddings, tokenizer_summary
 
 # --dtype names (choices.DTYPES) -> torch dtypes
@@ -196,7 +196,7 @@ def _load_weights(source: ModelSource, config, dtype, trust_remote_code: bool, d
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise UserError(f"cannot load the weights of {source.given}: {one_line(error)}") from None
     except Exception as error:  # safetensors' own error type for damaged files
-        if type(error).__name__ == "SafetensorError":
+        if is_damaged_safetensors(error):
             raise UserError(f"the weights of {source.given} are damaged ({one_line(error)}): download them again") from None
         raise
     missing = info.get("missing_keys") or []

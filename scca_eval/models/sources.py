@@ -32,6 +32,12 @@ def one_line(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def is_damaged_safetensors(error: BaseException) -> bool:
+    """Whether ``error`` is safetensors' own error for a damaged file (truncated, bad header);
+    its type lives in a Rust extension, so it is known by name."""
+    return type(error).__name__ == "SafetensorError"
+
+
 def looks_like_path(text: str) -> bool:
     return (
         text.startswith((".", "/", "~"))

@@ -313,6 +313,33 @@ def test_missing_or_incomplete_adapter_folder(setup, tmp_path):
         load_model(str(setup["base_folder"]), adapter=str(setup["plain"]), trainable_params=str(tmp_path / "x.bin"))
 
 
+@pytest.mark.parametrize("keep", [40, 0.5], ids=["header-cut", "data-cut"])
+@pytest.mark.parametrize("modules_to_save", [None, ["embed_tokens"]], ids=["lora-only", "with-embedding"])
+def test_truncated_adapter_weights_are_one_line(setup, tmp_path, keep, modules_to_save):
+    folder = tmp_path / "damaged"
+    shutil.copytree(setup["plain"], folder)
+    if modules_to_save:  # the fully trained modules are looked up in the weights before peft loads them
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": modules_to_save}))
+    weights = folder / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(UserError, match=r"adapter weights .*adapter_model.safetensors are damaged .*: save or copy") \
+            as caught:
+        load_model(str(setup["base_folder"]), adapter=str(folder))
+    _assert_one_line(caught)
+
+
+def test_adapter_config_without_peft_type_is_one_line(setup, tmp_path):
+    folder = tmp_path / "empty_config"
+    shutil.copytree(setup["plain"], folder)
+    (folder / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"adapter_config.json names no peft_type: the adapter folder is damaged") \
+            as caught:
+        load_model(str(setup["base_folder"]), adapter=str(folder))
+    _assert_one_line(caught)
+
+
 def test_peft_missing_says_how_to_install_it(setup, monkeypatch):
     """peft is a dependency of the default install; an environment without it is told so."""
     real_find_spec = adapters.importlib.util.find_spec
