@@ -168,7 +168,8 @@ def model_option(role: str = ""):
 
 adapter_options = _stack(
     click.option("--adapter", type=click.Path(), default=None,
-                 help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too."),
+                 help="LoRA adapter folder (peft); LongLoRA's trainable_params.bin in it is loaded too. "
+                      "A --model folder that holds an adapter itself is refused: give the adapter here."),
     click.option("--merge-adapter", is_flag=True,
                  help="Merge the adapter into the weights before evaluating (faster)."),
 )

@@ -35,6 +35,7 @@ from ..choices import DTYPES
 from ..errors import UserError
 from . import rope
 from .adapters import (
+    ADAPTER_CONFIG,
     adapter_record,
     attach_adapter,
     check_fully_trained_weights,
@@ -175,6 +176,14 @@ def _empty_model(source: ModelSource, config, dtype, trust_remote_code: bool):
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
                                                 trust_remote_code=trust_remote_code)
+
+
+def _refuse_adapter_in_model_folder(source: ModelSource) -> None:
+    """transformers' from_pretrained applies a LoRA adapter it finds in the model folder, so the
+    result would be of the adapted model while the record names the plain one (adapter null)."""
+    if source.path and (Path(source.path) / ADAPTER_CONFIG).is_file():
+        raise UserError(f"--model {source.given} holds a LoRA adapter ({ADAPTER_CONFIG}): give the base model as "
+                        "--model and this folder as --adapter (or move the adapter files to a folder of their own)")
 
 
 def _load_weights(source: ModelSource, config, dtype, trust_remote_code: bool, device_map):
@@ -325,6 +334,7 @@ def load_model(
     )
 
     source = resolve_source(model)
+    _refuse_adapter_in_model_folder(source)
     config = _load_config(source, trust_remote_code)
     rope_applied = rope.apply_rope_scaling(config, rope_request, original_ctx)
     if empty_weights:

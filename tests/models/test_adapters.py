@@ -340,6 +340,18 @@ def test_adapter_config_without_peft_type_is_one_line(setup, tmp_path):
     _assert_one_line(caught)
 
 
+def test_model_folder_holding_an_adapter_is_refused(setup, tmp_path):
+    """transformers would apply the adapter while the record said adapter: null."""
+    folder = tmp_path / "base_and_adapter"
+    shutil.copytree(setup["base_folder"], folder)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(setup["plain"] / name, folder / name)
+    with pytest.raises(UserError, match=r"holds a LoRA adapter \(adapter_config.json\): give the base model as "
+                                        r"--model and this folder as --adapter") as caught:
+        load_model(str(folder))
+    _assert_one_line(caught)
+
+
 def test_peft_missing_says_how_to_install_it(setup, monkeypatch):
     """peft is a dependency of the default install; an environment without it is told so."""
     real_find_spec = adapters.importlib.util.find_spec
