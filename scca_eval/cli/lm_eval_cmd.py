@@ -77,7 +77,11 @@ def lm_eval(model, pattern, chunk_size, dilation, attention_backend, adapter, me
     sys.argv = ["lm-eval", "run", "--model", MODEL_NAME, "--model_args", model_args, *device_args, *passed]
     try:
         cli_evaluate()
-    except Exception as error:  # noqa: BLE001 - only a network failure is turned into one line
+    except Exception as error:  # noqa: BLE001 - only unknown tasks and a network failure become one line
+        missing = _missing_tasks(error)
+        if missing is not None:
+            raise UserError(f"lm-eval has no task {missing}: check the name (`lm-eval ls tasks`), or give the "
+                            "folder of a local task YAML with `-- --include_path DIR`") from None
         unreachable = _unreachable(error)
         if unreachable is None:
             raise
@@ -87,6 +91,12 @@ def lm_eval(model, pattern, chunk_size, dilation, attention_backend, adapter, me
             "already in the Hugging Face cache (set HF_DATASETS_OFFLINE=1)") from None
     finally:
         sys.argv = saved
+
+
+def _missing_tasks(error: BaseException) -> str | None:
+    """The task names of lm-eval's ValueError "Tasks not found: a, b", or None for any other error."""
+    found = re.match(r"Tasks not found: ([^\n]*?)(\. |\.?$|\n)", str(error)) if isinstance(error, ValueError) else None
+    return found.group(1) if found else None
 
 
 # What the hub and data set libraries raise when the network is missing, by class name (they

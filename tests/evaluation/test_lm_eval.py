@@ -141,6 +141,19 @@ def test_lm_eval_command_bad_input(args, message, capsys):
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_an_unknown_task_is_one_line(tiny_model_dir, capsys):
+    """lm-eval itself (not a stand-in) refuses the task name, with its own wording."""
+    pytest.importorskip("lm_eval")
+    from scca_eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lm-eval", "--model", str(tiny_model_dir), "--device", "cpu", "--max-length", "64", "--",
+              "--tasks", "nonexistent_task_x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "lm-eval has no task nonexistent_task_x" in err[0] and "--include_path" in err[0]
+
+
 def test_without_device_lm_eval_gets_ours_not_its_cuda_default(monkeypatch):
     """lm-eval's own --device default is cuda:0 even on a machine without CUDA; the command
     always hands it scca-eval's choice (CUDA when there is one, else the CPU)."""
