@@ -142,13 +142,14 @@ class TaskSpec:
     origin: Path | None = None  # the YAML file, or None for --data
     use: str = "evaluation"     # evaluation, training or validation
     tokens: int | None = None   # size in SmolLM2-135M tokens, where the task file says
+    option: str = field(default="--data", compare=False)  # the option that gave a path: --data or --eval-data
 
     @property
     def label(self) -> str:
-        """How error messages name this task: its YAML file, or the --data path."""
+        """How error messages name this task: its YAML file, or the option and path it came from."""
         if self.origin is not None:
             return str(self.origin)
-        return f"--data {self.source.path}"
+        return f"{self.option} {self.source.path}"
 
     def to_dict(self) -> dict:
         return {
@@ -420,8 +421,9 @@ def _name_from_path(path: Path) -> str:
     return name or "data"
 
 
-def task_from_data_path(path: str | Path) -> TaskSpec:
+def task_from_data_path(path: str | Path, option: str = "--data") -> TaskSpec:
     """An ad-hoc task for ``--data PATH``: a file or a folder, its kind told by the file names.
+    ``option`` is how errors name the option the path came from (``--eval-data`` for validation text).
 
     A ``.jsonl`` / ``.jsonl.gz`` file is read as JSON lines with the field ``text``, a
     ``.parquet`` file likewise, a ``.bin`` file as a LongLoRA token stream, any other file
@@ -431,8 +433,8 @@ def task_from_data_path(path: str | Path) -> TaskSpec:
     given = str(path)
     path = Path(given).expanduser()
     if not path.exists():
-        raise UserError(f"--data {given}: no such file or folder; check the path")
-    label = f"--data {given}"
+        raise UserError(f"{option} {given}: no such file or folder; check the path")
+    label = f"{option} {given}"
     if path.is_file():
         if is_jsonl_file(path):
             kind = "jsonl"
@@ -451,11 +453,11 @@ def task_from_data_path(path: str | Path) -> TaskSpec:
         elif all(f.suffix == ".parquet" for f in files):
             kind = "parquet"
         elif any(f.suffix == ".bin" for f in files):
-            raise UserError(f"{label}: the folder holds .bin token files; give one .bin file itself to --data")
+            raise UserError(f"{label}: the folder holds .bin token files; give one .bin file itself to {option}")
         else:
             kind = "text"
     else:
         raise UserError(f"{label}: not a regular file or folder; give a file or a folder of files")
     source = SourceSpec(type=kind, path=path.resolve())
     return TaskSpec(name=_name_from_path(path.resolve()), source=source,
-                    description=f"local data {given}", origin=None)
+                    description=f"local data {given}", origin=None, option=option)

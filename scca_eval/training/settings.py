@@ -184,14 +184,14 @@ class TrainSettings:
     @cached_property
     def eval_specs(self) -> list:
         """The TaskSpecs of the validation text (none: no validation loss)."""
-        return _task_specs(self.eval_tasks, self.eval_data)
+        return _task_specs(self.eval_tasks, self.eval_data, "--eval-data")
 
 
-def _task_specs(names, paths) -> list:
+def _task_specs(names, paths, option: str = "--data") -> list:
     from ..data import load_task, task_from_data_path
     from ..data.corpora import require_built
 
-    specs = [load_task(name) for name in names] + [task_from_data_path(path) for path in paths]
+    specs = [load_task(name) for name in names] + [task_from_data_path(path, option) for path in paths]
     for spec in specs:
         require_built(spec)
     return specs

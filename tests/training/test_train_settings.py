@@ -37,6 +37,7 @@ from scca_eval.training.settings import TrainSettings
     ({"shard": True, "eval_tasks": ["pg19_sample"]}, "not measured under --shard"),
     ({"resume": True}, "--resume: "),
     ({"tasks": ["no_such_task"]}, "no_such_task"),
+    ({"eval_data": ["no_such_folder"]}, "--eval-data no_such_folder: no such file or folder"),
 ])
 def test_check_refuses_a_bad_value_in_one_line(values, fragment, sample_data_dir, tmp_path):
     settings = TrainSettings.from_options({"ctx": 64, "out": tmp_path / "run", "data": [str(sample_data_dir)],
