@@ -51,6 +51,20 @@ def check_out_folder(out) -> None:
     check_writable_folder(path)
 
 
+def check_out_outside_data(out, data: Iterable, *, out_option: str = "--out", data_option: str = "--data") -> None:
+    """A folder a run writes to must not be a folder it reads text from, nor inside one: the next
+    run would read the files written there (records, adapters, checkpoints) as documents."""
+    if out is None:
+        return
+    written = Path(out).expanduser().resolve()
+    for given in data:
+        folder = Path(given).expanduser().resolve()
+        if folder.is_dir() and (written == folder or folder in written.parents):
+            where = "is" if written == folder else "is inside"
+            raise UserError(f"{out_option} {out} {where} the {data_option} folder {given}, so the files written "
+                            f"there would be read as text; give {out_option} a folder outside it")
+
+
 def check_dtype_name(dtype: str | None) -> None:
     if dtype is not None and str(dtype).lower() not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")

@@ -80,6 +80,8 @@ def files(tmp_path_factory, tiny_model_dir, sample_data_dir) -> Files:
         handle.write(b'{"text": "' + b"word " * 2000 + b'"}\n')
     (root / "truncated.jsonl.gz").write_bytes((root / "good.jsonl.gz").read_bytes()[:40])
     (root / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(64))
+    (root / "texts").mkdir()
+    (root / "texts" / "doc.txt").write_text("A few plain words of text. " * 100)
     np.array([1, 2, 3, 60000] * 600, dtype=np.uint16).tofile(root / "beyond_vocab.bin")
     (root / "odd.bin").write_bytes(b"\x01\x00\x02")
     # tasks
@@ -109,6 +111,12 @@ def files(tmp_path_factory, tiny_model_dir, sample_data_dir) -> Files:
 def ppl(f: Files, *extra, data=None, model=None) -> list[str]:
     return ["ppl", "--model", str(model or f.model), "--data", str(data or f.data), "--ctx", "64",
             "--max-tokens", "128", "--device", "cpu", "-q", "--out", str(f.root / "out"), *extra]
+
+
+def finetune(f: Files, *extra) -> list[str]:
+    data = [] if "--data" in extra else ["--data", str(f.data)]
+    return ["finetune", "--model", str(f.model), *data, "--ctx", "64", "--steps", "1", "--device", "cpu", "-q",
+            *extra]
 
 
 # (id, argv(files), fragment expected in the message)
@@ -187,6 +195,10 @@ CASES = [
     ("data-corrupt-parquet", lambda f: ppl(f, data=f / "corrupt.parquet"), "corrupt.parquet"),
     ("data-bin-beyond-vocab", lambda f: ppl(f, data=f / "beyond_vocab.bin"), "beyond the tokenizer"),
     ("data-bin-odd", lambda f: ppl(f, data=f / "odd.bin"), "uint16"),
+    # its records would be read as documents by the next run
+    ("out-inside-data", lambda f: ppl(f, data=f / "texts")[:-1] + [str(f / "texts" / "results")],
+     "is inside the --data folder"),
+    ("out-is-data", lambda f: ppl(f, data=f / "texts")[:-1] + [str(f / "texts")], "is the --data folder"),
     # ---- table
     ("table-nothing", lambda f: ["table"], "nothing to tabulate"),
     ("table-missing", lambda f: ["table", str(f / "nowhere")], "no such result file"),
@@ -234,6 +246,19 @@ CASES = [
     ("sweep-out-is-a-file", lambda f: ["sweep", "--model", str(f.model), "--data", str(f.data), "--ctx", "64",
                                        "--max-tokens", "128", "--device", "cpu", "-q", "--out", str(f / "a_file")],
      "--out"),
+    ("sweep-out-inside-data", lambda f: ["sweep", "--model", str(f.model), "--data", str(f / "texts"), "--ctx", "64",
+                                         "--device", "cpu", "-q", "--out", str(f / "texts" / "sweep")],
+     "is inside the --data folder"),
+    # ---- finetune
+    ("finetune-out-inside-data", lambda f: finetune(f, "--data", str(f / "texts"), "--out", str(f / "texts" / "ft")),
+     "is inside the --data folder"),
+    ("finetune-out-inside-eval-data", lambda f: finetune(f, "--eval-data", str(f / "texts"), "--out",
+                                                         str(f / "texts" / "ft")), "is inside the --eval-data folder"),
+    ("finetune-log-dir-inside-data", lambda f: finetune(f, "--data", str(f / "texts"), "--out", str(f / "ft"),
+                                                        "--log-dir", str(f / "texts" / "logs")),
+     "--log-dir"),
+    ("finetune-eval-data-missing", lambda f: finetune(f, "--eval-data", str(f / "nowhere"), "--out", str(f / "ft")),
+     "--eval-data"),
     # ---- output paths that cannot be written
     ("table-output-in-a-file", lambda f: ["table", str(f / "records"), "-o", str(f / "a_file" / "t.md")],
      "a_file is a file, not a folder"),

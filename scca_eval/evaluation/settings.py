@@ -129,7 +129,7 @@ class EvalSettings:
         if self.__dict__.get("_checked"):
             return
         from ..validation import (check_attention_backend, check_ctx_and_stride, check_dtype_name,
-                                  check_out_folder, check_run_options)
+                                  check_out_folder, check_out_outside_data, check_run_options)
 
         if not self.ctx:
             raise UserError("--ctx: give at least one window length, e.g. --ctx 1024")
@@ -143,6 +143,7 @@ class EvalSettings:
         check_dtype_name(self.dtype)
         check_attention_backend(self.attention_backend)
         check_out_folder(self.out)
+        check_out_outside_data(self.out, self.data)
         self.pattern_specs  # resolved and checked against every ctx
         self.task_specs  # every task found, its data there
         self.__dict__["_checked"] = True

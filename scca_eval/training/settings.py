@@ -118,7 +118,7 @@ class TrainSettings:
         if self.__dict__.get("_checked"):
             return
         from ..models import parse_rope_scaling
-        from ..validation import check_attention_backend, check_dtype_name
+        from ..validation import check_attention_backend, check_dtype_name, check_out_outside_data
         from .tensorboard_log import check_log_dir
 
         if not isinstance(self.recipe, Recipe):
@@ -139,6 +139,9 @@ class TrainSettings:
         self.pattern_spec  # resolved and checked against ctx
         parse_rope_scaling(self.rope_scaling, self.ctx)
         self._check_validation()
+        for option, folder in (("--out", self.out), ("--log-dir", self.log_dir)):
+            check_out_outside_data(folder, self.data, out_option=option)
+            check_out_outside_data(folder, self.eval_data, out_option=option, data_option="--eval-data")
         if self.log_dir is not None:
             check_log_dir(self.log_dir)
         self.checkpoint_to_resume  # a folder of another run is refused
