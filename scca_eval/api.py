@@ -20,6 +20,7 @@ from .data import tokenize_task
 from .evaluation.cells import DEFAULT_SAVE_EVERY, Progress, notify_stderr, run_cell
 from .evaluation.engine import compile_for_evaluation, is_compiled
 from .evaluation.protocols import LONGLORA_STEP
+from .evaluation.resume import stopped_runs
 from .evaluation.settings import EvalSettings
 from .models import load_model
 from .records import determinism, record_pattern_name
@@ -102,7 +103,7 @@ def evaluate(
                                                  notify=say)
                 warn_if_not_finite(record, say)
                 if settings.out is not None and ranks.is_main:
-                    record["path"] = str(write_record(record, settings.out, say))
+                    record["path"] = str(write_record(record, settings.out, say, stopped=stopped_runs(settings.out)))
                 if progress_file is not None and ranks.is_main:
                     finished_progress.append(progress_file)
                 records.append(record)

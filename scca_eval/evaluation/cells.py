@@ -29,12 +29,12 @@ from ..data import TokenizedTask
 from ..errors import UserError, is_out_of_memory
 from ..records import (cell_config, cell_identity, device_name, longlora_record, new_record, progress_key,
                        record_pattern_name, runtime, sweep_key)
-from ..records import record_filename
+from ..records import record_path
 from . import cost
 from .engine import WindowScores, auto_batch_size, is_compiled, model_device, plan_batches, score_windows
 from .metrics import DocScore, summarize
 from .protocols import CellPlan
-from .resume import DocumentDone, Interrupted, ProgressFile, progress_path
+from .resume import DocumentDone, Interrupted, ProgressFile, progress_path, stopped_runs
 from .settings import EvalSettings
 from .window_sums import encode_windows
 from .windows import Window
@@ -273,8 +273,10 @@ def _resume(cell: _Cell, record: dict, notify) -> None:
     settings, ranks = cell.settings, cell.ranks
     if settings.out is None:
         return
-    cell.progress_file = ProgressFile(progress_path(Path(settings.out) / record_filename(record)),
-                                      progress_key(record, cell.total), cell.expected,
+    # The name its record will have; one that a stopped run of another cell keeps is left to it.
+    named = record_path(record, settings.out, notify if ranks.is_main else None,
+                        stopped=stopped_runs(settings.out))
+    cell.progress_file = ProgressFile(progress_path(named), progress_key(record, cell.total), cell.expected,
                                       lambda message: notify(f"warning: {message}"))
     done: dict[int, DocumentDone] = {}
     if settings.resume and ranks.is_main:

@@ -3,7 +3,9 @@
 While a cell runs, its windows are scored in groups; after each group the NLL sums of
 the documents finished so far — and of the document in progress, with the number of its
 windows done, so that a long document keeps its finished windows — are written to ``<record>.progress`` next to the record
-(``default__pg19_sample__full__ctx1024.json.progress``), atomically. Running the same
+(``default__pg19_sample__full__ctx1024.json.progress``), atomically. The record's name is
+``records.record_path``'s, which leaves a name that a stopped run of another cell keeps
+(:func:`stopped_runs`) to it, so two cells never share a progress file. Running the same
 command again reads the file and scores only the documents it lacks; once the record is
 written, the progress file is removed. (The name does not end in ``.json``, so ``table``,
 ``compare`` and sweeps never mistake it for a record.)
@@ -61,6 +63,27 @@ class DocumentDone:
 def progress_path(record_path: str | Path) -> Path:
     record_path = Path(record_path)
     return record_path.with_name(record_path.name + SUFFIX)
+
+
+def stopped_runs(folder: str | Path | None) -> dict[Path, dict]:
+    """The stopped runs whose progress files are in ``folder``: the path of the record each one
+    is kept for -> the cell identity it was made with (its key without the count of scored
+    tokens). ``records.record_path`` leaves those names to them, so that another cell whose
+    record would have the same name (two models whose folders have one name) never writes over
+    a stopped run's progress. A file that is not a whole progress file claims no name."""
+    runs: dict[Path, dict] = {}
+    if folder is None or not Path(folder).is_dir():
+        return runs
+    for path in Path(folder).glob("*.json" + SUFFIX):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        key = data.get("key") if isinstance(data, dict) and data.get("format") == FORMAT else None
+        if isinstance(key, dict) and data.get("checksum") == _checksum(key, data.get("documents"), data.get("seconds")):
+            runs[Path(folder) / path.name[:-len(SUFFIX)]] = {name: value for name, value in key.items()
+                                                             if name != "scored_tokens"}
+    return runs
 
 
 def _checksum(key: dict, documents: list, seconds) -> str:

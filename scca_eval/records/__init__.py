@@ -17,7 +17,7 @@ from .identity import (cell_identity, comparable_tokenizers, comparison_key, con
                        is_passkey_record, last_window_of, model_identity, passkey_identity, pattern_config,
                        pattern_identity, progress_key, record_identity, record_pattern_name, sweep_key)
 from .store import (REQUIRED_KEYS, existing_records, identity_tags, load_records, read_record,
-                    record_filename, slug, write_record, write_training_record)
+                    record_filename, record_path, slug, write_record, write_training_record)
 
 __all__ = [
     "REQUIRED_KEYS", "SCHEMA", "cell_config", "cell_identity", "comparable_tokenizers", "comparison_key", "config_key",
@@ -25,6 +25,6 @@ __all__ = [
     "is_passkey_record", "last_window_of", "load_records", "longlora_record", "model_dtype", "model_identity",
     "new_record", "package_versions", "passkey_config", "passkey_identity", "passkey_record", "pattern_config",
     "pattern_identity", "peak_memory", "progress_key", "read_record", "record_filename", "record_identity",
-    "record_pattern_name", "runtime", "slug", "sweep_key", "training_record", "write_record",
+    "record_path", "record_pattern_name", "runtime", "slug", "sweep_key", "training_record", "write_record",
     "write_training_record",
 ]

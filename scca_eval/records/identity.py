@@ -122,13 +122,23 @@ def identity_difference(first: dict, second: dict) -> str | None:
     if set(a) != set(b):
         return "their kind (a perplexity record and a passkey record)"
     a["tokenizer"], b["tokenizer"] = comparable_tokenizers(first, second)
+    return identities_difference(a, b)
+
+
+def identities_difference(a: dict, b: dict) -> str | None:
+    """None when two identities (``record_identity``, ``passkey_identity``) are equal, else the
+    settings that differ, in words."""
     differing = []
-    for key in a:
-        if key == "model":
+    for key in dict.fromkeys([*a, *b]):
+        if key == "model" and isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
             differing += [f"model.{part}" for part in a[key] if a[key].get(part) != b[key].get(part)]
-        elif json.dumps(a[key], sort_keys=True, default=str) != json.dumps(b[key], sort_keys=True, default=str):
+        elif _text(a.get(key)) != _text(b.get(key)):
             differing.append(key)
     return ", ".join(_IDENTITY_WORDS.get(key, key) for key in differing) or None
+
+
+def _text(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def comparable_tokenizers(first: dict, second: dict) -> tuple:

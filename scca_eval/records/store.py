@@ -17,7 +17,8 @@ from typing import Iterable
 from ..choices import DEFAULT_DILATION, PASSKEY_DEPTHS, PASSKEY_SEED, PASSKEY_TRIALS
 from ..errors import UserError
 from ..files import atomic_write_text
-from .identity import config_key, identity_difference, identity_of, is_passkey_record
+from .identity import (config_key, identities_difference, identity_difference, identity_of, is_passkey_record,
+                       record_identity)
 
 REQUIRED_KEYS = ("model", "task", "pattern", "ctx", "stride", "metrics", "documents", "config", "runtime")
 # The "format" of the JSON report of `scca-eval compare --json`: a folder being read skips it
@@ -96,32 +97,59 @@ def _short_digest(value) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:6]
 
 
-def write_record(record: dict, out_dir: str | Path, say=None) -> Path:
-    """Write ``record`` into ``out_dir`` under record_filename, atomically. A file of that name
-    that holds a record of another identity (a setting no file-name tag names) is kept: the
-    new record goes to a name with a digest of its identity added, and ``say`` is told."""
-    path = Path(out_dir) / record_filename(record)
+def write_record(record: dict, out_dir: str | Path, say=None, *, stopped: dict | None = None) -> Path:
+    """Write ``record`` into ``out_dir`` at ``record_path``, atomically: a file that holds a record
+    of another identity (a setting no file-name tag names), or the name a stopped run of
+    another identity keeps (``stopped``), is left alone."""
+    path = record_path(record, out_dir, say, stopped=stopped)
     stored = {key: value for key, value in record.items() if key != "path"}  # "path" is where it was read from
-    path = _file_of_same_identity(path, stored) or path
-    if path.exists():
-        difference = _difference_from_file(path, stored)
-        if difference:
-            path = path.with_name(f"{path.stem}__{_identity_digest(stored)}.json")
-            if say is not None:
-                say(f"note: {path.parent / record_filename(record)} holds a record that differs in {difference}; "
-                    f"this one is written to {path.name}")
     atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=False) + "\n")
     return path
 
 
-def _file_of_same_identity(path: Path, record: dict) -> Path | None:
+def record_path(record: dict, out_dir: str | Path, say=None, *, stopped: dict | None = None) -> Path:
+    """Where a cell's record goes in ``out_dir`` (and, while the cell runs, the name its progress
+    file is kept under): a file of the cell's name family that holds its identity, else
+    record_filename. A name taken by a record of another identity (a setting no file-name tag
+    names: two models whose folders have the same name), or kept by a stopped run of another
+    identity, is left to it: this record goes to that name with a digest of its identity
+    added, and ``say`` is told. ``stopped``: record path -> the ``record_identity`` (as JSON
+    reads it back) of each stopped run whose progress file is in the folder
+    (``evaluation.resume.stopped_runs``)."""
+    path = Path(out_dir) / record_filename(record)
+    stored = {key: value for key, value in record.items() if key != "path"}
+    stopped = stopped or {}
+    identity = json.loads(json.dumps(record_identity(stored), default=str)) if stopped else None
+    same = _file_of_same_identity(path, stored, stopped, identity)
+    if same is not None:
+        return same
+    if path.exists():
+        difference, holder = _difference_from_file(path, stored), "holds a record"
+    else:
+        claim = stopped.get(path)
+        difference = None if claim is None else identities_difference(claim, identity)
+        holder = "is kept for a stopped run (its progress file is next to it)"
+    if not difference:
+        return path
+    digest_path = path.with_name(f"{path.stem}__{_identity_digest(stored)}.json")
+    if say is not None:
+        say(f"note: {path} {holder} that differs in {difference}; this one is written to {digest_path.name}")
+    return digest_path
+
+
+def _file_of_same_identity(path: Path, record: dict, stopped: dict, identity) -> Path | None:
     """An existing file of the cell's name family (``model__task__pattern__ctx…``) that holds a
     record of the same identity under another name (written before the name carried its
-    tags, or under a digest name): a run again replaces that record rather than adding a twin."""
+    tags, or under a digest name), or the name of a stopped run of the same identity: a run
+    again replaces that record, or continues that run, rather than adding a twin."""
     stem = f"{slug(record['model'])}__{record['task']}__{record['pattern']}__ctx{record['ctx']}"
     for candidate in sorted(path.parent.glob(f"{stem}*.json")):
         if candidate != path and _difference_from_file(candidate, record) is None \
                 and _readable(candidate):
+            return candidate
+    for candidate, claim in sorted(stopped.items()):
+        if candidate != path and candidate.name.startswith(stem) and not candidate.exists() \
+                and identities_difference(claim, identity) is None:
             return candidate
     return None
 

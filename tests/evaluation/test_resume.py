@@ -209,7 +209,8 @@ CORRUPTIONS = {
     "wrong encoding": (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "cannot be read"),
     "not a progress file": (lambda p: p.write_text("[1, 2, 3]"), "not a scca-eval progress file"),
     "edited number": (lambda p: _edit_number(p), "checksum"),
-    "other settings": (lambda p: rewrite(p, lambda d: d["key"].update(max_tokens=999)), "differing: max_tokens"),
+    # (a file of another cell's settings is another stopped run's, and kept: see the test of models of one name)
+    "other targets": (lambda p: rewrite(p, lambda d: d["key"].update(scored_tokens=7)), "differing: scored_tokens"),
     "wrong token count": (lambda p: rewrite(p, lambda d: d["documents"][0].__setitem__(3, 7)), "scored tokens"),
     "foreign document": (lambda p: rewrite(p, lambda d: d["documents"][0].__setitem__(1, "other.txt")),
                          "is 'other.txt' there"),
@@ -341,3 +342,42 @@ def test_ctrl_c_on_a_short_cell_keeps_its_finished_windows(model_dir, docs_dir, 
     assert sum(entry[3] for entry in kept) >= half(reference) - 4 * 2 * 15
     (record,) = evaluate(**options, notify=lambda line: None)
     same_numbers(record, reference)
+
+
+def test_a_stopped_run_keeps_its_progress_when_a_model_of_the_same_name_runs(model_dir, docs_dir, reference,
+                                                                              tmp_path):
+    """Two models whose folders have one name (run1/final, run2/final) would give their records
+    and progress files one name: the later run leaves the stopped run's progress file alone and
+    takes a name with a digest of its identity, and the stopped run then continues from its file.
+    A run stopped under such a digest name continues from it too."""
+    out = tmp_path / "out"
+    progress = partial_progress(model_dir, docs_dir, out, reference)
+    saved = progress.read_bytes()
+
+    def twin(name):  # another model (another id) whose folder is named as model_dir's
+        (tmp_path / name).mkdir()
+        link = tmp_path / name / model_dir.name
+        link.symlink_to(model_dir.resolve(), target_is_directory=True)
+        return link
+
+    said = []
+    (other,) = evaluate(**api_options(twin("run2"), docs_dir, out), notify=said.append)
+    assert progress.read_bytes() == saved  # the stopped run's progress, untouched
+    assert Path(other["path"]).parent == out and Path(other["path"]).name != RECORD
+    assert any("stopped run" in line and "differs in the model" in line for line in said), said
+
+    (record,) = evaluate(**api_options(model_dir, docs_dir, out), notify=lambda line: None)
+    assert record["path"] == str(out / RECORD) and record["runtime"]["resumed_documents"] >= 1
+    same_numbers(record, reference)
+    assert not progress.exists()
+
+    third = twin("run3")
+    with pytest.raises(Interrupted, match="run the same command again"):
+        evaluate(**api_options(third, docs_dir, out), notify=lambda line: None,
+                 progress=StopAfter(half(reference), KeyboardInterrupt()))
+    (stopped_here,) = [p for p in out.glob("*.progress")]
+    (resumed,) = evaluate(**api_options(third, docs_dir, out), notify=lambda line: None)
+    assert resumed["path"] + ".progress" == str(stopped_here) and resumed["runtime"]["resumed_documents"] >= 1
+    same_numbers(resumed, reference)
+    assert json.loads((out / RECORD).read_text())["model"] == str(model_dir)  # the first record, kept
+    assert len(list(out.glob("*.json"))) == 3 and not list(out.glob("*.progress"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scca_eval.records import identity_difference
-from scca_eval.records import read_record, record_filename, write_record
+from scca_eval.records import read_record, record_filename, record_identity, record_path, write_record
 
 from helpers import make_record, run_cli
 
@@ -89,6 +89,26 @@ def test_a_difference_no_tag_names_keeps_both_records(tmp_path):
     assert len(said) == 1 and "the model's weights" in said[0]
     # the same identity again replaces its own file, and says nothing
     assert write_record(first, tmp_path, said.append) == path_one and len(said) == 1
+
+
+def test_the_name_of_a_stopped_run_is_left_to_it(tmp_path):
+    """A stopped run (its progress file) keeps its record's name: a cell of another identity
+    goes to a digest name, one of the same identity continues under the name it has."""
+    said = []
+    first = _with_weights(make_record(model="ckpt"), "sha256:aaa")
+    second = _with_weights(make_record(model="ckpt", ppl=11.0), "sha256:bbb")
+    plain = tmp_path / record_filename(first)
+    def identity(record):  # as a progress file holds it
+        return json.loads(json.dumps(record_identity(record)))
+
+    stopped = {plain: identity(first)}
+    assert record_path(first, tmp_path, said.append, stopped=stopped) == plain
+    taken = record_path(second, tmp_path, said.append, stopped=stopped)
+    assert taken != plain and taken.parent == tmp_path
+    assert len(said) == 1 and "stopped run" in said[0] and "the model's weights" in said[0]
+    # the second one stopped under its digest name, and the plain name now holds the first record
+    write_record(first, tmp_path)
+    assert record_path(second, tmp_path, stopped={taken: identity(second)}) == taken
 
 
 def test_passkey_records_of_other_trials_have_names_of_their_own():
