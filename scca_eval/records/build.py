@@ -22,6 +22,7 @@ from .identity import record_pattern_name
 # ("sha256:..."); they are read as before and compared by their tokenizer summaries
 # (``identity.comparable_tokenizers``).
 SCHEMA = 2
+TRAINING_RECORD_KIND = "scca-eval finetune"  # the "kind" of a fine-tune run's training.json
 
 
 # ---------------------------------------------------------------- what every kind stores
@@ -229,7 +230,7 @@ def training_record(*, model: dict, pattern_name: str, pattern: dict, rope_scali
                      "seconds": round(history.eval_seconds, 3), "curve": history.validation}
     return {
         "schema": SCHEMA,
-        "kind": "scca-eval finetune",
+        "kind": TRAINING_RECORD_KIND,
         "finished": finished,
         "base_model": {key: model.get(key) for key in ("id", "source", "architecture", "fingerprint",
                                                        "gguf_sha256", "num_parameters", "tokenizer")},

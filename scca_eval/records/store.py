@@ -17,6 +17,7 @@ from typing import Iterable
 from ..choices import DEFAULT_DILATION, PASSKEY_DEPTHS, PASSKEY_SEED, PASSKEY_TRIALS
 from ..errors import UserError
 from ..files import atomic_write_text
+from .build import TRAINING_RECORD_KIND
 from .identity import (config_key, identities_difference, identity_difference, identity_of, is_passkey_record,
                        record_identity)
 
@@ -190,17 +191,26 @@ def _parsed(path: Path):
         raise UserError(f"{path}: not a valid result file ({error}); re-run the evaluation that wrote it") from None
 
 
-def _is_compare_report(parsed) -> bool:
-    """A report of ``compare --json`` (also one written before it carried its format), never a record."""
+def _other_output(parsed, path: Path) -> str | None:
+    """What ``parsed`` is when it is one of the other JSON files scca-eval writes, which may lie
+    in a results folder (a compare report beside the runs, a fine-tune run's folder); else None."""
     if not isinstance(parsed, dict) or all(key in parsed for key in REQUIRED_KEYS):
-        return False
-    return parsed.get("format") == COMPARE_REPORT_FORMAT or {"cells", "only_base", "only_new"} <= set(parsed)
+        return None
+    # a compare report also before it carried its format
+    if parsed.get("format") == COMPARE_REPORT_FORMAT or {"cells", "only_base", "only_new"} <= set(parsed):
+        return "a report of scca-eval compare --json"
+    if parsed.get("kind") == TRAINING_RECORD_KIND:
+        return "the training record of a fine-tune run"
+    if path.name == "adapter_config.json" and "peft_type" in parsed:
+        return "a LoRA adapter's config"
+    return None
 
 
 def _as_record(record, path: Path) -> dict:
-    if _is_compare_report(record):
-        raise UserError(f"{path}: a report of scca-eval compare --json, not a result record; "
-                        "give the records it compared")
+    other = _other_output(record, path)
+    if other:
+        raise UserError(f"{path}: {other}, not a result record; give result records (the folder or files "
+                        "that ppl, sweep or passkey wrote)")
     if not isinstance(record, dict) or any(key not in record for key in REQUIRED_KEYS):
         missing = [key for key in REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
         raise UserError(f"{path}: not a scca-eval result record (missing {', '.join(missing)})")
@@ -262,8 +272,9 @@ def _wrongly_typed_field(record: dict) -> str | None:
 
 
 def load_records(paths: Iterable[str | Path]) -> list[dict]:
-    """Records from files and folders (folders are searched for *.json, recursively; a report
-    of ``compare --json`` found in a folder is passed over, the only JSON file that is).
+    """Records from files and folders (folders are searched for *.json, recursively; the other
+    JSON files scca-eval writes, a ``compare --json`` report or a fine-tune run's
+    ``training.json`` and ``adapter_config.json``, are passed over there).
 
     A file named twice (directly and through its folder) is read once.
     """
@@ -287,8 +298,8 @@ def load_records(paths: Iterable[str | Path]) -> list[dict]:
         if path.resolve() not in seen:
             seen.add(path.resolve())
             parsed = _parsed(path)
-            if path not in named and _is_compare_report(parsed):
-                continue  # a compare report written into a results folder; named directly, it is refused
+            if path not in named and _other_output(parsed, path):
+                continue  # e.g. a compare report or a fine-tune run in a results folder; named directly, refused
             records.append(_as_record(parsed, path))
     return records
 
@@ -306,8 +317,8 @@ def existing_records(folder: str | Path, say, *, passkey: bool = False) -> dict[
             continue
         try:
             parsed = _parsed(path)
-            if _is_compare_report(parsed):
-                continue  # a report, no cell's record
+            if _other_output(parsed, path):
+                continue  # a report or a fine-tune run's file, no cell's record
             record = _as_record(parsed, path)
             if is_passkey_record(record) == passkey:
                 found[config_key(record)] = record

@@ -297,6 +297,17 @@ def test_ppl_records_name_the_training_pattern(trained, tiny_model_dir, sample_d
     record = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert record["config"]["model"]["adapter"]["training_pattern"] == "s2"
     assert record["config"]["model"]["rope_scaling"]["factor"] == 2.0
+    # The fine-tune run's folder inside the results folder: table passes over its training.json
+    # and adapter_config.json there, and refuses them named directly.
+    import shutil
+
+    shutil.copytree(out, tmp_path / "runs" / "ckpt")
+    status, text, err = _run_cli(["table", str(tmp_path / "runs")], capsys)
+    assert status == 0 and "trained under s2" in text and "| full |" in text, err
+    for name, kind in (("training.json", "the training record of a fine-tune run"),
+                       ("adapter_config.json", "a LoRA adapter's config")):
+        status, _, err = _run_cli(["table", str(tmp_path / "runs" / "ckpt" / name)], capsys)
+        assert status == 2 and f"{kind}, not a result record" in err, err
 
 
 # ---------------------------------------------------------------- stopping and resuming
