@@ -112,6 +112,13 @@ def resolve_tasks(tasks: Iterable[str] | None, data: Iterable[str] | None):
     if not tasks and not data:
         tasks = list(DEFAULT_TASKS)
     specs = [load_task(name) for name in tasks] + [task_from_data_path(path) for path in data]
+    given = [f"--task {name}" for name in tasks] + [f"--data {path}" for path in data]
+    first_of: dict[str, str] = {}
+    for spec, text in zip(specs, given):
+        if spec.name in first_of:  # records, tables and resuming tell tasks apart by name
+            raise UserError(f"{first_of[spec.name]} and {text} are both the task {spec.name!r}: give each once, or "
+                            "evaluate folders of the same name in separate runs with separate --out folders")
+        first_of[spec.name] = text
     for spec in specs:
         require_built(spec)
     return specs

@@ -82,6 +82,8 @@ def files(tmp_path_factory, tiny_model_dir, sample_data_dir) -> Files:
     (root / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(64))
     (root / "texts").mkdir()
     (root / "texts" / "doc.txt").write_text("A few plain words of text. " * 100)
+    (root / "other" / "texts").mkdir(parents=True)  # another folder of the same name
+    (root / "other" / "texts" / "doc.txt").write_text("Other plain words of text. " * 100)
     np.array([1, 2, 3, 60000] * 600, dtype=np.uint16).tofile(root / "beyond_vocab.bin")
     (root / "odd.bin").write_bytes(b"\x01\x00\x02")
     # tasks
@@ -199,6 +201,10 @@ CASES = [
     ("out-inside-data", lambda f: ppl(f, data=f / "texts")[:-1] + [str(f / "texts" / "results")],
      "is inside the --data folder"),
     ("out-is-data", lambda f: ppl(f, data=f / "texts")[:-1] + [str(f / "texts")], "is the --data folder"),
+    # two tasks of one name: their records and table rows could not be told apart
+    ("data-same-name", lambda f: ppl(f, "--data", str(f / "other" / "texts"), data=f / "texts"),
+     "are both the task 'texts'"),
+    ("task-twice", lambda f: ppl(f, "--task", "pg19_sample", "--task", "pg19_sample"), "are both the task"),
     # ---- table
     ("table-nothing", lambda f: ["table"], "nothing to tabulate"),
     ("table-missing", lambda f: ["table", str(f / "nowhere")], "no such result file"),
