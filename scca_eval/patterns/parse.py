@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import UserError
 from .presets import PRESET_DESCRIPTIONS, preset
 from .rules import RULE_KINDS, Rule
-from .spec import PatternSpec
+from .spec import DEFAULT_CHUNK_RATIO, PatternSpec
 
 MIX_EXAMPLE = "'1/2 local + 1/2 shifted'"
 # Said where a mix does not parse: a user who meant several patterns learns both list forms.
@@ -200,7 +200,17 @@ def resolve_pattern(text: str | list | PatternSpec, chunk_size: int | None = Non
     chunk_size:  G in tokens (fixed for every window length); default ``ctx/4``.
     chunk_ratio: G as a share of the window length when chunk_size is not given.
     dilation:    the r of ``sda`` (default 2); other patterns do not use it.
+
+    Full attention has no chunks: it drops a chunk size or ratio given to a whole run (``--pattern
+    full,s2 --chunk-size 1024``), so that its records stay those of full attention.
     """
+    spec = _resolve_pattern(text, chunk_size, dilation, chunk_ratio)
+    if spec.is_full:
+        spec = dataclasses.replace(spec, chunk_size=None, chunk_ratio=DEFAULT_CHUNK_RATIO)
+    return spec
+
+
+def _resolve_pattern(text, chunk_size, dilation, chunk_ratio) -> PatternSpec:
     if chunk_size is not None:
         _check_positive_int(chunk_size, "--chunk-size", "a chunk size of at least 1 token")
     if dilation is not None:

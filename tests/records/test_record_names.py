@@ -72,6 +72,20 @@ def test_a_changed_setting_run_again_replaces_only_its_own_record(tiny_model_dir
     assert len(list(tmp_path.glob("*.json"))) == 2
 
 
+def test_a_chunk_size_given_to_a_whole_run_leaves_full_attention_as_it_is(tiny_model_dir, sample_data_dir, tmp_path,
+                                                                           capsys):
+    """Full attention has no chunks: its record with --chunk-size is the record without it (the
+    same file, replaced), so a baseline without --chunk-size compares with it."""
+    common = ["ppl", "--model", str(tiny_model_dir), "--data", str(sample_data_dir), *BASE, "--out", str(tmp_path)]
+    assert run_cli(common + ["--pattern", "full"], capsys)[0] == 0
+    (plain,) = tmp_path.glob("*.json")
+    code, _, err = run_cli(common + ["--pattern", "full,s2", "--chunk-size", "16"], capsys)
+    assert code == 0, err
+    names = sorted(f.name for f in tmp_path.glob("*.json"))
+    assert len(names) == 2 and plain.name in names and any("__s2__" in n and "__G16" in n for n in names), names
+    assert read_record(plain)["config"]["pattern"]["chunk_size"] is None
+
+
 def _with_weights(record, digest):
     record["config"]["model"] = {"fingerprint": {"digest": digest}, "adapter": None, "rope_scaling": None}
     return record
