@@ -201,6 +201,9 @@ CASES = [
     ("out-inside-data", lambda f: ppl(f, data=f / "texts")[:-1] + [str(f / "texts" / "results")],
      "is inside the --data folder"),
     ("out-is-data", lambda f: ppl(f, data=f / "texts")[:-1] + [str(f / "texts")], "is the --data folder"),
+    ("original-ctx-alone", lambda f: ppl(f, "--original-ctx", "1024"), "give --rope-scaling too"),
+    ("finetune-original-ctx-alone", lambda f: finetune(f, "--original-ctx", "1024", "--out", str(f / "ft-rope")),
+     "give --rope-scaling too"),
     # two tasks of one name: their records and table rows could not be told apart
     ("data-same-name", lambda f: ppl(f, "--data", str(f / "other" / "texts"), data=f / "texts"),
      "are both the task 'texts'"),

@@ -208,6 +208,9 @@ def apply_rope_scaling(config, request: RopeScalingRequest, original_ctx: int | 
     left as it was.
     """
     if request.kind == "none":
+        if original_ctx is not None:  # it would change nothing, without a word
+            raise UserError(f"--original-ctx {original_ctx} is the length a RoPE scaling starts from, and none is "
+                            "asked for: give --rope-scaling too, or leave --original-ctx out")
         return None
     params = _rope_parameters(config)
     if params is None or "rope_theta" not in params:
