@@ -26,7 +26,7 @@ def offload_setting(text: str) -> bool | str:
 @click.option("--ctx", type=int, required=True, help="Training window length in tokens.")
 @click.option("--out", "-o", type=click.Path(), required=True,
               help="Folder for the adapter, trainable_params.bin, training.json and checkpoint.pt: "
-                   "a folder of the run's own (not the model's folder, a folder of records, or inside --data).")
+                   "a folder of the run's own (not the model's folder, nor inside --data).")
 @rope_scaling_options(" Also 'longlora': CTX = --ctx, the rule of LongLoRA's fine-tune.py. ppl --adapter "
                       "applies the scaling a run was trained with.", bare_longlora=True)
 @click.option("--task", "-t", "tasks", multiple=True, callback=names_callback,

@@ -217,8 +217,24 @@ def _as_record(record, path: Path) -> dict:
     wrong = _wrongly_typed_field(record)
     if wrong:
         raise UserError(f"{path}: not a valid result record ({wrong}); re-run the evaluation that wrote it")
+    _without_chunks_for_full_attention(record)
     record["path"] = str(path)  # where it was read from, for messages (not part of the stored record)
     return record
+
+
+# What PatternSpec.to_dict stores for full attention, and the default chunk ratio it stores
+# (patterns.spec.DEFAULT_CHUNK_RATIO; not imported: patterns/ imports torch, reading records does not).
+FULL_ATTENTION_GROUPS = "1 causal"
+DEFAULT_CHUNK_RATIO_TEXT = "1/4"
+
+
+def _without_chunks_for_full_attention(record: dict) -> None:
+    """Full attention has no chunks. Records made before --chunk-size was dropped for it
+    (``--pattern full,s2 --chunk-size N``) stored N: read as full attention's plain settings,
+    they are the same cell as a record made without it (tables, compare, sweeps, names)."""
+    pattern = record["config"].get("pattern")
+    if isinstance(pattern, dict) and pattern.get("groups") == FULL_ATTENTION_GROUPS:
+        pattern["chunk_size"], pattern["chunk_ratio"] = None, DEFAULT_CHUNK_RATIO_TEXT
 
 
 def _is_number(value) -> bool:

@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..models.adapters import ADAPTER_CONFIG, TRAINABLE_PARAMS, TRAINING_RECORD
 from ..files import atomic_write
 from ..models.fingerprint import WEIGHT_PATTERNS
-from ..records import read_record, write_training_record
+from ..records import write_training_record
 from .lora import fully_trained_state, trainable_parameters
 from .loop import History, Trainer
 from .sharding import (full_optimizer_state, full_trainable_state, load_optimizer_state,
@@ -84,22 +84,13 @@ def check_out_folder(out: str | os.PathLike, resume: bool) -> Path | None:
 
 
 def _refuse_a_folder_of_other_files(folder: Path, out) -> None:
-    """A new run writes into a folder of its own: not a model's folder (the adapter's files would
-    count as the model's weights, so it would no longer be the base the adapter was trained
-    from), nor a folder of result records (table and compare would read the adapter's JSON
-    files as records)."""
+    """A new run does not write into a model's folder: the adapter's files would count as the
+    model's weights, so it would no longer be the base the adapter was trained from."""
     model_files = sorted(path.name for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern))
     if model_files:
         raise UserError(f"--out {out} holds a model ({model_files[0]}): the adapter's files there would count as "
                         "that model's weights, and ppl would then refuse it as the adapter's base; give --out a new "
                         "folder of its own for the adapter")
-    for path in sorted(folder.glob("*.json")):
-        try:
-            read_record(path)
-        except UserError:
-            continue  # not a result record
-        raise UserError(f"--out {out} holds result records ({path.name}): table and compare read every .json file "
-                        "there and would stop at the adapter's; give --out a new folder of its own for the adapter")
 
 
 def _rng_state() -> dict:

@@ -86,6 +86,28 @@ def test_a_chunk_size_given_to_a_whole_run_leaves_full_attention_as_it_is(tiny_m
     assert read_record(plain)["config"]["pattern"]["chunk_size"] is None
 
 
+def test_a_full_attention_record_made_with_a_chunk_size_is_the_same_cell(tiny_model_dir, sample_data_dir, tmp_path,
+                                                                        capsys):
+    """Records written before --chunk-size was dropped for full attention stored it: read back,
+    they are full attention's plain cell, so compare pairs them with a record made now."""
+    from scca_eval.patterns.parse import resolve_pattern
+    from scca_eval.records.store import DEFAULT_CHUNK_RATIO_TEXT, FULL_ATTENTION_GROUPS
+
+    stored = resolve_pattern("full").to_dict()
+    assert (stored["groups"], stored["chunk_ratio"]) == (FULL_ATTENTION_GROUPS, DEFAULT_CHUNK_RATIO_TEXT)
+    new, base = tmp_path / "new", tmp_path / "base"
+    code, _, err = run_cli(["ppl", "--model", str(tiny_model_dir), "--data", str(sample_data_dir), *BASE,
+                            "--pattern", "full", "--out", str(new)], capsys)
+    assert code == 0, err
+    (made,) = new.glob("*.json")
+    older = json.loads(made.read_text())
+    older["config"]["pattern"]["chunk_size"] = 16  # as the full record of `--pattern full,s2 --chunk-size 16` was
+    base.mkdir()
+    (base / made.name.replace(".json", "__G16.json")).write_text(json.dumps(older))
+    code, out, err = run_cli(["compare", str(base), str(new)], capsys)
+    assert code == 0 and "Only in" not in out and "| full | 64 |" in out, out + err
+
+
 def _with_weights(record, digest):
     record["config"]["model"] = {"fingerprint": {"digest": digest}, "adapter": None, "rope_scaling": None}
     return record

@@ -434,23 +434,17 @@ def test_bad_options_are_refused_before_anything_is_written(tiny_model_dir, samp
     assert not out.exists()
 
 
-def test_a_model_folder_or_a_folder_of_records_is_refused_as_out(tiny_model_dir, sample_data_dir, tmp_path,
-                                                                 capsys):
+def test_a_model_folder_is_refused_as_out(tiny_model_dir, sample_data_dir, tmp_path, capsys):
     """Training into the base model's own folder would change its weights fingerprint (ppl would
-    then refuse it as the adapter's base); into a folder of ppl records, table and compare
-    would stop at the adapter's JSON files. Both are refused before anything is written."""
+    then refuse it as the adapter's base): refused before anything is written."""
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    records = tmp_path / "records"
-    records.mkdir()
-    (records / "m__pg19_sample__full__ctx1024.json").write_text(json.dumps(make_record()))
-    before = sorted(p.name for p in (*model.iterdir(), *records.iterdir()))
+    before = sorted(p.name for p in model.iterdir())
     common = ["--data", str(sample_data_dir), "--ctx", "64", "--steps", "1", "--device", "cpu"]
     _refused(capsys, ["--model", str(model), "--out", str(model), *common], "holds a model (config.json)")
-    _refused(capsys, ["--model", str(tiny_model_dir), "--out", str(records), *common], "holds result records")
-    assert sorted(p.name for p in (*model.iterdir(), *records.iterdir())) == before
+    assert sorted(p.name for p in model.iterdir()) == before
 
 
 def test_no_disk_space_is_refused_before_training(tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
