@@ -33,12 +33,13 @@ def _load_references(names):
 
 
 def _refuse_overwriting_results(output: str | None, option: str, inputs, records) -> None:
-    """A report never replaces a result record, a progress file, or a file it was made from."""
+    """A report never replaces a result record, a fine-tune run's files, a progress file, or a
+    file it was made from."""
     if output is None:
         return
     from ..errors import UserError
     from ..evaluation.resume import SUFFIX as PROGRESS_SUFFIX
-    from ..records import read_record
+    from ..records.store import kept_output
 
     target = Path(output).resolve()
     if target in {Path(p).resolve() for p in inputs} | {Path(r["path"]).resolve() for r in records}:
@@ -46,11 +47,9 @@ def _refuse_overwriting_results(output: str | None, option: str, inputs, records
     if target.name.endswith(PROGRESS_SUFFIX) and target.exists():
         raise UserError(f"{option} {output} is the progress file of an unfinished cell; write the report to "
                         "another file")
-    try:
-        read_record(target)
-    except UserError:
-        return  # not a readable record (or no file yet): nothing of value is replaced
-    raise UserError(f"{option} {output} holds a scca-eval result record; write the report to another file")
+    kept = kept_output(target)
+    if kept:
+        raise UserError(f"{option} {output} holds {kept}; write the report to another file")
 
 
 def _write(text: str, output: str | None) -> None:

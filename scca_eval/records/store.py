@@ -206,6 +206,25 @@ def _other_output(parsed, path: Path) -> str | None:
     return None
 
 
+def kept_output(path: str | Path) -> str | None:
+    """What ``path`` holds when it is a file of scca-eval that nothing may write over: "a scca-eval result
+    record", "the training record of a fine-tune run" or "a LoRA adapter's config". None for
+    anything else: no file, another file, a compare report (a report may replace a report)."""
+    path = Path(path)
+    try:
+        parsed = _parsed(path)
+    except (UserError, OSError):
+        return None
+    other = _other_output(parsed, path)
+    if other:
+        return None if other.startswith("a report") else other
+    try:
+        _as_record(parsed, path)
+    except UserError:
+        return None
+    return "a scca-eval result record"
+
+
 def _as_record(record, path: Path) -> dict:
     other = _other_output(record, path)
     if other:

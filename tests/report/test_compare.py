@@ -540,6 +540,29 @@ def test_a_report_never_replaces_a_record_or_progress_file_elsewhere(sides, tmp_
     assert other.read_bytes() == before and progress.read_text() == "{}"
 
 
+
+def test_a_report_never_replaces_a_fine_tune_runs_files(sides, tmp_path, capsys):
+    """training.json and adapter_config.json are kept too; an earlier report may be replaced."""
+    from scca_eval.records.build import TRAINING_RECORD_KIND
+
+    base, new = sides([1.0] * N_DOCS)
+    run = tmp_path / "ckpt"
+    run.mkdir()
+    (run / "training.json").write_text(json.dumps({"schema": 2, "kind": TRAINING_RECORD_KIND, "steps": 3}))
+    (run / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    kept = {name: (run / name).read_bytes() for name in ("training.json", "adapter_config.json")}
+    for name, kind in (("training.json", "the training record of a fine-tune run"),
+                       ("adapter_config.json", "a LoRA adapter's config")):
+        for args in (["compare", base, new, "--json", str(run / name)], ["table", base, "-o", str(run / name)]):
+            code, out, err = run_cli(args, capsys)
+            assert code == 2 and f"holds {kind}" in err and err.count("\n") == 1, err
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    report = tmp_path / "report.json"
+    for _ in range(2):  # the second run replaces the first one's report
+        code, out, err = run_cli(["compare", base, new, "--json", str(report)], capsys)
+        assert code == 0, err
+
+
 def test_a_compare_report_inside_a_results_folder_is_passed_over(sides, capsys):
     from scca_eval.records import existing_records
 
