@@ -182,8 +182,9 @@ def _refuse_adapter_in_model_folder(source: ModelSource) -> None:
     """transformers' from_pretrained applies a LoRA adapter it finds in the model folder, so the
     result would be of the adapted model while the record names the plain one (adapter null)."""
     if source.path and (Path(source.path) / ADAPTER_CONFIG).is_file():
-        raise UserError(f"--model {source.given} holds a LoRA adapter ({ADAPTER_CONFIG}): give the base model as "
-                        "--model and this folder as --adapter (or move the adapter files to a folder of their own)")
+        raise UserError(f"--model {source.given} holds a LoRA adapter ({ADAPTER_CONFIG}) beside a model: move the "
+                        "adapter files to a folder of their own (ppl and passkey take that folder as --adapter), so "
+                        "that --model is the plain base model")
 
 
 def _load_weights(source: ModelSource, config, dtype, trust_remote_code: bool, device_map):

@@ -346,8 +346,8 @@ def test_model_folder_holding_an_adapter_is_refused(setup, tmp_path):
     shutil.copytree(setup["base_folder"], folder)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(setup["plain"] / name, folder / name)
-    with pytest.raises(UserError, match=r"holds a LoRA adapter \(adapter_config.json\): give the base model as "
-                                        r"--model and this folder as --adapter") as caught:
+    with pytest.raises(UserError, match=r"holds a LoRA adapter \(adapter_config.json\) beside a model: move the "
+                                        r"adapter files to a folder of their own") as caught:
         load_model(str(folder))
     _assert_one_line(caught)
 
