@@ -116,8 +116,8 @@ def resolve_tasks(tasks: Iterable[str] | None, data: Iterable[str] | None):
     first_of: dict[str, str] = {}
     for spec, text in zip(specs, given):
         if spec.name in first_of:  # records, tables and resuming tell tasks apart by name
-            raise UserError(f"{first_of[spec.name]} and {text} are both the task {spec.name!r}: give each once, or "
-                            "evaluate folders of the same name in separate runs with separate --out folders")
+            raise UserError(f"{first_of[spec.name]} and {text} are both the task {spec.name!r}: give each task "
+                            "once (rename a --data folder or file, or write a task YAML with its own name)")
         first_of[spec.name] = text
     for spec in specs:
         require_built(spec)

@@ -238,11 +238,6 @@ def make_sweep(settings: dict, where: str = "sweep") -> Sweep:
     task_specs = shared.task_specs
     named = list(shared.tasks) or ([] if shared.data else [spec.name for spec in task_specs])
     origins = [{"task": name} for name in named] + [{"data": path} for path in shared.data]
-    task_names = [spec.name for spec in task_specs]
-    if len(set(task_names)) != len(task_names):
-        clash = next(n for n in task_names if task_names.count(n) > 1)
-        raise UserError(f"two tasks are both named {clash!r}; give each task once (rename a --data folder "
-                        "or write a task YAML with its own name)")
 
     files = {}
     for entry in values["models"]:

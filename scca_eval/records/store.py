@@ -313,8 +313,7 @@ def load_records(paths: Iterable[str | Path]) -> list[dict]:
 
     A file named twice (directly and through its folder) is read once.
     """
-    files: list[Path] = []
-    named: set[Path] = set()  # files named directly, not found in a folder
+    files: list[tuple[Path, Path | None]] = []  # each file, and the folder it was found in (None: named)
     for entry in paths:
         entry = Path(entry)
         if entry.is_dir():
@@ -322,20 +321,28 @@ def load_records(paths: Iterable[str | Path]) -> list[dict]:
             if not found:
                 raise UserError(f"{entry}: folder holds no result files (*.json) yet; write some first, e.g. "
                                 f"`scca-eval ppl --out {entry}` (or `sweep`, `passkey` with --out {entry})")
-            files.extend(found)
+            files.extend((path, entry) for path in found)
         elif entry.exists():
-            files.append(entry)
-            named.add(entry)
+            files.append((entry, None))
         else:
             raise UserError(f"{entry}: no such result file or folder")
     records, seen = [], set()
-    for path in files:
+    passed_over: dict[Path, set[str]] = {}  # folder -> what was passed over in it
+    read_from: set[Path] = set()  # folders that gave records
+    for path, folder in files:
         if path.resolve() not in seen:
             seen.add(path.resolve())
             parsed = _parsed(path)
-            if path not in named and _other_output(parsed, path):
-                continue  # e.g. a compare report or a fine-tune run in a results folder; named directly, refused
+            other = _other_output(parsed, path) if folder is not None else None
+            if other:  # e.g. a compare report or a fine-tune run in a results folder; named directly, refused
+                passed_over.setdefault(folder, set()).add(other)
+                continue
             records.append(_as_record(parsed, path))
+            read_from.add(folder)
+    for folder, kinds in passed_over.items():
+        if folder not in read_from:
+            raise UserError(f"{folder}: folder holds no result records, only {' and '.join(sorted(kinds))}; give "
+                            "the folder or files of the records that ppl, sweep or passkey wrote")
     return records
 
 

@@ -308,6 +308,8 @@ def test_ppl_records_name_the_training_pattern(trained, tiny_model_dir, sample_d
                        ("adapter_config.json", "a LoRA adapter's config")):
         status, _, err = _run_cli(["table", str(tmp_path / "runs" / "ckpt" / name)], capsys)
         assert status == 2 and f"{kind}, not a result record" in err, err
+    status, _, err = _run_cli(["table", str(tmp_path / "runs" / "ckpt")], capsys)  # the run's folder alone
+    assert status == 2 and "holds no result records, only a LoRA adapter's config and the training record" in err, err
 
 
 # ---------------------------------------------------------------- stopping and resuming
