@@ -204,6 +204,9 @@ CASES = [
     ("original-ctx-alone", lambda f: ppl(f, "--original-ctx", "1024"), "give --rope-scaling too"),
     ("finetune-original-ctx-alone", lambda f: finetune(f, "--original-ctx", "1024", "--out", str(f / "ft-rope")),
      "give --rope-scaling too"),
+    ("sweep-original-ctx-alone", lambda f: ["sweep", "--model", str(f.model), "--data", str(f.data), "--ctx", "64",
+                                            "--device", "cpu", "-q", "--original-ctx", "1024",
+                                            "--out", str(f.root / "sweep-rope")], "give --rope-scaling too"),
     # two tasks of one name: their records and table rows could not be told apart
     ("data-same-name", lambda f: ppl(f, "--data", str(f / "other" / "texts"), data=f / "texts"),
      "are both the task 'texts'"),

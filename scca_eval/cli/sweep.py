@@ -75,6 +75,7 @@ def sweep(sweep_file, models, adapter, rope_scaling, original_ctx, compile_engin
     """
     from ..report.tables import markdown_tables
     from ..evaluation.sweep import ModelEntry, load_sweep_file, make_sweep, run_sweep
+    from ..validation import check_original_ctx
 
     settings = load_sweep_file(sweep_file) if sweep_file else {}
     # The options name the sweep file's settings (EvalSettings fields); given ones override the file.
@@ -87,6 +88,10 @@ def sweep(sweep_file, models, adapter, rope_scaling, original_ctx, compile_engin
     if shared:
         plan.models = [ModelEntry(m.model, tuple(sorted({**shared, **dict(m.options)}.items())))
                        for m in plan.models]
+    for entry in plan.models:  # before any model runs: a later model's mistake would stop the sweep part-way
+        options = dict(entry.options)
+        check_original_ctx(options.get("original_ctx"), options.get("rope_scaling"), options.get("adapter"),
+                           entry.model)
 
     cells = plan.cell_labels()
     if dry_run:

@@ -118,7 +118,7 @@ class TrainSettings:
         if self.__dict__.get("_checked"):
             return
         from ..models import parse_rope_scaling
-        from ..validation import check_attention_backend, check_dtype_name, check_out_outside_data
+        from ..validation import check_attention_backend, check_dtype_name, check_original_ctx, check_out_outside_data
         from .tensorboard_log import check_log_dir
 
         if not isinstance(self.recipe, Recipe):
@@ -128,6 +128,7 @@ class TrainSettings:
             raise UserError(f"the recipe is for ctx {self.recipe.ctx} but --ctx is {self.ctx}; give one ctx")
         if self.original_ctx is not None and (not _whole(self.original_ctx) or self.original_ctx < 1):
             raise UserError(f"--original-ctx must be a whole number of at least 1 (got {self.original_ctx!r})")
+        check_original_ctx(self.original_ctx, self.rope_scaling)
         check_dtype_name(self.dtype)
         check_attention_backend(self.attention_backend)
         if self.shard and self.recipe.compile:

@@ -186,6 +186,23 @@ def test_sweep_file_and_cli(tiny_model_dir, sample_data_dir, tmp_path, capsys):
     assert code == 0 and len(stdout.strip().splitlines()) == 2 and "2 cell(s)" in err
 
 
+def test_a_models_original_ctx_without_a_scaling_is_refused_before_any_model_runs(tiny_model_dir, sample_data_dir,
+                                                                                   tmp_path, capsys):
+    """--original-ctx given to every model, and only the first has a RoPE scaling: refused up
+    front, not after the first model's records are written."""
+    import shutil
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny_model_dir, second)
+    out = tmp_path / "out"
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(f"models: [{{model: {tiny_model_dir}, rope_scaling: 'linear:2'}}, {second}]\n"
+                          f"patterns: [full]\nctx: 64\ndata: [{sample_data_dir}]\nmax_tokens: 128\ndevice: cpu\n")
+    code, _, err = run_cli(["sweep", str(sweep_file), "--original-ctx", "1024", "--out", str(out), "-q"], capsys)
+    assert code == 2 and f"--original-ctx 1024 for {second}" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_two_custom_mixes_in_one_sweep(tiny_model_dir, sample_data_dir, tmp_path):
     """Each mix gets its own record, named custom-<first 8 hex digits of the sha256 of its groups>."""
     mixes = ("1/2 local + 1/2 cross(1)", "1/4 local + 3/4 shifted(3)")  # written in canonical form
