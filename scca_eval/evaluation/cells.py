@@ -273,7 +273,7 @@ def _resume(cell: _Cell, record: dict, notify) -> None:
     settings, ranks = cell.settings, cell.ranks
     if settings.out is None:
         return
-    # The name its record will have; one that a stopped run of another cell keeps is left to it.
+    # The name its record will have; one that a stopped run of another model keeps is left to it.
     named = record_path(record, settings.out, notify if ranks.is_main else None,
                         stopped=stopped_runs(settings.out))
     cell.progress_file = ProgressFile(progress_path(named), progress_key(record, cell.total), cell.expected,

@@ -4,8 +4,9 @@ While a cell runs, its windows are scored in groups; after each group the NLL su
 the documents finished so far — and of the document in progress, with the number of its
 windows done, so that a long document keeps its finished windows — are written to ``<record>.progress`` next to the record
 (``default__pg19_sample__full__ctx1024.json.progress``), atomically. The record's name is
-``records.record_path``'s, which leaves a name that a stopped run of another cell keeps
-(:func:`stopped_runs`) to it, so two cells never share a progress file. Running the same
+``records.record_path``'s, which leaves a name that a stopped run of another model keeps
+(:func:`stopped_runs`) to it, so two models never share a progress file (a stopped run of the
+same model with other settings is out of date: its file is replaced, with a warning). Running the same
 command again reads the file and scores only the documents it lacks; once the record is
 written, the progress file is removed. (The name does not end in ``.json``, so ``table``,
 ``compare`` and sweeps never mistake it for a record.)

@@ -113,7 +113,7 @@ def record_path(record: dict, out_dir: str | Path, say=None, *, stopped: dict | 
     file is kept under): a file of the cell's name family that holds its identity, else
     record_filename. A name taken by a record of another identity (a setting no file-name tag
     names: two models whose folders have the same name), or kept by a stopped run of another
-    identity, is left to it: this record goes to that name with a digest of its identity
+    model, is left to it: this record goes to that name with a digest of its identity
     added, and ``say`` is told. ``stopped``: record path -> the ``record_identity`` (as JSON
     reads it back) of each stopped run whose progress file is in the folder
     (``evaluation.resume.stopped_runs``)."""
@@ -128,8 +128,13 @@ def record_path(record: dict, out_dir: str | Path, say=None, *, stopped: dict | 
         difference, holder = _difference_from_file(path, stored), "holds a record"
     else:
         claim = stopped.get(path)
-        difference = None if claim is None else identities_difference(claim, identity)
-        holder = "is kept for a stopped run (its progress file is next to it)"
+        # Only another model's stopped run (another id, weights, adapter or RoPE scaling) keeps its
+        # name. A stopped run of this model with other settings (the data edited, another
+        # --max-tokens) is out of date: the cell takes its name, and the progress file is
+        # replaced with a warning, as it always was.
+        of_another_model = claim is not None and claim.get("model") != identity["model"]
+        difference = identities_difference(claim, identity) if of_another_model else None
+        holder = "is kept for a stopped run of another model (its progress file is next to it)"
     if not difference:
         return path
     digest_path = path.with_name(f"{path.stem}__{_identity_digest(stored)}.json")

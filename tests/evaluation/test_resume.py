@@ -209,7 +209,8 @@ CORRUPTIONS = {
     "wrong encoding": (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "cannot be read"),
     "not a progress file": (lambda p: p.write_text("[1, 2, 3]"), "not a scca-eval progress file"),
     "edited number": (lambda p: _edit_number(p), "checksum"),
-    # (a file of another cell's settings is another stopped run's, and kept: see the test of models of one name)
+    # out of date: the same model's run with other settings (another model's is kept: see models of one name)
+    "other settings": (lambda p: rewrite(p, lambda d: d["key"].update(max_tokens=999)), "differing: max_tokens"),
     "other targets": (lambda p: rewrite(p, lambda d: d["key"].update(scored_tokens=7)), "differing: scored_tokens"),
     "wrong token count": (lambda p: rewrite(p, lambda d: d["documents"][0].__setitem__(3, 7)), "scored tokens"),
     "foreign document": (lambda p: rewrite(p, lambda d: d["documents"][0].__setitem__(1, "other.txt")),
@@ -381,3 +382,15 @@ def test_a_stopped_run_keeps_its_progress_when_a_model_of_the_same_name_runs(mod
     same_numbers(resumed, reference)
     assert json.loads((out / RECORD).read_text())["model"] == str(model_dir)  # the first record, kept
     assert len(list(out.glob("*.json"))) == 3 and not list(out.glob("*.progress"))
+
+    # A run stopped under its digest name continues from it when the plain name is free again.
+    fourth = twin("run4")
+    with pytest.raises(Interrupted, match="run the same command again"):
+        evaluate(**api_options(fourth, docs_dir, out), notify=lambda line: None,
+                 progress=StopAfter(half(reference), KeyboardInterrupt()))
+    (stopped_here,) = [p for p in out.glob("*.progress")]
+    assert stopped_here.name != RECORD + ".progress"
+    (out / RECORD).unlink()
+    (resumed,) = evaluate(**api_options(fourth, docs_dir, out), notify=lambda line: None)
+    assert resumed["path"] + ".progress" == str(stopped_here) and resumed["runtime"]["resumed_documents"] >= 1
+    assert not list(out.glob("*.progress"))
