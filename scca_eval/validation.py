@@ -101,15 +101,6 @@ def resolve_pattern_spec(pattern, ctxs: Sequence[int] = (), *, chunk_size: int |
     return spec
 
 
-def check_original_ctx(original_ctx, rope_scaling, adapter=None, model: str | None = None) -> None:
-    """--original-ctx is where a RoPE scaling starts from: without one (asked for, or an adapter's,
-    which may carry the scaling it was trained with) it would change nothing, without a word."""
-    if original_ctx is not None and rope_scaling is None and adapter is None:
-        where = f" for {model}" if model else ""
-        raise UserError(f"--original-ctx {original_ctx}{where} is the length a RoPE scaling starts from, and none is "
-                        "asked for: give --rope-scaling too (in a sweep file, per model), or leave --original-ctx out")
-
-
 def resolve_tasks(tasks: Iterable[str] | None, data: Iterable[str] | None):
     """TaskSpecs from task names/YAML paths and --data paths (default: the sample tasks)."""
     from .data import load_task, task_from_data_path

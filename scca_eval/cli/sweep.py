@@ -75,7 +75,7 @@ def sweep(sweep_file, models, adapter, rope_scaling, original_ctx, compile_engin
     """
     from ..report.tables import markdown_tables
     from ..evaluation.sweep import ModelEntry, load_sweep_file, make_sweep, run_sweep
-    from ..validation import check_original_ctx
+    from ..models.rope import check_original_ctx
 
     settings = load_sweep_file(sweep_file) if sweep_file else {}
     # The options name the sweep file's settings (EvalSettings fields); given ones override the file.

@@ -199,6 +199,15 @@ def _scaled_parameters(config, request: RopeScalingRequest, original_ctx: int | 
             **_DEFAULTS.get(request.kind, {}), **dict(request.options)}
 
 
+def check_original_ctx(original_ctx, rope_scaling, adapter=None, model: str | None = None) -> None:
+    """--original-ctx is where a RoPE scaling starts from: without one (asked for, or an adapter's,
+    which may carry the scaling it was trained with) it would change nothing, without a word."""
+    if original_ctx is not None and rope_scaling is None and adapter is None:
+        where = f" for {model}" if model else ""
+        raise UserError(f"--original-ctx {original_ctx}{where} is the length a RoPE scaling starts from, and none is "
+                        "asked for: give --rope-scaling too (in a sweep file, per model), or leave --original-ctx out")
+
+
 def apply_rope_scaling(config, request: RopeScalingRequest, original_ctx: int | None = None) -> dict | None:
     """Write the requested scaling into ``config.rope_parameters`` (in place).
 
@@ -208,9 +217,7 @@ def apply_rope_scaling(config, request: RopeScalingRequest, original_ctx: int | 
     left as it was.
     """
     if request.kind == "none":
-        if original_ctx is not None:  # it would change nothing, without a word
-            raise UserError(f"--original-ctx {original_ctx} is the length a RoPE scaling starts from, and none is "
-                            "asked for: give --rope-scaling too, or leave --original-ctx out")
+        check_original_ctx(original_ctx, None)
         return None
     params = _rope_parameters(config)
     if params is None or "rope_theta" not in params:

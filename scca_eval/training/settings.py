@@ -118,7 +118,8 @@ class TrainSettings:
         if self.__dict__.get("_checked"):
             return
         from ..models import parse_rope_scaling
-        from ..validation import check_attention_backend, check_dtype_name, check_original_ctx, check_out_outside_data
+        from ..models.rope import check_original_ctx
+        from ..validation import check_attention_backend, check_dtype_name, check_out_outside_data
         from .tensorboard_log import check_log_dir
 
         if not isinstance(self.recipe, Recipe):
