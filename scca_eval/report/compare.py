@@ -104,10 +104,10 @@ class Comparison:
                   "unit": c.unit, "significant": c.significant, "regression": c.regression,
                   "not_finite": c.not_finite, "verdict": c.verdict.strip("*"),
                   "untested_reason": c.untested_reason} for c in self.cells]
-        return {"format": COMPARE_REPORT_FORMAT, "base": self.base_name.strip("`"), "new": self.new_name.strip("`"), "alpha": self.alpha,
-                "max_regression": self.max_regression, "allow_missing": self.allow_missing, "passed": self.passed if self.max_regression is not None
-                else None, "cells": cells, "only_base": self.only_base, "only_new": self.only_new,
-                "differences": self.differences}
+        return {"format": COMPARE_REPORT_FORMAT, "base": self.base_name.strip("`"), "new": self.new_name.strip("`"),
+                "alpha": self.alpha, "max_regression": self.max_regression, "allow_missing": self.allow_missing,
+                "passed": self.passed if self.max_regression is not None else None, "cells": cells,
+                "only_base": self.only_base, "only_new": self.only_new, "differences": self.differences}
 
     def to_markdown(self) -> str:
         lines = [f"### Perplexity: {self.new_name} against {self.base_name}", ""]
